@@ -1,0 +1,76 @@
+"""iba_core: Information Bottleneck Attribution, written once against the Array API.
+
+The core holds the whole method (capacity, noise injection, smoothing, resizing, the
+Welford/Chan estimator, Adam, the per-sample loop) and the backend plugin registry.
+It imports no deep-learning framework; backends (``iba_torch``, ``iba_tf``, or a
+third-party plugin) supply tensors, autograd and layer hooks.
+"""
+
+from ._adam import AdamState, adam_init, adam_update
+from ._backend import Backend, FeatureHook, Handle, attached
+from ._bottleneck import Bottleneck, FewSamplesWarning, repeat_inputs
+from ._capacity import (
+    capacity,
+    cross_entropy,
+    inject_noise,
+    restrict,
+    restriction_mask,
+    saliency_map,
+)
+from ._estimator import Estimator
+from ._linear_ops import (
+    bilinear_matrix,
+    gaussian_kernel_1d,
+    gaussian_smooth,
+    mass_preserving_matrix,
+    resize_bilinear,
+    smoothing_matrix,
+)
+from ._registry import (
+    ENTRY_POINT_GROUP,
+    BackendSpec,
+    available_backends,
+    find_backend,
+    get_backend,
+    plugin_manager,
+)
+from ._xp import REQUIRED_FUNCTIONS, namespace, to_numpy
+from .hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "REQUIRED_FUNCTIONS",
+    "AdamState",
+    "Backend",
+    "BackendSpec",
+    "Bottleneck",
+    "Estimator",
+    "FeatureHook",
+    "FewSamplesWarning",
+    "Handle",
+    "adam_init",
+    "adam_update",
+    "attached",
+    "available_backends",
+    "bilinear_matrix",
+    "capacity",
+    "cross_entropy",
+    "find_backend",
+    "gaussian_kernel_1d",
+    "gaussian_smooth",
+    "get_backend",
+    "hookimpl",
+    "inject_noise",
+    "mass_preserving_matrix",
+    "namespace",
+    "plugin_manager",
+    "repeat_inputs",
+    "resize_bilinear",
+    "restrict",
+    "restriction_mask",
+    "saliency_map",
+    "smoothing_matrix",
+    "to_numpy",
+]

@@ -1,0 +1,495 @@
+"""The Per-Sample Bottleneck, written once for every backend."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from ._adam import adam_init, adam_update
+from ._backend import Backend
+from ._capacity import capacity as capacity_fn
+from ._capacity import restrict
+from ._estimator import Estimator
+
+MIN_RECOMMENDED_SAMPLES = 1000
+
+
+class FewSamplesWarning(UserWarning):
+    """The feature statistics rest on fewer samples than recommended (1,000)."""
+
+
+class _StopForward(Exception):
+    """Raised by the hook to end a forward pass early (see ``interrupt``)."""
+
+
+def repeat_inputs(xp: Any, x: Any, times: int) -> Any:
+    """``(N, ...) -> (N * times, ...)`` with each input repeated ``times`` times in a row."""
+    n = x.shape[0]
+    rest = tuple(x.shape[1:])
+    tiled = xp.broadcast_to(xp.expand_dims(x, axis=1), (n, times, *rest))
+    return xp.reshape(tiled, (n * times, *rest))
+
+
+class _Noise:
+    """Standard-normal draws for ``n_inputs`` inputs, ``batch_size`` copies each.
+
+    With a seed, input ``i`` draws from its own stream seeded by ``(seed, i)``, so its
+    noise is the same whether it is explained alone or among others.  ``source="numpy"``
+    draws on the host with NumPy (identical numbers on every backend and device);
+    ``"backend"`` draws with the framework's generator on the features' device.
+    """
+
+    def __init__(self, backend: Backend, like: Any, n_inputs: int, batch_size: int,
+                 seed: int | None, source: str) -> None:
+        if source not in ("backend", "numpy"):
+            raise ValueError(f"noise source must be 'backend' or 'numpy', got {source!r}")
+        self.backend, self.like = backend, like
+        self.n_inputs, self.batch_size = n_inputs, batch_size
+        self.source = source
+        seeds = [None] * n_inputs
+        if seed is not None:
+            seeds = [int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0])
+                     for i in range(n_inputs)]
+        if source == "numpy":
+            self.streams = [np.random.default_rng(s) for s in seeds]
+        elif seed is not None:
+            self.streams = [backend.make_generator(s, like) for s in seeds]
+        else:
+            self.streams = None
+
+    def draw(self, sample_shape: tuple[int, ...]) -> Any:
+        shape = (self.batch_size, *sample_shape)
+        if self.source == "numpy":
+            dtype = self.backend.to_numpy(self.like[:1]).dtype
+            a = np.concatenate([rng.standard_normal(shape) for rng in self.streams])
+            return self.backend.from_numpy(a.astype(dtype, copy=False), like=self.like)
+        if self.streams is None:
+            return self.backend.standard_normal((self.n_inputs * self.batch_size, *sample_shape),
+                                                like=self.like)
+        parts = [self.backend.standard_normal(shape, like=self.like, generator=g)
+                 for g in self.streams]
+        if len(parts) == 1:
+            return parts[0]
+        return self.backend.namespace().concat(parts, axis=0)
+
+
+def _progress(enabled: bool, **kwargs: Any) -> Any:
+    """A tqdm bar (``update``/``close``) when enabled and tqdm is installed, else ``None``."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with the framework extras
+        warnings.warn("progress bars need tqdm: pip install tqdm", stacklevel=3)
+        return None
+    return tqdm(**kwargs)
+
+
+class Bottleneck:
+    """A Per-Sample Bottleneck at one layer: statistics, hook and optimisation.
+
+    Framework fronts (``iba_torch.IBA``, ``iba_tf.IBALayer``, ...) own one of these,
+    attach :meth:`__call__` to the layer through their backend and call
+    :meth:`estimate` and :meth:`optimize`.  Defaults follow the reference library.
+
+    Args:
+        sigma: std of the Gaussian smoothing the mask, in feature-map pixels
+            (0 or ``None``: no smoothing).
+        beta: weight of the mean capacity (nats per element) in the loss.
+        min_std: lower bound on the feature std (avoids division by ~0).
+        optimization_steps: Adam steps per explanation.
+        lr: Adam learning rate.
+        batch_size: noise samples (copies of each input) per step.
+        initial_alpha: starting mask logit (5 lets ~99.3% of the signal pass).
+        active_neurons_threshold: elements non-zero in at most this fraction of the
+            estimation samples are treated as inactive.
+        relu: clamp the noisy features at zero (for post-ReLU layers).
+        feature_mean, feature_std: statistics given directly (NumPy-convertible,
+            per-sample shape), instead of or overriding an estimate.
+        estimator: an :class:`Estimator` to start from (e.g. loaded from a file).
+        progbar: show tqdm progress bars.
+    """
+
+    def __init__(
+        self,
+        *,
+        sigma: float | None = 1.0,
+        beta: float = 10.0,
+        min_std: float = 0.01,
+        optimization_steps: int = 10,
+        lr: float = 1.0,
+        batch_size: int = 10,
+        initial_alpha: float = 5.0,
+        active_neurons_threshold: float = 0.01,
+        relu: bool = False,
+        feature_mean: Any = None,
+        feature_std: Any = None,
+        estimator: Estimator | None = None,
+        progbar: bool = False,
+    ) -> None:
+        if sigma is not None and not (sigma >= 0 and math.isfinite(sigma)):
+            raise ValueError(f"sigma must be >= 0 or None, got {sigma!r}")
+        _check(beta >= 0 and math.isfinite(beta), f"beta must be finite and >= 0, got {beta!r}")
+        _check(min_std >= 0, f"min_std must be >= 0, got {min_std!r}")
+        _check(int(optimization_steps) == optimization_steps and optimization_steps >= 0,
+               f"optimization_steps must be an integer >= 0, got {optimization_steps!r}")
+        _check(lr > 0, f"lr must be > 0, got {lr!r}")
+        _check(int(batch_size) == batch_size and batch_size >= 1,
+               f"batch_size must be an integer >= 1, got {batch_size!r}")
+        _check(0 <= active_neurons_threshold < 1,
+               f"active_neurons_threshold must be in [0, 1), got {active_neurons_threshold!r}")
+        self.sigma = sigma
+        self.beta = float(beta)
+        self.min_std = float(min_std)
+        self.optimization_steps = int(optimization_steps)
+        self.lr = float(lr)
+        self.batch_size = int(batch_size)
+        self.initial_alpha = float(initial_alpha)
+        self.active_neurons_threshold = float(active_neurons_threshold)
+        self.relu = bool(relu)
+        self.progbar = bool(progbar)
+        self.estimator = estimator if estimator is not None else Estimator()
+        self.feature_mean = None if feature_mean is None else _float_array(feature_mean)
+        self.feature_std = None if feature_std is None else _float_array(feature_std)
+        if (self.feature_mean is not None and self.feature_std is not None
+                and self.feature_mean.shape != self.feature_std.shape):
+            raise ValueError(f"feature_mean {self.feature_mean.shape} and feature_std "
+                             f"{self.feature_std.shape} must have the same shape")
+        #: The mask logits of the last explanation, ``(N, C, ...)``, in the backend's type.
+        self.alpha: Any = None
+        self.backend: Backend | None = None
+        self._mode = "pass"
+        self._interrupt = False
+        self._recorded: list[Any] = []
+        self._active_alpha: Any = None
+        self._noise: Any = None
+        self._calls = 0
+        self._last_capacity: Any = None
+        self._last_features: Any = None
+        self._stats_cache: dict[Any, tuple[Any, Any, Any]] = {}
+        self._stats_version = -1
+
+    # -- statistics ----------------------------------------------------------------
+    def has_statistics(self) -> bool:
+        """Whether mean and std are known (estimated or given)."""
+        return (self.feature_mean is not None or self.estimator.n > 0) and (
+            self.feature_std is not None or self.estimator.n > 0)
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(mean, std, active)`` as float64 NumPy arrays of the per-sample shape.
+
+        ``std`` is clamped to ``min_std``.  Elements whose std is 0 (possible only with
+        ``min_std=0``) are constant, carry no information, and are marked inactive (their
+        std is set to 1 to keep the arithmetic finite).
+        """
+        if not self.has_statistics():
+            raise RuntimeError(
+                "the bottleneck has no feature statistics: call estimate() on some data "
+                "first, or pass feature_mean and feature_std"
+            )
+        est = self.estimator
+        mean = self.feature_mean if self.feature_mean is not None else est.mean()
+        std = self.feature_std if self.feature_std is not None else est.std()
+        if mean.shape != std.shape:
+            raise ValueError(f"feature mean {mean.shape} and std {std.shape} differ in shape")
+        if est.n > 0 and est.shape == mean.shape:
+            active = est.active_mask(self.active_neurons_threshold)
+        else:
+            active = np.ones_like(mean)
+        std = np.maximum(std, self.min_std)
+        constant = std <= 0
+        if np.any(constant):
+            active = np.where(constant, 0.0, active)
+            std = np.where(constant, 1.0, std)
+        return mean, std, active
+
+    def _stats_like(self, features: Any, backend: Backend) -> tuple[Any, Any, Any]:
+        version = (self.estimator.n, id(self.feature_mean), id(self.feature_std), self.min_std,
+                   self.active_neurons_threshold)
+        if version != self._stats_version:
+            self._stats_cache.clear()
+            self._stats_version = version
+        key = (type(features), str(getattr(features, "device", "")), str(features.dtype))
+        cached = self._stats_cache.get(key)
+        if cached is None:
+            mean, std, active = self.statistics()
+            sample_shape = tuple(int(n) for n in features.shape[1:])
+            if sample_shape != mean.shape:
+                raise ValueError(
+                    f"the layer outputs features of shape {sample_shape} per sample but the "
+                    f"statistics have shape {mean.shape}; estimate() again on this layer "
+                    "(or pass feature_mean/feature_std of the right shape)"
+                )
+            cached = tuple(backend.from_numpy(a.astype(np.float64), like=features)
+                           for a in (mean, std, active))
+            self._stats_cache[key] = cached
+        return cached
+
+    def reset_estimate(self) -> None:
+        """Forget the estimate (the given ``feature_mean``/``feature_std`` too)."""
+        self.estimator.reset()
+        self.feature_mean = self.feature_std = None
+
+    # -- the hook ------------------------------------------------------------------
+    def __call__(self, features: Any) -> Any:
+        """Layer hook: features ``(N, C, ...)`` channels-first; returns replacement or ``None``."""
+        if self._mode == "pass":
+            return None
+        if self._mode == "record":
+            assert self.backend is not None
+            self._recorded.append(self.backend.stop_gradient(features))
+            if self._interrupt:
+                raise _StopForward
+            return None
+        # restrict
+        backend = self.backend
+        assert backend is not None
+        self._calls += 1
+        if self._calls > 1:
+            raise RuntimeError(
+                "the bottleneck layer ran more than once in one forward pass; put the "
+                "bottleneck on a layer that the model calls exactly once"
+            )
+        mean, std, active = self._stats_like(features, backend)
+        alpha = self._active_alpha
+        if alpha.shape[0] not in (1, features.shape[0]):
+            raise ValueError(
+                f"the mask holds {alpha.shape[0]} inputs but the batch has {features.shape[0]};"
+                " restrict_flow() needs a batch of the explained inputs or one mask to broadcast"
+            )
+        noise = self._noise
+        if noise is None or tuple(noise.shape) != tuple(features.shape):
+            noise = backend.standard_normal(tuple(features.shape), like=features)
+        z, cap = restrict(features, alpha, noise, mean, std, active=active,
+                          sigma=self.sigma, relu=self.relu)
+        self._last_capacity = cap
+        return z
+
+    @contextlib.contextmanager
+    def _state(self, mode: str, *, interrupt: bool = False, alpha: Any = None,
+               noise: Any = None) -> Iterator[None]:
+        saved = (self._mode, self._interrupt, self._active_alpha, self._noise, self._calls,
+                 self._recorded)
+        self._mode, self._interrupt = mode, interrupt
+        self._active_alpha, self._noise, self._calls = alpha, noise, 0
+        self._recorded = []
+        try:
+            yield
+        finally:
+            (self._mode, self._interrupt, self._active_alpha, self._noise, self._calls,
+             self._recorded) = saved
+
+    def recording(self, *, interrupt: bool = False) -> contextlib.AbstractContextManager[None]:
+        """Context: the hook records the features it sees (in ``recorded``).
+
+        With ``interrupt=True`` it also ends the forward pass right after the layer;
+        wrap the model call in :meth:`interruptible` to swallow that.
+        """
+        return self._state("record", interrupt=interrupt)
+
+    @property
+    def recorded(self) -> list[Any]:
+        """Features recorded by the hook in the current :meth:`recording` context."""
+        return self._recorded
+
+    def restricting(self, alpha: Any | None = None, noise: Any = None
+                    ) -> contextlib.AbstractContextManager[None]:
+        """Context: the hook injects noise with mask logits ``alpha`` (default: the last)."""
+        alpha = self.alpha if alpha is None else alpha
+        if alpha is None:
+            raise RuntimeError("no mask to restrict the flow with: call analyze() first")
+        return self._state("restrict", alpha=alpha, noise=noise)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def interruptible() -> Iterator[None]:
+        """Swallow the early end of a forward pass requested by ``recording(interrupt=True)``."""
+        try:
+            yield
+        except _StopForward:
+            pass
+
+    def capacity(self, features: Any = None, alpha: Any = None) -> Any:
+        """Capacity in nats per element for ``features`` under mask ``alpha``.
+
+        Defaults: the features and mask of the last explanation.
+        """
+        backend = self._require_backend()
+        features = self._last_features if features is None else features
+        alpha = self.alpha if alpha is None else alpha
+        if features is None or alpha is None:
+            raise RuntimeError("nothing to compute the capacity of: call analyze() first")
+        mean, std, active = self._stats_like(features, backend)
+        return capacity_fn(features, alpha, mean, std, active=active, sigma=self.sigma)
+
+    def _require_backend(self) -> Backend:
+        if self.backend is None:
+            raise RuntimeError("the bottleneck is not attached to a model's backend yet")
+        return self.backend
+
+    # -- estimation ----------------------------------------------------------------
+    def estimate(
+        self,
+        run_batch: Callable[[Any], Any],
+        batches: Iterable[Any],
+        *,
+        n_samples: int = 10000,
+        progbar: bool | None = None,
+        reset: bool = True,
+    ) -> Estimator:
+        """Estimate the feature statistics over ``batches``.
+
+        ``run_batch(batch)`` runs the model on one batch (moving it to the device as
+        needed); the hook records the layer's features and ends the pass right after the
+        layer.  Stops after ``n_samples`` samples.  Warns (:class:`FewSamplesWarning`)
+        below 1,000 samples.
+        """
+        backend = self._require_backend()
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        if reset:
+            self.estimator.reset()
+        progbar = self.progbar if progbar is None else progbar
+        bar = _progress(progbar, total=n_samples, desc="estimate", unit="sample")
+        for batch in batches:
+            with self.recording(interrupt=True):
+                with self.interruptible():
+                    run_batch(batch)
+                if not self._recorded:
+                    raise RuntimeError(
+                        "the model ran without calling the bottleneck layer; check that the "
+                        "layer belongs to the model that is run"
+                    )
+                feats = self._recorded[0]
+            take = min(int(feats.shape[0]), n_samples - self.estimator.n)
+            self.estimator.update(backend.to_numpy(feats[:take]))
+            if bar is not None:
+                bar.update(take)
+            if self.estimator.n >= n_samples:
+                break
+        if bar is not None:
+            bar.close()
+        if self.estimator.n == 0:
+            raise ValueError("the data iterator yielded no batches; nothing was estimated")
+        if self.estimator.n < MIN_RECOMMENDED_SAMPLES:
+            warnings.warn(
+                f"the statistics rest on {self.estimator.n} samples; the reference uses about "
+                f"10,000 and at least {MIN_RECOMMENDED_SAMPLES} are recommended",
+                FewSamplesWarning,
+                stacklevel=2,
+            )
+        return self.estimator
+
+    # -- the per-sample optimisation -------------------------------------------------
+    def optimize(
+        self,
+        model_loss: Callable[[Any], Any],
+        x: Any,
+        *,
+        beta: float | None = None,
+        optimization_steps: int | None = None,
+        lr: float | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        noise: str = "backend",
+        progbar: bool | None = None,
+    ) -> Any:
+        """Optimise one mask per input and return its capacity ``(N, C, ...)`` in nats.
+
+        ``x`` is a batch of ``N`` inputs in the backend's type.  ``model_loss(batch)``
+        runs the model on a batch and returns the *mean* model loss over the batch as a
+        scalar (e.g. the target-class cross-entropy); it is called with
+        ``N * batch_size`` samples, each input repeated ``batch_size`` times in a row.
+        The loss optimised is ``sum_i [mean model loss of input i + beta * mean capacity
+        of input i]``, so every input gets exactly the mask it would get alone.
+
+        ``seed`` makes the noise reproducible (and independent of ``N``); ``noise`` picks
+        the generator: ``"backend"`` (on the device) or ``"numpy"`` (the same numbers on
+        every backend).  The returned capacity is that of the final mask (the reference
+        library reported the one before the last update).
+        """
+        backend = self._require_backend()
+        beta = self.beta if beta is None else float(beta)
+        steps = self.optimization_steps if optimization_steps is None else int(optimization_steps)
+        lr = self.lr if lr is None else float(lr)
+        bs = self.batch_size if batch_size is None else int(batch_size)
+        progbar = self.progbar if progbar is None else progbar
+        xp = backend.namespace()
+        n = int(x.shape[0])
+        if n < 1:
+            raise ValueError("analyze() needs at least one input")
+
+        # One short pass (ended after the layer) gives the features and validates the setup.
+        with self.recording(interrupt=True):
+            with self.interruptible():
+                model_loss(x)
+            if not self._recorded:
+                raise RuntimeError(
+                    "the model loss function never ran the bottleneck layer; it must run "
+                    "the model that contains the layer on the batch it is given"
+                )
+            features = self._recorded[0]
+        if int(features.shape[0]) != n:
+            raise ValueError(f"the layer saw a batch of {features.shape[0]} for {n} inputs; "
+                             "the model must keep the batch axis first")
+        mean, std, active = self._stats_like(features, backend)
+        sample_shape = tuple(int(s) for s in features.shape[1:])
+
+        x_rep = repeat_inputs(xp, x, bs)
+        alpha = xp.full(tuple(features.shape), self.initial_alpha, dtype=features.dtype,
+                        device=getattr(features, "device", None))
+        state = adam_init(alpha)
+        source = _Noise(backend, features, n, bs, seed, noise)
+
+        def loss_fn(a: Any) -> Any:
+            a_rep = repeat_inputs(xp, a, bs)
+            with self._state("restrict", alpha=a_rep, noise=standard_noise):
+                model_term = model_loss(x_rep)
+                if self._calls == 0:
+                    raise RuntimeError("the model loss function never ran the bottleneck layer")
+                cap = self._last_capacity
+            if getattr(model_term, "ndim", 0) != 0:
+                raise ValueError(
+                    "the model loss function must return a scalar (the mean loss over the "
+                    f"batch), got shape {tuple(model_term.shape)}"
+                )
+            cap_per_input = xp.mean(xp.reshape(cap, (n, -1)), axis=1)
+            return model_term * n + beta * xp.sum(cap_per_input)
+
+        bar = _progress(progbar, total=steps, desc="analyze", unit="step")
+        for step in range(steps):
+            standard_noise = source.draw(sample_shape)
+            value, grad = backend.value_and_grad(loss_fn, alpha)
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"the loss became {value} at step {step}; check the model loss function "
+                    "(it must be finite for the given inputs) and the feature statistics"
+                )
+            alpha, state = adam_update(alpha, grad, state, lr=lr)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+
+        self.alpha = backend.stop_gradient(alpha)
+        self._last_features = features
+        return capacity_fn(features, self.alpha, mean, std, active=active, sigma=self.sigma)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _float_array(a: Any) -> np.ndarray:
+    from ._xp import to_numpy
+
+    arr = np.asarray(to_numpy(a), dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("feature_mean/feature_std contain NaN or inf")
+    return arr

@@ -1,0 +1,188 @@
+"""The bottleneck's math: mask, noise injection, capacity, saliency map.
+
+Feature maps are channels-first with a leading batch axis: ``(N, C)``, ``(N, C, T)`` or
+``(N, C, h, w)``.  Per-element statistics (``mean``, ``std``, ``active``) have the shape
+of one sample, ``(C, ...)``, and broadcast over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._linear_ops import gaussian_smooth, resize_bilinear
+from ._xp import namespace, sigmoid
+
+LN2 = math.log(2.0)
+
+
+def _n_spatial(x: Any) -> int:
+    return x.ndim - 2
+
+
+def restriction_mask(alpha: Any, sigma: float | None = 1.0) -> tuple[Any, Any]:
+    """Smoothed mask ``lambda = smooth(sigmoid(alpha))`` and its complement.
+
+    ``alpha`` has shape ``(N, C, ...)``.  Returns ``(lambda, 1 - lambda)``.  Both are
+    computed from sigmoids (``1 - lambda = smooth(sigmoid(-alpha))``, which is exact
+    because the smoothing kernel sums to 1), so the complement keeps full relative
+    precision even when ``lambda`` rounds to 1.
+    """
+    xp = namespace(alpha)
+    n = _n_spatial(alpha)
+    lam = gaussian_smooth(sigmoid(xp, alpha), sigma, n)
+    one_minus = gaussian_smooth(sigmoid(xp, -alpha), sigma, n)
+    return lam, one_minus
+
+
+def _log_one_minus(alpha: Any, one_minus: Any, sigma: float | None) -> Any:
+    """``log(1 - lambda)``; exactly ``-softplus(alpha)`` when there is no smoothing."""
+    xp = namespace(alpha)
+    if not sigma or _n_spatial(alpha) == 0:
+        return -xp.logaddexp(xp.zeros_like(alpha), alpha)
+    tiny = float(_finfo_tiny(xp, alpha.dtype))
+    return xp.log(xp.maximum(one_minus, xp.full((), tiny, dtype=alpha.dtype)))
+
+
+def _finfo_tiny(xp: Any, dtype: Any) -> float:
+    try:
+        return float(xp.finfo(dtype).smallest_normal)
+    except AttributeError:
+        return float(xp.finfo(dtype).tiny)
+
+
+def capacity(
+    features: Any,
+    alpha: Any,
+    mean: Any,
+    std: Any,
+    *,
+    active: Any | None = None,
+    sigma: float | None = 1.0,
+) -> Any:
+    """Information that passes the bottleneck, per feature element, in nats.
+
+    This is ``KL(N(lambda * r, (1 - lambda)^2) || N(0, 1))`` with ``r = (R - mu) / sigma``:
+    ``0.5 * (m^2 + v - 1) - log(1 - lambda)`` with ``m = lambda * r``, ``v = (1 - lambda)^2``.
+
+    Args:
+        features: ``R``, shape ``(N, C, ...)``.
+        alpha: mask logits, shape ``(N, C, ...)`` (or broadcastable to it).
+        mean, std: per-element feature statistics, shape ``(C, ...)``; ``std`` already
+            clamped to its minimum.
+        active: optional ``(C, ...)`` 0/1 mask of elements that carry information;
+            inactive elements get zero capacity.
+        sigma: std of the Gaussian that smooths the mask, in feature-map pixels; 0 or
+            ``None`` disables smoothing.
+
+    Returns:
+        Array of shape ``(N, C, ...)``, non-negative, in nats.
+    """
+    xp = namespace(features, alpha)
+    alpha = xp.broadcast_to(alpha, features.shape)
+    lam, one_minus = restriction_mask(alpha, sigma)
+    return _capacity_from_mask(features, alpha, lam, one_minus, mean, std, active, sigma)
+
+
+def _capacity_from_mask(features, alpha, lam, one_minus, mean, std, active, sigma):
+    xp = namespace(features)
+    r = (features - mean) / std
+    m = lam * r
+    v = one_minus * one_minus
+    cap = 0.5 * (m * m + v - 1.0) - _log_one_minus(alpha, one_minus, sigma)
+    # The KL is >= 0 analytically; clip the few ulps of round-off below zero.
+    cap = xp.maximum(cap, xp.zeros_like(cap))
+    if active is not None:
+        cap = cap * xp.astype(active, cap.dtype)
+    return cap
+
+
+def restrict(
+    features: Any,
+    alpha: Any,
+    standard_noise: Any,
+    mean: Any,
+    std: Any,
+    *,
+    active: Any | None = None,
+    sigma: float | None = 1.0,
+    relu: bool = False,
+) -> tuple[Any, Any]:
+    """Restrict the flow through a feature map: noisy features and their capacity.
+
+    ``standard_noise`` holds ``N(0, 1)`` draws shaped like ``features``; it is scaled
+    to ``eps = mean + std * standard_noise``.  Returns ``(Z, capacity)`` as
+    :func:`inject_noise` and :func:`capacity` would, computing the mask once.
+    """
+    xp = namespace(features, alpha)
+    alpha = xp.broadcast_to(alpha, features.shape)
+    lam, one_minus = restriction_mask(alpha, sigma)
+    noise = mean + std * standard_noise
+    z = inject_noise(features, lam, one_minus, noise, active=active, relu=relu)
+    cap = _capacity_from_mask(features, alpha, lam, one_minus, mean, std, active, sigma)
+    return z, cap
+
+
+def inject_noise(
+    features: Any,
+    lam: Any,
+    one_minus: Any,
+    noise: Any,
+    *,
+    active: Any | None = None,
+    relu: bool = False,
+) -> Any:
+    """Replace part of the signal by noise: ``Z = lambda * R + (1 - lambda) * eps``.
+
+    Args:
+        features: ``R``, shape ``(N, C, ...)``.
+        lam, one_minus: the mask and its complement from :func:`restriction_mask`.
+        noise: ``eps``, drawn from ``N(mu, sigma^2)``, shape ``(N, C, ...)``.
+        active: optional 0/1 mask; inactive elements are set to zero.
+        relu: clamp ``Z`` at zero (use when the layer's output is post-ReLU).
+    """
+    xp = namespace(features)
+    z = lam * features + one_minus * noise
+    if active is not None:
+        z = z * xp.astype(active, z.dtype)
+    if relu:
+        z = xp.maximum(z, xp.zeros_like(z))
+    return z
+
+
+def saliency_map(capacity_nats: Any, size: tuple[int, ...] | None = None) -> Any:
+    """Turn per-element capacity into a map over the input, in bits per pixel.
+
+    Sums ``capacity_nats`` (``(N, C, h, w)`` or ``(N, C, T)``) over channels, converts
+    nats to bits, and resizes bilinearly to ``size`` (the input's ``(H, W)`` or ``(L,)``)
+    with a mass-preserving operator, so ``map.sum()`` equals the total capacity in bits
+    for every input.  Returns ``(N, H, W)`` / ``(N, L)``; for vector features ``(N, C)``
+    the per-element capacity in bits is returned.
+    """
+    xp = namespace(capacity_nats)
+    if capacity_nats.ndim == 2:
+        return capacity_nats / LN2
+    bits = xp.sum(capacity_nats, axis=1) / LN2
+    if size is None or tuple(size) == tuple(bits.shape[1:]):
+        return bits
+    if len(size) != bits.ndim - 1:
+        raise ValueError(
+            f"size {tuple(size)} has {len(size)} axes but the feature map has "
+            f"{bits.ndim - 1} spatial axes"
+        )
+    out = resize_bilinear(bits, tuple(int(s) for s in size), preserve_sum=True)
+    return xp.maximum(out, xp.zeros_like(out))
+
+
+def cross_entropy(logits: Any, targets: Any) -> Any:
+    """Mean target-class cross-entropy ``-log_softmax(logits)[target]`` over the batch.
+
+    ``logits`` is ``(B, K)``; ``targets`` is a ``(B, K)`` one-hot array in the logits'
+    namespace (see :func:`one_hot`).
+    """
+    xp = namespace(logits)
+    shift = xp.max(logits, axis=1, keepdims=True)
+    shifted = logits - shift
+    log_norm = xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
+    log_probs = shifted - log_norm
+    return -xp.mean(xp.sum(targets * log_probs, axis=1))

@@ -1,0 +1,161 @@
+"""Small linear operators built once in NumPy and applied as matrix products.
+
+Gaussian smoothing and bilinear resizing are separable linear maps along each spatial
+axis.  Each is an ``(n_out, n_in)`` matrix with the border rule folded in, so applying
+it is one ``xp.matmul`` per axis: pure Array API, no convolution needed, any map size.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numpy as np
+
+from ._xp import device, namespace
+
+
+def gaussian_kernel_1d(sigma: float) -> np.ndarray:
+    """Normalised 1-D Gaussian of standard deviation ``sigma`` covering +-2 sigma.
+
+    The size is ``2 * round(2 * sigma) + 1`` (5 taps for ``sigma = 1``); the weights sum
+    to 1.  ``sigma`` must be positive.
+    """
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma!r}")
+    radius = int(round(2 * sigma))
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def _reflect_index(i: int, n: int) -> int:
+    """Mirror ``i`` into ``[0, n)`` without repeating the edge (NumPy's 'reflect').
+
+    Reflection is repeated as often as needed, so offsets larger than the axis work;
+    an axis of length 1 maps everything onto its single element.
+    """
+    if n == 1:
+        return 0
+    period = 2 * (n - 1)
+    i = i % period
+    return i if i < n else period - i
+
+
+@functools.lru_cache(maxsize=64)
+def smoothing_matrix(n: int, sigma: float) -> np.ndarray:
+    """``(n, n)`` matrix that smooths a length-``n`` axis with a Gaussian.
+
+    Row ``i`` holds the kernel centred on ``i`` with reflect borders folded in, so every
+    row sums to 1 and the operator is defined for every ``n >= 1`` (the kernel may be
+    wider than the axis).  Returned read-only; it is cached.
+    """
+    if n < 1:
+        raise ValueError(f"axis length must be at least 1, got {n}")
+    kernel = gaussian_kernel_1d(sigma)
+    radius = len(kernel) // 2
+    mat = np.zeros((n, n), dtype=np.float64)
+    for i in range(n):
+        for k, w in enumerate(kernel):
+            mat[i, _reflect_index(i + k - radius, n)] += w
+    mat.setflags(write=False)
+    return mat
+
+
+@functools.lru_cache(maxsize=64)
+def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """``(n_out, n_in)`` linear-interpolation matrix with pixel-centre alignment.
+
+    Output sample ``i`` reads the input at ``(i + 0.5) * n_in / n_out - 0.5``, clamped to
+    the border (``align_corners=False`` in PyTorch's terms).  Rows sum to 1, so constant
+    signals stay constant.  Returned read-only; it is cached.
+    """
+    if n_out < 1 or n_in < 1:
+        raise ValueError(f"sizes must be at least 1, got n_out={n_out}, n_in={n_in}")
+    mat = np.zeros((n_out, n_in), dtype=np.float64)
+    scale = n_in / n_out
+    for i in range(n_out):
+        src = min(max((i + 0.5) * scale - 0.5, 0.0), n_in - 1)
+        lo = int(math.floor(src))
+        hi = min(lo + 1, n_in - 1)
+        frac = src - lo
+        mat[i, lo] += 1.0 - frac
+        mat[i, hi] += frac
+    mat.setflags(write=False)
+    return mat
+
+
+@functools.lru_cache(maxsize=64)
+def mass_preserving_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """Bilinear matrix whose columns each sum to ``n_out / n_in``.
+
+    Every input sample spreads its value over the output exactly in proportion to the
+    size ratio, so ``sum(M @ v) == sum(v) * n_out / n_in`` for any ``v``.  For integer
+    upsampling factors this equals :func:`bilinear_matrix`; for other factors the border
+    clamp would otherwise over- or under-count edge samples by a few percent.
+    """
+    mat = np.array(bilinear_matrix(n_out, n_in))
+    mat *= (n_out / n_in) / mat.sum(axis=0, keepdims=True)
+    mat.setflags(write=False)
+    return mat
+
+
+def apply_separable(x: Any, matrices: list[np.ndarray | None]) -> Any:
+    """Apply one matrix per trailing axis of ``x``: ``M_k`` acts on axis ``-len + k``.
+
+    ``x`` has shape ``(..., n_1, ..., n_d)`` with ``d = len(matrices)`` in {1, 2}; a
+    ``None`` entry leaves its axis alone.  Matrices are moved to ``x``'s namespace,
+    dtype and device.
+    """
+    xp = namespace(x)
+    dev = device(x)
+
+    def as_x(m: np.ndarray) -> Any:
+        return xp.asarray(m, dtype=x.dtype, device=dev)
+
+    if len(matrices) == 1:
+        (m,) = matrices
+        return x if m is None else xp.matmul(x, as_x(m.T))
+    if len(matrices) == 2:
+        m_rows, m_cols = matrices
+        if m_rows is not None:
+            x = xp.matmul(as_x(m_rows), x)
+        if m_cols is not None:
+            x = xp.matmul(x, as_x(m_cols.T))
+        return x
+    raise ValueError(f"separable operators act on 1 or 2 trailing axes, got {len(matrices)}")
+
+
+def gaussian_smooth(x: Any, sigma: float | None, n_spatial: int) -> Any:
+    """Smooth the last ``n_spatial`` axes of ``x`` with a Gaussian of std ``sigma``.
+
+    ``n_spatial`` is 0 (vectors: returned unchanged), 1 (sequences ``(..., T)``) or 2
+    (images ``(..., h, w)``).  ``sigma`` of 0 or ``None`` disables smoothing.  Each
+    channel is smoothed independently and the result sums to the same total as ``x``
+    along the smoothed axes only in the interior (reflect borders redistribute mass).
+    """
+    if not sigma or n_spatial == 0:
+        return x
+    if n_spatial not in (1, 2):
+        raise ValueError(f"smoothing supports 1 or 2 spatial axes, got {n_spatial}")
+    shape = tuple(x.shape[-n_spatial:])
+    return apply_separable(x, [smoothing_matrix(int(n), float(sigma)) for n in shape])
+
+
+def resize_bilinear(x: Any, size: tuple[int, ...], *, preserve_sum: bool = False) -> Any:
+    """Resize the last ``len(size)`` axes of ``x`` bilinearly to ``size``.
+
+    With ``preserve_sum=True`` the mass-preserving variant is used and the result is
+    rescaled so that its total over the resized axes equals the input's total.
+    """
+    in_shape = tuple(int(n) for n in x.shape[-len(size) :])
+    if preserve_sum:
+        mats = [mass_preserving_matrix(int(o), i) for o, i in zip(size, in_shape)]
+        scale = math.prod(in_shape) / math.prod(size)
+        mats[0] = mats[0] * scale
+    else:
+        mats = [bilinear_matrix(int(o), i) for o, i in zip(size, in_shape)]
+    mats = [None if (m.shape[0] == m.shape[1] and np.allclose(m, np.eye(m.shape[0]))) else m
+            for m in mats]
+    return apply_separable(x, mats)

@@ -1,0 +1,139 @@
+"""Backend discovery and selection through pluggy."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from ._backend import Backend
+
+ENTRY_POINT_GROUP = "iba.backends"
+ENV_BACKENDS = "IBA_BACKENDS"
+"""Comma-separated backend names; when set, only these are offered (handy in tests)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendSpec:
+    """A backend as registered by a plugin; the backend itself is loaded lazily.
+
+    Attributes:
+        name: the name users select it by (``get_backend("torch")``).
+        modules: top-level modules whose types the backend handles.
+        loader: ``"package.module:Class"`` or a zero-argument callable returning a
+            :class:`Backend`; only called on first use.
+    """
+
+    name: str
+    modules: tuple[str, ...]
+    loader: str | Callable[[], Backend]
+
+    def load(self) -> Backend:
+        if callable(self.loader):
+            backend = self.loader()
+        else:
+            module_name, _, attr = self.loader.partition(":")
+            backend = getattr(importlib.import_module(module_name), attr)()
+        if not isinstance(backend, Backend):
+            raise TypeError(f"backend {self.name!r} loader returned {backend!r}, not a Backend")
+        return backend
+
+    def owns_type(self, obj: Any) -> bool:
+        for klass in type(obj).__mro__:
+            if klass.__module__.split(".", 1)[0] in self.modules:
+                return True
+        return False
+
+
+_lock = threading.RLock()
+_pm: pluggy.PluginManager | None = None
+_loaded: dict[BackendSpec, Backend] = {}
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, created (and entry points loaded) on first use.
+
+    Register an extra plugin in-process with ``plugin_manager().register(obj)``; no
+    packaging is needed for that, which is how tests add a backend.
+    """
+    global _pm
+    with _lock:
+        if _pm is None:
+            pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+            pm.add_hookspecs(hookspecs)
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+            pm.check_pending()
+            _pm = pm
+        return _pm
+
+
+def _specs() -> dict[str, BackendSpec]:
+    specs: dict[str, BackendSpec] = {}
+
+    def register(spec: BackendSpec) -> None:
+        if not isinstance(spec, BackendSpec):
+            raise TypeError(f"register() expects a BackendSpec, got {spec!r}")
+        if spec.name in specs:
+            raise ValueError(f"two plugins register a backend named {spec.name!r}")
+        specs[spec.name] = spec
+
+    plugin_manager().hook.iba_register_backends(register=register)
+    pinned = os.environ.get(ENV_BACKENDS)
+    if pinned:
+        keep = {n.strip() for n in pinned.split(",") if n.strip()}
+        specs = {k: v for k, v in specs.items() if k in keep}
+    return specs
+
+
+def available_backends() -> list[str]:
+    """Names of the installed backends, sorted.  Imports no framework."""
+    return sorted(_specs())
+
+
+def _load(spec: BackendSpec) -> Backend:
+    with _lock:
+        backend = _loaded.get(spec)
+        if backend is None:
+            backend = _loaded[spec] = spec.load()
+        return backend
+
+
+def find_backend(obj: Any) -> Backend | None:
+    """The backend owning ``obj``'s type, or ``None``; never imports a framework."""
+    for spec in _specs().values():
+        if spec.owns_type(obj):
+            return _load(spec)
+    return None
+
+
+def get_backend(name_or_obj: Any) -> Backend:
+    """Select a backend by name (``"torch"``), by instance, or by a model or tensor.
+
+    Selection by object looks at the module names of its type only, so frameworks that
+    are not already imported are never imported.  Raises ``LookupError`` naming the
+    installed backends when none fits.
+    """
+    if isinstance(name_or_obj, Backend):
+        return name_or_obj
+    specs = _specs()
+    if isinstance(name_or_obj, str):
+        spec = specs.get(name_or_obj)
+        if spec is None:
+            raise LookupError(
+                f"no iba backend named {name_or_obj!r}; installed backends: "
+                f"{sorted(specs) or 'none'}. Install one with e.g. pip install 'iba[torch]'."
+            )
+        return _load(spec)
+    backend = find_backend(name_or_obj)
+    if backend is None:
+        raise LookupError(
+            f"no iba backend handles objects of type {type(name_or_obj).__module__}."
+            f"{type(name_or_obj).__qualname__}; installed backends: {sorted(specs) or 'none'}"
+        )
+    return backend

@@ -1,0 +1,92 @@
+"""Array-namespace resolution for the core.
+
+The core is written against the Python Array API standard.  For arrays that
+``array_api_compat`` understands (NumPy, PyTorch, CuPy, JAX, array-api-strict, ...)
+its namespace is used; for anything else (TensorFlow tensors), the backend that owns
+the array's type supplies a namespace.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+#: Every namespace function the core calls.  A backend namespace must provide all of
+#: them with Array API semantics; the conformance suite checks each one.
+REQUIRED_FUNCTIONS: tuple[str, ...] = (
+    "asarray",
+    "concat",
+    "astype",
+    "broadcast_to",
+    "exp",
+    "expand_dims",
+    "full",
+    "log",
+    "logaddexp",
+    "matmul",
+    "max",
+    "maximum",
+    "mean",
+    "permute_dims",
+    "reshape",
+    "sqrt",
+    "sum",
+    "where",
+    "zeros",
+    "zeros_like",
+)
+
+
+def namespace(*arrays: Any) -> Any:
+    """Return the Array API namespace of ``arrays``.
+
+    Falls back to the registered backend that owns the first array's type, so the
+    core never needs to know about frameworks ``array_api_compat`` lacks.
+    """
+    try:
+        return array_api_compat.array_namespace(*arrays)
+    except TypeError:
+        from ._registry import get_backend
+
+        return get_backend(arrays[0]).namespace()
+
+
+def device(x: Any) -> Any:
+    """Device of ``x`` (``None`` for arrays whose namespace has no device concept)."""
+    try:
+        return array_api_compat.device(x)
+    except (TypeError, AttributeError):
+        return getattr(x, "device", None)
+
+
+def from_numpy(a: np.ndarray, like: Any) -> Any:
+    """Move a NumPy array into the namespace, device and float dtype of ``like``."""
+    xp = namespace(like)
+    return xp.asarray(a, dtype=like.dtype, device=device(like))
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Copy any supported array (NumPy, a backend's tensor, any DLPack array) to NumPy."""
+    if isinstance(x, np.ndarray):
+        return x
+    from ._registry import find_backend
+
+    backend = find_backend(x)
+    if backend is not None:
+        return backend.to_numpy(x)
+    try:
+        return np.from_dlpack(x)
+    except (TypeError, AttributeError, BufferError, RuntimeError):
+        return np.asarray(x)
+
+
+def sigmoid(xp: Any, x: Any) -> Any:
+    """Numerically stable logistic function ``1 / (1 + exp(-x))``."""
+    return xp.exp(-softplus(xp, -x))
+
+
+def softplus(xp: Any, x: Any) -> Any:
+    """``log(1 + exp(x))`` without overflow."""
+    return xp.logaddexp(xp.zeros_like(x), x)

@@ -1,0 +1,133 @@
+"""The PyTorch backend: tensors, autograd and forward hooks for the core."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import array_api_compat.torch as torch_xp
+import numpy as np
+import torch
+
+from iba_core import Backend, FeatureHook, Handle
+
+
+def resolve_layer(model: torch.nn.Module | None, layer: Any) -> torch.nn.Module:
+    """A module given directly, or looked up by its dotted name in ``model``."""
+    if isinstance(layer, torch.nn.Module):
+        return layer
+    if not isinstance(layer, str):
+        raise TypeError(f"layer must be a torch.nn.Module or a name, got {type(layer).__name__}")
+    if model is None:
+        raise ValueError(f"layer {layer!r} is given by name, so the model is needed to find it")
+    modules = dict(model.named_modules())
+    if layer not in modules or layer == "":
+        names = [n for n in modules if n]
+        raise LookupError(f"layer {layer!r} not found in the model; its layers are: {names}")
+    return modules[layer]
+
+
+class _HookHandle:
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class TorchBackend(Backend):
+    """PyTorch: array-api-compat's torch namespace, ``torch.autograd.grad``, module hooks."""
+
+    name = "torch"
+    modules = ("torch",)
+
+    def namespace(self) -> Any:
+        return torch_xp
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return x.detach().cpu().numpy()
+
+    def from_numpy(self, a: np.ndarray, like: Any = None) -> torch.Tensor:
+        if like is None:
+            return torch.as_tensor(a)
+        dtype = like.dtype if np.issubdtype(np.asarray(a).dtype, np.floating) else None
+        return torch.as_tensor(a, device=like.device, dtype=dtype)
+
+    def standard_normal(self, shape: tuple[int, ...], like: Any, generator: Any = None) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+    def make_generator(self, seed: int, like: Any) -> torch.Generator:
+        gen = torch.Generator(device=like.device)
+        gen.manual_seed(int(seed))
+        return gen
+
+    def stop_gradient(self, x: Any) -> Any:
+        return x.detach()
+
+    def value_and_grad(self, fn: Callable[[Any], Any], param: Any) -> tuple[float, Any]:
+        p = param.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = fn(p)
+            (grad,) = torch.autograd.grad(value, p)
+        return float(value.detach()), grad
+
+    def attach(self, model: Any, layer: Any, hook: FeatureHook, *, on_input: bool = False) -> Handle:
+        module = resolve_layer(model, layer)
+        if on_input:
+            def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> Any:
+                if not args or not isinstance(args[0], torch.Tensor):
+                    raise TypeError("the bottleneck layer's first input is not a tensor")
+                out = hook(args[0])
+                return None if out is None else (out, *args[1:])
+
+            return _HookHandle(module.register_forward_pre_hook(pre_hook))
+
+        def forward_hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(
+                    f"the bottleneck layer returns {type(output).__name__}, not a tensor; put "
+                    "the bottleneck on a layer with a single tensor output"
+                )
+            return hook(output)
+
+        return _HookHandle(module.register_forward_hook(forward_hook))
+
+    def call(self, model: Any, x: Any) -> Any:
+        return model(x)
+
+    @contextlib.contextmanager
+    def frozen(self, model: Any) -> Iterator[Any]:
+        """Eval mode and ``requires_grad=False`` on every parameter; all restored on exit."""
+        if model is None:
+            yield model
+            return
+        modes = [(m, m.training) for m in model.modules()]
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        try:
+            model.eval()
+            for p, _ in flags:
+                p.requires_grad_(False)
+            yield model
+        finally:
+            for m, training in modes:
+                m.training = training
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    def layer_names(self, model: Any) -> list[str]:
+        return [n for n, _ in model.named_modules() if n]
+
+    def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return torch.compile(fn)
+
+
+def model_device(model: torch.nn.Module | None) -> torch.device | None:
+    """Device of the model's first parameter or buffer, or ``None``."""
+    if model is None:
+        return None
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
