@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,23 +38,30 @@ def repeat_inputs(xp: Any, x: Any, times: int) -> Any:
 class _Noise:
     """Standard-normal draws for ``n_inputs`` inputs, ``batch_size`` copies each.
 
-    With a seed, input ``i`` draws from its own stream seeded by ``(seed, i)``, so its
-    noise is the same whether it is explained alone or among others.  ``source="numpy"``
+    With an integer seed, input ``i`` draws from its own stream seeded by ``seed + i``;
+    a sequence gives one seed per input.  Input ``i`` therefore gets the same noise when
+    explained alone with seed ``seed + i`` as among others.  ``source="numpy"``
     draws on the host with NumPy (identical numbers on every backend and device);
     ``"backend"`` draws with the framework's generator on the features' device.
     """
 
     def __init__(self, backend: Backend, like: Any, n_inputs: int, batch_size: int,
-                 seed: int | None, source: str) -> None:
+                 seed: int | Sequence[int] | None, source: str) -> None:
         if source not in ("backend", "numpy"):
             raise ValueError(f"noise source must be 'backend' or 'numpy', got {source!r}")
         self.backend, self.like = backend, like
         self.n_inputs, self.batch_size = n_inputs, batch_size
         self.source = source
-        seeds = [None] * n_inputs
+        seeds: list[int | None] = [None] * n_inputs
         if seed is not None:
-            seeds = [int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0])
-                     for i in range(n_inputs)]
+            if isinstance(seed, (int, np.integer)):
+                per_input = [int(seed) + i for i in range(n_inputs)]
+            else:
+                per_input = [int(s) for s in seed]
+                if len(per_input) != n_inputs:
+                    raise ValueError(f"got {len(per_input)} seeds for {n_inputs} inputs")
+            # Spread nearby integers into unrelated streams.
+            seeds = [int(np.random.SeedSequence(s).generate_state(1)[0]) for s in per_input]
         if source == "numpy":
             self.streams = [np.random.default_rng(s) for s in seeds]
         elif seed is not None:
@@ -395,7 +402,7 @@ class Bottleneck:
         optimization_steps: int | None = None,
         lr: float | None = None,
         batch_size: int | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         noise: str = "backend",
         progbar: bool | None = None,
     ) -> Any:
@@ -408,7 +415,9 @@ class Bottleneck:
         The loss optimised is ``sum_i [mean model loss of input i + beta * mean capacity
         of input i]``, so every input gets exactly the mask it would get alone.
 
-        ``seed`` makes the noise reproducible (and independent of ``N``); ``noise`` picks
+        ``seed`` makes the noise reproducible: input ``i`` draws from a stream seeded with
+        ``seed + i`` (or ``seed[i]`` for a sequence), so it gets the same mask alone as
+        in a batch; ``noise`` picks
         the generator: ``"backend"`` (on the device) or ``"numpy"`` (the same numbers on
         every backend).  The returned capacity is that of the final mask (the reference
         library reported the one before the last update).

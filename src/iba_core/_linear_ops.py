@@ -101,6 +101,11 @@ def mass_preserving_matrix(n_out: int, n_in: int) -> np.ndarray:
     return mat
 
 
+# Matrices already moved to a namespace/device/dtype, keyed by the NumPy matrix's id (the
+# NumPy matrix is kept in the value so its id cannot be reused while the entry lives).
+_ON_DEVICE: dict[tuple[Any, ...], tuple[np.ndarray, Any]] = {}
+
+
 def apply_separable(x: Any, matrices: list[np.ndarray | None]) -> Any:
     """Apply one matrix per trailing axis of ``x``: ``M_k`` acts on axis ``-len + k``.
 
@@ -112,7 +117,13 @@ def apply_separable(x: Any, matrices: list[np.ndarray | None]) -> Any:
     dev = device(x)
 
     def as_x(m: np.ndarray) -> Any:
-        return xp.asarray(m, dtype=x.dtype, device=dev)
+        key = (id(m), type(x), str(dev), str(x.dtype))
+        hit = _ON_DEVICE.get(key)
+        if hit is None or hit[0] is not m:
+            if len(_ON_DEVICE) > 256:
+                _ON_DEVICE.clear()
+            hit = _ON_DEVICE[key] = (m, xp.asarray(np.array(m), dtype=x.dtype, device=dev))
+        return hit[1]
 
     if len(matrices) == 1:
         (m,) = matrices
