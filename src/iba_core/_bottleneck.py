@@ -72,7 +72,7 @@ class _Noise:
     def draw(self, sample_shape: tuple[int, ...]) -> Any:
         shape = (self.batch_size, *sample_shape)
         if self.source == "numpy":
-            dtype = self.backend.to_numpy(self.like[:1]).dtype
+            dtype = self.backend.to_numpy(self.like[:1, ...]).dtype
             a = np.concatenate([rng.standard_normal(shape) for rng in self.streams])
             return self.backend.from_numpy(a.astype(dtype, copy=False), like=self.like)
         if self.streams is None:
@@ -374,7 +374,7 @@ class Bottleneck:
                     )
                 feats = self._recorded[0]
             take = min(int(feats.shape[0]), n_samples - self.estimator.n)
-            self.estimator.update(backend.to_numpy(feats[:take]))
+            self.estimator.update(backend.to_numpy(feats[:take, ...]))
             if bar is not None:
                 bar.update(take)
             if self.estimator.n >= n_samples:

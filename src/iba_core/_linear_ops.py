@@ -154,19 +154,28 @@ def gaussian_smooth(x: Any, sigma: float | None, n_spatial: int) -> Any:
     return apply_separable(x, [smoothing_matrix(int(n), float(sigma)) for n in shape])
 
 
+@functools.lru_cache(maxsize=64)
+def _resize_matrices(size: tuple[int, ...], in_shape: tuple[int, ...],
+                     preserve_sum: bool) -> tuple[np.ndarray | None, ...]:
+    if preserve_sum:
+        mats = [np.array(mass_preserving_matrix(o, i)) for o, i in zip(size, in_shape)]
+        mats[0] *= math.prod(in_shape) / math.prod(size)
+    else:
+        mats = [np.array(bilinear_matrix(o, i)) for o, i in zip(size, in_shape)]
+    out = []
+    for m in mats:
+        identity = m.shape[0] == m.shape[1] and np.array_equal(m, np.eye(m.shape[0]))
+        m.setflags(write=False)
+        out.append(None if identity else m)
+    return tuple(out)
+
+
 def resize_bilinear(x: Any, size: tuple[int, ...], *, preserve_sum: bool = False) -> Any:
     """Resize the last ``len(size)`` axes of ``x`` bilinearly to ``size``.
 
     With ``preserve_sum=True`` the mass-preserving variant is used and the result is
     rescaled so that its total over the resized axes equals the input's total.
     """
-    in_shape = tuple(int(n) for n in x.shape[-len(size) :])
-    if preserve_sum:
-        mats = [mass_preserving_matrix(int(o), i) for o, i in zip(size, in_shape)]
-        scale = math.prod(in_shape) / math.prod(size)
-        mats[0] = mats[0] * scale
-    else:
-        mats = [bilinear_matrix(int(o), i) for o, i in zip(size, in_shape)]
-    mats = [None if (m.shape[0] == m.shape[1] and np.allclose(m, np.eye(m.shape[0]))) else m
-            for m in mats]
-    return apply_separable(x, mats)
+    in_shape = tuple(int(n) for n in x.shape[-len(size):])
+    mats = _resize_matrices(tuple(int(s) for s in size), in_shape, bool(preserve_sum))
+    return apply_separable(x, list(mats))

@@ -1,0 +1,28 @@
+"""The conformance suite against a third backend registered from a test (no framework)."""
+
+from __future__ import annotations
+
+import array_api_strict as xp
+import numpy as np
+import pytest
+
+from iba_core.testing import BackendConformanceTests, ConformanceCase
+
+from strict_backend import StrictModel
+
+
+def make_model(dtype: str) -> tuple[StrictModel, str]:
+    return StrictModel(dtype), "pool"
+
+
+def make_inputs(n: int, dtype: str, seed: int):
+    rng = np.random.default_rng(seed)
+    return xp.asarray(rng.standard_normal((n, 3, 6, 6)), dtype=getattr(xp, dtype))
+
+
+class TestStrictConformance(BackendConformanceTests):
+    @pytest.fixture
+    def case(self, strict_plugin) -> ConformanceCase:
+        return ConformanceCase(backend="strict", make_model=make_model, make_inputs=make_inputs,
+                               input_size=(6, 6), feature_shape=(6, 3, 3), n_classes=5,
+                               exact_gradients=False)
