@@ -88,15 +88,26 @@ def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def mass_preserving_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """Bilinear matrix whose columns each sum to ``n_out / n_in``.
+    """Resize matrix whose columns each sum to ``n_out / n_in``.
 
     Every input sample spreads its value over the output exactly in proportion to the
-    size ratio, so ``sum(M @ v) == sum(v) * n_out / n_in`` for any ``v``.  For integer
-    upsampling factors this equals :func:`bilinear_matrix`; for other factors the border
-    clamp would otherwise over- or under-count edge samples by a few percent.
+    size ratio, so ``sum(M @ v) == sum(v) * n_out / n_in`` for any ``v``.  Upsampling is
+    bilinear with columns renormalised: for integer factors this equals
+    :func:`bilinear_matrix`; for other factors the border clamp would otherwise over- or
+    under-count edge samples by a few percent.  Downsampling averages over areas.
     """
-    mat = np.array(bilinear_matrix(n_out, n_in))
-    mat *= (n_out / n_in) / mat.sum(axis=0, keepdims=True)
+    if n_out >= n_in:
+        mat = np.array(bilinear_matrix(n_out, n_in))
+        mat *= (n_out / n_in) / mat.sum(axis=0, keepdims=True)
+    else:
+        # Downsampling: bilinear sampling would skip inputs, so average over areas.
+        # Output i covers [i, i + 1) * n_in / n_out of the input axis.
+        mat = np.zeros((n_out, n_in), dtype=np.float64)
+        width = n_in / n_out
+        for i in range(n_out):
+            lo, hi = i * width, (i + 1) * width
+            for j in range(int(math.floor(lo)), min(int(math.ceil(hi)), n_in)):
+                mat[i, j] = (min(hi, j + 1) - max(lo, j)) / width
     mat.setflags(write=False)
     return mat
 
