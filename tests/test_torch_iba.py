@@ -1,0 +1,345 @@
+"""The PyTorch front: reference API, options, bad input, and the model left untouched."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.torch,
+              pytest.mark.filterwarnings("ignore::iba_core.FewSamplesWarning")]
+
+from iba_core import Estimator  # noqa: E402
+from iba_torch import IBA, plot_saliency_map  # noqa: E402
+
+nn = torch.nn
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("conv1", nn.Conv2d(3, 6, 3, padding=1))
+    model.add_module("bn", nn.BatchNorm2d(6))
+    model.add_module("relu1", nn.ReLU())
+    model.add_module("conv2", nn.Conv2d(6, 8, 3, padding=1, stride=2))
+    model.add_module("relu2", nn.ReLU())
+    model.add_module("drop", nn.Dropout(0.5))
+    model.add_module("pool", nn.AdaptiveAvgPool2d(2))
+    model.add_module("flat", nn.Flatten())
+    model.add_module("fc", nn.Linear(32, 4))
+    return model
+
+
+def loader(n_batches: int = 4, batch: int = 16, with_labels: bool = True):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(n_batches):
+        x = torch.randn(batch, 3, 12, 12, generator=gen)
+        yield (x, torch.zeros(batch, dtype=torch.long)) if with_labels else x
+
+
+@pytest.fixture
+def model():
+    return make_model()
+
+
+@pytest.fixture
+def iba(model):
+    iba = IBA(model.conv2)
+    iba.estimate(model, loader())
+    return iba
+
+
+def images(n: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grad": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                     for m in model.modules()),
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["hooks"] == before["hooks"] == 0
+    for a, b in zip(after["grad"], before["grad"]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    for k in before["state"]:
+        assert torch.equal(after["state"][k], before["state"][k]), k
+
+
+class TestReferenceAPI:
+    def test_one_image_gives_an_hw_map_in_bits(self, model, iba):
+        x = images(1)
+        smap = iba.analyze(x, target=2, model=model, seed=0)
+        assert isinstance(smap, np.ndarray) and smap.shape == (12, 12)
+        total_bits = float(iba.capacity().sum()) / math.log(2)
+        assert smap.min() >= 0 and total_bits > 0
+        np.testing.assert_allclose(smap.sum(), total_bits, rtol=1e-5)
+
+    def test_closure_form_equals_target_form(self, model, iba):
+        x = images(1)
+        model.eval()
+        loss = lambda b: nn.functional.cross_entropy(model(b), torch.full((len(b),), 2))  # noqa: E731
+        a = iba.analyze(x, loss, seed=3)
+        b = iba.analyze(x, target=2, model=model, seed=3)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+    def test_batch_of_images_gives_n_maps(self, model, iba):
+        smaps = iba.analyze(images(3), target=[0, 1, 2], model=model, seed=0)
+        assert smaps.shape == (3, 12, 12)
+        assert not np.allclose(smaps[0], smaps[1])
+
+    def test_capacity_mode_is_at_feature_resolution(self, model, iba):
+        cap = iba.analyze(images(1), target=1, model=model, mode="capacity", seed=0)
+        assert cap.shape == (6, 6)
+        np.testing.assert_allclose(cap.sum(), float(iba.capacity().sum()) / math.log(2), rtol=1e-5)
+
+    def test_model_and_layer_name_form(self, model):
+        iba = IBA(model, "conv2")
+        iba.estimate(model, loader(with_labels=False))
+        assert iba.estimator.shape == (8, 6, 6)
+        assert iba.analyze(images(1), target=0, seed=0).shape == (12, 12)  # model remembered
+
+    def test_as_a_layer_of_the_model(self):
+        base = make_model()
+        iba = IBA()
+        model = nn.Sequential(base.conv1, base.relu1, base.conv2, iba, base.relu2, base.pool,
+                              base.flat, base.fc)
+        x = images(2)
+        clean = model(x)
+        iba.estimate(model, loader())
+        torch.testing.assert_close(model(x), clean, rtol=0, atol=0)  # identity when idle
+        smaps = iba.analyze(x, target=[0, 1], model=model, seed=0)
+        assert smaps.shape == (2, 12, 12) and np.all(smaps >= 0)
+
+    def test_restrict_flow_uses_the_last_mask(self, model, iba):
+        model.eval()
+        x = images(1)
+        iba.analyze(x, target=1, model=model, seed=0, beta=100)
+        clean = model(x)
+        with iba.restrict_flow():
+            noisy = model(x)
+        assert not torch.allclose(clean, noisy)
+        torch.testing.assert_close(model(x), clean, rtol=0, atol=0)
+
+    def test_interrupt_execution_stops_after_the_layer(self, model, iba):
+        ran = []
+        handle = model.fc.register_forward_hook(lambda *a: ran.append(1))
+        try:
+            with iba.interrupt_execution():
+                model(images(2))
+            assert ran == []
+            assert iba.bottleneck.recorded == []  # context closed: recording cleared
+        finally:
+            handle.remove()
+
+    def test_reset_estimate_and_detach(self, model, iba):
+        iba.reset_estimate()
+        with pytest.raises(RuntimeError, match="estimate"):
+            iba.analyze(images(1), target=0, model=model)
+        iba.detach()
+        with pytest.raises(RuntimeError, match="detached"):
+            iba.estimate(model, loader())
+
+    def test_progress_bars(self, model, capsys):
+        iba = IBA(model.conv2, progbar=True)
+        iba.estimate(model, loader(), n_samples=40)
+        iba.analyze(images(1), target=0, model=model, optimization_steps=2)
+        err = capsys.readouterr().err
+        assert "estimate" in err and "40/40" in err and "analyze" in err and "2/2" in err
+
+    def test_plot_returns_axes(self, model, iba):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        smap = iba.analyze(images(1), target=0, model=model, seed=0)
+        ax = plot_saliency_map(smap, img=images(1)[0])
+        assert ax.images and ax.images[-1].get_array().shape[:2] == (12, 12)
+        with pytest.raises(ValueError, match=r"\(H, W\)"):
+            plot_saliency_map(np.zeros((2, 3, 4)))
+
+
+class TestOptions:
+    def test_bottleneck_on_a_layers_input(self, model):
+        iba = IBA(model.relu2, input_or_output="input")
+        iba.estimate(model, loader())
+        assert iba.estimator.shape == (8, 6, 6)
+        smap = iba.analyze(images(1), target=0, model=model, seed=0)
+        assert smap.shape == (12, 12) and np.isfinite(smap).all()
+
+    def test_min_std_zero_with_constant_features(self):
+        model = make_model()
+        with torch.no_grad():
+            model.conv2.weight[0].zero_()
+            model.conv2.bias[0] = 0.5  # channel 0 is constant: std 0
+        iba = IBA(model.conv2, min_std=0)
+        iba.estimate(model, loader())
+        _, std, active = iba.bottleneck.statistics()
+        assert np.all(active[0] == 0) and np.all(std > 0)
+        cap = iba.analyze(images(1), target=0, model=model, mode="capacity", seed=0)
+        assert np.isfinite(cap).all()
+        assert float(iba.capacity()[0, 0].abs().sum()) == 0.0
+
+    @pytest.mark.parametrize("size", [1, 2])
+    def test_tiny_feature_maps(self, size):
+        model = make_model()
+        iba = IBA(model.pool)
+        model.pool.output_size = size
+        model.fc = nn.Linear(8 * size * size, 4)
+        iba.estimate(model, loader())
+        smap = iba.analyze(images(1), target=0, model=model, seed=0)
+        assert smap.shape == (12, 12) and np.isfinite(smap).all() and smap.sum() > 0
+
+    def test_user_given_statistics_need_no_estimate(self, model):
+        mean, std = np.zeros((8, 6, 6)), np.full((8, 6, 6), 0.5)
+        iba = IBA(model.conv2, feature_mean=mean, feature_std=std)
+        smap = iba.analyze(images(1), target=0, model=model, seed=0)
+        assert np.isfinite(smap).all() and smap.sum() > 0
+        _, used_std, _ = iba.bottleneck.statistics()
+        np.testing.assert_array_equal(used_std, 0.5)
+
+    def test_a_loaded_estimator(self, model, iba, tmp_path):
+        iba.estimator.save(tmp_path / "e.npz")
+        other = IBA(model.conv2, estimator=Estimator.load(tmp_path / "e.npz"))
+        a = iba.analyze(images(1), target=0, model=model, seed=0)
+        b = other.analyze(images(1), target=0, model=model, seed=0)
+        np.testing.assert_array_equal(a, b)
+
+    def test_float64_model(self):
+        model = make_model().double()
+        iba = IBA(model.conv2)
+        iba.estimate(model, (x.double() for x, _ in loader()))
+        smap = iba.analyze(images(1).double(), target=0, model=model, seed=0)
+        assert smap.dtype == np.float64 and smap.sum() > 0
+
+
+class TestBadInput:
+    def test_analyze_before_estimate(self, model):
+        with pytest.raises(RuntimeError, match=r"call estimate\(\)"):
+            IBA(model.conv2).analyze(images(1), target=0, model=model)
+
+    def test_unknown_layer_name(self, model):
+        with pytest.raises(LookupError, match="'conv9' not found.*conv2"):
+            IBA(model, "conv9")
+
+    def test_closure_that_never_runs_the_layer(self, model, iba):
+        with pytest.raises(RuntimeError, match="never ran the bottleneck layer"):
+            iba.analyze(images(1), lambda x: x.sum())
+
+    def test_layer_outside_the_model(self, model):
+        other = make_model()
+        iba = IBA(other.conv2)
+        with pytest.raises(RuntimeError, match="without calling the bottleneck layer"):
+            iba.estimate(model, loader())
+
+    def test_non_scalar_loss(self, model, iba):
+        with pytest.raises(ValueError, match="scalar"):
+            iba.analyze(images(1), lambda x: model(x))
+
+    def test_non_finite_loss(self, model, iba):
+        with pytest.raises(FloatingPointError, match="nan"):
+            iba.analyze(images(1), lambda x: model(x).sum() * float("nan"))
+
+    def test_wrong_rank(self, model, iba):
+        with pytest.raises(ValueError, match=r"add a batch axis"):
+            iba.analyze(torch.zeros(12), target=0, model=model)
+
+    def test_estimate_of_another_shape(self, model):
+        iba = IBA(model.conv2, feature_mean=np.zeros((8, 5, 5)), feature_std=np.ones((8, 5, 5)))
+        with pytest.raises(ValueError, match=r"\(8, 6, 6\).*\(8, 5, 5\)"):
+            iba.analyze(images(1), target=0, model=model)
+
+    def test_nan_features_during_estimation(self, model):
+        def bad():
+            yield torch.full((4, 3, 12, 12), float("nan"))
+
+        with pytest.raises(ValueError, match="NaN/inf"):
+            IBA(model.conv2).estimate(model, bad())
+
+    def test_target_out_of_range(self, model, iba):
+        with pytest.raises(ValueError, match="out of range for 4 classes"):
+            iba.analyze(images(1), target=7, model=model)
+
+    def test_bad_arguments(self, model):
+        with pytest.raises(ValueError, match="batch_size"):
+            IBA(model.conv2, batch_size=0)
+        with pytest.raises(TypeError, match="torch.nn.Module"):
+            IBA("conv2")
+        with pytest.raises(ValueError, match="model_loss_fn, or target="):
+            IBA(model.conv2, feature_mean=np.zeros((8, 6, 6)),
+                feature_std=np.ones((8, 6, 6))).analyze(images(1))
+
+
+class TestModelUntouched:
+    def test_after_estimate_and_analyze(self, model):
+        model.train()  # a user's model in training mode, with gradients lying around
+        model.fc.weight.grad = torch.ones_like(model.fc.weight)
+        model.conv1.weight.requires_grad_(False)
+        x = images(2)
+        before = snapshot(model)
+        with torch.no_grad():
+            torch.manual_seed(0)
+            out_before = model.eval()(x)
+            model.train()
+            before = snapshot(model)
+        iba = IBA(model.conv2)
+        iba.estimate(model, loader())
+        iba.analyze(x, target=[0, 1], model=model, seed=0)
+        with iba.restrict_flow():
+            pass
+        assert_unchanged(model, before)
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(x), out_before, rtol=0, atol=0)
+
+    @pytest.mark.parametrize("where", ["estimate", "analyze-closure", "analyze-loss"])
+    def test_after_an_exception(self, model, where):
+        model.train()
+        before = snapshot(model)
+        iba = IBA(model.conv2)
+
+        def exploding():
+            yield next(loader())[0]
+            raise KeyboardInterrupt
+
+        if where == "estimate":
+            with pytest.raises(KeyboardInterrupt):
+                iba.estimate(model, exploding())
+        else:
+            iba.estimate(model, loader())
+            before = snapshot(model)
+
+            def loss(x):
+                out = model(x)
+                if where == "analyze-closure":
+                    raise RuntimeError("boom")
+                return out.sum() * float("inf")
+
+            with pytest.raises((RuntimeError, FloatingPointError)):
+                iba.analyze(images(1), loss, model=model)
+        assert_unchanged(model, before)
+        assert iba.bottleneck._mode == "pass"
+
+    def test_no_weight_gradients_are_computed(self, model, iba):
+        seen = []
+        for p in model.parameters():
+            p.register_hook(lambda g: seen.append(g))
+        iba.analyze(images(1), target=0, model=model)
+        assert seen == []
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_no_warning_spam_from_tensor_conversion(model, iba):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        iba.analyze(images(1), target=0, model=model, seed=0)
