@@ -1,1 +1,53 @@
-"""iba_tf: the TensorFlow 2 / Keras 3 backend of iba (in progress)."""
+"""iba_tf: Information Bottleneck Attribution for TensorFlow 2 / Keras 3.
+
+``from iba_tf import IBALayer, IBACopy, IBACopyInnvestigate, plot_saliency_map``.
+Attributes are loaded on first access, so the plugin registry can import this package
+(``iba_tf._plugin``) without importing TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "IBACopy",
+    "IBACopyInnvestigate",
+    "IBALayer",
+    "TFBackend",
+    "model_wo_softmax",
+    "namespace",
+    "plot_saliency_map",
+]
+
+_LAZY = {
+    "IBACopy": "iba_tf._copy",
+    "IBACopyInnvestigate": "iba_tf._copy",
+    "IBALayer": "iba_tf._layer",
+    "TFBackend": "iba_tf._backend",
+    "model_wo_softmax": "iba_tf._copy",
+    "namespace": "iba_tf._namespace",
+    "plot_saliency_map": "iba_core.plotting",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from iba_core.plotting import plot_saliency_map
+
+    from . import _namespace as namespace
+    from ._backend import TFBackend
+    from ._copy import IBACopy, IBACopyInnvestigate, model_wo_softmax
+    from ._layer import IBALayer
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'iba_tf' has no attribute {name!r}")
+    imported = importlib.import_module(module)
+    value = imported if name == "namespace" else getattr(imported, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

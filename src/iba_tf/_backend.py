@@ -1,0 +1,261 @@
+"""The TensorFlow 2 / Keras 3 backend: tensors, ``tf.GradientTape`` and layer hooks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from iba_core import Backend, FeatureHook, Handle
+
+from . import _namespace
+
+
+# -- layouts ---------------------------------------------------------------------------
+def to_channels_first(x: Any) -> Any:
+    """``(N, ..., C) -> (N, C, ...)``; vectors ``(N, C)`` are returned unchanged."""
+    rank = x.shape.rank
+    if rank is None or rank <= 2:
+        return x
+    return tf.transpose(x, [0, rank - 1, *range(1, rank - 1)])
+
+
+def to_channels_last(x: Any) -> Any:
+    """``(N, C, ...) -> (N, ..., C)``; the inverse of :func:`to_channels_first`."""
+    rank = x.shape.rank
+    if rank is None or rank <= 2:
+        return x
+    return tf.transpose(x, [0, *range(2, rank), 1])
+
+
+def is_channels_last(layer: Any = None, data_format: str | None = None) -> bool:
+    """Whether features are ``(N, ..., C)``: an explicit ``data_format``, else the layer's
+    own ``data_format`` (convolutions, pooling), else Keras' ``image_data_format()``."""
+    fmt = data_format or getattr(layer, "data_format", None) or keras.config.image_data_format()
+    if fmt not in ("channels_last", "channels_first"):
+        raise ValueError(f"data_format must be 'channels_last' or 'channels_first', got {fmt!r}")
+    return fmt == "channels_last"
+
+
+# -- finding layers ----------------------------------------------------------------------
+def all_layers(model: Any) -> list[keras.layers.Layer]:
+    """Every layer of ``model``, nested ones included, in Keras' flattening order."""
+    if hasattr(model, "_flatten_layers"):
+        layers = model._flatten_layers(include_self=False, recursive=True)
+    else:  # pragma: no cover - every Keras 3 layer has _flatten_layers
+        layers = list(getattr(model, "layers", []))
+    return [layer for layer in layers if not isinstance(layer, keras.layers.InputLayer)]
+
+
+def resolve_layer(model: Any, layer: Any) -> keras.layers.Layer:
+    """A Keras layer given directly, or found by name anywhere in ``model``."""
+    if isinstance(layer, keras.layers.Layer):
+        return layer
+    if not isinstance(layer, str):
+        raise TypeError(f"layer must be a keras Layer or a layer name, got {type(layer).__name__}")
+    if model is None:
+        raise ValueError(f"layer {layer!r} is given by name, so the model is needed to find it")
+    layers = all_layers(model)
+    for candidate in layers:
+        if candidate.name == layer:
+            return candidate
+    names = [candidate.name for candidate in layers]
+    raise LookupError(f"layer {layer!r} not found in model {getattr(model, 'name', '?')!r}; "
+                      f"its layers are: {names}")
+
+
+# -- hooks -------------------------------------------------------------------------------
+class _Patch:
+    """The instance-level ``call`` of one layer while hooks are attached to it.
+
+    Keras calls ``self.call`` from ``Layer.__call__`` in eager mode, while tracing a
+    ``tf.function`` and from Functional/Sequential graphs alike, so an instance attribute
+    ``call`` shadowing the class method sees every forward pass.  Hooks run in attach
+    order; when the last one is removed the instance attribute is deleted again (or the
+    one that was there before is put back), which restores the layer exactly.
+    """
+
+    def __init__(self, layer: keras.layers.Layer) -> None:
+        self.layer = layer
+        self.had_own_call = "call" in layer.__dict__
+        self.previous = layer.__dict__.get("call")
+        self.original = layer.call  # bound method (or the previous instance attribute)
+        self.hooks: list[tuple[FeatureHook, bool, bool]] = []
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self(*args, **kwargs)
+
+        call._iba_patch = self  # type: ignore[attr-defined]
+        self.function = call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        hooks = list(self.hooks)
+        if any(on_input for _, on_input, _ in hooks):
+            if not args or not tf.is_tensor(args[0]):
+                raise TypeError(f"the first input of layer {self.layer.name!r} is not a tensor")
+            x = args[0]
+            for hook, on_input, last in hooks:
+                if on_input:
+                    x = _apply(hook, x, last, self.layer.name)
+            args = (x, *args[1:])
+        out = self.original(*args, **kwargs)
+        if any(not on_input for _, on_input, _ in hooks):
+            if not tf.is_tensor(out):
+                raise TypeError(
+                    f"layer {self.layer.name!r} returns {type(out).__name__}, not a tensor; put "
+                    "the bottleneck on a layer with a single tensor output"
+                )
+            for hook, on_input, last in hooks:
+                if not on_input:
+                    out = _apply(hook, out, last, self.layer.name)
+        return out
+
+    def restore(self) -> None:
+        if self.had_own_call:
+            self.layer.call = self.previous
+        else:
+            del self.layer.call
+
+
+def _apply(hook: FeatureHook, x: Any, channels_last: bool, name: str) -> Any:
+    features = to_channels_first(x) if channels_last else x
+    out = hook(features)
+    if out is None:
+        return x
+    if tuple(out.shape) != tuple(features.shape):
+        raise ValueError(f"the hook on layer {name!r} returned shape {tuple(out.shape)} for "
+                         f"features of shape {tuple(features.shape)}")
+    return to_channels_last(out) if channels_last else out
+
+
+class _HookHandle:
+    def __init__(self, patch: _Patch, entry: tuple[FeatureHook, bool, bool]) -> None:
+        self._patch, self._entry = patch, entry
+
+    def remove(self) -> None:
+        patch = self._patch
+        if patch is None:
+            return
+        self._patch = None
+        patch.hooks = [e for e in patch.hooks if e is not self._entry]
+        if not patch.hooks:
+            patch.restore()
+
+
+def _active_patch(layer: keras.layers.Layer) -> _Patch | None:
+    own = layer.__dict__.get("call")
+    return getattr(own, "_iba_patch", None)
+
+
+# -- the backend -------------------------------------------------------------------------
+class TFBackend(Backend):
+    """TensorFlow 2 with Keras 3: a small tf namespace, ``tf.GradientTape``, patched ``call``.
+
+    Feature maps of channels-last layers (the Keras default, ``(N, h, w, C)`` or
+    ``(N, T, C)``) are transposed to channels-first before a hook sees them and back
+    afterwards, so the core always works on ``(N, C, ...)``.
+    """
+
+    name = "tf"
+    modules = ("tensorflow", "keras")
+    channels_last = True
+
+    # -- arrays ----------------------------------------------------------------------
+    def namespace(self) -> Any:
+        return _namespace
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        if isinstance(x, np.ndarray):
+            return x
+        if hasattr(x, "numpy"):  # tensors, tf.Variable, keras.Variable
+            return np.asarray(x.numpy())
+        return np.asarray(tf.convert_to_tensor(x).numpy())
+
+    def from_numpy(self, a: np.ndarray, like: Any = None) -> tf.Tensor:
+        a = np.asarray(a)
+        if like is None:
+            return _namespace.asarray(a)
+        dtype = like.dtype if a.dtype.kind == "f" else None
+        return _namespace.asarray(a, dtype=dtype, device=getattr(like, "device", None))
+
+    def standard_normal(self, shape: tuple[int, ...], like: Any,
+                        generator: Any = None) -> tf.Tensor:
+        shape = tuple(int(s) for s in shape)
+        with _namespace._device_scope(getattr(like, "device", None)):
+            if generator is not None:
+                return generator.normal(shape, dtype=like.dtype)
+            return tf.random.normal(shape, dtype=like.dtype)
+
+    def make_generator(self, seed: int, like: Any) -> tf.random.Generator:
+        # The generator's state is a variable: create it eagerly, also inside a tf.function.
+        with tf.init_scope(), _namespace._device_scope(getattr(like, "device", None)):
+            return tf.random.Generator.from_seed(int(seed))
+
+    def stop_gradient(self, x: Any) -> Any:
+        return tf.stop_gradient(x)
+
+    # -- autograd ---------------------------------------------------------------------
+    def value_and_grad(self, fn: Callable[[Any], Any], param: Any) -> tuple[float, Any]:
+        """``fn(param)`` and its gradient; the tape watches ``param`` only, never weights."""
+        param = tf.convert_to_tensor(param)
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(param)
+            value = fn(param)
+        grad = tape.gradient(value, param)
+        if grad is None:
+            grad = tf.zeros_like(param)
+        return float(value), grad
+
+    # -- models -----------------------------------------------------------------------
+    def attach(self, model: Any, layer: Any, hook: FeatureHook, *, on_input: bool = False,
+               data_format: str | None = None) -> Handle:
+        """Run ``hook`` on the output (or first input) of ``layer`` on every call.
+
+        The layer's instance gets a ``call`` attribute that wraps the class's ``call``;
+        ``remove()`` deletes it again.  Works for Functional, Sequential and subclassed
+        models, eagerly and while a ``tf.function`` is traced (a function traced before
+        ``attach`` keeps its old graph; so does one traced while attached, after removal).
+        ``data_format`` overrides the layout guess (see :func:`is_channels_last`).
+        """
+        target = resolve_layer(model, layer)
+        channels_last = is_channels_last(target, data_format)
+        patch = _active_patch(target)
+        if patch is None:
+            patch = _Patch(target)
+            target.call = patch.function
+        entry = (hook, bool(on_input), channels_last)
+        patch.hooks.append(entry)
+        return _HookHandle(patch, entry)
+
+    def call(self, model: Any, x: Any) -> Any:
+        return model(x, training=False)
+
+    @contextlib.contextmanager
+    def frozen(self, model: Any) -> Iterator[Any]:
+        """Every layer and variable not trainable (BatchNorm then always runs in inference
+        mode); each layer's and variable's own flag is restored on exit."""
+        if model is None:
+            yield model
+            return
+        layers = [model, *getattr(model, "_flatten_layers", lambda **_: [])(include_self=False)]
+        layer_flags = [(layer, layer.trainable) for layer in layers]
+        var_flags = [(v, v.trainable) for v in model.variables if hasattr(v, "trainable")]
+        try:
+            model.trainable = False
+            yield model
+        finally:
+            for layer, flag in layer_flags:  # outer first: setting it cascades inwards
+                layer.trainable = flag
+            for v, flag in var_flags:
+                if v.trainable != flag:
+                    v.trainable = flag
+
+    def layer_names(self, model: Any) -> list[str]:
+        return [layer.name for layer in all_layers(model)]
+
+    def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return tf.function(fn)
