@@ -1,0 +1,431 @@
+"""``IBACopy`` and ``IBACopyInnvestigate``: a bottleneck in a copy of an existing Keras model."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from iba_core import Estimator
+
+from ._layer import (
+    BACKEND,
+    IBALayer,
+    as_input,
+    check_finite_input,
+    classification_loss,
+    explain,
+    iter_batches,
+    soft_target_loss,
+)
+
+try:  # the class of models built with the functional API (keras.Model(inputs, outputs))
+    from keras.src.models.functional import Functional
+except ImportError:  # pragma: no cover - Keras 3 has it; keep a readable error otherwise
+    Functional = None  # type: ignore[assignment,misc]
+
+
+# -- model surgery -------------------------------------------------------------------------
+def _kind(model: Any) -> str:
+    """``"sequential"``, ``"functional"``, or raise for anything Keras cannot copy."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"expected a keras.Model, got {type(model).__name__}")
+    if isinstance(model, keras.Sequential):
+        return "sequential"
+    if Functional is not None and isinstance(model, Functional):
+        return "functional"
+    raise TypeError(
+        f"{type(model).__name__} is a subclassed Keras model: its layer graph is Python code "
+        "that cannot be copied. Put an iba_tf.IBALayer into the model's call() instead "
+        "(or attach a hook with iba_tf.TFBackend().attach(model, layer_name, hook))."
+    )
+
+
+def _sequential_input(model: keras.Sequential) -> Any:
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:
+        raise ValueError(
+            f"the Sequential model {model.name!r} has no known input shape; build it first "
+            "(start it with keras.Input(shape), call model.build(input_shape) or call it on "
+            "a batch)"
+        )
+    spec = inputs[0]
+    return keras.Input(batch_shape=spec.shape, dtype=spec.dtype, name=spec.name)
+
+
+def _top_level_layer(model: keras.Model, name: str) -> keras.layers.Layer:
+    if not isinstance(name, str):
+        raise TypeError(f"layer_name must be a layer name (str), got {type(name).__name__}")
+    for layer in model.layers:
+        if layer.name == name:
+            return layer
+    names = [layer.name for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    raise LookupError(f"layer {name!r} not found in model {model.name!r}; its layers are: {names}")
+
+
+def _insert_after(model: keras.Model, target: keras.layers.Layer,
+                  inserted: keras.layers.Layer) -> keras.Model:
+    """A new Functional model running ``model``'s own layers with ``inserted`` applied to
+    the output of ``target``.  The layer objects (hence the weights) are shared."""
+    kind = _kind(model)
+    if kind == "sequential":
+        inputs = x = _sequential_input(model)
+        for layer in model.layers:
+            x = layer(x)
+            if layer is target:
+                x = inserted(x)
+        return keras.Model(inputs, x, name=f"{model.name}_iba")
+
+    def call_function(layer: Any, *args: Any, **kwargs: Any) -> Any:
+        out = layer(*args, **kwargs)
+        return inserted(out) if layer is target else out
+
+    copy = keras.models.clone_model(model, clone_function=lambda layer: layer,
+                                    call_function=call_function)
+    if inserted not in copy.layers:
+        raise ValueError(f"layer {target.name!r} is not on the path from the model's inputs to "
+                         "its outputs; choose a layer the model runs")
+    return keras.Model(copy.inputs, copy.outputs, name=f"{model.name}_iba")
+
+
+def _is_softmax(fn: Any) -> bool:
+    return fn is keras.activations.softmax or getattr(fn, "__name__", None) == "softmax"
+
+
+def _output_node(model: keras.Model) -> tuple[keras.layers.Layer, Any]:
+    """The layer that produces the model's single output, and that output's input tensor."""
+    kind = _kind(model)
+    if len(model.outputs) != 1:
+        raise ValueError(f"expected a model with one output, got {len(model.outputs)}")
+    if kind == "sequential":
+        return model.layers[-1], None
+    operation, node_index, _ = model.outputs[0]._keras_history
+    node = operation._inbound_nodes[node_index]
+    return operation, node.input_tensors[0]
+
+
+def ends_in_softmax(model: keras.Model) -> bool:
+    """Whether the model's output layer is a softmax (a ``Softmax`` layer, or any layer
+    with ``activation="softmax"``)."""
+    layer, _ = _output_node(model)
+    return (isinstance(layer, keras.layers.Softmax)
+            or _is_softmax(getattr(layer, "activation", None)))
+
+
+def model_wo_softmax(model: keras.Model) -> keras.Model:
+    """``model`` without its final softmax: a model returning logits.
+
+    A final ``Softmax``/``Activation("softmax")`` layer is dropped; a final layer with
+    ``activation="softmax"`` (e.g. ``Dense``) is replaced by a copy with a linear
+    activation and equal weights (copied).  Every other layer is shared with ``model``,
+    which stays unchanged.  A model not ending in softmax is returned as it is.
+    """
+    if not ends_in_softmax(model):
+        return model
+    last, last_input = _output_node(model)
+    if _kind(model) == "sequential":
+        inputs = x = _sequential_input(model)
+        for layer in model.layers[:-1]:
+            x = layer(x)
+        last_input = x
+    else:
+        inputs = model.inputs
+    if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
+        outputs = last_input
+    else:
+        config = {**last.get_config(), "activation": "linear", "name": f"{last.name}_logits"}
+        linear = type(last).from_config(config)
+        outputs = linear(last_input)
+        linear.set_weights(last.get_weights())
+    return keras.Model(inputs, outputs, name=f"{model.name}_wo_softmax")
+
+
+# -- IBACopy -------------------------------------------------------------------------------
+class IBACopy:
+    """Per-Sample Bottleneck in a copy of a Functional or Sequential Keras model.
+
+    ``IBACopy(model, "conv3")`` builds a new Functional model (:attr:`model`) that runs
+    the original model's own layer objects with an :class:`IBALayer` inserted after the
+    layer named ``layer_name``.  The copy **shares the weights** of the original (no
+    memory is duplicated, and later training of the original is seen by the copy); the
+    original model's graph, weights, trainable flags and outputs are left untouched.
+    Subclassed models cannot be copied: put an :class:`IBALayer` into them instead.
+
+    Works for any task: :meth:`analyze` takes a loss function of the model's output.
+    Keyword arguments are the :class:`IBALayer`'s (``beta``, ``sigma``, ``batch_size``...).
+    """
+
+    def __init__(self, model: keras.Model, layer_name: str, **iba_kwargs: Any) -> None:
+        _kind(model)
+        self.layer_name = layer_name
+        self._original = model
+        self._layer = _top_level_layer(model, layer_name)
+        iba_kwargs.setdefault("data_format", getattr(self._layer, "data_format", None))
+        taken = {layer.name for layer in model.layers}
+        name = next(f"iba_{i}" if i else "iba" for i in itertools.count()
+                    if (f"iba_{i}" if i else "iba") not in taken)
+        iba_kwargs.setdefault("name", name)
+        #: The :class:`IBALayer` inside the copy.
+        self.iba_layer = IBALayer(**iba_kwargs)
+        #: The copy of the model, with :attr:`iba_layer` after the chosen layer.
+        self.model = _insert_after(model, self._layer, self.iba_layer)
+
+    # -- statistics ----------------------------------------------------------------------
+    @property
+    def bottleneck(self) -> Any:
+        """The core :class:`iba_core.Bottleneck`."""
+        return self.iba_layer.bottleneck
+
+    @property
+    def estimator(self) -> Estimator:
+        """The running estimate of the feature statistics (channels-first)."""
+        return self.iba_layer.estimator
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Channels-first per-sample shape of the features at the bottleneck."""
+        shape = tuple(self.iba_layer.output.shape[1:])
+        if self.iba_layer.channels_last and len(shape) >= 2:
+            shape = (shape[-1], *shape[:-1])
+        return shape
+
+    def reset_estimate(self) -> None:
+        """Forget the estimated (and given) feature mean and std."""
+        self.iba_layer.reset_estimate()
+
+    def estimate(self, data: Any, n_samples: int = 10000, batch_size: int = 32,
+                 progbar: bool | None = None, reset: bool = True) -> Estimator:
+        """Estimate the mean and std of the features over ``data`` (a NumPy array, a
+        ``tf.data.Dataset`` or a generator of ``x`` / ``(x, y)`` batches); see
+        :meth:`IBALayer.estimate`."""
+        return self.iba_layer.estimate(self.model, data, n_samples=n_samples,
+                                       batch_size=batch_size, progbar=progbar, reset=reset)
+
+    # -- explanation -----------------------------------------------------------------------
+    def _explain(self, x: tf.Tensor, loss_fn: Callable[[Any], Any], fit_hint: str,
+                 **kwargs: Any) -> np.ndarray:
+        def model_loss(batch: Any) -> Any:
+            return loss_fn(BACKEND.call(self.model, batch))
+
+        return explain(self.bottleneck, model_loss, x, model=self.model,
+                       channels_last=self.iba_layer.channels_last, fit_hint=fit_hint, **kwargs)
+
+    def analyze(
+        self,
+        x: Any,
+        loss_fn: Callable[[Any], Any] | None = None,
+        *,
+        target: Any = None,
+        mode: str = "saliency",
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """Explain a batch of inputs ``x`` ``(N, H, W, C)``; returns NumPy maps in bits.
+
+        ``loss_fn(outputs) -> scalar`` gets the copy's output for a batch that holds each
+        input ``batch_size`` times in a row and returns the mean loss over it; or give
+        ``target=`` (a class index, or one per input) for a model returning logits.
+        Returns ``(H, W)`` for one input, else ``(N, H, W)``.  Further keyword arguments
+        (``beta``, ``optimization_steps``, ``lr``, ``batch_size``, ``min_std``,
+        ``active_neurons_threshold``, ``seed``, ``noise``, ``progbar``) as in
+        :meth:`IBALayer.analyze`.
+        """
+        x = as_input(x, self.model)
+        check_finite_input(x)
+        if loss_fn is None:
+            if target is None:
+                raise ValueError("give loss_fn(outputs) -> scalar, or target= for a classifier")
+            loss_fn = classification_loss(target, int(x.shape[0]))
+        elif target is not None:
+            raise ValueError("give either loss_fn or target=, not both")
+        return self._explain(x, loss_fn, "estimate(data)", mode=mode, **kwargs)
+
+    def capacity(self) -> tf.Tensor:
+        """Capacity of the last explanation, ``(N, C, ...)`` channels-first, nats per element."""
+        return self.iba_layer.capacity()
+
+    @contextlib.contextmanager
+    def restrict_flow(self, alpha: Any = None) -> Iterator[IBACopy]:
+        """Within the context, :attr:`model` runs with the bottleneck of the last analysis."""
+        with self.iba_layer.restrict_flow(alpha):
+            yield self
+
+    def predict(self, x: Any, batch_size: int = 32) -> np.ndarray:
+        """The copy's output on ``x`` without the bottleneck (equal to the original's)."""
+        outs = [BACKEND.to_numpy(BACKEND.call(self.model, b))
+                for b in iter_batches(as_input(x, self.model), batch_size)]
+        return np.concatenate(outs)
+
+
+# -- IBACopyInnvestigate -------------------------------------------------------------------
+_MODES = ("max_activation", "index", "all")
+
+
+class IBACopyInnvestigate(IBACopy):
+    """Classifier wrapper with the `innvestigate <https://github.com/albermax/innvestigate>`_
+    analyzer API: ``fit``, ``fit_generator``, ``analyze(X, neuron_selection)``.
+
+    Args:
+        model: a Functional or Sequential classifier returning **logits**; a model ending
+            in softmax is refused (strip it with :func:`model_wo_softmax`).
+        neuron_selection_mode: which class each input is explained for:
+            ``"max_activation"`` the predicted class; ``"index"`` the class given to
+            :meth:`analyze`; ``"all"`` every class at once (the model loss is the
+            cross-entropy to the model's own class distribution for that input, so the
+            bottleneck keeps what the whole output depends on).
+        feature_name: the layer after which the bottleneck goes (a TF1-style tensor name
+            such as ``"block3_conv2/Relu:0"`` is accepted and means its layer).
+        estimator: an :class:`iba_core.Estimator` to start from.
+        feature_mean_std: ``(mean, std)`` per sample in the layer's layout.
+        **iba_kwargs: the :class:`IBALayer`'s hyperparameters.
+
+    The copy shares the weights of ``model``, which is never modified.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        neuron_selection_mode: str = "max_activation",
+        feature_name: str | None = None,
+        estimator: Estimator | None = None,
+        feature_mean_std: tuple[Any, Any] | None = None,
+        **iba_kwargs: Any,
+    ) -> None:
+        if neuron_selection_mode not in _MODES:
+            raise ValueError(f"neuron_selection_mode must be one of {_MODES}, got "
+                             f"{neuron_selection_mode!r}")
+        _kind(model)
+        if ends_in_softmax(model):
+            raise ValueError(
+                f"model {model.name!r} ends in a softmax, but IBA needs the logits (the softmax "
+                "saturates and hides the class evidence). Use model_wo_softmax(model) to strip it."
+            )
+        if feature_name is None:
+            names = [layer.name for layer in model.layers]
+            raise ValueError(f"give feature_name, the layer to put the bottleneck after; the "
+                             f"model's layers are: {names}")
+        layer_name = self._layer_name(model, feature_name)
+        super().__init__(model, layer_name, estimator=estimator,
+                         feature_mean_std=feature_mean_std, **iba_kwargs)
+        self.neuron_selection_mode = neuron_selection_mode
+        self.feature_name = feature_name
+
+    @staticmethod
+    def _layer_name(model: keras.Model, feature_name: str) -> str:
+        names = {layer.name for layer in model.layers}
+        if feature_name in names:
+            return feature_name
+        head = feature_name.split(":", 1)[0].split("/", 1)[0]
+        return head if head in names else feature_name  # unknown names fail with a list
+
+    # -- estimation -------------------------------------------------------------------------
+    def fit(self, X: Any, batch_size: int = 32, n_samples: int | None = None,
+            progbar: bool | None = None) -> Estimator:
+        """Add ``X`` (an array of inputs, a ``tf.data.Dataset`` or a generator) to the
+        estimate of the feature mean and std.  Estimates accumulate over calls, as in the
+        reference library; :meth:`reset_estimate` starts over.  ``n_samples`` caps the
+        samples taken from ``X``."""
+        limit = sys.maxsize if n_samples is None else self.estimator.n + int(n_samples)
+        return self.iba_layer.estimate(self.model, X, n_samples=limit, batch_size=batch_size,
+                                       progbar=progbar, reset=False)
+
+    def fit_generator(self, generator: Any, steps_per_epoch: int | None = None, epochs: int = 1,
+                      verbose: int = 0, **_ignored: Any) -> Estimator:
+        """Estimate from a generator of ``x`` or ``(x, y)`` batches, ``steps_per_epoch``
+        batches per epoch (all of them if ``None``).  Accumulates like :meth:`fit`."""
+        for _ in range(int(epochs)):
+            batches = iter_batches(generator)
+            if steps_per_epoch is not None:
+                batches = itertools.islice(batches, int(steps_per_epoch))
+            self.iba_layer.estimate(self.model, batches, n_samples=sys.maxsize,
+                                    progbar=bool(verbose), reset=False)
+        return self.estimator
+
+    # -- explanation --------------------------------------------------------------------------
+    def predict(self, X: Any, batch_size: int = 32) -> np.ndarray:
+        """The model's logits on ``X`` (no bottleneck)."""
+        return super().predict(X, batch_size)
+
+    def analyze(self, X: Any, neuron_selection: Any = None, **kwargs: Any) -> np.ndarray:  # type: ignore[override]
+        """Saliency maps for a batch ``X`` ``(N, H, W, C)``: ``(H, W)`` for one input, else
+        ``(N, H, W)``, bits per pixel.
+
+        ``neuron_selection`` (mode ``"index"`` only): one class index or one per input.
+        Further keyword arguments as in :meth:`IBACopy.analyze` (``seed``, ``beta``, ...).
+        """
+        mode = self.neuron_selection_mode
+        if neuron_selection is not None and mode != "index":
+            raise ValueError("only neuron_selection_mode='index' takes neuron_selection; this "
+                             f"analyzer uses {mode!r}")
+        if neuron_selection is None and mode == "index":
+            raise ValueError("neuron_selection_mode='index' needs neuron_selection (a class "
+                             "index or one per input)")
+        x = as_input(X, self.model)
+        check_finite_input(x)
+        n = int(x.shape[0])
+        if mode == "index":
+            loss_fn = classification_loss(neuron_selection, n)
+        else:
+            logits = self.predict(x)
+            if logits.ndim != 2:
+                raise ValueError(f"expected logits (N, K) from the model, got {logits.shape}")
+            if mode == "max_activation":
+                loss_fn = classification_loss(np.argmax(logits, axis=1), n)
+            else:
+                shifted = logits - logits.max(axis=1, keepdims=True)
+                probs = np.exp(shifted.astype(np.float64))
+                loss_fn = soft_target_loss(probs / probs.sum(axis=1, keepdims=True), n)
+        return self._explain(x, loss_fn, "fit(X) or fit_generator()", **kwargs)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save_npz(self, fname: str | os.PathLike) -> None:
+        """Write the estimate (or the given mean/std) and the settings to an ``.npz`` file."""
+        bn = self.bottleneck
+        state: dict[str, Any] = {
+            "class_name": np.asarray(type(self).__name__),
+            "feature_name": np.asarray(self.layer_name),
+            "neuron_selection_mode": np.asarray(self.neuron_selection_mode),
+            "config": np.asarray(json.dumps(self.iba_layer._config)),
+        }
+        if bn.estimator.n > 0:
+            state.update({f"estimator_{k}": v for k, v in bn.estimator.state_dict().items()})
+        if bn.feature_mean is not None:
+            state["feature_mean"] = bn.feature_mean
+        if bn.feature_std is not None:
+            state["feature_std"] = bn.feature_std
+        if len(state) == 4:
+            raise RuntimeError("nothing to save: call fit(X) or fit_generator() first")
+        np.savez(fname, **state)
+
+    def load_npz(self, fname: str | os.PathLike) -> IBACopyInnvestigate:
+        """Load an estimate written by :meth:`save_npz` for the same layer; returns self."""
+        with np.load(fname, allow_pickle=False) as data:
+            state = {k: data[k] for k in data.files}
+        saved_layer = str(state.get("feature_name", ""))
+        if saved_layer != self.layer_name:
+            raise ValueError(f"{os.fspath(fname)!r} holds an estimate for layer {saved_layer!r}, "
+                             f"not {self.layer_name!r}")
+        bn = self.bottleneck
+        est = {k[len("estimator_"):]: v for k, v in state.items() if k.startswith("estimator_")}
+        shape = self.feature_shape
+        if est:
+            bn.estimator.load_state_dict(est, expected_shape=shape)
+        else:
+            bn.estimator.reset()
+        for key in ("feature_mean", "feature_std"):
+            value = state.get(key)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"{key} in the file has shape {value.shape}, the layer {shape}")
+            setattr(bn, key, None if value is None else np.asarray(value, dtype=np.float64))
+        return self
+
