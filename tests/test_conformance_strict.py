@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from iba_core.testing import BackendConformanceTests, ConformanceCase
-
 from strict_backend import StrictModel
 
 

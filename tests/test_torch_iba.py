@@ -90,7 +90,7 @@ class TestReferenceAPI:
     def test_closure_form_equals_target_form(self, model, iba):
         x = images(1)
         model.eval()
-        loss = lambda b: nn.functional.cross_entropy(model(b), torch.full((len(b),), 2))  # noqa: E731
+        loss = lambda b: nn.functional.cross_entropy(model(b), torch.full((len(b),), 2))
         a = iba.analyze(x, loss, seed=3)
         b = iba.analyze(x, target=2, model=model, seed=3)
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -215,6 +215,12 @@ class TestOptions:
         a = iba.analyze(images(1), target=0, model=model, seed=0)
         b = other.analyze(images(1), target=0, model=model, seed=0)
         np.testing.assert_array_equal(a, b)
+
+    def test_a_torch_generator_drives_the_noise(self, model, iba):
+        maps = [iba.analyze(images(1), target=0, model=model,
+                            seed=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+        np.testing.assert_array_equal(maps[0], maps[1])
+        assert not np.array_equal(maps[0], maps[2])
 
     def test_float64_model(self):
         model = make_model().double()

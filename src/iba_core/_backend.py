@@ -121,7 +121,9 @@ class Backend(abc.ABC):
 
 
 @contextlib.contextmanager
-def attached(backend: Backend, model: Any, layer: Any, hook: FeatureHook, *, on_input: bool = False) -> Iterator[Handle]:
+def attached(
+    backend: Backend, model: Any, layer: Any, hook: FeatureHook, *, on_input: bool = False
+) -> Iterator[Handle]:
     """Context manager form of :meth:`Backend.attach`; the hook is removed on exit."""
     handle = backend.attach(model, layer, hook, on_input=on_input)
     try:

@@ -13,7 +13,7 @@ import numpy as np
 from ._adam import adam_init, adam_update
 from ._backend import Backend
 from ._capacity import capacity as capacity_fn
-from ._capacity import restrict
+from ._capacity import capacity_from_mask, inject_noise, restrict, restriction_mask
 from ._estimator import Estimator
 
 MIN_RECOMMENDED_SAMPLES = 1000
@@ -53,6 +53,12 @@ class _Noise:
         self.n_inputs, self.batch_size = n_inputs, batch_size
         self.source = source
         seeds: list[int | None] = [None] * n_inputs
+        self.generator = None
+        if seed is not None and not isinstance(seed, (int, np.integer, Sequence)):
+            # A framework generator object (e.g. torch.Generator): one stream for all.
+            if source == "numpy":
+                raise ValueError("noise='numpy' needs an integer seed, not a generator")
+            self.generator, seed = seed, None
         if seed is not None:
             if isinstance(seed, (int, np.integer)):
                 per_input = [int(seed) + i for i in range(n_inputs)]
@@ -77,7 +83,7 @@ class _Noise:
             return self.backend.from_numpy(a.astype(dtype, copy=False), like=self.like)
         if self.streams is None:
             return self.backend.standard_normal((self.n_inputs * self.batch_size, *sample_shape),
-                                                like=self.like)
+                                                like=self.like, generator=self.generator)
         parts = [self.backend.standard_normal(shape, like=self.like, generator=g)
                  for g in self.streams]
         if len(parts) == 1:
@@ -174,9 +180,9 @@ class Bottleneck:
         self._interrupt = False
         self._recorded: list[Any] = []
         self._active_alpha: Any = None
+        self._mask: tuple[Any, Any] | None = None
         self._noise: Any = None
         self._calls = 0
-        self._last_capacity: Any = None
         self._last_features: Any = None
         self._stats_cache: dict[Any, tuple[Any, Any, Any]] = {}
         self._stats_version = -1
@@ -263,33 +269,42 @@ class Bottleneck:
                 "bottleneck on a layer that the model calls exactly once"
             )
         mean, std, active = self._stats_like(features, backend)
+        noise = self._noise
+        if noise is None or tuple(noise.shape) != tuple(features.shape):
+            noise = backend.standard_normal(tuple(features.shape), like=features)
+        if self._mask is not None:
+            # The optimisation loop: masks ``(N, 1, C, ...)`` meet the features of the N x
+            # batch_size copies through broadcasting, with no repeated copies in memory.
+            lam, one_minus = self._mask
+            xp = backend.namespace()
+            shape = tuple(features.shape)
+            grouped = (int(lam.shape[0]), shape[0] // int(lam.shape[0]), *shape[1:])
+            z = inject_noise(xp.reshape(features, grouped), lam, one_minus,
+                             xp.reshape(mean + std * noise, grouped), relu=self.relu)
+            return xp.reshape(z, shape)
         alpha = self._active_alpha
         if alpha.shape[0] not in (1, features.shape[0]):
             raise ValueError(
                 f"the mask holds {alpha.shape[0]} inputs but the batch has {features.shape[0]};"
                 " restrict_flow() needs a batch of the explained inputs or one mask to broadcast"
             )
-        noise = self._noise
-        if noise is None or tuple(noise.shape) != tuple(features.shape):
-            noise = backend.standard_normal(tuple(features.shape), like=features)
-        z, cap = restrict(features, alpha, noise, mean, std, active=active,
-                          sigma=self.sigma, relu=self.relu)
-        self._last_capacity = cap
+        z, _ = restrict(features, alpha, noise, mean, std, active=active, sigma=self.sigma,
+                        relu=self.relu)
         return z
 
     @contextlib.contextmanager
     def _state(self, mode: str, *, interrupt: bool = False, alpha: Any = None,
-               noise: Any = None) -> Iterator[None]:
-        saved = (self._mode, self._interrupt, self._active_alpha, self._noise, self._calls,
-                 self._recorded)
+               mask: tuple[Any, Any] | None = None, noise: Any = None) -> Iterator[None]:
+        saved = (self._mode, self._interrupt, self._active_alpha, self._mask, self._noise,
+                 self._calls, self._recorded)
         self._mode, self._interrupt = mode, interrupt
-        self._active_alpha, self._noise, self._calls = alpha, noise, 0
+        self._active_alpha, self._mask, self._noise, self._calls = alpha, mask, noise, 0
         self._recorded = []
         try:
             yield
         finally:
-            (self._mode, self._interrupt, self._active_alpha, self._noise, self._calls,
-             self._recorded) = saved
+            (self._mode, self._interrupt, self._active_alpha, self._mask, self._noise,
+             self._calls, self._recorded) = saved
 
     def recording(self, *, interrupt: bool = False) -> contextlib.AbstractContextManager[None]:
         """Context: the hook records the features it sees (in ``recorded``).
@@ -417,7 +432,8 @@ class Bottleneck:
 
         ``seed`` makes the noise reproducible: input ``i`` draws from a stream seeded with
         ``seed + i`` (or ``seed[i]`` for a sequence), so it gets the same mask alone as
-        in a batch; ``noise`` picks
+        in a batch.  A framework generator (e.g. a ``torch.Generator``) is used as it is,
+        one stream for all inputs.  ``noise`` picks
         the generator: ``"backend"`` (on the device) or ``"numpy"`` (the same numbers on
         every backend).  The returned capacity is that of the final mask (the reference
         library reported the one before the last update).
@@ -456,17 +472,20 @@ class Bottleneck:
         source = _Noise(backend, features, n, bs, seed, noise)
 
         def loss_fn(a: Any) -> Any:
-            a_rep = repeat_inputs(xp, a, bs)
-            with self._state("restrict", alpha=a_rep, noise=standard_noise):
+            # The mask depends on alpha only, and all copies of an input share it: compute
+            # it (and the capacity, from the recorded features) once per input.
+            lam, one_minus = restriction_mask(a, self.sigma)
+            mask = (xp.expand_dims(lam * active, axis=1), xp.expand_dims(one_minus * active, axis=1))
+            with self._state("restrict", mask=mask, noise=standard_noise):
                 model_term = model_loss(x_rep)
                 if self._calls == 0:
                     raise RuntimeError("the model loss function never ran the bottleneck layer")
-                cap = self._last_capacity
             if getattr(model_term, "ndim", 0) != 0:
                 raise ValueError(
                     "the model loss function must return a scalar (the mean loss over the "
                     f"batch), got shape {tuple(model_term.shape)}"
                 )
+            cap = capacity_from_mask(features, a, lam, one_minus, mean, std, active, self.sigma)
             cap_per_input = xp.mean(xp.reshape(cap, (n, -1)), axis=1)
             return model_term * n + beta * xp.sum(cap_per_input)
 

@@ -81,10 +81,12 @@ def capacity(
     xp = namespace(features, alpha)
     alpha = xp.broadcast_to(alpha, features.shape)
     lam, one_minus = restriction_mask(alpha, sigma)
-    return _capacity_from_mask(features, alpha, lam, one_minus, mean, std, active, sigma)
+    return capacity_from_mask(features, alpha, lam, one_minus, mean, std, active, sigma)
 
 
-def _capacity_from_mask(features, alpha, lam, one_minus, mean, std, active, sigma):
+def capacity_from_mask(features: Any, alpha: Any, lam: Any, one_minus: Any, mean: Any,
+                       std: Any, active: Any, sigma: float | None) -> Any:
+    """:func:`capacity` given the mask pair from :func:`restriction_mask` of ``alpha``."""
     xp = namespace(features)
     r = (features - mean) / std
     m = lam * r
@@ -119,7 +121,7 @@ def restrict(
     lam, one_minus = restriction_mask(alpha, sigma)
     noise = mean + std * standard_noise
     z = inject_noise(features, lam, one_minus, noise, active=active, relu=relu)
-    cap = _capacity_from_mask(features, alpha, lam, one_minus, mean, std, active, sigma)
+    cap = capacity_from_mask(features, alpha, lam, one_minus, mean, std, active, sigma)
     return z, cap
 
 

@@ -130,7 +130,9 @@ class Estimator:
             "nonzero": self._nonzero.copy(),
         }
 
-    def load_state_dict(self, state: dict[str, Any], expected_shape: tuple[int, ...] | None = None) -> None:
+    def load_state_dict(
+        self, state: dict[str, Any], expected_shape: tuple[int, ...] | None = None
+    ) -> None:
         """Restore from :meth:`state_dict`, validating keys and shapes.
 
         ``expected_shape`` (the per-sample feature shape of the layer) is checked when
@@ -162,7 +164,9 @@ class Estimator:
         np.savez(path, **self.state_dict())
 
     @classmethod
-    def load(cls, path: str | os.PathLike, expected_shape: tuple[int, ...] | None = None) -> Estimator:
+    def load(
+        cls, path: str | os.PathLike, expected_shape: tuple[int, ...] | None = None
+    ) -> Estimator:
         """Read an estimate written by :meth:`save`; see :meth:`load_state_dict`."""
         with np.load(path) as data:
             state = {k: data[k] for k in data.files}

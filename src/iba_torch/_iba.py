@@ -248,11 +248,10 @@ class IBA(torch.nn.Module):
 def _classification_loss(model: torch.nn.Module, target: Any, n: int) -> Callable[[Any], Any]:
     """Mean target-class cross-entropy of ``model`` for batches of repeated inputs."""
     targets = np.asarray(target.detach().cpu() if isinstance(target, torch.Tensor) else target)
-    targets = np.broadcast_to(targets.astype(np.int64).reshape(-1), (n,)) if targets.size in (1, n) \
-        else None
-    if targets is None:
+    if targets.size not in (1, n):
         raise ValueError(f"target must be one class index or one per input ({n}), got "
-                         f"{np.asarray(target).size}")
+                         f"{targets.size}")
+    targets = np.broadcast_to(targets.astype(np.int64).reshape(-1), (n,))
 
     def loss(batch: torch.Tensor) -> torch.Tensor:
         logits = model(batch)

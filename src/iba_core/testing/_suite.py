@@ -207,7 +207,7 @@ class GradientTests(_Base):
         mean = rng.standard_normal((2, 4, 3)) * 0.1
         std = rng.uniform(0.5, 1.5, (2, 4, 3))
         like = self.like(backend, dtype)
-        t = lambda a: backend.from_numpy(a.astype(dtype), like=like)  # noqa: E731
+        t = lambda a: backend.from_numpy(a.astype(dtype), like=like)
         xp = backend.namespace()
 
         def total(a: Any) -> Any:
