@@ -93,6 +93,20 @@ def _load_state_dict(path: Path) -> dict[str, Any]:
     return state
 
 
+def run_model(model: torch.nn.Module, x: torch.Tensor) -> Any:
+    """``model(x)`` in eval mode without gradients; a failure becomes a :class:`CliError`."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x)
+    except Exception as exc:
+        raise CliError(f"the model failed on input of shape {tuple(x.shape)}: "
+                       f"{_first_line(exc)} (check --size and --channels)") from None
+    finally:
+        model.train(was_training)
+
+
 class Session:
     """A model with an :class:`IBA` at one layer, driven with NumPy arrays."""
 
@@ -135,17 +149,8 @@ class Session:
                            "choose a layer the model calls once")
         return shapes[0]
 
-    def _forward(self, x: np.ndarray) -> torch.Tensor:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                return self.model(self._tensor(x))
-        except Exception as exc:
-            raise CliError(f"the model failed on input of shape {tuple(x.shape)}: "
-                           f"{_first_line(exc)} (check --size and --channels)") from None
-        finally:
-            self.model.train(was_training)
+    def _forward(self, x: np.ndarray) -> Any:
+        return run_model(self.model, self._tensor(x))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Logits ``(N, classes)`` as NumPy, in batches of 64."""
@@ -163,7 +168,8 @@ class Session:
         with warnings.catch_warnings():
             warnings.simplefilter("default", FewSamplesWarning)
             return self.iba.estimate(self.model, (self._tensor(b) for b in batches),
-                                     n_samples=n_samples, progbar=progbar and None)
+                                     n_samples=n_samples,
+                                     progbar=progbar and sys.stderr.isatty())
 
     def set_estimator(self, estimator: Estimator) -> None:
         self.iba.bottleneck.estimator = estimator
@@ -250,10 +256,9 @@ class Runner:
                     shape = type(out).__name__
                 shapes[name] = shape if name not in shapes else f"{shapes[name]} (called again)"
             handles.append(module.register_forward_hook(hook))
-        session_like = Session.__new__(Session)
-        session_like.model, session_like.device = model, self.device
+        x = torch.zeros((1, *input_shape), device=self.device)
         try:
-            Session._forward(session_like, np.zeros((1, *input_shape), dtype=np.float32))
+            run_model(model, x)
         finally:
             for h in handles:
                 h.remove()
