@@ -466,6 +466,7 @@ class Bottleneck:
         sample_shape = tuple(int(s) for s in features.shape[1:])
 
         x_rep = repeat_inputs(xp, x, bs)
+        r = (features - mean) / std  # normalised features, constant across steps
         alpha = xp.full(tuple(features.shape), self.initial_alpha, dtype=features.dtype,
                         device=getattr(features, "device", None))
         state = adam_init(alpha)
@@ -485,7 +486,7 @@ class Bottleneck:
                     "the model loss function must return a scalar (the mean loss over the "
                     f"batch), got shape {tuple(model_term.shape)}"
                 )
-            cap = capacity_from_mask(features, a, lam, one_minus, mean, std, active, self.sigma)
+            cap = capacity_from_mask(r, a, lam, one_minus, active, self.sigma)
             cap_per_input = xp.mean(xp.reshape(cap, (n, -1)), axis=1)
             return model_term * n + beta * xp.sum(cap_per_input)
 

@@ -41,7 +41,7 @@ def _log_one_minus(alpha: Any, one_minus: Any, sigma: float | None) -> Any:
     if not sigma or _n_spatial(alpha) == 0:
         return -xp.logaddexp(xp.zeros_like(alpha), alpha)
     tiny = float(_finfo_tiny(xp, alpha.dtype))
-    return xp.log(xp.maximum(one_minus, xp.full((), tiny, dtype=alpha.dtype)))
+    return xp.log(xp.maximum(one_minus, xp.zeros_like(one_minus) + tiny))
 
 
 def _finfo_tiny(xp: Any, dtype: Any) -> float:
@@ -81,17 +81,16 @@ def capacity(
     xp = namespace(features, alpha)
     alpha = xp.broadcast_to(alpha, features.shape)
     lam, one_minus = restriction_mask(alpha, sigma)
-    return capacity_from_mask(features, alpha, lam, one_minus, mean, std, active, sigma)
+    return capacity_from_mask((features - mean) / std, alpha, lam, one_minus, active, sigma)
 
 
-def capacity_from_mask(features: Any, alpha: Any, lam: Any, one_minus: Any, mean: Any,
-                       std: Any, active: Any, sigma: float | None) -> Any:
-    """:func:`capacity` given the mask pair from :func:`restriction_mask` of ``alpha``."""
-    xp = namespace(features)
-    r = (features - mean) / std
+def capacity_from_mask(r: Any, alpha: Any, lam: Any, one_minus: Any, active: Any,
+                       sigma: float | None) -> Any:
+    """:func:`capacity` from normalised features ``r = (R - mean) / std`` and the mask
+    pair of :func:`restriction_mask` (for loops that reuse ``r`` across steps)."""
+    xp = namespace(r)
     m = lam * r
-    v = one_minus * one_minus
-    cap = 0.5 * (m * m + v - 1.0) - _log_one_minus(alpha, one_minus, sigma)
+    cap = 0.5 * (m * m + one_minus * one_minus - 1.0) - _log_one_minus(alpha, one_minus, sigma)
     # The KL is >= 0 analytically; clip the few ulps of round-off below zero.
     cap = xp.maximum(cap, xp.zeros_like(cap))
     if active is not None:
@@ -121,7 +120,7 @@ def restrict(
     lam, one_minus = restriction_mask(alpha, sigma)
     noise = mean + std * standard_noise
     z = inject_noise(features, lam, one_minus, noise, active=active, relu=relu)
-    cap = capacity_from_mask(features, alpha, lam, one_minus, mean, std, active, sigma)
+    cap = capacity_from_mask((features - mean) / std, alpha, lam, one_minus, active, sigma)
     return z, cap
 
 
