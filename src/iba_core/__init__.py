@@ -26,6 +26,7 @@ from ._linear_ops import (
     resize_bilinear,
     smoothing_matrix,
 )
+from ._readout import ReadoutBottleneck, ReadoutHead, readout_input, target_cross_entropy
 from ._registry import (
     ENTRY_POINT_GROUP,
     BackendSpec,
@@ -50,6 +51,8 @@ __all__ = [
     "FeatureHook",
     "FewSamplesWarning",
     "Handle",
+    "ReadoutBottleneck",
+    "ReadoutHead",
     "adam_init",
     "adam_update",
     "attached",
@@ -66,11 +69,13 @@ __all__ = [
     "mass_preserving_matrix",
     "namespace",
     "plugin_manager",
+    "readout_input",
     "repeat_inputs",
     "resize_bilinear",
     "restrict",
     "restriction_mask",
     "saliency_map",
     "smoothing_matrix",
+    "target_cross_entropy",
     "to_numpy",
 ]

@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["IBA", "TorchBackend", "plot_saliency_map"]
+__all__ = ["IBA", "IBAReadout", "TorchBackend", "plot_saliency_map"]
 
 _LAZY = {
     "IBA": "iba_torch._iba",
+    "IBAReadout": "iba_torch._readout",
     "TorchBackend": "iba_torch._backend",
     "plot_saliency_map": "iba_core.plotting",
 }
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ._backend import TorchBackend
     from ._iba import IBA
+    from ._readout import IBAReadout
 
 
 def __getattr__(name: str) -> Any:

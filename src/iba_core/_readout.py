@@ -1,0 +1,772 @@
+"""The Readout Bottleneck, written once for every backend.
+
+A small network, the *readout head*, predicts the mask logits ``alpha`` of a bottleneck
+from features recorded at several *readout layers* of a frozen model, so that an
+explanation costs one forward pass instead of a per-sample optimisation:
+
+1. First pass (no bottleneck): record the features of every readout layer and of the
+   bottleneck layer.  Normalise each readout by its own estimated mean and std, resize it
+   to the bottleneck's spatial size with the bilinear operator of the saliency map
+   (vectors are broadcast spatially) and concatenate along channels.
+2. The head, three 1x1 convolutions ``C_in -> C_in // 2 -> 2 * C_out -> C_out`` with
+   ReLU between (matrix products over channels), gives ``alpha`` clamped to ``[-5, 5]``.
+3. Training: a second pass injects noise with this ``alpha`` exactly as the Per-Sample
+   Bottleneck does; the loss is the target-class cross-entropy plus ``beta`` times the
+   mean capacity.  Only the head's parameters are trained, with the core's Adam.
+
+All head parameters live in one flat 1-D array (:class:`ReadoutHead` describes its
+layout), so the backend's ``value_and_grad`` with respect to a single array trains them,
+and a readout trained on one framework loads on another (its state is plain NumPy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._adam import AdamState, adam_init, adam_update
+from ._backend import Backend
+from ._bottleneck import MIN_RECOMMENDED_SAMPLES, Bottleneck, FewSamplesWarning, _progress
+from ._capacity import cross_entropy
+from ._estimator import Estimator
+from ._linear_ops import resize_bilinear
+from ._xp import device, namespace, to_numpy
+
+#: The head's output is clamped to ``[-ALPHA_BOUND, ALPHA_BOUND]`` (mask logits).
+ALPHA_BOUND = 5.0
+#: Bias of the head's last layer at initialisation: ``sigmoid(5)`` lets ~99.3% pass.
+INITIAL_BIAS = 5.0
+#: Scale of the last layer's initial weights relative to the default initialisation.
+LAST_LAYER_WEIGHT_SCALE = 1e-3
+
+_FORMAT = "iba.readout/1"
+
+
+# -- the head --------------------------------------------------------------------------
+class ReadoutHead:
+    """Three 1x1 convolutions over channels, with parameters in one flat 1-D array.
+
+    ``in_channels -> max(in_channels // 2, 1) -> 2 * out_channels -> out_channels``, ReLU
+    between, output clamped to ``[-5, 5]``.  The flat array holds, in this order (see
+    :attr:`layout`), ``w1 (C_in, H1)``, ``b1 (H1,)``, ``w2 (H1, H2)``, ``b2 (H2,)``,
+    ``w3 (H2, C_out)``, ``b3 (C_out,)``: the layer acts on a pixel's channel vector ``v``
+    as ``v @ w + b`` (a PyTorch ``Conv2d`` weight ``(out, in, 1, 1)`` is ``w.T``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        if int(in_channels) < 1 or int(out_channels) < 1:
+            raise ValueError(f"channel counts must be >= 1, got {in_channels} -> {out_channels}")
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        h1, h2 = max(self.in_channels // 2, 1), 2 * self.out_channels
+        #: ``(name, shape)`` of each parameter, in the order they are stored.
+        self.layout: tuple[tuple[str, tuple[int, ...]], ...] = (
+            ("w1", (self.in_channels, h1)), ("b1", (h1,)),
+            ("w2", (h1, h2)), ("b2", (h2,)),
+            ("w3", (h2, self.out_channels)), ("b3", (self.out_channels,)),
+        )
+        self._slices: dict[str, tuple[int, int, tuple[int, ...]]] = {}
+        start = 0
+        for name, shape in self.layout:
+            stop = start + math.prod(shape)
+            self._slices[name] = (start, stop, shape)
+            start = stop
+        #: Number of parameters (length of the flat array).
+        self.size = start
+
+    def __repr__(self) -> str:
+        dims = " -> ".join(str(s[-1]) for n, s in self.layout if n.startswith("w"))
+        return f"ReadoutHead({self.in_channels} -> {dims}, {self.size} parameters)"
+
+    def init(self, seed: int | None = 0, dtype: Any = np.float32) -> np.ndarray:
+        """A fresh flat parameter array (NumPy).
+
+        Layers 1 and 2 use PyTorch's default ``Conv2d`` initialisation (uniform in
+        ``+-1/sqrt(fan_in)``); the last layer starts near "let everything pass": bias 5
+        and weights scaled by 1e-3, so ``alpha`` is about 5 for every input.
+        """
+        rng = np.random.default_rng(seed)
+        params: dict[str, np.ndarray] = {}
+        for name, shape in self.layout:
+            fan_in = shape[0] if name.startswith("w") else self._slices["w" + name[1:]][2][0]
+            bound = 1.0 / math.sqrt(fan_in)
+            params[name] = rng.uniform(-bound, bound, shape)
+        params["w3"] *= LAST_LAYER_WEIGHT_SCALE
+        params["b3"] = np.full(params["b3"].shape, INITIAL_BIAS)
+        return self.pack(params, dtype=dtype)
+
+    def pack(self, params: Mapping[str, Any], dtype: Any = np.float32) -> np.ndarray:
+        """Named NumPy parameters -> the flat array; shapes are checked."""
+        parts = []
+        for name, shape in self.layout:
+            if name not in params:
+                raise ValueError(f"readout head parameter {name!r} is missing")
+            a = np.asarray(params[name])
+            if tuple(a.shape) != shape:
+                raise ValueError(
+                    f"readout head parameter {name!r} has shape {tuple(a.shape)}, but this head "
+                    f"({self.in_channels} input channels, {self.out_channels} output channels) "
+                    f"needs {shape}; the weights belong to other readout layers or another "
+                    "bottleneck layer"
+                )
+            parts.append(a.reshape(-1))
+        return np.concatenate(parts).astype(dtype)
+
+    def unpack(self, flat: Any) -> dict[str, Any]:
+        """The flat array (NumPy or any backend's) -> named parameters (views/slices)."""
+        if tuple(flat.shape) != (self.size,):
+            raise ValueError(f"expected a flat parameter array of shape ({self.size},), got "
+                             f"{tuple(flat.shape)}")
+        if isinstance(flat, np.ndarray):
+            return {n: flat[a:b].reshape(s) for n, (a, b, s) in self._slices.items()}
+        xp = namespace(flat)
+        return {n: xp.reshape(flat[a:b], s) for n, (a, b, s) in self._slices.items()}
+
+    def __call__(self, flat: Any, inputs: Any) -> Any:
+        """``alpha`` ``(N, C_out, ...)`` from readout inputs ``(N, C_in, ...)``.
+
+        ``flat`` holds the parameters in the inputs' namespace and dtype.  Differentiable
+        with respect to ``flat``.
+        """
+        xp = namespace(inputs)
+        p = self.unpack(flat)
+        shape = tuple(int(s) for s in inputs.shape)
+        if len(shape) < 2 or shape[1] != self.in_channels:
+            raise ValueError(f"the readout head expects inputs (N, {self.in_channels}, ...), "
+                             f"got {shape}")
+        n, spatial = shape[0], shape[2:]
+        # Channels last, pixels as rows: each 1x1 convolution is one 2-D matrix product.
+        if spatial:
+            order = (0, *range(2, len(shape)), 1)
+            v = xp.reshape(xp.permute_dims(inputs, order), (-1, self.in_channels))
+        else:
+            v = inputs
+        h = _relu(xp, xp.matmul(v, p["w1"]) + p["b1"])
+        h = _relu(xp, xp.matmul(h, p["w2"]) + p["b2"])
+        out = _clamp(xp, xp.matmul(h, p["w3"]) + p["b3"], ALPHA_BOUND)
+        if not spatial:
+            return out
+        out = xp.reshape(out, (n, *spatial, self.out_channels))
+        return xp.permute_dims(out, (0, len(shape) - 1, *range(1, len(shape) - 1)))
+
+
+def _relu(xp: Any, x: Any) -> Any:
+    return xp.maximum(x, xp.zeros_like(x))
+
+
+def _clamp(xp: Any, x: Any, bound: float) -> Any:
+    """``x`` clamped to ``[-bound, bound]`` (``min(x, b) = -max(-x, -b)``); gradient 1 inside.
+
+    Negative values are kept: the reference library clamped the readout's output at zero
+    by accident, so its masks could never close below ``sigmoid(0) = 0.5``.
+    """
+    low = xp.full((), -float(bound), dtype=x.dtype, device=device(x))
+    return -xp.maximum(-xp.maximum(x, low), low)
+
+
+def readout_input(features: Sequence[Any], means: Sequence[Any], stds: Sequence[Any],
+                  size: tuple[int, ...]) -> Any:
+    """The head's input: normalised readouts at the bottleneck's size, stacked on channels.
+
+    Args:
+        features: one array per readout layer, ``(N, C_i)`` (vectors) or ``(N, C_i, ...)``
+            with as many spatial axes as ``size``.
+        means, stds: per-sample statistics of each readout, shapes ``(C_i, ...)``; ``std``
+            already clamped away from zero.
+        size: the bottleneck's spatial size ``(h, w)`` / ``(T,)`` (``()`` for vectors).
+
+    Returns:
+        ``(N, sum C_i, *size)``: each readout ``(f - mean) / std``, resized bilinearly
+        (pixel-centre aligned, the saliency map's operator without mass preservation) or,
+        for vectors, broadcast over every position.
+    """
+    if not features:
+        raise ValueError("a readout needs at least one readout layer")
+    xp = namespace(features[0])
+    size = tuple(int(s) for s in size)
+    parts = []
+    for f, mean, std in zip(features, means, stds):
+        r = (f - mean) / std
+        n, c = int(r.shape[0]), int(r.shape[1])
+        if r.ndim == 2:
+            if size:
+                r = xp.reshape(r, (n, c, *([1] * len(size))))
+                r = xp.broadcast_to(r, (n, c, *size))
+        elif r.ndim - 2 != len(size):
+            raise ValueError(
+                f"a readout feature map of shape {tuple(r.shape)} has {r.ndim - 2} spatial axes "
+                f"but the bottleneck has {len(size)}; readout layers must give vectors (N, C) or "
+                "maps with the bottleneck's number of spatial axes"
+            )
+        elif tuple(int(s) for s in r.shape[2:]) != size:
+            r = resize_bilinear(r, size, preserve_sum=False)
+        parts.append(r)
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+
+
+def target_cross_entropy(logits: Any, targets: Any) -> Any:
+    """Mean over the batch of ``-log_softmax(logits)[i, targets[i]]``.
+
+    ``logits`` is ``(B, K)``; ``targets`` holds one class index per sample (NumPy or any
+    array convertible to it), ``(B,)``.  Each sample is scored against its own target.
+    """
+    t = np.asarray(to_numpy(targets)).reshape(-1)
+    if getattr(logits, "ndim", 0) != 2:
+        raise ValueError(f"the target-class loss needs logits (B, K), got shape "
+                         f"{tuple(logits.shape)}; pass a model_loss for other outputs")
+    b, k = int(logits.shape[0]), int(logits.shape[1])
+    if t.shape != (b,):
+        raise ValueError(f"expected one target per sample ({b}), got {t.shape[0]}")
+    if t.dtype.kind not in "iu" and not (t.dtype.kind == "f" and np.all(t == np.round(t))):
+        raise ValueError(f"targets must be class indices, got dtype {t.dtype}")
+    t = t.astype(np.int64)
+    if b and (t.min() < 0 or t.max() >= k):
+        raise ValueError(f"targets {sorted(set(t.tolist()))} out of range for {k} classes")
+    onehot = namespace(logits).asarray(np.eye(k)[t], dtype=logits.dtype, device=device(logits))
+    return cross_entropy(logits, onehot)
+
+
+# -- recording readout layers ---------------------------------------------------------
+def _describe(layer: Any) -> str:
+    if isinstance(layer, str):
+        return repr(layer)
+    name = getattr(layer, "name", None)
+    return repr(name) if isinstance(name, str) else type(layer).__name__
+
+
+class _Recorder:
+    """Hook on one readout layer: records its features during a first pass."""
+
+    def __init__(self, backend: Backend, label: str) -> None:
+        self.backend, self.label = backend, label
+        self.active = False
+        self.features: list[Any] = []
+
+    def __call__(self, features: Any) -> None:
+        if self.active:
+            self.features.append(self.backend.stop_gradient(features))
+        return None
+
+    def take(self) -> Any:
+        if not self.features:
+            raise RuntimeError(
+                f"readout layer {self.label} never ran in the forward pass; choose layers "
+                "that the model computes on every input"
+            )
+        if len(self.features) > 1:
+            raise RuntimeError(
+                f"readout layer {self.label} ran {len(self.features)} times in one forward "
+                "pass; choose layers that the model calls exactly once"
+            )
+        return self.features[0]
+
+
+TrainBatch = tuple[Any, Any]
+"""One training batch for the core: inputs in the backend's type and layout, and the
+targets (one class index per sample, NumPy) or ``None`` for the model's predicted class."""
+
+
+class ReadoutBottleneck:
+    """A Readout Bottleneck on one layer of a frozen model, for any backend.
+
+    Framework fronts (``iba_torch.IBAReadout``, ``iba_tf.IBAReadout``) convert data and
+    call :meth:`estimate`, :meth:`train` and :meth:`analyze`.  Hooks are put on the model
+    only while one of these runs and are always removed afterwards.
+
+    Args:
+        backend: the model's backend.
+        model: the frozen model; :meth:`Backend.call` runs it.
+        layer: the bottleneck layer (object or name, as :meth:`Backend.attach` accepts).
+        readout_layers: layers whose outputs feed the head (objects or names); the
+            bottleneck layer may be one of them.
+        bottleneck: the :class:`Bottleneck` that holds the bottleneck layer's statistics,
+            smoothing ``sigma``, ``min_std``, ``active_neurons_threshold`` and ``relu``.
+        seed: seed of the head's initial weights.
+        labels: names of the readout layers for messages (default: derived from the layers).
+        progbar: show tqdm progress bars.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        model: Any,
+        layer: Any,
+        readout_layers: Sequence[Any],
+        *,
+        bottleneck: Bottleneck | None = None,
+        seed: int | None = 0,
+        labels: Sequence[str] | None = None,
+        progbar: bool = False,
+    ) -> None:
+        readout_layers = list(readout_layers)
+        if not readout_layers:
+            raise ValueError("give at least one readout layer")
+        self.backend = backend
+        self.model = model
+        self.layer = layer
+        self.readout_layers = readout_layers
+        self.bottleneck = bottleneck if bottleneck is not None else Bottleneck()
+        self.bottleneck.backend = backend
+        self.seed = seed
+        self.progbar = bool(progbar)
+        labels = [_describe(r) for r in readout_layers] if labels is None else list(labels)
+        if len(labels) != len(readout_layers):
+            raise ValueError(f"got {len(labels)} labels for {len(readout_layers)} readout layers")
+        self.labels = labels
+        #: One estimate of the feature statistics per readout layer (channels-first).
+        self.estimators = [Estimator() for _ in readout_layers]
+        #: The head, built once the feature shapes are known (after estimate or load).
+        self.head: ReadoutHead | None = None
+        #: Training steps the head's parameters have seen (0: untrained).
+        self.steps = 0
+        #: Mask logits ``(N, C, ...)`` of the last :meth:`analyze`.
+        self.alpha: Any = None
+        self._last_features: Any = None
+        self._params: Any = None  # flat parameters: NumPy, or the backend's after first use
+        self._adam: AdamState | None = None
+        self._recorders = [_Recorder(backend, lbl) for lbl in labels]
+        self._stats_cache: dict[Any, list[tuple[Any, Any]]] = {}
+
+    # -- hooks and the first pass ----------------------------------------------------
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[ReadoutBottleneck]:
+        """Context: hooks on the bottleneck layer and every readout layer (removed on exit)."""
+        with contextlib.ExitStack() as stack:
+            handle = self.backend.attach(self.model, self.layer, self.bottleneck)
+            stack.callback(handle.remove)
+            for layer, recorder in zip(self.readout_layers, self._recorders):
+                handle = self.backend.attach(self.model, layer, recorder)
+                stack.callback(handle.remove)
+            yield self
+
+    def record(self, x: Any) -> tuple[Any, list[Any], Any]:
+        """First pass (inside :meth:`attached`): ``(output, readout features, bottleneck
+        features)``, all cut from any gradient graph."""
+        bn = self.bottleneck
+        for r in self._recorders:
+            r.features, r.active = [], True
+        try:
+            with bn.recording():
+                output = self.backend.call(self.model, x)
+                seen = list(bn.recorded)
+        finally:
+            for r in self._recorders:
+                r.active = False
+        if not seen:
+            raise RuntimeError("the bottleneck layer never ran in the forward pass; choose a "
+                               "layer that the model computes on every input")
+        if len(seen) > 1:
+            raise RuntimeError(f"the bottleneck layer ran {len(seen)} times in one forward pass; "
+                               "choose a layer that the model calls exactly once")
+        features = [r.take() for r in self._recorders]
+        for r in self._recorders:
+            r.features = []
+        n = int(seen[0].shape[0])
+        for label, f in zip(self.labels, features):
+            if int(f.shape[0]) != n:
+                raise ValueError(f"readout layer {label} gave a batch of {f.shape[0]}, the "
+                                 f"bottleneck layer {n}; the model must keep the batch axis first")
+        return self.backend.stop_gradient(output), features, seen[0]
+
+    # -- statistics ------------------------------------------------------------------
+    def has_statistics(self) -> bool:
+        """Whether every readout layer and the bottleneck layer have statistics."""
+        return self.bottleneck.has_statistics() and all(e.n > 0 for e in self.estimators)
+
+    def estimate(
+        self,
+        batches: Iterable[Any],
+        *,
+        n_samples: int = 10000,
+        progbar: bool | None = None,
+        reset: bool = True,
+    ) -> list[Estimator]:
+        """Estimate mean/std of the bottleneck layer and of every readout layer.
+
+        ``batches`` yields model inputs in the backend's type.  Stops after
+        ``n_samples`` samples; warns (:class:`FewSamplesWarning`) below 1,000.  Builds
+        the head once the shapes are known (a head of matching shape is kept).
+        """
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        bn = self.bottleneck
+        if reset:
+            bn.estimator.reset()
+            for e in self.estimators:
+                e.reset()
+        progbar = self.progbar if progbar is None else progbar
+        bar = _progress(progbar, total=n_samples, desc="estimate", unit="sample")
+        to_np = self.backend.to_numpy
+        with self.attached():
+            for x in batches:
+                _, features, bn_features = self.record(x)
+                take = min(int(bn_features.shape[0]), n_samples - bn.estimator.n)
+                bn.estimator.update(to_np(bn_features[:take, ...]))
+                for est, f in zip(self.estimators, features):
+                    est.update(to_np(f[:take, ...]))
+                if bar is not None:
+                    bar.update(take)
+                if bn.estimator.n >= n_samples:
+                    break
+        if bar is not None:
+            bar.close()
+        if bn.estimator.n == 0:
+            raise ValueError("the data yielded no batches; nothing was estimated")
+        if bn.estimator.n < MIN_RECOMMENDED_SAMPLES:
+            warnings.warn(
+                f"the statistics rest on {bn.estimator.n} samples; the reference uses about "
+                f"10,000 and at least {MIN_RECOMMENDED_SAMPLES} are recommended",
+                FewSamplesWarning, stacklevel=2)
+        self._stats_cache.clear()
+        self._build_head()
+        return self.estimators
+
+    def feature_shapes(self) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+        """Channels-first per-sample shapes: ``(bottleneck, [readout layers])``."""
+        if not self.has_statistics():
+            raise RuntimeError("the readout has no feature statistics: call estimate() first "
+                               "(or load a trained readout)")
+        bn_shape = tuple(int(s) for s in self.bottleneck.statistics()[0].shape)
+        return bn_shape, [tuple(e.shape or ()) for e in self.estimators]
+
+    def _build_head(self) -> None:
+        bn_shape, shapes = self.feature_shapes()
+        for label, shape in zip(self.labels, shapes):
+            if len(shape) > 1 and len(shape) != len(bn_shape):
+                raise ValueError(
+                    f"readout layer {label} gives features of shape {shape}: {len(shape) - 1} "
+                    f"spatial axes, but the bottleneck layer's {bn_shape} has "
+                    f"{len(bn_shape) - 1}; use vectors or maps like the bottleneck's"
+                )
+        in_channels = sum(s[0] for s in shapes)
+        head = ReadoutHead(in_channels, bn_shape[0])
+        if self.head is None or head.layout != self.head.layout:
+            self.head = head
+            self._params = head.init(self.seed)
+            self._adam = None
+            self.steps = 0
+
+    def _readout_stats(self, like: Any) -> list[tuple[Any, Any]]:
+        key = (type(like), str(device(like)), str(like.dtype))
+        cached = self._stats_cache.get(key)
+        if cached is None:
+            min_std = self.bottleneck.min_std
+            cached = []
+            for est in self.estimators:
+                std = np.maximum(est.std(), min_std)
+                std = np.where(std > 0, std, 1.0)  # constant features (min_std=0): r = 0
+                cached.append((self.backend.from_numpy(est.mean(), like=like),
+                               self.backend.from_numpy(std, like=like)))
+            self._stats_cache[key] = cached
+        return cached
+
+    def readout_input(self, features: Sequence[Any], bn_features: Any) -> Any:
+        """The head's input for recorded features (see :func:`readout_input`)."""
+        _, shapes = self.feature_shapes()
+        for label, f, shape in zip(self.labels, features, shapes):
+            got = tuple(int(s) for s in f.shape[1:])
+            if got != shape:
+                raise ValueError(
+                    f"readout layer {label} gives features of shape {got} per sample but its "
+                    f"statistics (and the head) were made for {shape}; estimate() again for "
+                    "this model"
+                )
+        stats = self._readout_stats(bn_features)
+        return readout_input(features, [m for m, _ in stats], [s for _, s in stats],
+                             tuple(int(s) for s in bn_features.shape[2:]))
+
+    # -- parameters ------------------------------------------------------------------
+    def _params_like(self, like: Any) -> Any:
+        p = self._params
+        if (isinstance(p, np.ndarray) or type(p) is not type(like) or p.dtype != like.dtype
+                or str(device(p)) != str(device(like))):
+            p = self.backend.from_numpy(np.asarray(self.backend.to_numpy(p)
+                                                   if not isinstance(p, np.ndarray) else p),
+                                        like=like)
+            self._params = p
+            if self._adam is not None and (type(self._adam.m) is not type(p)
+                                           or self._adam.m.dtype != p.dtype):
+                self._adam = None
+        return p
+
+    def _require_head(self) -> ReadoutHead:
+        if self.head is None:
+            raise RuntimeError("the readout has no head yet: call estimate() on some data first "
+                               "(or load a trained readout)")
+        return self.head
+
+    def predict_alpha(self, x: Any) -> tuple[Any, Any]:
+        """One forward pass: ``(alpha, bottleneck features)`` for inputs ``x``."""
+        head = self._require_head()
+        with self.attached():
+            _, features, bn_features = self.record(x)
+        inputs = self.readout_input(features, bn_features)
+        return head(self._params_like(bn_features), inputs), bn_features
+
+    # -- training --------------------------------------------------------------------
+    def loss(self, params: Any, x: Any, inputs: Any, bn_features: Any, targets: Any,
+             noise: Any, *, beta: float,
+             model_loss: Callable[[Any, Any], Any] | None = None) -> Any:
+        """Training loss for one batch (inside :meth:`attached`): model loss of the
+        restricted second pass plus ``beta`` times the mean capacity (nats per element).
+
+        ``inputs`` and ``bn_features`` come from the first pass; ``noise`` is a standard
+        normal draw shaped like ``bn_features``.  Differentiable in ``params``.
+        """
+        head = self._require_head()
+        xp = namespace(bn_features)
+        alpha = head(params, inputs)
+        bn = self.bottleneck
+        with bn.restricting(alpha, noise=noise):
+            output = self.backend.call(self.model, x)
+        model_term = (model_loss or target_cross_entropy)(output, targets)
+        if getattr(model_term, "ndim", 0) != 0:
+            raise ValueError(f"the model loss must be a scalar (the mean over the batch), got "
+                             f"shape {tuple(model_term.shape)}")
+        return model_term + beta * xp.mean(bn.capacity(bn_features, alpha))
+
+    def _batch(self, batch: TrainBatch, model_loss: Any) -> tuple[Any, Any, Any, Any]:
+        x, targets = batch
+        output, features, bn_features = self.record(x)
+        if targets is None and model_loss is None:
+            out = self.backend.to_numpy(output)
+            if out.ndim != 2:
+                raise ValueError("without targets the readout explains the predicted class, "
+                                 f"which needs logits (B, K); the model gives {out.shape}")
+            targets = np.argmax(out, axis=1)
+        return x, self.readout_input(features, bn_features), bn_features, targets
+
+    def train(
+        self,
+        batches: Iterable[TrainBatch],
+        *,
+        epochs: int = 1,
+        beta: float = 10.0,
+        lr: float = 1e-5,
+        model_loss: Callable[[Any, Any], Any] | None = None,
+        seed: int | None = None,
+        progbar: bool | None = None,
+    ) -> list[float]:
+        """Train the head with Adam; returns the mean training loss of each epoch.
+
+        ``batches`` yields ``(x, targets)`` (:data:`TrainBatch`) and is iterated once per
+        epoch, so it must be re-iterable (a list, a ``DataLoader``).  The loss is
+        ``model_loss(output, targets)`` (default: the target-class cross-entropy, each
+        sample against its own target) plus ``beta`` times the mean capacity.  ``seed``
+        makes the noise reproducible.  The model stays frozen; Adam's state carries over
+        between calls.
+        """
+        if int(epochs) != epochs or epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if not (beta >= 0 and math.isfinite(beta)):
+            raise ValueError(f"beta must be finite and >= 0, got {beta!r}")
+        self._require_statistics()
+        progbar = self.progbar if progbar is None else progbar
+        backend = self.backend
+        generator = None
+        history: list[float] = []
+        with self.attached():
+            for epoch in range(int(epochs)):
+                total, count = 0.0, 0
+                bar = _progress(progbar, desc=f"train epoch {epoch + 1}/{epochs}", unit="batch")
+                for batch in batches:
+                    x, inputs, bn_features, targets = self._batch(batch, model_loss)
+                    params = self._params_like(bn_features)
+                    if seed is not None and generator is None:
+                        generator = backend.make_generator(int(seed), bn_features)
+                    noise = backend.standard_normal(tuple(bn_features.shape), like=bn_features,
+                                                    generator=generator)
+
+                    def fn(p: Any, x: Any = x, inputs: Any = inputs, bn_features: Any = bn_features,
+                           targets: Any = targets, noise: Any = noise) -> Any:
+                        return self.loss(p, x, inputs, bn_features, targets, noise, beta=beta,
+                                         model_loss=model_loss)
+
+                    value, grad = backend.value_and_grad(fn, params)
+                    if not math.isfinite(value):
+                        raise FloatingPointError(
+                            f"the training loss became {value} at step {self.steps}; lower lr "
+                            "or check the model loss and the feature statistics")
+                    if self._adam is None:
+                        self._adam = adam_init(params)
+                    params, self._adam = adam_update(params, grad, self._adam, lr=float(lr))
+                    self._params = backend.stop_gradient(params)
+                    self.steps += 1
+                    n = int(bn_features.shape[0])
+                    total, count = total + value * n, count + n
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{value:.4g}")
+                if bar is not None:
+                    bar.close()
+                if count == 0:
+                    raise ValueError(
+                        f"the data yielded no batches in epoch {epoch + 1}; give data that can "
+                        "be iterated once per epoch (a list or a DataLoader, not a generator)")
+                history.append(total / count)
+        return history
+
+    def evaluate(
+        self,
+        batches: Iterable[TrainBatch],
+        *,
+        beta: float = 10.0,
+        model_loss: Callable[[Any, Any], Any] | None = None,
+        seed: int | None = 0,
+    ) -> float:
+        """Mean training loss over ``batches`` without updating (noise seeded by ``seed``)."""
+        self._require_statistics()
+        backend = self.backend
+        generator = None
+        total, count = 0.0, 0
+        with self.attached():
+            for batch in batches:
+                x, inputs, bn_features, targets = self._batch(batch, model_loss)
+                if seed is not None and generator is None:
+                    generator = backend.make_generator(int(seed), bn_features)
+                noise = backend.standard_normal(tuple(bn_features.shape), like=bn_features,
+                                                generator=generator)
+                value = self.loss(self._params_like(bn_features), x, inputs, bn_features,
+                                  targets, noise, beta=beta, model_loss=model_loss)
+                n = int(bn_features.shape[0])
+                total += float(backend.to_numpy(value)) * n
+                count += n
+        if count == 0:
+            raise ValueError("the data yielded no batches")
+        return total / count
+
+    def _require_statistics(self) -> None:
+        if not self.has_statistics():
+            raise RuntimeError("the readout has no feature statistics: call estimate() on some "
+                               "data first (or load a trained readout)")
+        self._require_head()
+
+    # -- explanation -----------------------------------------------------------------
+    def analyze(self, x: Any) -> Any:
+        """Capacity ``(N, C, ...)`` in nats per element from one forward pass over ``x``."""
+        self._require_statistics()
+        if self.steps == 0:
+            raise RuntimeError("the readout is not trained yet: train it first (train() in "
+                               "PyTorch, fit() in Keras) or load trained weights")
+        alpha, bn_features = self.predict_alpha(x)
+        self.alpha = self.backend.stop_gradient(alpha)
+        self._last_features = bn_features
+        return self.bottleneck.capacity(bn_features, self.alpha)
+
+    def capacity(self) -> Any:
+        """Capacity ``(N, C, ...)`` in nats per element of the last :meth:`analyze`."""
+        if self.alpha is None:
+            raise RuntimeError("nothing analysed yet: call analyze() first")
+        return self.bottleneck.capacity(self._last_features, self.alpha)
+
+    # -- persistence -----------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """Settings that change the maps; saved with the weights and compared on load."""
+        bn = self.bottleneck
+        return {"sigma": bn.sigma, "min_std": bn.min_std,
+                "active_neurons_threshold": bn.active_neurons_threshold, "relu": bn.relu,
+                "n_readout_layers": len(self.readout_layers)}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Everything a trained readout needs, as NumPy arrays (framework-independent).
+
+        Keys: ``head.w1`` ... ``head.b3`` (see :class:`ReadoutHead`), ``readout.<i>.*``
+        (the estimate of readout layer ``i``), ``bottleneck.*`` (the bottleneck layer's
+        estimate, and its given mean/std if any), ``steps`` and ``config``.
+        """
+        head = self._require_head()
+        bn = self.bottleneck
+        params = self._params
+        flat = params if isinstance(params, np.ndarray) else self.backend.to_numpy(params)
+        state: dict[str, np.ndarray] = {
+            "format": np.asarray(_FORMAT),
+            "config": np.asarray(json.dumps(self.config(), sort_keys=True)),
+            "steps": np.asarray(self.steps, dtype=np.int64),
+        }
+        state.update({f"head.{k}": np.array(v) for k, v in head.unpack(np.asarray(flat)).items()})
+        for i, est in enumerate(self.estimators):
+            state.update({f"readout.{i}.{k}": v for k, v in est.state_dict().items()})
+        if bn.estimator.n > 0:
+            state.update({f"bottleneck.{k}": v for k, v in bn.estimator.state_dict().items()})
+        if bn.feature_mean is not None:
+            state["bottleneck.feature_mean"] = np.array(bn.feature_mean)
+        if bn.feature_std is not None:
+            state["bottleneck.feature_std"] = np.array(bn.feature_std)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (of any backend), validating every shape.
+
+        Raises ``ValueError`` when the weights do not fit: another number of readout
+        layers, other feature shapes than this readout's estimates, or a head whose
+        shapes do not match the statistics.
+        """
+        state = {k: np.asarray(v) for k, v in state.items()}
+        if str(state.get("format", "")) != _FORMAT:
+            raise ValueError(f"not a readout state (expected format {_FORMAT!r}); was it saved "
+                             "by IBAReadout.save()/state_dict()?")
+        n_layers = len(self.readout_layers)
+        saved = {int(k.split(".")[1]) for k in state if k.startswith("readout.")}
+        if saved != set(range(n_layers)):
+            raise ValueError(f"the weights were trained with {len(saved)} readout layers, this "
+                             f"readout has {n_layers}")
+        estimators = []
+        old_shapes = [e.shape if e.n > 0 else None for e in self.estimators]
+        for i in range(n_layers):
+            est = Estimator()
+            est.load_state_dict({k[len(f"readout.{i}."):]: v for k, v in state.items()
+                                 if k.startswith(f"readout.{i}.")}, expected_shape=old_shapes[i])
+            estimators.append(est)
+        bn_state = {k[len("bottleneck."):]: v for k, v in state.items()
+                    if k.startswith("bottleneck.") and k[len("bottleneck."):] in
+                    ("n", "mean", "m2", "nonzero")}
+        bn = self.bottleneck
+        bn_est = Estimator()
+        old_bn = bn.statistics()[0].shape if bn.has_statistics() else None
+        if bn_state:
+            bn_est.load_state_dict(bn_state, expected_shape=old_bn)
+        given = {k: np.asarray(state[f"bottleneck.{k}"], dtype=np.float64)
+                 for k in ("feature_mean", "feature_std") if f"bottleneck.{k}" in state}
+        bn_shape = bn_est.shape if bn_est.n > 0 else (
+            given["feature_mean"].shape if "feature_mean" in given else None)
+        if bn_shape is None:
+            raise ValueError("the state holds no statistics of the bottleneck layer")
+        if old_bn is not None and tuple(bn_shape) != tuple(old_bn):
+            raise ValueError(f"the weights were made for bottleneck features of shape "
+                             f"{tuple(bn_shape)}, this layer gives {tuple(old_bn)}")
+        shapes = [tuple(e.shape) for e in estimators]
+        head = ReadoutHead(sum(s[0] for s in shapes), int(bn_shape[0]))
+        flat = head.pack({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
+        saved_config = json.loads(str(state.get("config", "{}")))
+        differs = {k: (v, saved_config[k]) for k, v in self.config().items()
+                   if k in saved_config and saved_config[k] != v}
+        if differs:
+            warnings.warn("the readout was trained with other settings (now, saved): "
+                          f"{differs}; its maps will differ", UserWarning, stacklevel=2)
+        # Everything validated: commit.
+        self.estimators = estimators
+        bn.estimator = bn_est
+        bn.feature_mean = given.get("feature_mean")
+        bn.feature_std = given.get("feature_std")
+        self.head, self._params, self._adam = head, flat, None
+        self.steps = int(state.get("steps", 1))
+        self._stats_cache.clear()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`state_dict` to an ``.npz`` file."""
+        np.savez(path, **self.state_dict())
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Read weights written by :meth:`save` (any backend); see :meth:`load_state_dict`."""
+        with np.load(path, allow_pickle=False) as data:
+            state = {k: data[k] for k in data.files}
+        self.load_state_dict(state)

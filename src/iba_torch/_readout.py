@@ -1,0 +1,280 @@
+"""``IBAReadout``: the Readout Bottleneck for PyTorch models."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from iba_core import Bottleneck, Estimator, ReadoutBottleneck, saliency_map
+
+from ._backend import TorchBackend, model_device, resolve_layer
+
+_BACKEND = TorchBackend()
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str | None:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    return None
+
+
+def _resolve(model: torch.nn.Module, layer: Any, what: str) -> tuple[torch.nn.Module, str]:
+    """The module and its dotted name; a clear error when it is not part of ``model``."""
+    module = resolve_layer(model, layer)
+    name = layer if isinstance(layer, str) else _module_name(model, module)
+    if name is None or name == "":
+        raise ValueError(
+            f"the {what} {type(module).__name__} is not a submodule of the model; give one of "
+            f"the model's layers (by object or name): {[n for n, _ in model.named_modules() if n]}"
+        )
+    return module, name
+
+
+class IBAReadout:
+    """Readout Bottleneck for a PyTorch model: attribution maps from one forward pass.
+
+    A small network (three 1x1 convolutions) reads the features of ``readout_layers``
+    and predicts the bottleneck's mask at ``attach_layer``; it is trained once on a data
+    set (:meth:`train`) and then explains a batch with one forward pass (:meth:`analyze`)::
+
+        readout = IBAReadout(model.layer2, [model.layer2, model.layer3, model.fc], model)
+        readout.estimate(model, train_loader)             # statistics of every layer
+        readout.train(model, train_loader, epochs=10)     # (x, y) batches, y: class index
+        maps = readout.analyze(images)                    # (N, H, W) NumPy, bits per pixel
+
+    Layers are modules or their dotted names in ``model``.  Hooks are put on the model
+    only while a method runs; the model's weights, flags and outputs are left as they
+    were.  Weights are plain NumPy arrays (:meth:`state_dict`, :meth:`save`): a readout
+    trained here loads in ``iba_tf.IBAReadout`` for the same network, and vice versa.
+
+    Args:
+        attach_layer: where the bottleneck goes.
+        readout_layers: layers the readout network reads (vectors such as logits are
+            broadcast over the bottleneck's positions).
+        model: the model that contains these layers.
+        sigma, min_std, active_neurons_threshold, relu: as for :class:`iba_torch.IBA`.
+        beta: default weight of the mean capacity in the training loss.
+        seed: seed of the readout network's initial weights.
+        progbar: show progress bars.
+    """
+
+    def __init__(
+        self,
+        attach_layer: torch.nn.Module | str,
+        readout_layers: Sequence[torch.nn.Module | str],
+        model: torch.nn.Module,
+        sigma: float | None = 1.0,
+        beta: float = 10.0,
+        min_std: float = 0.01,
+        active_neurons_threshold: float = 0.01,
+        relu: bool = False,
+        seed: int | None = 0,
+        progbar: bool = False,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(readout_layers, (str, torch.nn.Module)):
+            readout_layers = [readout_layers]
+        layer, layer_name = _resolve(model, attach_layer, "attach layer")
+        resolved = [_resolve(model, r, "readout layer") for r in readout_layers]
+        self.layer_name = layer_name
+        self.readout_names = [name for _, name in resolved]
+        bottleneck = Bottleneck(sigma=sigma, beta=beta, min_std=min_std,
+                                active_neurons_threshold=active_neurons_threshold, relu=relu,
+                                progbar=progbar)
+        self._readout = ReadoutBottleneck(
+            _BACKEND, model, layer, [m for m, _ in resolved], bottleneck=bottleneck, seed=seed,
+            labels=[repr(n) for n in self.readout_names], progbar=progbar)
+        self._detached = False
+
+    # -- access ------------------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._readout.model
+
+    @property
+    def bottleneck(self) -> Bottleneck:
+        """The core :class:`iba_core.Bottleneck` at the attach layer."""
+        return self._readout.bottleneck
+
+    @property
+    def readout(self) -> ReadoutBottleneck:
+        """The core :class:`iba_core.ReadoutBottleneck`."""
+        return self._readout
+
+    @property
+    def estimator(self) -> Estimator:
+        """Statistics of the attach layer's features."""
+        return self._readout.bottleneck.estimator
+
+    @property
+    def readout_estimators(self) -> list[Estimator]:
+        """Statistics of each readout layer's features."""
+        return self._readout.estimators
+
+    @property
+    def steps(self) -> int:
+        """Training steps the readout network has taken (0: untrained)."""
+        return self._readout.steps
+
+    def detach(self) -> None:
+        """Forget the model; later calls raise until a new ``IBAReadout`` is made.
+
+        No hook stays on the model between calls, so there is nothing to remove.
+        """
+        self._detached = True
+
+    def _check(self, model: torch.nn.Module | None) -> torch.nn.Module:
+        if self._detached:
+            raise RuntimeError("this IBAReadout was detached; create a new one")
+        if model is not None and model is not self._readout.model:
+            raise ValueError("the readout was created for another model; pass the same model "
+                             "(or none) to estimate()/train()")
+        return self._readout.model
+
+    # -- data --------------------------------------------------------------------------
+    @staticmethod
+    def _inputs(batch: Any, device: Any) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"the data loader must yield tensors or (x, y) tuples, got "
+                            f"{type(x).__name__}")
+        return x.to(device) if device is not None else x
+
+    def _train_batches(self, dataloader: Iterable[Any], device: Any) -> Iterable[tuple[Any, Any]]:
+        outer = self
+
+        class Batches:
+            def __iter__(self) -> Iterator[tuple[Any, Any]]:
+                for batch in dataloader:
+                    x = outer._inputs(batch, device)
+                    y = None
+                    if isinstance(batch, (tuple, list)) and len(batch) > 1:
+                        y = batch[1]
+                        y = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y)
+                    yield x, y
+
+        return Batches()
+
+    # -- statistics and training -----------------------------------------------------
+    def estimate(
+        self,
+        model: torch.nn.Module | None,
+        dataloader: Iterable[Any],
+        device: Any = None,
+        n_samples: int = 10000,
+        progbar: bool | None = None,
+        reset: bool = True,
+    ) -> list[Estimator]:
+        """Estimate mean and std of the attach layer and of every readout layer.
+
+        ``dataloader`` yields tensors or ``(x, y, ...)`` tuples; the model runs in eval
+        mode without gradients (its flags are restored).  Returns the readout layers'
+        estimators.
+        """
+        model = self._check(model)
+        device = torch.device(device) if device is not None else model_device(model)
+        batches = (self._inputs(b, device) for b in dataloader)
+        with _BACKEND.frozen(model), torch.no_grad():
+            return self._readout.estimate(batches, n_samples=n_samples, progbar=progbar,
+                                          reset=reset)
+
+    def train(
+        self,
+        model: torch.nn.Module | None,
+        dataloader: Iterable[Any],
+        epochs: int = 10,
+        beta: float | None = None,
+        lr: float = 1e-5,
+        progbar: bool | None = None,
+        device: Any = None,
+        model_loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+        seed: int | None = None,
+    ) -> list[float]:
+        """Train the readout network (the model stays frozen); returns each epoch's mean loss.
+
+        ``dataloader`` yields ``(x, y)`` with ``y`` the class index of each sample (or
+        ``x`` alone: each input's predicted class is used).  The loss per batch is the
+        target-class cross-entropy of the bottlenecked model plus ``beta`` times the mean
+        capacity, minimised with Adam (``lr``, reference 1e-5, batches of 32, about 10
+        epochs).  ``model_loss_fn(output, y) -> scalar`` replaces the cross-entropy.
+        ``seed`` makes the noise reproducible.  The loader is iterated once per epoch.
+        """
+        model = self._check(model)
+        device = torch.device(device) if device is not None else model_device(model)
+        beta = self.bottleneck.beta if beta is None else float(beta)
+        with _BACKEND.frozen(model):
+            return self._readout.train(self._train_batches(dataloader, device), epochs=epochs,
+                                       beta=beta, lr=lr, model_loss=model_loss_fn, seed=seed,
+                                       progbar=progbar)
+
+    def evaluate(self, model: torch.nn.Module | None, dataloader: Iterable[Any],
+                 beta: float | None = None, seed: int | None = 0, device: Any = None) -> float:
+        """Mean training loss over ``dataloader`` without training (noise seeded by ``seed``)."""
+        model = self._check(model)
+        device = torch.device(device) if device is not None else model_device(model)
+        beta = self.bottleneck.beta if beta is None else float(beta)
+        with _BACKEND.frozen(model), torch.no_grad():
+            return self._readout.evaluate(self._train_batches(dataloader, device), beta=beta,
+                                          seed=seed)
+
+    # -- explanation -------------------------------------------------------------------
+    def analyze(self, input_t: torch.Tensor, mode: str = "saliency") -> np.ndarray:
+        """Attribution maps for a batch from one forward pass; NumPy, in bits.
+
+        ``mode="saliency"``: ``(H, W)`` for one input else ``(N, H, W)``, bits per pixel
+        totalling the capacity (as :meth:`iba_torch.IBA.analyze`); ``mode="capacity"``:
+        the channel-summed capacity in bits at feature-map resolution.
+        """
+        model = self._check(None)
+        if mode not in ("saliency", "capacity"):
+            raise ValueError(f"mode must be 'saliency' or 'capacity', got {mode!r}")
+        if not isinstance(input_t, torch.Tensor):
+            raise TypeError(f"input_t must be a torch.Tensor, got {type(input_t).__name__}")
+        if input_t.ndim < 2:
+            raise ValueError(f"input_t must be a batch (N, ...), got shape {tuple(input_t.shape)}:"
+                             " add a batch axis with input_t[None]")
+        device = model_device(model)
+        if device is not None and input_t.device != device:
+            input_t = input_t.to(device)
+        with _BACKEND.frozen(model), torch.no_grad():
+            cap = self._readout.analyze(input_t.detach())
+        n_spatial = cap.ndim - 2
+        if mode == "capacity" or n_spatial == 0:
+            out = saliency_map(cap)
+        else:
+            out = saliency_map(cap, tuple(input_t.shape[-n_spatial:]))
+        out = _BACKEND.to_numpy(out)
+        return out[0] if out.shape[0] == 1 else out
+
+    def capacity(self) -> torch.Tensor:
+        """Capacity of the last :meth:`analyze`, ``(N, C, ...)``, nats per element."""
+        return self._readout.capacity()
+
+    # -- persistence -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The readout network's weights and all feature statistics, as NumPy arrays."""
+        return self._readout.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> IBAReadout:
+        """Load :meth:`state_dict` output (from either backend); shapes are validated."""
+        self._readout.load_state_dict(state)
+        return self
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the weights and statistics to an ``.npz`` file."""
+        self._readout.save(path)
+
+    def load(self, path: str | os.PathLike) -> IBAReadout:
+        """Read a file written by :meth:`save` (by either backend); returns self."""
+        self._readout.load(path)
+        return self
+
+    def __repr__(self) -> str:
+        return (f"IBAReadout(attach_layer={self.layer_name!r}, readout_layers="
+                f"{self.readout_names!r}, head={self._readout.head}, steps={self.steps})")
