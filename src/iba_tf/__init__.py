@@ -14,6 +14,7 @@ __all__ = [
     "IBACopy",
     "IBACopyInnvestigate",
     "IBALayer",
+    "IBAReadout",
     "TFBackend",
     "model_wo_softmax",
     "namespace",
@@ -24,6 +25,7 @@ _LAZY = {
     "IBACopy": "iba_tf._copy",
     "IBACopyInnvestigate": "iba_tf._copy",
     "IBALayer": "iba_tf._layer",
+    "IBAReadout": "iba_tf._readout",
     "TFBackend": "iba_tf._backend",
     "model_wo_softmax": "iba_tf._copy",
     "namespace": "iba_tf._namespace",
@@ -37,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._backend import TFBackend
     from ._copy import IBACopy, IBACopyInnvestigate, model_wo_softmax
     from ._layer import IBALayer
+    from ._readout import IBAReadout
 
 
 def __getattr__(name: str) -> Any:

@@ -96,7 +96,7 @@ def _insert_after(model: keras.Model, target: keras.layers.Layer,
     if inserted not in copy.layers:
         raise ValueError(f"layer {target.name!r} is not on the path from the model's inputs to "
                          "its outputs; choose a layer the model runs")
-    return keras.Model(copy.inputs, copy.outputs, name=f"{model.name}_iba")
+    return keras.Model(copy.input, copy.output, name=f"{model.name}_iba")
 
 
 def _is_softmax(fn: Any) -> bool:

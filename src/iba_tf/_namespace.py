@@ -210,20 +210,20 @@ def maximum(x1: Any, x2: Any, /) -> tf.Tensor:
 
 
 def logaddexp(x1: Any, x2: Any, /) -> tf.Tensor:
-    """``log(exp(x1) + exp(x2))`` without overflow.
+    """``log(exp(x1) + exp(x2))`` without overflow or cancellation.
 
-    ``max + log1p(exp(-|x1 - x2|))``; where ``x1 == x2`` (also both ``+-inf``, for which
-    the difference is NaN) the value is ``(x1 + x2) / 2 + log 2``, whose gradient
-    (1/2 to each operand) is the exact one.
+    ``big + softplus(small - big)`` with ``big``/``small`` picked by ``tf.where`` (not
+    ``maximum``/``minimum``), so at ``x1 == x2`` the gradient is split 1/2 : 1/2 exactly.
+    Where the difference is NaN (both ``+inf`` or both ``-inf``, or a NaN operand) the
+    result is ``x1 + x2``: ``+inf``, ``-inf`` or NaN, as the Array API specifies.
     """
     x1, x2 = _binary(x1, x2)
-    big = tf.maximum(x1, x2)
-    diff = x1 - x2
-    equal = tf.equal(x1, x2)
-    safe_diff = tf.where(equal, tf.zeros_like(diff), diff)
-    general = big + tf.math.log1p(tf.exp(-tf.abs(safe_diff)))
-    tie = (x1 + x2) * 0.5 + tf.constant(_LN2, dtype=x1.dtype)
-    return tf.where(equal, tie, general)
+    first_bigger = tf.greater(x1, x2)
+    big = tf.where(first_bigger, x1, x2)
+    small = tf.where(first_bigger, x2, x1)
+    diff = small - big
+    out = big + tf.math.softplus(diff)
+    return tf.where(tf.math.is_nan(diff), x1 + x2, out)
 
 
 def where(condition: Any, x1: Any, x2: Any, /) -> tf.Tensor:

@@ -1,0 +1,281 @@
+"""``IBAReadout``: the Readout Bottleneck for Keras models."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from iba_core import Bottleneck, Estimator, ReadoutBottleneck, saliency_map
+
+from ._backend import all_layers, is_channels_last, resolve_layer
+from ._layer import BACKEND, as_input, check_finite_input, input_size, iter_batches
+
+
+def _resolve(model: keras.Model, layer: Any, what: str) -> keras.layers.Layer:
+    """The layer object; a clear error when it is not part of ``model``."""
+    found = resolve_layer(model, layer)
+    layers = all_layers(model)
+    if not any(found is candidate for candidate in layers):
+        raise ValueError(f"the {what} {found.name!r} is not a layer of model {model.name!r}; "
+                         f"its layers are: {[candidate.name for candidate in layers]}")
+    return found
+
+
+def _targets(y: Any) -> np.ndarray:
+    """Class indices from labels: indices ``(B,)``, or one-hot / probabilities ``(B, K)``."""
+    y = np.asarray(BACKEND.to_numpy(y) if tf.is_tensor(y) else y)
+    if y.ndim == 2 and y.shape[1] > 1:
+        return np.argmax(y, axis=1)
+    return y.reshape(-1)
+
+
+class _Data:
+    """``(x, y)`` batches for the core, iterated afresh for every epoch."""
+
+    def __init__(self, x: Any, y: Any, batch_size: int, shuffle: bool, seed: int | None,
+                 model: keras.Model) -> None:
+        self.model = model
+        self.batch_size = int(batch_size)
+        self.rng = np.random.default_rng(seed) if shuffle else None
+        self.arrays = isinstance(x, (np.ndarray, tf.Tensor))
+        if self.arrays:
+            self.x = as_input(x, model)
+            if self.x.shape.rank is None or self.x.shape.rank < 2 or self.x.shape[0] == 0:
+                raise ValueError(f"x must be a batch of inputs (N, ...), got shape "
+                                 f"{tuple(self.x.shape)}")
+            self.y = None if y is None else _targets(y)
+            if self.y is not None and self.y.shape[0] != self.x.shape[0]:
+                raise ValueError(f"x holds {self.x.shape[0]} inputs but y {self.y.shape[0]} labels")
+        else:
+            if y is not None:
+                raise ValueError("give y only with array inputs; a dataset or generator "
+                                 "yields (x, y) batches")
+            self.x, self.y = x, None
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        if self.arrays:
+            n = int(self.x.shape[0])
+            order = self.rng.permutation(n) if self.rng is not None else np.arange(n)
+            for start in range(0, n, self.batch_size):
+                idx = order[start:start + self.batch_size]
+                xb = tf.gather(self.x, idx) if self.rng is not None else \
+                    self.x[start:start + self.batch_size]
+                yield xb, None if self.y is None else self.y[idx]
+            return
+        data = self.x
+        if isinstance(data, tf.data.Dataset) or hasattr(data, "__iter__"):
+            elements = iter(data)
+        else:  # Keras PyDataset-like sequences
+            elements = (data[i] for i in range(len(data)))
+        for element in elements:
+            if isinstance(element, (tuple, list)):
+                xb = as_input(element[0], self.model)
+                yb = _targets(element[1]) if len(element) > 1 else None
+            else:
+                xb, yb = as_input(element, self.model), None
+            yield xb, yb
+
+
+class IBAReadout:
+    """Readout Bottleneck for a Keras model: attribution maps from one forward pass.
+
+    A small network (three 1x1 convolutions) reads the outputs of ``readout_layers`` and
+    predicts the bottleneck's mask at ``attach_layer``; train it once with :meth:`fit`,
+    then :meth:`analyze` explains a batch with one forward pass::
+
+        readout = IBAReadout("block3_conv3", ["block3_conv3", "block4_conv3", "logits"], model)
+        readout.estimate(x_train)                         # statistics of every layer
+        readout.fit(x_train, y_train, epochs=10)          # y: class indices or one-hot
+        maps = readout.analyze(x_test[:8])                # (8, H, W) NumPy, bits per pixel
+
+    Layers are given by name or as layer objects of ``model`` (Functional, Sequential or
+    subclassed).  The layers' ``call`` is wrapped only while a method runs; the model is
+    left as it was.  Feature maps are channels-first inside (``estimator``, ``capacity``).
+    Weights are plain NumPy arrays (:meth:`state_dict`, :meth:`save`): a readout trained
+    here loads in ``iba_torch.IBAReadout`` for the same network, and vice versa.
+
+    Args:
+        attach_layer: where the bottleneck goes.
+        readout_layers: layers the readout network reads (vectors such as logits are
+            broadcast over the bottleneck's positions).
+        model: the model that contains these layers; it must return logits ``(B, K)``
+            unless :meth:`fit` gets a ``loss_fn``.
+        sigma, min_std, active_neurons_threshold, relu: as for :class:`iba_tf.IBALayer`.
+        beta: default weight of the mean capacity in the training loss.
+        seed: seed of the readout network's initial weights.
+        progbar: show progress bars.
+    """
+
+    def __init__(
+        self,
+        attach_layer: keras.layers.Layer | str,
+        readout_layers: Sequence[keras.layers.Layer | str],
+        model: keras.Model,
+        sigma: float | None = 1.0,
+        beta: float = 10.0,
+        min_std: float = 0.01,
+        active_neurons_threshold: float = 0.01,
+        relu: bool = False,
+        seed: int | None = 0,
+        progbar: bool = False,
+    ) -> None:
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
+        if isinstance(readout_layers, (str, keras.layers.Layer)):
+            readout_layers = [readout_layers]
+        layer = _resolve(model, attach_layer, "attach layer")
+        layers = [_resolve(model, r, "readout layer") for r in readout_layers]
+        self.layer_name = layer.name
+        self._channels_last = is_channels_last(layer)
+        self.readout_names = [r.name for r in layers]
+        bottleneck = Bottleneck(sigma=sigma, beta=beta, min_std=min_std,
+                                active_neurons_threshold=active_neurons_threshold, relu=relu,
+                                progbar=progbar)
+        self._readout = ReadoutBottleneck(
+            BACKEND, model, layer, layers, bottleneck=bottleneck, seed=seed,
+            labels=[repr(n) for n in self.readout_names], progbar=progbar)
+
+    # -- access ------------------------------------------------------------------------
+    @property
+    def model(self) -> keras.Model:
+        return self._readout.model
+
+    @property
+    def bottleneck(self) -> Bottleneck:
+        """The core :class:`iba_core.Bottleneck` at the attach layer."""
+        return self._readout.bottleneck
+
+    @property
+    def readout(self) -> ReadoutBottleneck:
+        """The core :class:`iba_core.ReadoutBottleneck`."""
+        return self._readout
+
+    @property
+    def estimator(self) -> Estimator:
+        """Statistics of the attach layer's features (channels-first)."""
+        return self._readout.bottleneck.estimator
+
+    @property
+    def readout_estimators(self) -> list[Estimator]:
+        """Statistics of each readout layer's features (channels-first)."""
+        return self._readout.estimators
+
+    @property
+    def steps(self) -> int:
+        """Training steps the readout network has taken (0: untrained)."""
+        return self._readout.steps
+
+    # -- statistics and training -----------------------------------------------------
+    def estimate(self, data: Any, n_samples: int = 10000, batch_size: int = 32,
+                 progbar: bool | None = None, reset: bool = True) -> list[Estimator]:
+        """Estimate mean and std of the attach layer and of every readout layer.
+
+        ``data``: a NumPy array (cut into ``batch_size`` batches), a ``tf.data.Dataset``
+        or a generator of ``x`` / ``(x, y)`` batches.  Returns the readout layers'
+        estimators.
+        """
+        model = self.model
+        batches = (as_input(b, model) for b in iter_batches(data, batch_size))
+        with BACKEND.frozen(model):
+            return self._readout.estimate(batches, n_samples=n_samples, progbar=progbar,
+                                          reset=reset)
+
+    def fit(
+        self,
+        x: Any,
+        y: Any = None,
+        batch_size: int = 32,
+        epochs: int = 10,
+        beta: float | None = None,
+        lr: float = 1e-5,
+        verbose: int | bool = 0,
+        shuffle: bool = True,
+        seed: int | None = None,
+        loss_fn: Callable[[Any, Any], Any] | None = None,
+    ) -> dict[str, list[float]]:
+        """Train the readout network (the model stays frozen); returns ``{"loss": [...]}``,
+        the mean loss of each epoch.
+
+        ``x``/``y``: inputs and labels (class indices or one-hot) as arrays, cut into
+        batches of ``batch_size`` and shuffled every epoch; or ``x`` alone, a
+        ``tf.data.Dataset`` (or re-iterable sequence) of ``(x, y)`` or ``x`` batches.
+        Without labels each input's predicted class is used.  The loss per batch is the
+        target-class cross-entropy of the bottlenecked model plus ``beta`` times the mean
+        capacity, minimised with Adam (``lr``; reference 1e-5, batches of 32, about 10
+        epochs).  ``loss_fn(outputs, y) -> scalar`` replaces the cross-entropy; ``seed``
+        fixes the shuffling and the noise.
+        """
+        model = self.model
+        beta = self.bottleneck.beta if beta is None else float(beta)
+        data = _Data(x, y, batch_size, shuffle, seed, model)
+        with BACKEND.frozen(model):
+            losses = self._readout.train(data, epochs=epochs, beta=beta, lr=lr,
+                                         model_loss=loss_fn, seed=seed, progbar=bool(verbose))
+        return {"loss": losses}
+
+    def evaluate(self, x: Any, y: Any = None, batch_size: int = 32, beta: float | None = None,
+                 seed: int | None = 0) -> float:
+        """Mean training loss over the data, without training (noise seeded by ``seed``)."""
+        model = self.model
+        beta = self.bottleneck.beta if beta is None else float(beta)
+        data = _Data(x, y, batch_size, False, None, model)
+        with BACKEND.frozen(model):
+            return self._readout.evaluate(data, beta=beta, seed=seed)
+
+    # -- explanation -------------------------------------------------------------------
+    def analyze(self, x: Any, mode: str = "saliency") -> np.ndarray:
+        """Attribution maps for a batch ``x`` ``(N, H, W, C)`` from one forward pass.
+
+        ``mode="saliency"``: ``(H, W)`` for one input, else ``(N, H, W)``, bits per pixel
+        totalling the capacity; ``mode="capacity"``: the channel-summed capacity in bits at
+        the feature map's resolution.  NumPy.
+        """
+        if mode not in ("saliency", "capacity"):
+            raise ValueError(f"mode must be 'saliency' or 'capacity', got {mode!r}")
+        model = self.model
+        x = as_input(x, model)
+        if x.shape.rank is None or x.shape.rank < 2:
+            raise ValueError(f"x must be a batch (N, ...), e.g. (1, H, W, C) for one image; got "
+                             f"shape {tuple(x.shape)}: add a batch axis with x[None]")
+        check_finite_input(x)
+        with BACKEND.frozen(model):
+            cap = self._readout.analyze(x)
+        n_spatial = cap.shape.rank - 2
+        if mode == "capacity" or n_spatial == 0:
+            out = saliency_map(cap)
+        else:
+            out = saliency_map(cap, input_size(x, n_spatial, self._channels_last))
+        out = BACKEND.to_numpy(out)
+        return out[0] if out.shape[0] == 1 else out
+
+    def capacity(self) -> tf.Tensor:
+        """Capacity of the last :meth:`analyze`, ``(N, C, ...)`` channels-first, nats."""
+        return self._readout.capacity()
+
+    # -- persistence -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The readout network's weights and all feature statistics, as NumPy arrays."""
+        return self._readout.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> IBAReadout:
+        """Load :meth:`state_dict` output (from either backend); shapes are validated."""
+        self._readout.load_state_dict(state)
+        return self
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the weights and statistics to an ``.npz`` file."""
+        self._readout.save(path)
+
+    def load(self, path: str | os.PathLike) -> IBAReadout:
+        """Read a file written by :meth:`save` (by either backend); returns self."""
+        self._readout.load(path)
+        return self
+
+    def __repr__(self) -> str:
+        return (f"IBAReadout(attach_layer={self.layer_name!r}, readout_layers="
+                f"{self.readout_names!r}, head={self._readout.head}, steps={self.steps})")
