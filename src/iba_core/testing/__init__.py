@@ -18,6 +18,7 @@ tested with ``if backend == ...``.  Reference values come from NumPy and, when i
 installed, array-api-strict.  Requires pytest.
 """
 
+from ._readout_suite import ReadoutCase, ReadoutTests
 from ._suite import (
     BackendConformanceTests,
     ConformanceCase,
@@ -36,4 +37,6 @@ __all__ = [
     "HookTests",
     "NamespaceTests",
     "PerSampleTests",
+    "ReadoutCase",
+    "ReadoutTests",
 ]
