@@ -263,7 +263,8 @@ class Bottleneck:
         backend = self.backend
         assert backend is not None
         self._calls += 1
-        if self._calls > 1:
+        # One forward pass per optimisation step; restrict_flow() may run the model often.
+        if self._calls > 1 and self._mask is not None:
             raise RuntimeError(
                 "the bottleneck layer ran more than once in one forward pass; put the "
                 "bottleneck on a layer that the model calls exactly once"
