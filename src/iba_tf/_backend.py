@@ -43,12 +43,25 @@ def is_channels_last(layer: Any = None, data_format: str | None = None) -> bool:
 
 # -- finding layers ----------------------------------------------------------------------
 def all_layers(model: Any) -> list[keras.layers.Layer]:
-    """Every layer of ``model``, nested ones included, in Keras' flattening order."""
-    if hasattr(model, "_flatten_layers"):
-        layers = model._flatten_layers(include_self=False, recursive=True)
-    else:  # pragma: no cover - every Keras 3 layer has _flatten_layers
-        layers = list(getattr(model, "layers", []))
-    return [layer for layer in layers if not isinstance(layer, keras.layers.InputLayer)]
+    """Every layer of ``model``, nested ones included, each before its own sublayers
+    (depth first, in the order the model lists them); input layers are left out."""
+    found: list[keras.layers.Layer] = []
+    seen: set[int] = set()
+
+    def visit(layer: Any) -> None:
+        children = getattr(layer, "_layers", None)
+        if children is None:  # pragma: no cover - every Keras 3 layer has _layers
+            children = getattr(layer, "layers", [])
+        for child in children:
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            if not isinstance(child, keras.layers.InputLayer):
+                found.append(child)
+            visit(child)
+
+    visit(model)
+    return found
 
 
 def resolve_layer(model: Any, layer: Any) -> keras.layers.Layer:
@@ -191,8 +204,7 @@ class TFBackend(Backend):
             return tf.random.normal(shape, dtype=like.dtype)
 
     def make_generator(self, seed: int, like: Any) -> tf.random.Generator:
-        # The generator's state is a variable: create it eagerly, also inside a tf.function.
-        with tf.init_scope(), _namespace._device_scope(getattr(like, "device", None)):
+        with _namespace._device_scope(getattr(like, "device", None)):
             return tf.random.Generator.from_seed(int(seed))
 
     def stop_gradient(self, x: Any) -> Any:
@@ -241,7 +253,7 @@ class TFBackend(Backend):
         if model is None:
             yield model
             return
-        layers = [model, *getattr(model, "_flatten_layers", lambda **_: [])(include_self=False)]
+        layers = [model, *all_layers(model)]
         layer_flags = [(layer, layer.trainable) for layer in layers]
         var_flags = [(v, v.trainable) for v in model.variables if hasattr(v, "trainable")]
         try:
