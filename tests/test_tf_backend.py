@@ -280,7 +280,7 @@ def test_frozen_batchnorm_uses_moving_statistics_even_in_training_mode():
     x = x_img(4)
     bn = model.get_layer("bn")
     moving = [v.numpy().copy() for v in bn.non_trainable_variables]
-    features = keras.Model(model.inputs, model.get_layer("flat").output)  # before dropout
+    features = keras.Model(model.input, model.get_layer("flat").output)  # before dropout
     with BE.frozen(model):
         in_training = features(x, training=True).numpy()
     np.testing.assert_array_equal([v.numpy() for v in bn.non_trainable_variables], moving)
