@@ -26,7 +26,13 @@ from ._linear_ops import (
     resize_bilinear,
     smoothing_matrix,
 )
-from ._readout import ReadoutBottleneck, ReadoutHead, readout_input, target_cross_entropy
+from ._readout import (
+    ReadoutBottleneck,
+    ReadoutHead,
+    one_hot_targets,
+    readout_input,
+    target_cross_entropy,
+)
 from ._registry import (
     ENTRY_POINT_GROUP,
     BackendSpec,
@@ -68,6 +74,7 @@ __all__ = [
     "inject_noise",
     "mass_preserving_matrix",
     "namespace",
+    "one_hot_targets",
     "plugin_manager",
     "readout_input",
     "repeat_inputs",

@@ -41,8 +41,11 @@ from ._xp import device, namespace, to_numpy
 
 #: The head's output is clamped to ``[-ALPHA_BOUND, ALPHA_BOUND]`` (mask logits).
 ALPHA_BOUND = 5.0
-#: Bias of the head's last layer at initialisation: ``sigmoid(5)`` lets ~99.3% pass.
-INITIAL_BIAS = 5.0
+#: Bias of the head's last layer at initialisation: ``sigmoid(4.9)`` lets ~99.3% pass.
+#: Just inside the clamp on purpose: at exactly 5 (the reference), about half of the
+#: outputs start above the clamp, where the gradient is zero, and a channel whose outputs
+#: all start there never trains (seen in practice with small heads).
+INITIAL_BIAS = ALPHA_BOUND - 0.1
 #: Scale of the last layer's initial weights relative to the default initialisation.
 LAST_LAYER_WEIGHT_SCALE = 1e-3
 
@@ -89,8 +92,9 @@ class ReadoutHead:
         """A fresh flat parameter array (NumPy).
 
         Layers 1 and 2 use PyTorch's default ``Conv2d`` initialisation (uniform in
-        ``+-1/sqrt(fan_in)``); the last layer starts near "let everything pass": bias 5
-        and weights scaled by 1e-3, so ``alpha`` is about 5 for every input.
+        ``+-1/sqrt(fan_in)``); the last layer starts near "let everything pass": bias 4.9
+        (just inside the clamp at 5, so every output has a gradient) and weights scaled
+        by 1e-3, so ``alpha`` is about 4.9 for every input.
         """
         rng = np.random.default_rng(seed)
         params: dict[str, np.ndarray] = {}
@@ -211,16 +215,16 @@ def readout_input(features: Sequence[Any], means: Sequence[Any], stds: Sequence[
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
 
 
-def target_cross_entropy(logits: Any, targets: Any) -> Any:
-    """Mean over the batch of ``-log_softmax(logits)[i, targets[i]]``.
+def one_hot_targets(logits: Any, targets: Any) -> Any:
+    """One-hot ``(B, K)`` array like ``logits`` (namespace, dtype, device) from class indices.
 
-    ``logits`` is ``(B, K)``; ``targets`` holds one class index per sample (NumPy or any
-    array convertible to it), ``(B,)``.  Each sample is scored against its own target.
+    ``targets`` holds one class index per sample, ``(B,)`` (NumPy or any array that
+    converts to it); row ``i`` is the target of sample ``i``.
     """
     t = np.asarray(to_numpy(targets)).reshape(-1)
     if getattr(logits, "ndim", 0) != 2:
         raise ValueError(f"the target-class loss needs logits (B, K), got shape "
-                         f"{tuple(logits.shape)}; pass a model_loss for other outputs")
+                         f"{tuple(logits.shape)}; pass a model loss for other outputs")
     b, k = int(logits.shape[0]), int(logits.shape[1])
     if t.shape != (b,):
         raise ValueError(f"expected one target per sample ({b}), got {t.shape[0]}")
@@ -229,8 +233,16 @@ def target_cross_entropy(logits: Any, targets: Any) -> Any:
     t = t.astype(np.int64)
     if b and (t.min() < 0 or t.max() >= k):
         raise ValueError(f"targets {sorted(set(t.tolist()))} out of range for {k} classes")
-    onehot = namespace(logits).asarray(np.eye(k)[t], dtype=logits.dtype, device=device(logits))
-    return cross_entropy(logits, onehot)
+    return namespace(logits).asarray(np.eye(k)[t], dtype=logits.dtype, device=device(logits))
+
+
+def target_cross_entropy(logits: Any, targets: Any) -> Any:
+    """Mean over the batch of ``-log_softmax(logits)[i, targets[i]]``.
+
+    ``logits`` is ``(B, K)``; ``targets`` holds one class index per sample, ``(B,)``
+    (see :func:`one_hot_targets`).  Each sample is scored against its own target.
+    """
+    return cross_entropy(logits, one_hot_targets(logits, targets))
 
 
 # -- recording readout layers ---------------------------------------------------------
@@ -518,7 +530,10 @@ class ReadoutBottleneck:
         restricted second pass plus ``beta`` times the mean capacity (nats per element).
 
         ``inputs`` and ``bn_features`` come from the first pass; ``noise`` is a standard
-        normal draw shaped like ``bn_features``.  Differentiable in ``params``.
+        normal draw shaped like ``bn_features``.  ``targets`` go to ``model_loss(output,
+        targets)``; without a model loss they are one-hot rows (:func:`one_hot_targets`)
+        for the cross-entropy.  Differentiable in ``params``; pure array code, so a
+        backend may compile it.
         """
         head = self._require_head()
         xp = namespace(bn_features)
@@ -526,7 +541,10 @@ class ReadoutBottleneck:
         bn = self.bottleneck
         with bn.restricting(alpha, noise=noise):
             output = self.backend.call(self.model, x)
-        model_term = (model_loss or target_cross_entropy)(output, targets)
+        if model_loss is None:
+            model_term = cross_entropy(output, targets)
+        else:
+            model_term = model_loss(output, targets)
         if getattr(model_term, "ndim", 0) != 0:
             raise ValueError(f"the model loss must be a scalar (the mean over the batch), got "
                              f"shape {tuple(model_term.shape)}")
@@ -535,12 +553,15 @@ class ReadoutBottleneck:
     def _batch(self, batch: TrainBatch, model_loss: Any) -> tuple[Any, Any, Any, Any]:
         x, targets = batch
         output, features, bn_features = self.record(x)
-        if targets is None and model_loss is None:
-            out = self.backend.to_numpy(output)
-            if out.ndim != 2:
-                raise ValueError("without targets the readout explains the predicted class, "
-                                 f"which needs logits (B, K); the model gives {out.shape}")
-            targets = np.argmax(out, axis=1)
+        if model_loss is None:
+            if targets is None:
+                out = self.backend.to_numpy(output)
+                if out.ndim != 2:
+                    raise ValueError("without targets the readout explains the predicted "
+                                     f"class, which needs logits (B, K); the model gives "
+                                     f"{out.shape}")
+                targets = np.argmax(out, axis=1)
+            targets = one_hot_targets(output, targets)
         return x, self.readout_input(features, bn_features), bn_features, targets
 
     def train(
@@ -553,6 +574,7 @@ class ReadoutBottleneck:
         model_loss: Callable[[Any, Any], Any] | None = None,
         seed: int | None = None,
         progbar: bool | None = None,
+        compile: bool | Callable[[Callable[..., Any]], Callable[..., Any]] = False,
     ) -> list[float]:
         """Train the head with Adam; returns the mean training loss of each epoch.
 
@@ -561,7 +583,10 @@ class ReadoutBottleneck:
         ``model_loss(output, targets)`` (default: the target-class cross-entropy, each
         sample against its own target) plus ``beta`` times the mean capacity.  ``seed``
         makes the noise reproducible.  The model stays frozen; Adam's state carries over
-        between calls.
+        between calls.  ``compile=True`` runs the second pass and its gradient through
+        :meth:`Backend.compile` (or through ``compile`` itself when it is a callable, e.g.
+        ``tf.function`` with options); ``model_loss`` must then be traceable.  Compiling
+        happens once per call (and per batch shape).
         """
         if int(epochs) != epochs or epochs < 1:
             raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
@@ -574,6 +599,16 @@ class ReadoutBottleneck:
         backend = self.backend
         generator = None
         history: list[float] = []
+
+        def batch_loss(p: Any, x: Any, inputs: Any, bn_features: Any, targets: Any,
+                       noise: Any) -> Any:
+            return self.loss(p, x, inputs, bn_features, targets, noise, beta=beta,
+                             model_loss=model_loss)
+
+        if callable(compile):
+            batch_loss = compile(batch_loss)
+        elif compile:
+            batch_loss = backend.compile(batch_loss)
         with self.attached():
             for epoch in range(int(epochs)):
                 total, count = 0.0, 0
@@ -588,8 +623,7 @@ class ReadoutBottleneck:
 
                     def fn(p: Any, x: Any = x, inputs: Any = inputs, bn_features: Any = bn_features,
                            targets: Any = targets, noise: Any = noise) -> Any:
-                        return self.loss(p, x, inputs, bn_features, targets, noise, beta=beta,
-                                         model_loss=model_loss)
+                        return batch_loss(p, x, inputs, bn_features, targets, noise)
 
                     value, grad = backend.value_and_grad(fn, params)
                     if not math.isfinite(value):

@@ -52,7 +52,7 @@ FEATURE_SHAPES = {"relu2": (8, 6, 6), "relu3": (8, 3, 3), "logits": (5,)}
 
 # Training recipe of the suite (the reference's lr of 1e-5 needs far more steps than a
 # unit test can afford).
-TRAIN_IMAGES, TRAIN_BATCH, TRAIN_EPOCHS, TRAIN_LR = 256, 32, 12, 3e-2
+TRAIN_IMAGES, TRAIN_BATCH, TRAIN_EPOCHS, TRAIN_LR = 256, 32, 16, 2e-2
 HELD_OUT = 8
 
 
@@ -120,12 +120,15 @@ class ReadoutCase:
         to_inputs: ``images -> inputs``: NumPy ``(N, 3, 12, 12)`` channels-first images as
             the model's input (a channels-last framework transposes them).
         layer_of: ``(model, name) -> layer object``.
+        train_options: extra keyword arguments of :meth:`ReadoutBottleneck.train` for
+            the suite's training run (e.g. ``{"compile": ...}``).
     """
 
     backend: str
     make_model: Callable[[dict[str, np.ndarray]], Any]
     to_inputs: Callable[[np.ndarray], Any]
     layer_of: Callable[[Any, str], Any]
+    train_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -148,8 +151,10 @@ def make_readout(case: ReadoutCase, model: Any, **kwargs: Any) -> ReadoutBottlen
                              list(READOUT_LAYERS), **kwargs)
 
 
-def estimate(readout: ReadoutBottleneck, case: ReadoutCase, n: int = TRAIN_IMAGES,
+def estimate(readout: ReadoutBottleneck, case: ReadoutCase, n: int | None = None,
              seed: int = 1) -> list[Any]:
+    """Estimate on ``n`` training images (default: the recipe's); returns the batches."""
+    n = TRAIN_IMAGES if n is None else n
     images, labels = blob_images(n, seed)
     batches = [(case.to_inputs(images[i:i + TRAIN_BATCH]), labels[i:i + TRAIN_BATCH])
                for i in range(0, n, TRAIN_BATCH)]
@@ -171,7 +176,8 @@ def train_reference_readout(case: ReadoutCase) -> TrainedReadout:
     evaluation = [(case.to_inputs(eval_images), eval_labels)]
     with backend.frozen(model):
         before = readout.evaluate(evaluation, seed=0)
-        history = readout.train(batches, epochs=TRAIN_EPOCHS, lr=TRAIN_LR, seed=0)
+        history = readout.train(batches, epochs=TRAIN_EPOCHS, lr=TRAIN_LR, seed=0,
+                                **case.train_options)
         after = readout.evaluate(evaluation, seed=0)
     images, labels = blob_images(HELD_OUT, 3)
     x = case.to_inputs(images)
@@ -260,10 +266,11 @@ class ReadoutTests:
         x = np.random.default_rng(1).standard_normal((4, 21, 6, 6)).astype(np.float32)
         like = backend.from_numpy(x)
         alpha = backend.to_numpy(head(backend.from_numpy(flat, like=like), like))
-        # Bias 5, last weights scaled by 1e-3: alpha within a few 1e-3 of 5 (clamped above).
-        assert np.all(alpha <= 5.0) and np.all(alpha > 4.99)
+        # Bias 4.9, last weights scaled by 1e-3: alpha within a few 1e-3 of 4.9, inside
+        # the clamp (so every output has a gradient), letting ~99.3% of the signal pass.
+        np.testing.assert_allclose(alpha, 4.9, atol=0.01)
         params = head.unpack(flat)
-        assert np.all(params["b3"] == 5.0) and np.abs(params["w3"]).max() < 1e-3
+        assert np.all(params["b3"] == np.float32(4.9)) and np.abs(params["w3"]).max() < 1e-3
 
     def test_readout_input_matches_numpy(self, backend: Backend) -> None:
         rng = np.random.default_rng(2)
@@ -365,7 +372,7 @@ class ReadoutTests:
         print(f"\nreadout vs per-sample map correlation on {HELD_OUT} held-out images: "
               f"mean {corr.mean():.3f}, min {corr.min():.3f}")
         assert corr.mean() > 0.8
-        assert corr.min() > 0.4
+        assert corr.min() > 0.5
 
     def test_maps_are_bits_and_find_the_blob(self, trained: TrainedReadout) -> None:
         maps = trained.readout_maps
@@ -374,13 +381,16 @@ class ReadoutTests:
         cap = trained.readout.backend.to_numpy(trained.readout.capacity())
         np.testing.assert_allclose(maps.reshape(HELD_OUT, -1).sum(1),
                                    cap.reshape(HELD_OUT, -1).sum(1) / math.log(2), rtol=1e-4)
+        # The blob (the 5x5 pixels around its brightest one, 17% of the image) holds far
+        # more than its share of the map.
         images, _ = blob_images(HELD_OUT, 3)
-        blob = np.abs(images).sum(1)
-        for m, b in zip(maps, blob):
-            # The map's peak lies within 2 pixels of the blob's brightest pixel.
-            py, px = np.unravel_index(np.argmax(m), m.shape)
-            by, bx = np.unravel_index(np.argmax(b), b.shape)
-            assert max(abs(py - by), abs(px - bx)) <= 2
+        shares = []
+        for m, image in zip(maps, np.abs(images).sum(1)):
+            by, bx = np.unravel_index(np.argmax(image), image.shape)
+            yy, xx = np.mgrid[0:IMAGE_SIZE[0], 0:IMAGE_SIZE[1]]
+            near = (np.abs(yy - by) <= 2) & (np.abs(xx - bx) <= 2)
+            shares.append(m[near].sum() / m.sum() / near.mean())
+        assert np.mean(shares) > 2 and np.min(shares) > 1
 
     def test_alpha_closes_below_zero(self, trained: TrainedReadout) -> None:
         # The reference clamped the readout's output at zero; ours reaches -5 on the
