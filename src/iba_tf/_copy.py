@@ -140,7 +140,7 @@ def model_wo_softmax(model: keras.Model) -> keras.Model:
             x = layer(x)
         last_input = x
     else:
-        inputs = model.inputs
+        inputs = model.input
     if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
         outputs = last_input
     else:
