@@ -1,10 +1,14 @@
 """Train the small CNN of ``iba demo`` on cluttered digits and write its weights.
 
-    python scripts/train_demo_models.py            # PyTorch -> src/iba_torch/data/demo_cnn.npz
+    python scripts/train_demo_models.py                    # both, about 15 min on 2 CPU cores
+    python scripts/train_demo_models.py --framework keras  # only convert to Keras (seconds)
 
-Deterministic: fixed seeds for the data (``iba_core.datasets.cluttered_digits``) and for
-PyTorch; single-threaded kernels are not needed, CPU results repeat run to run.  Prints
-the accuracy on test images built from handwriting the model never saw.
+``torch``: trains the PyTorch CNN (``iba_torch._demo``) with fixed seeds for the data
+(``iba_core.datasets.cluttered_digits``) and for PyTorch, and writes
+``src/iba_torch/data/demo_cnn.npz``.  ``keras``: the Keras demo CNN (``iba_tf._demo``) is
+the same network, so its weights are the PyTorch ones in Keras layout, written to
+``src/iba_tf/data/demo_cnn.npz``; its accuracy is measured in Keras.  Accuracies are on
+test images built from handwriting the model never saw (the ``test`` split).
 """
 
 from __future__ import annotations
@@ -71,15 +75,36 @@ def train_torch(out: Path, epochs: int, seed: int) -> float:
     return acc
 
 
+def convert_to_keras(torch_weights: Path, out: Path) -> float:
+    import keras
+
+    from iba_tf._demo import demo_cnn, keras_weights_from_torch
+
+    with np.load(torch_weights) as data:
+        state = {k: data[k] for k in data.files}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, **keras_weights_from_torch(state))
+    model = demo_cnn(out)
+    test = cluttered_digits(N_TEST, split="test", seed=TEST_SEED)
+    x = np.ascontiguousarray(np.moveaxis(test.images, 1, -1))
+    logits = np.asarray(model.predict(x, batch_size=500, verbose=0))
+    acc = float((logits.argmax(axis=1) == test.labels).mean())
+    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB); Keras {keras.__version__} test "
+          f"accuracy {acc:.4f} on {N_TEST} images")
+    return acc
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--framework", choices=["torch"], default="torch")
+    parser.add_argument("--framework", choices=["all", "torch", "keras"], default="all")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="weights file to write")
     args = parser.parse_args()
-    if args.framework == "torch":
-        train_torch(args.out or ROOT / "src/iba_torch/data/demo_cnn.npz", args.epochs, args.seed)
+    torch_weights = ROOT / "src/iba_torch/data/demo_cnn.npz"
+    if args.framework in ("all", "torch"):
+        train_torch(torch_weights, args.epochs, args.seed)
+    if args.framework in ("all", "keras"):
+        convert_to_keras(torch_weights, ROOT / "src/iba_tf/data/demo_cnn.npz")
 
 
 if __name__ == "__main__":

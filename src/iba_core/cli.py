@@ -62,7 +62,8 @@ class Session(Protocol):
     def estimate(self, batches: Any, n_samples: int, progbar: bool) -> Any: ...
     def set_estimator(self, estimator: Any) -> None: ...
     def estimator(self) -> Any: ...
-    def explain(self, x: np.ndarray, targets: np.ndarray, seed: int | None) -> np.ndarray: ...
+    def explain(self, x: np.ndarray, targets: np.ndarray, seed: int | None,
+                noise: str = "backend") -> np.ndarray: ...
 
 
 class Runner(Protocol):
@@ -74,6 +75,7 @@ class Runner(Protocol):
     def demo_model(self) -> Any: ...
     def load_model(self, spec: str, weights: str | None, device: str | None) -> Any: ...
     def input_channels(self, model: Any) -> int | None: ...
+    def image_size(self, model: Any) -> tuple[int, int] | None: ...
     def layer_table(self, model: Any, input_shape: tuple[int, ...]
                     ) -> list[tuple[str, str, str]]: ...
     def session(self, model: Any, layer: str, sample: np.ndarray, **settings: Any) -> Session: ...
@@ -87,8 +89,15 @@ def load_runner(backend: str, device: str | None = None) -> Runner:
     if backend not in BACKENDS:
         raise CliError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     module_name, pretty, extra = _FRAMEWORK[backend]
+    quiet: Any = contextlib.nullcontext()
+    if backend == "tensorflow":
+        # Keep TensorFlow's C++ start-up messages (CPU features, no CUDA driver, ...) off
+        # stderr: the log level covers later ones, the import itself needs a muted stderr.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        quiet = _muted_stderr()
     try:
-        importlib.import_module(module_name)
+        with quiet:
+            importlib.import_module(module_name)
     except ImportError:
         raise CliError(f"the {backend} backend needs {pretty}, which is not installed: "
                        f"pip install '{extra}'") from None
@@ -100,6 +109,23 @@ def load_runner(backend: str, device: str | None = None) -> Runner:
                            f"{_version()}; use --backend torch") from None
         raise
     return module.Runner(device=device)
+
+
+@contextlib.contextmanager
+def _muted_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (C/C++ logging included) unless ``IBA_DEBUG`` is set."""
+    if os.environ.get("IBA_DEBUG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _version() -> str:
@@ -136,6 +162,13 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def check_out(out: Path) -> Path:
+    """Refuse an ``--out`` that cannot become a folder, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} exists and is not a folder")
+    return out
 
 
 def write_outputs(out: Path, files: dict[str, bytes]) -> list[Path]:
@@ -225,8 +258,9 @@ def _per_channel(values: Sequence[float] | None, channels: int, default: float, 
     if values is None:
         return np.full(channels, default, dtype=np.float32)
     if len(values) not in (1, channels):
-        raise CliError(f"--{name} takes 1 or {channels} values (one per channel), got "
-                       f"{len(values)}")
+        takes = "1 value" if channels == 1 else f"1 or {channels} values"
+        raise CliError(f"--{name} takes {takes} (the model's input has {channels} "
+                       f"channel{'s' if channels > 1 else ''}), got {len(values)}")
     arr = np.broadcast_to(np.asarray(values, dtype=np.float32), (channels,)).copy()
     if name == "std" and np.any(arr <= 0):
         raise CliError(f"--std values must be > 0, got {list(values)}")
@@ -272,6 +306,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CliError(f"--n must be between 1 and 64, got {args.n}")
     if args.estimate_samples < 1:
         raise CliError(f"--estimate-samples must be >= 1, got {args.estimate_samples}")
+    out = check_out(Path(args.out))
     runner = load_runner(args.backend)
     model = runner.demo_model()
     try:
@@ -290,7 +325,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     x = to_model(test.images)
     predicted = session.predict(x).argmax(axis=1)
-    maps = session.explain(x, test.labels, seed=args.seed)  # all N images in one call
+    # All N images in one call; NumPy noise: the same draws, so the same maps, in every backend.
+    maps = session.explain(x, test.labels, seed=args.seed, noise="numpy")
     t_explain = time.perf_counter()
 
     bits = maps.reshape(len(maps), -1).sum(axis=1)
@@ -306,7 +342,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     labels=test.labels, predicted=predicted, boxes=test.boxes,
                     total_bits=bits, top_n_in_box=scores, seed=np.int64(args.seed),
                     layer=np.str_(DEMO_LAYER), backend=np.str_(runner.name))
-    written = write_outputs(Path(args.out), {"demo.png": png, "saliency_maps.npz": npz})
+    written = write_outputs(out, {"demo.png": png, "saliency_maps.npz": npz})
     t_end = time.perf_counter()
 
     print(f"IBA demo: {args.n} cluttered-digit test images (seed {args.seed}), {runner.name} "
@@ -359,7 +395,7 @@ def _channels(args: argparse.Namespace, runner: Runner, model: Any) -> int:
 def cmd_layers(args: argparse.Namespace) -> int:
     runner, model = _open_model(args)
     channels = _channels(args, runner, model)
-    h, w = _size(args.size) or (224, 224)
+    h, w = _size(args.size) or runner.image_size(model) or (224, 224)
     shape = (h, w, channels) if runner.channels_last else (channels, h, w)
     rows = runner.layer_table(model, shape)
     width = max([len(r[0]) for r in rows] + [5])
@@ -385,6 +421,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.n_samples < 1:
         raise CliError(f"--n-samples must be >= 1, got {args.n_samples}")
     size = _size(args.size)
+    out = check_out(Path(args.out))
     image_paths = find_images(args.images, "--images")
     estimate_paths = (find_images(args.estimate_from, "--estimate-from")
                       if args.estimate_from else [])
@@ -392,6 +429,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise CliError(f"--estimate: no such file: {args.estimate}")
 
     runner, model = _open_model(args)
+    size = size or runner.image_size(model)
     channels = _channels(args, runner, model)
     mean = _per_channel(args.mean, channels, 0.0, "mean")
     std = _per_channel(args.std, channels, 1.0, "std")
@@ -411,7 +449,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         targets = predicted.astype(np.int64)
 
     if args.estimate is not None:
-        session.set_estimator(_load_estimate(Path(args.estimate), session.feature_shape))
+        session.set_estimator(_load_estimate(Path(args.estimate), session.feature_shape,
+                                             args.layer))
     else:
         count = min(len(estimate_paths), args.n_samples)
         # Statistics must match the explained images' feature shape: same pixel size.
@@ -459,7 +498,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CliFailure(f"cannot write --save-estimate {args.save_estimate}: "
                              f"{exc.strerror or exc}") from None
-    out = Path(args.out)
     write_outputs(out, files)
     print(f"explained {len(x)} images at layer {args.layer}: mean {bits.mean():.1f} bits "
           f"per image; wrote {len(files)} files to {out}")
@@ -471,20 +509,21 @@ def _path_chunks(paths: Sequence[Path], size: int) -> Iterator[list[Path]]:
         yield list(paths[i:i + size])
 
 
-def _load_estimate(path: Path, feature_shape: tuple[int, ...]) -> Any:
-    import zipfile
-
+def _load_estimate(path: Path, feature_shape: tuple[int, ...], layer: str) -> Any:
     from ._estimator import Estimator
 
     try:
-        return Estimator.load(path, expected_shape=feature_shape)
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise CliError(f"cannot read the estimate {path}: {exc}") from None
+        with np.load(path) as data:
+            state = {k: data[k] for k in data.files}
+    except Exception:
+        raise CliError(f"cannot read the estimate {path}: not an .npz file written by "
+                       "--save-estimate") from None
+    estimator = Estimator()
+    try:
+        estimator.load_state_dict(state, expected_shape=feature_shape)
     except ValueError as exc:
-        msg = str(exc)
-        if "pickle" in msg or "load" in msg.lower() and "file" in msg.lower():
-            msg = "not an .npz file written by iba (--save-estimate)"
-        raise CliError(f"the estimate {path} does not fit: {msg}") from None
+        raise CliError(f"the estimate {path} does not fit layer {layer!r}: {exc}") from None
+    return estimator
 
 
 # -- argument parsing ---------------------------------------------------------------------
@@ -613,4 +652,8 @@ def _one_line(text: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m iba_core.cli``: run the imported module's main, so that the backends'
+    # ``from iba_core.cli import CliError`` is the class caught here.
+    from iba_core.cli import main as _main
+
+    sys.exit(_main())

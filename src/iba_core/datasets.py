@@ -22,8 +22,9 @@ __all__ = ["ClutteredDigits", "cluttered_digits", "load_digits_split"]
 _N_TRAIN = 1200
 _SPLIT_SEED = 20200107
 _SPLITS = ("train", "test")
-#: Intensity (in [0, 1]) above which a pixel of the scaled digit counts as ink.
-_INK = 0.25
+#: Intensity (in [0, 1]) above which a pixel of the scaled digit counts as ink: any
+#: visible pixel (the contrast stretch in ``_scale`` sets the faint blur to exactly 0).
+_INK = 0.0
 
 
 class ClutteredDigits(NamedTuple):
@@ -82,7 +83,7 @@ def _scale(digit: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _ink_box(patch: np.ndarray) -> tuple[int, int, int, int] | None:
-    """``(x0, y0, x1, y1)`` of the pixels above the ink threshold, or ``None``."""
+    """``(x0, y0, x1, y1)`` of the ink (non-zero pixels), or ``None``."""
     ys, xs = np.nonzero(patch > _INK)
     if ys.size == 0:
         return None

@@ -38,25 +38,15 @@ def import_factory(spec: str) -> Any:
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise CliError(f"model spec {spec!r} must look like 'package.module:factory'")
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
-            raise CliError(f"model spec {spec!r}: no such file: {path}")
-        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-        if mod_spec is None or mod_spec.loader is None:
-            raise CliError(f"model spec {spec!r}: cannot load {path} as a Python module")
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.modules[path.stem] = module
-        loader = lambda: mod_spec.loader.exec_module(module)  # noqa: E731
-    else:
-        loader = None
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        if loader is not None:
-            loader()
+        if module_name.endswith(".py"):
+            module = _import_file(Path(module_name), spec)
         else:
             module = importlib.import_module(module_name)
+    except CliError:
+        raise
     except ModuleNotFoundError as exc:
         raise CliError(f"model spec {spec!r}: cannot import {module_name!r} "
                        f"({_first_line(exc)})") from None
@@ -69,6 +59,18 @@ def import_factory(spec: str) -> Any:
             raise CliError(f"model spec {spec!r}: {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     return obj
+
+
+def _import_file(path: Path, spec: str) -> Any:
+    if not path.is_file():
+        raise CliError(f"model spec {spec!r}: no such file: {path}")
+    mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+    if mod_spec is None or mod_spec.loader is None:
+        raise CliError(f"model spec {spec!r}: cannot load {path} as a Python module")
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[path.stem] = module
+    mod_spec.loader.exec_module(module)
+    return module
 
 
 def _load_state_dict(path: Path) -> dict[str, Any]:
@@ -177,11 +179,12 @@ class Session:
     def estimator(self) -> Estimator:
         return self.iba.estimator
 
-    def explain(self, x: np.ndarray, targets: np.ndarray, seed: int | None) -> np.ndarray:
+    def explain(self, x: np.ndarray, targets: np.ndarray, seed: int | None,
+                noise: str = "backend") -> np.ndarray:
         """Saliency maps ``(N, H, W)`` in bits per pixel, all N inputs in one call."""
         try:
             maps = self.iba.analyze(self._tensor(x), target=np.asarray(targets),
-                                    model=self.model, seed=seed)
+                                    model=self.model, seed=seed, noise=noise)
         except FloatingPointError as exc:
             raise CliFailure(str(exc)) from None
         return maps[None] if maps.ndim == 2 else maps
@@ -234,6 +237,10 @@ class Runner:
         if self.device is not None:
             model = model.to(self.device)
         return model.eval()
+
+    def image_size(self, model: torch.nn.Module) -> tuple[int, int] | None:
+        """PyTorch modules do not declare an input size."""
+        return None
 
     def input_channels(self, model: torch.nn.Module) -> int | None:
         for m in model.modules():

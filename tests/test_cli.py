@@ -1,0 +1,446 @@
+"""The ``iba`` command, driven as a user drives it.
+
+Happy paths and a sample of mistakes run the real command in a subprocess
+(``python -m iba_core.cli``, what the ``iba`` script calls); the full list of bad inputs
+calls ``main(argv)`` in-process, the function the console script runs, to stay fast.
+Every bad input must give one line on stderr, a non-zero exit and no output files.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from iba_core.cli import main
+
+pytest.importorskip("sklearn")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def iba(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env.pop("IBA_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "iba_core.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=120)
+
+
+def assert_one_line_error(proc_or_err: subprocess.CompletedProcess[str] | str, code: int,
+                          *fragments: str) -> str:
+    err = proc_or_err if isinstance(proc_or_err, str) else proc_or_err.stderr
+    if not isinstance(proc_or_err, str):
+        assert proc_or_err.returncode == code, (proc_or_err.returncode, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("iba"), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+# -- without any framework ------------------------------------------------------------------
+def test_help_and_version_need_no_framework():
+    proc = iba("--help")
+    assert proc.returncode == 0
+    for command in ("demo", "explain", "layers"):
+        assert command in proc.stdout
+    code = textwrap.dedent("""
+        import sys
+        from iba_core.cli import build_parser
+        build_parser()
+        print([m for m in ("torch", "tensorflow", "keras") if m in sys.modules])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_console_script_is_declared():
+    from importlib.metadata import entry_points
+
+    (ep,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "iba"]
+    assert ep.value == "iba_core.cli:main"
+    assert ep.load() is main
+
+
+def test_usage_errors_are_one_line():
+    bare = iba()  # no command: the help, and a non-zero exit
+    assert bare.returncode == 2 and "usage: iba" in bare.stdout and not bare.stderr
+    assert_one_line_error(iba("demo", "--n", "many"), 2, "invalid int value: 'many'")
+    assert_one_line_error(iba("explain", "m:f", "--images", "x.png"), 2,
+                          "the following arguments are required: --layer")
+
+
+def test_model_spec_that_is_neither_torch_nor_keras(capsys):
+    assert main(["layers", "model.onnx"]) == 2
+    assert_one_line_error(capsys.readouterr().err, 2, "cannot tell what kind of model")
+
+
+# -- with PyTorch ---------------------------------------------------------------------------
+torch_only = pytest.mark.torch
+MODEL = "iba_torch._demo:demo_cnn"
+LAYER = "features.relu3"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Cluttered-digit PNGs: 5 to explain, 120 to estimate on, as a user would have them."""
+    from PIL import Image
+
+    from iba_core.datasets import cluttered_digits
+
+    root = tmp_path_factory.mktemp("cli")
+    test = cluttered_digits(5, split="test", seed=11)
+    train = cluttered_digits(120, split="train", seed=12)
+    for name, data in (("images", test), ("estimate", train)):
+        (root / name).mkdir()
+        for i, img in enumerate(data.images):
+            Image.fromarray(np.round(img[0] * 255).astype(np.uint8)).save(
+                root / name / f"digit{i:03d}.png")
+    (root / "notes.txt").write_text("not an image\n")
+    (root / "fake.png").write_text("not an image either\n")
+    Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "small.png")
+    (root / "mymodel.py").write_text(textwrap.dedent("""
+        from iba_torch._demo import build_demo_cnn
+
+        def make():
+            return build_demo_cnn()
+
+        def broken():
+            raise RuntimeError("no GPU here")
+    """))
+    return {"root": root, "labels": test.labels, "boxes": test.boxes}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """``iba demo --n 4`` run once, in a real process."""
+    pytest.importorskip("torch")
+    out = tmp_path_factory.mktemp("demo") / "out"
+    proc = iba("demo", "--n", "4", "--seed", "0", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return proc, out
+
+
+@torch_only
+def test_demo_writes_figure_maps_and_table(demo_run):
+    proc, out = demo_run
+    assert not proc.stderr.strip()
+    assert sorted(p.name for p in out.iterdir()) == ["demo.png", "saliency_maps.npz"]
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with np.load(out / "saliency_maps.npz") as f:
+        maps, bits, scores = f["saliency_maps"], f["total_bits"], f["top_n_in_box"]
+        labels, predicted, boxes = f["labels"], f["predicted"], f["boxes"]
+        assert str(f["layer"]) == LAYER and str(f["backend"]) == "torch"
+    assert maps.shape == (4, 64, 64) and maps.dtype == np.float32
+    assert maps.min() >= 0.0
+    np.testing.assert_allclose(maps.reshape(4, -1).sum(axis=1), bits, rtol=1e-4)
+    from iba_core._demo import top_n_in_box
+    from iba_core.datasets import cluttered_digits
+
+    expected = cluttered_digits(4, split="test", seed=0)
+    np.testing.assert_array_equal(labels, expected.labels)
+    np.testing.assert_array_equal(boxes, expected.boxes)
+    np.testing.assert_allclose(scores, top_n_in_box(maps, boxes))
+    # The pretrained CNN gets these right, and IBA points at the digit: far more of the
+    # top-n pixels inside the box than chance (about 0.1 here).
+    np.testing.assert_array_equal(predicted, labels)
+    assert np.all(bits > 1.0)
+    assert scores.mean() > 0.6 and scores.min() > 0.3
+    # The table: one row per image with the same numbers, then the mean and the timings.
+    rows = [line.split() for line in proc.stdout.splitlines()
+            if line.split()[:1] in (["0"], ["1"], ["2"], ["3"])]
+    assert len(rows) == 4
+    for i, row in enumerate(rows):
+        assert int(row[1]) == labels[i] and int(row[2]) == predicted[i]
+        assert float(row[3]) == pytest.approx(bits[i], abs=0.06)
+        assert float(row[4]) == pytest.approx(scores[i], abs=0.006)
+    assert "one batched call" in proc.stdout and "total" in proc.stdout
+
+
+@torch_only
+def test_demo_is_deterministic_and_batch_independent(demo_run, tmp_path):
+    """Same seed, fewer images: the first two maps are those of the 4-image run."""
+    _, out = demo_run
+    assert main(["demo", "--n", "2", "--seed", "0", "--out", str(tmp_path)]) == 0
+    with np.load(out / "saliency_maps.npz") as a, np.load(tmp_path / "saliency_maps.npz") as b:
+        np.testing.assert_allclose(b["saliency_maps"], a["saliency_maps"][:2], rtol=1e-4,
+                                   atol=1e-6)
+
+
+@torch_only
+def test_demo_rejects_bad_options(tmp_path, capsys):
+    assert main(["demo", "--n", "0", "--out", str(tmp_path / "x")]) == 2
+    assert_one_line_error(capsys.readouterr().err, 2, "--n must be between 1 and 64")
+    assert not (tmp_path / "x").exists()
+
+
+@torch_only
+def test_layers_lists_names_types_and_shapes(folders):
+    pytest.importorskip("torch")
+    proc = iba("layers", MODEL, "--size", "64")
+    assert proc.returncode == 0, proc.stderr
+    table = {line.split()[0]: line.split(maxsplit=2)[1:] for line in proc.stdout.splitlines()[2:]}
+    assert table["features.conv1"] == ["Conv2d", "(16, 64, 64)"]
+    assert table[LAYER] == ["ReLU", "(64, 16, 16)"]
+    assert table["classifier.fc"] == ["Linear", "(10,)"]
+    assert "input of shape (1, 64, 64)" in proc.stdout  # one channel, from the first conv
+
+
+@pytest.fixture(scope="module")
+def explained(folders, tmp_path_factory):
+    """``iba explain`` on the demo CNN, run once in a real process from the images' folder."""
+    pytest.importorskip("torch")
+    tmp = tmp_path_factory.mktemp("explained")
+    proc = iba("explain", MODEL, "--layer", LAYER, "--images", "images",
+               "--estimate-from", "estimate", "--save-estimate", str(tmp / "est.npz"),
+               "--out", str(tmp / "out"), "--batch-size", "3", cwd=folders["root"])
+    assert proc.returncode == 0, proc.stderr
+    return proc, tmp / "out", tmp / "est.npz"
+
+
+@torch_only
+def test_explain_writes_overlays_maps_and_summary(folders, explained):
+    proc, out, _ = explained
+    # 120 estimation images: below the recommended 1,000, said in one warning line.
+    assert proc.stderr.strip().startswith("iba: warning: the statistics rest on 120 samples")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "explained 5 images at layer features.relu3" in proc.stdout
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([f"digit{i:03d}_saliency.png" for i in range(5)]
+                           + ["saliency_maps.npz", "summary.csv"])
+    with np.load(out / "saliency_maps.npz") as f:
+        maps, predicted, targets = f["saliency_maps"], f["predicted"], f["targets"]
+        files = [Path(p).name for p in f["files"]]
+    assert files == [f"digit{i:03d}.png" for i in range(5)]
+    assert maps.shape == (5, 64, 64) and maps.min() >= 0.0
+    np.testing.assert_array_equal(targets, predicted)  # default: the predicted class
+    np.testing.assert_array_equal(predicted, folders["labels"])
+    from iba_core._demo import top_n_in_box
+
+    assert top_n_in_box(maps, folders["boxes"]).mean() > 0.5
+    with open(out / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["predicted"]) for r in rows] == predicted.tolist()
+    np.testing.assert_allclose([float(r["total_bits"]) for r in rows],
+                               maps.reshape(5, -1).sum(axis=1), rtol=1e-4)
+
+
+@torch_only
+def test_explain_with_a_saved_estimate_and_a_fixed_target(folders, explained, tmp_path):
+    """The saved estimate gives the same maps (same seed) without the estimation images;
+    ``--target`` explains that class for every image."""
+    _, ref, est = explained
+    images = str(folders["root"] / "images")
+    assert main(["explain", MODEL, "--layer", LAYER, "--images", images, "--estimate",
+                 str(est), "--out", str(tmp_path / "a"), "--batch-size", "3"]) == 0
+    with np.load(ref / "saliency_maps.npz") as a, np.load(tmp_path / "a" /
+                                                           "saliency_maps.npz") as b:
+        np.testing.assert_allclose(b["saliency_maps"], a["saliency_maps"], rtol=1e-4,
+                                   atol=1e-6)
+        maps = a["saliency_maps"]
+    assert main(["explain", MODEL, "--layer", LAYER, "--images", images, "--estimate",
+                 str(est), "--out", str(tmp_path / "b"), "--target", "3"]) == 0
+    with np.load(tmp_path / "b" / "saliency_maps.npz") as f:
+        assert f["targets"].tolist() == [3] * 5
+        assert not np.allclose(f["saliency_maps"], maps)
+
+
+@torch_only
+def test_explain_user_factory_file_with_weights(folders, explained, tmp_path):
+    """``module:factory`` from the current folder plus a state_dict saved by torch.save."""
+    torch = pytest.importorskip("torch")
+    from iba_torch._demo import demo_cnn
+
+    _, ref, est = explained
+    torch.save(demo_cnn().state_dict(), tmp_path / "weights.pt")
+    proc = iba("explain", "mymodel:make", "--weights", str(tmp_path / "weights.pt"),
+               "--layer", LAYER, "--images", "images", "--estimate", str(est),
+               "--out", str(tmp_path / "mine"), "--batch-size", "3", cwd=folders["root"])
+    assert proc.returncode == 0, proc.stderr
+    with np.load(ref / "saliency_maps.npz") as a, \
+            np.load(tmp_path / "mine" / "saliency_maps.npz") as b:
+        np.testing.assert_allclose(b["saliency_maps"], a["saliency_maps"], rtol=1e-4,
+                                   atol=1e-6)
+
+
+@torch_only
+def test_bad_inputs_in_a_real_process(folders, tmp_path):
+    """A sample of mistakes through the real command: one line, exit 2, no traceback."""
+    pytest.importorskip("torch")
+    root = folders["root"]
+    out = tmp_path / "never"
+    base = ["explain", MODEL, "--estimate-from", "estimate", "--out", str(out)]
+    assert_one_line_error(iba(*base, "--layer", "features.conv9", "--images", "images",
+                              cwd=root), 2, "layer 'features.conv9' not found",
+                          "features.conv1", "features.relu3")
+    assert_one_line_error(iba(*base, "--layer", LAYER, "--images", "fake.png", cwd=root), 2,
+                          "fake.png is not an image")
+    assert_one_line_error(iba("explain", "no_such_module:make", "--layer", LAYER, "--images",
+                              "images", "--estimate-from", "estimate", cwd=root), 2,
+                          "cannot import 'no_such_module'")
+    assert not out.exists()
+
+
+def _bad(argv: list[str], capsys, *fragments: str, code: int = 2) -> str:
+    assert main(argv) == code
+    captured = capsys.readouterr()
+    return assert_one_line_error(captured.err, code, *fragments)
+
+
+@torch_only
+def test_every_bad_input_is_one_clear_line(folders, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("torch")
+    root = folders["root"]
+    monkeypatch.chdir(root)
+    out = tmp_path / "never"
+    ok = ["--layer", LAYER, "--images", "images", "--out", str(out)]
+    est = ["--estimate-from", "estimate"]
+
+    # files
+    _bad(["explain", MODEL, *est, "--layer", LAYER, "--images", "missing.png"], capsys,
+         "no such file or folder: missing.png")
+    _bad(["explain", MODEL, *est, "--layer", LAYER, "--images", "notes.txt"], capsys,
+         "notes.txt is not an image")
+    _bad(["explain", MODEL, *est, "--layer", LAYER, "--images", "images", "small.png"], capsys,
+         "images differ in size", "--size")
+    _bad(["explain", MODEL, "--estimate-from", "nowhere", *ok], capsys,
+         "--estimate-from: no such file or folder: nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _bad(["explain", MODEL, "--estimate-from", str(empty), *ok], capsys, "no images in folder")
+    _bad(["explain", MODEL, *ok], capsys, "give --estimate-from FOLDER")
+    _bad(["explain", MODEL, *ok, "--estimate", "est.npz", *est], capsys, "not both")
+    _bad(["explain", MODEL, *ok, "--estimate", "missing.npz"], capsys,
+         "--estimate: no such file: missing.npz")
+    _bad(["explain", MODEL, *ok, "--estimate", "notes.txt"], capsys,
+         "cannot read the estimate notes.txt")
+    # model specs
+    _bad(["explain", "mymodel:nothing", *ok, *est], capsys, "'mymodel' has no attribute")
+    _bad(["explain", "mymodel:broken", *ok, *est], capsys,
+         "calling the factory failed with RuntimeError: no GPU here")
+    _bad(["explain", "missing.py:make", *ok, *est], capsys, "no such file: missing.py")
+    _bad(["explain", "os:sep", *ok, *est], capsys, "not a callable")
+    _bad(["explain", "mymodel:make", "--weights", "missing.pt", *ok, *est], capsys,
+         "--weights: no such file: missing.pt")
+    _bad(["explain", "mymodel:make", "--weights", "notes.txt", *ok, *est], capsys,
+         "--weights notes.txt: not a PyTorch state_dict")
+    import torch
+
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    _bad(["explain", "mymodel:make", "--weights", str(tmp_path / "other.pt"), *ok, *est],
+         capsys, "does not fit the model")
+    # layer, target, preprocessing, device
+    _bad(["explain", MODEL, *est, "--layer", "nope", "--images", "images"], capsys,
+         "layer 'nope' not found", "iba layers MODEL")
+    _bad(["explain", MODEL, *ok, *est, "--target", "10"], capsys,
+         "--target 10 is out of range: the model has 10 classes (0..9)")
+    _bad(["explain", MODEL, *ok, *est, "--mean", "0.1", "0.2"], capsys,
+         "--mean takes 1 value (the model's input has 1 channel), got 2")
+    _bad(["explain", MODEL, *ok, *est, "--std", "0"], capsys, "--std values must be > 0")
+    _bad(["explain", MODEL, *ok, *est, "--channels", "3"], capsys, "the model failed on input")
+    _bad(["explain", MODEL, *ok, *est, "--device", "tpu9"], capsys, "--device 'tpu9'")
+    _bad(["explain", MODEL, *ok, *est, "--batch-size", "0"], capsys, "--batch-size must be")
+    # an estimate of another layer does not fit this one
+    assert main(["explain", MODEL, "--layer", LAYER, "--images", "images", *est,
+                 "--save-estimate", str(tmp_path / "e.npz"), "--n-samples", "20",
+                 "--out", str(tmp_path / "fine")]) == 0
+    capsys.readouterr()
+    _bad(["explain", MODEL, "--layer", "features.relu2", "--images", "images",
+          "--estimate", str(tmp_path / "e.npz"), "--out", str(tmp_path / "never2")], capsys,
+         "does not fit", "(64, 16, 16)", "(32, 32, 32)")
+    # the output folder is a file
+    _bad(["explain", MODEL, *est, "--layer", LAYER, "--images", "images", "--out",
+          "notes.txt"], capsys, "--out notes.txt exists and is not a folder")
+    assert not out.exists() and not (tmp_path / "never2").exists()
+    # no temporary files left behind anywhere
+    assert not [p for p in Path(root).rglob(".*") if p.is_file()]
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]
+
+
+@torch_only
+def test_layers_bad_inputs(capsys):
+    pytest.importorskip("torch")
+    _bad(["layers", MODEL, "--size", "1", "2", "3"], capsys, "--size takes H W")
+    _bad(["layers", "iba_torch._demo:DEMO_LAYER"], capsys, "not a callable")
+    _bad(["layers", "iba_torch._demo:weights_path"], capsys, "returned a PosixPath",
+         "not a torch.nn.Module")
+
+
+# -- with TensorFlow / Keras ----------------------------------------------------------------
+tf_only = pytest.mark.tf
+
+
+@pytest.fixture(scope="module")
+def keras_file(tmp_path_factory):
+    """The Keras demo CNN saved as a user's ``.keras`` file."""
+    pytest.importorskip("tensorflow")
+    from iba_tf._demo import demo_cnn
+
+    path = tmp_path_factory.mktemp("keras") / "digits.keras"
+    demo_cnn().save(path)
+    return path
+
+
+@tf_only
+def test_demo_tensorflow_gives_the_torch_maps(demo_run, tmp_path):
+    """Same network, same NumPy noise: the Keras demo reproduces the PyTorch figure."""
+    pytest.importorskip("tensorflow")
+    _, torch_out = demo_run
+    assert main(["demo", "--backend", "tensorflow", "--n", "2", "--out", str(tmp_path)]) == 0
+    with np.load(torch_out / "saliency_maps.npz") as a, \
+            np.load(tmp_path / "saliency_maps.npz") as b:
+        assert str(b["backend"]) == "tensorflow"
+        np.testing.assert_array_equal(b["predicted"], a["predicted"][:2])
+        expected = a["saliency_maps"][:2]
+        np.testing.assert_allclose(b["saliency_maps"], expected, rtol=1e-3,
+                                   atol=1e-3 * expected.max())
+
+
+@tf_only
+def test_explain_and_layers_for_a_keras_file(folders, explained, keras_file, tmp_path, capsys):
+    """A ``.keras`` file: layers listed with channels-last shapes; with the estimate saved
+    by the PyTorch run (statistics are stored channels-first) the maps are PyTorch's."""
+    pytest.importorskip("tensorflow")
+    assert main(["layers", str(keras_file)]) == 0
+    out = capsys.readouterr().out
+    assert "input of shape (64, 64, 1)" in out  # the size the model declares
+    table = {line.split()[0]: line.split(maxsplit=2)[1:] for line in out.splitlines()[2:]}
+    assert table[LAYER] == ["ReLU", "(16, 16, 64)"]
+    assert table["classifier.fc"] == ["Dense", "(10,)"]
+
+    _, ref, est = explained
+    assert main(["explain", str(keras_file), "--layer", LAYER, "--images",
+                 str(folders["root"] / "images"), "--estimate", str(est), "--out",
+                 str(tmp_path / "k"), "--batch-size", "3"]) == 0
+    with np.load(ref / "saliency_maps.npz") as a, np.load(tmp_path / "k" /
+                                                           "saliency_maps.npz") as b:
+        np.testing.assert_array_equal(b["predicted"], a["predicted"])
+        assert b["saliency_maps"].shape == (5, 64, 64)
+        # Backend noise differs between frameworks, so only the totals are close.
+        np.testing.assert_allclose(b["total_bits"], a["total_bits"], rtol=0.25)
+
+
+@tf_only
+def test_keras_bad_inputs(folders, keras_file, tmp_path, capsys):
+    pytest.importorskip("tensorflow")
+    images = ["--images", str(folders["root"] / "images"), "--estimate-from",
+              str(folders["root"] / "estimate"), "--out", str(tmp_path / "never")]
+    _bad(["explain", str(tmp_path / "missing.keras"), "--layer", LAYER, *images], capsys,
+         "no such model file")
+    broken = tmp_path / "broken.keras"
+    broken.write_text("not a zip")
+    _bad(["explain", str(broken), "--layer", LAYER, *images], capsys,
+         "cannot load the Keras model")
+    _bad(["explain", str(keras_file), "--layer", "conv9", *images], capsys,
+         "layer 'conv9' not found", "features.relu3")
+    _bad(["explain", str(keras_file), "--layer", LAYER, "--device", "tpu:7", *images], capsys,
+         "--device 'tpu:7' is not usable")
+    assert not (tmp_path / "never").exists()
