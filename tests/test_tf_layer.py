@@ -68,7 +68,16 @@ def test_estimate_from_arrays_generators_and_datasets_agree():
     from_gen = _stats(iba.estimate(model, ((x[i:i + 12], None) for i in range(0, 48, 12))))
     ds = tf.data.Dataset.from_tensor_slices((x, np.zeros(48))).batch(20)
     from_ds = _stats(iba.estimate(model, ds))
-    for stats in (from_array, from_gen, from_ds):
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return x[i * 12:(i + 1) * 12], np.zeros(12)
+
+    from_pydataset = _stats(iba.estimate(model, Batches()))
+    for stats in (from_array, from_gen, from_ds, from_pydataset):
         np.testing.assert_allclose(stats[0], ref.mean(axis=0), rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(stats[1], ref.std(axis=0, ddof=1), rtol=1e-9, atol=1e-12)
     assert iba.estimator.n == 48 and iba.estimator.shape == (6, 12, 12)  # channels-first
@@ -155,6 +164,7 @@ def test_restrict_flow_eagerly_and_in_tf_function(fitted):
     np.testing.assert_array_equal(model(x).numpy(), clean)
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # Keras'
 def test_config_round_trip_and_saving(tmp_path):
     model, iba = build(beta=3.0, sigma=0.5, batch_size=4)
     config = iba.get_config()
@@ -241,6 +251,19 @@ def test_errors(fitted):
         IBALayer(data_format="nhwc")
     with pytest.raises(TypeError, match="cannot iterate"):
         iba.estimate(model, 3)
+
+
+def test_non_finite_features_are_refused():
+    inputs = keras.Input((4,))
+    iba = IBALayer(feature_mean=np.zeros(3), feature_std=np.ones(3))
+    h = keras.layers.Dense(3, name="h")(inputs)
+    blown_up = keras.layers.Lambda(lambda t: t / 0.0)(h)  # +-inf features
+    model = keras.Model(inputs, keras.layers.Dense(2)(iba(blown_up)))
+    x = np.ones((2, 4), np.float32)
+    with pytest.raises(FloatingPointError, match="loss became"):
+        iba.analyze(x, model=model, target=0)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        iba.estimate(model, x)
 
 
 def test_batch_shape_must_match_the_estimate():

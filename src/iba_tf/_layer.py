@@ -375,6 +375,10 @@ class IBALayer(keras.layers.Layer):
     def restrict_flow(self, alpha: Any = None) -> Iterator[IBALayer]:
         """Within the context, the layer adds noise with the mask of the last ``analyze``
         (or ``alpha``, channels-first ``(N, C, ...)`` logits): fresh noise on every call,
-        also inside a ``tf.function`` traced within the context."""
+        also inside a ``tf.function`` traced within the context.
+
+        Call the model directly (``model(x)``): ``model.predict`` reuses a function Keras
+        traced before, which keeps whatever the layer did when it was traced.
+        """
         with self.bottleneck.restricting(alpha):
             yield self
