@@ -16,8 +16,12 @@ Run: ``python benchmarks/bench_tf.py [--repeats 7] [--no-torch]``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 
@@ -64,7 +68,7 @@ def make_keras_model(seed: int = 0) -> keras.Model:
     return keras.Model(inputs, outputs, name="bench")
 
 
-def torch_twin(model: keras.Model):
+def torch_twin(weights: dict[str, np.ndarray]):
     """The same network in PyTorch (channels-first) with the Keras model's weights."""
     import torch
     from torch import nn
@@ -73,19 +77,24 @@ def torch_twin(model: keras.Model):
     c_in = 3
     for i, (c_out, stride) in enumerate(CONVS, start=1):
         conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
-        kernel, bias = model.get_layer(f"conv{i}").get_weights()
         with torch.no_grad():
-            conv.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
-            conv.bias.copy_(torch.from_numpy(bias))
+            conv.weight.copy_(torch.from_numpy(weights[f"conv{i}"].transpose(3, 2, 0, 1).copy()))
+            conv.bias.copy_(torch.from_numpy(weights[f"conv{i}_b"]))
         layers += [conv, nn.ReLU()]
         c_in = c_out
     fc = nn.Linear(c_in, 10)
-    kernel, bias = model.get_layer("fc").get_weights()
     with torch.no_grad():
-        fc.weight.copy_(torch.from_numpy(kernel.T.copy()))
-        fc.bias.copy_(torch.from_numpy(bias))
+        fc.weight.copy_(torch.from_numpy(weights["fc"].T.copy()))
+        fc.bias.copy_(torch.from_numpy(weights["fc_b"]))
     net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc).eval()
     return net, net[5]  # the third ReLU: 128x16x16
+
+
+def keras_weights(model: keras.Model) -> dict[str, np.ndarray]:
+    out = {}
+    for name in [f"conv{i}" for i in range(1, len(CONVS) + 1)] + ["fc"]:
+        out[name], out[name + "_b"] = model.get_layer(name).get_weights()
+    return out
 
 
 def bare_work(model: keras.Model, x: tf.Tensor, target: int, steps: int = 10,
@@ -112,63 +121,112 @@ def bare_work(model: keras.Model, x: tf.Tensor, target: int, steps: int = 10,
         del layer.call
 
 
+def torch_bare_work(net, layer, x, target: int, steps: int = 10, batch_size: int = 10) -> None:
+    """:func:`bare_work` in PyTorch: a forward hook multiplies the mask in."""
+    import torch
+
+    xb = x.expand(batch_size, *x.shape[1:])
+    t = torch.full((batch_size,), target)
+    mask = torch.ones((1, 128, 16, 16), requires_grad=True)
+    handle = layer.register_forward_hook(lambda m, i, out: out * mask)
+    flags = [(p, p.requires_grad) for p in net.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(net(xb), t)
+            (grad,) = torch.autograd.grad(loss, mask)
+            with torch.no_grad():
+                mask -= 0.0 * grad
+    finally:
+        handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
+def torch_child(path: str, repeats: int) -> None:
+    """Time PyTorch in a process of its own (no TensorFlow thread pools around)."""
+    import torch
+
+    from iba_torch import IBA
+
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    net, layer = torch_twin(arrays)
+    data, x1 = arrays["data"], arrays["x1"]
+    iba_t = IBA(layer)
+    iba_t.estimate(net, [torch.from_numpy(data[i:i + 50].transpose(0, 3, 1, 2).copy())
+                         for i in range(0, len(data), 50)])
+    xt = torch.from_numpy(x1.transpose(0, 3, 1, 2).copy())
+    jobs = {"torch bare": lambda: torch_bare_work(net, layer, xt, 3),
+            "torch analyze": lambda: iba_t.analyze(xt, target=3, model=net)}
+    result = {name: statistics.median(run(job, repeats)) for name, job in jobs.items()}
+    result["threads"] = torch.get_num_threads()
+    print(json.dumps(result))
+
+
+def run(job, repeats: int) -> list[float]:
+    job()  # warm-up
+    return [timed(job) for _ in range(repeats)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    parser.add_argument("--torch-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.torch_child:
+        torch_child(args.torch_child, args.repeats)
+        return
 
     model = make_keras_model()
     iba = IBACopy(model, LAYER)
     rng = np.random.default_rng(0)
     data = rng.standard_normal((200, 64, 64, 3)).astype("float32")
     iba.estimate(data, batch_size=50)
-    x1 = tf.constant(rng.standard_normal((1, 64, 64, 3)).astype("float32"))
+    x1 = rng.standard_normal((1, 64, 64, 3)).astype("float32")
+    x1_t = tf.constant(x1)
+    jobs = {"tf bare": lambda: bare_work(model, x1_t, 3),
+            "tf analyze": lambda: iba.analyze(x1_t, target=3)}
+    for job in jobs.values():  # warm-up
+        job()
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(args.repeats):  # interleaved, so load changes hit both alike
+        for name, job in jobs.items():
+            times[name].append(timed(job))
+    t: dict[str, float] = {name: statistics.median(v) for name, v in times.items()}
 
-    bare_work(model, x1, 3)  # warm-up
-    iba.analyze(x1, target=3)
-
-    bare, ana = [], []
-    for _ in range(args.repeats):
-        bare.append(timed(lambda: bare_work(model, x1, 3)))
-        ana.append(timed(lambda: iba.analyze(x1, target=3)))
-    t_bare, t_ana = statistics.median(bare), statistics.median(ana)
-
-    t_torch = None
     if not args.no_torch:
-        import torch
-
-        from iba_torch import IBA
-
-        net, layer = torch_twin(model)
-        iba_t = IBA(layer)
-        iba_t.estimate(net, [torch.from_numpy(data[i:i + 50].transpose(0, 3, 1, 2).copy())
-                             for i in range(0, 200, 50)])
-        xt = torch.from_numpy(x1.numpy().transpose(0, 3, 1, 2).copy())
-        iba_t.analyze(xt, target=3, model=net)  # warm-up
-        tor = [timed(lambda: iba_t.analyze(xt, target=3, model=net))
-               for _ in range(args.repeats)]
-        t_torch = statistics.median(tor)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "twin.npz")
+            np.savez(path, data=data, x1=x1, **keras_weights(model))
+            out = subprocess.run([sys.executable, __file__, "--torch-child", path,
+                                  "--repeats", str(args.repeats)],
+                                 capture_output=True, text=True, check=True).stdout
+        t.update(json.loads(out.strip().splitlines()[-1]))
 
     print(f"tensorflow {tf.__version__}  keras {keras.__version__}  "
-          f"devices {[d.device_type for d in tf.config.list_logical_devices()]}")
+          f"devices {[d.device_type for d in tf.config.list_logical_devices()]}  "
+          f"median of {args.repeats}")
     print("model: 3x64x64 input, bottleneck on 128x16x16, defaults (10 steps, batch 10)")
     print(f"{'measurement':<46}{'seconds':>10}{'ratio':>10}")
-    print(f"{'bare forward+backward work (1 image, TF)':<46}{t_bare:>10.4f}{'':>10}")
-    print(f"{'IBA analyze (1 image, TF)':<46}{t_ana:>10.4f}{t_ana / t_bare:>10.3f}"
-          "  (target <= 1.20)")
-    if t_torch is not None:
-        import torch
-
-        print(f"{'IBA analyze (1 image, PyTorch, same weights)':<46}{t_torch:>10.4f}"
-              f"{t_ana / t_torch:>10.3f}  (TF / PyTorch; torch threads "
-              f"{torch.get_num_threads()})")
+    print(f"{'TF bare forward+backward work (1 image)':<46}{t['tf bare']:>10.4f}")
+    print(f"{'TF IBA analyze (1 image)':<46}{t['tf analyze']:>10.4f}"
+          f"{t['tf analyze'] / t['tf bare']:>10.3f}  (analyze / bare; target <= 1.20)")
+    if "torch analyze" in t:
+        print(f"{'PyTorch bare work (same model and weights)':<46}{t['torch bare']:>10.4f}")
+        print(f"{'PyTorch IBA analyze (same model and weights)':<46}{t['torch analyze']:>10.4f}"
+              f"{t['torch analyze'] / t['torch bare']:>10.3f}  (analyze / bare; "
+              f"{t['threads']} threads, own process)")
+        print(f"{'TF analyze / PyTorch analyze':<46}{'':>10}"
+              f"{t['tf analyze'] / t['torch analyze']:>10.3f}")
 
 
 if __name__ == "__main__":
