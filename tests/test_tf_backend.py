@@ -299,3 +299,15 @@ def test_compile_returns_a_tf_function():
     f = BE.compile(lambda v: v * 2)
     assert isinstance(f, tf.types.experimental.PolymorphicFunction)
     np.testing.assert_array_equal(f(tf.constant([1.0])).numpy(), [2.0])
+
+
+def test_public_surface():
+    import iba_core.plotting
+    import iba_tf
+
+    for name in iba_tf.__all__:
+        assert getattr(iba_tf, name) is not None, name
+    assert iba_tf.plot_saliency_map is iba_core.plotting.plot_saliency_map
+    assert iba_tf.namespace.matmul is not None
+    with pytest.raises(AttributeError, match="no attribute 'IBA'"):
+        iba_tf.IBA  # noqa: B018
