@@ -1,0 +1,555 @@
+"""Speed of every available backend on the same network, sizes and weights, in one run.
+
+For each backend (PyTorch, TensorFlow/Keras) and network, in a fresh worker process:
+
+* ``analyze`` of 1 and of 16 images (reference defaults: 10 steps, 10 noise samples)
+  against the *bare work* any per-sample bottleneck needs: the same number of forward
+  passes on ``N * 10`` samples with a multiplicative mask on the feature map and a
+  backward pass to that mask only.  ``x bare`` is IBA's overhead factor.
+* ``estimate`` throughput (images/s, statistics of the bottleneck layer) against a bare
+  forward pass over the same images.
+* Readout ``analyze`` (untrained head; its speed does not depend on training) against
+  per-sample ``analyze`` on the same images.
+* Peak memory of each measurement over what was allocated before it: PyTorch on a CPU,
+  the resident memory high-water mark (Linux ``VmHWM``, reset via
+  ``/proc/self/clear_refs``; PyTorch's CPU allocator returns large blocks to the system);
+  PyTorch on a GPU, ``torch.cuda.max_memory_allocated``; TensorFlow, its allocator's
+  peak (``tf.config.experimental.get_memory_info``, CPU or GPU), because its allocator
+  keeps freed memory and the resident size would not show the peak.
+
+Networks (weights drawn once in NumPy and loaded into both frameworks, so both compute
+the same function; the run checks that the logits agree):
+
+* ``small`` (default): 3x64x64 -> four 3x3 convolutions -> 10 logits, bottleneck on the
+  128x16x16 output of ``relu3`` (the network of ``bench_torch.py``/``bench_tf.py``);
+* ``resnet`` (``--full``): a ResNet-18-style network without batch norm on 3x224x224,
+  bottleneck on the 128x28x28 output of ``layer2``; ``resnet56`` (on request) puts it
+  on the 64x56x56 output of ``layer1``.
+
+Times are medians of ``--repeats`` runs (bare and IBA alternate).  Timings on a shared
+machine are noisy: the header prints the load average.
+
+Run: ``python benchmarks/bench_speed.py [--quick | --full] [--backends torch,tf]
+[--configs small,resnet,resnet56] [--device cuda]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import DEFAULT_CSV_DIR, PeakRSS, format_table, median_time, print_header, write_csv
+
+HERE = Path(__file__).resolve().parent
+
+# -- the networks, as data ---------------------------------------------------------------
+CONFIGS: dict[str, dict[str, Any]] = {
+    "small": {"arch": "small", "input": (3, 64, 64), "layer": "relu3", "classes": 10,
+              "feature": (128, 16, 16), "readout": ["relu3", "relu4", "fc"], "n_est": 256},
+    "resnet": {"arch": "resnet18", "input": (3, 224, 224), "layer": "layer2", "classes": 1000,
+               "feature": (128, 28, 28), "readout": ["layer2", "layer3", "layer4", "fc"],
+               "n_est": 64},
+    "resnet56": {"arch": "resnet18", "input": (3, 224, 224), "layer": "layer1", "classes": 1000,
+                 "feature": (64, 56, 56), "readout": ["layer1", "layer2", "layer3", "fc"],
+                 "n_est": 64},
+}
+SMALL_CONVS = [("conv1", 3, 32, 1), ("conv2", 32, 64, 2), ("conv3", 64, 128, 2),
+               ("conv4", 128, 128, 2)]
+RESNET_STAGES = [64, 128, 256, 512]
+
+
+def conv_list(arch: str) -> list[tuple[str, int, int, int, int, int]]:
+    """``(name, c_in, c_out, kernel, stride, padding)`` of every convolution."""
+    if arch == "small":
+        return [(n, ci, co, 3, s, 1) for n, ci, co, s in SMALL_CONVS]
+    convs = [("stem", 3, 64, 7, 2, 3)]
+    c_in = 64
+    for i, c_out in enumerate(RESNET_STAGES, start=1):
+        for b in range(2):
+            stride = 2 if (b == 0 and i > 1) else 1
+            p = f"layer{i}.{b}"
+            convs += [(f"{p}.conv1", c_in, c_out, 3, stride, 1), (f"{p}.conv2", c_out, c_out, 3, 1, 1)]
+            if stride != 1 or c_in != c_out:
+                convs.append((f"{p}.down", c_in, c_out, 1, stride, 0))
+            c_in = c_out
+    return convs
+
+
+def make_weights(arch: str, classes: int, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """He-initialised weights ``(out, in, kh, kw)`` (PyTorch layout) and zero biases.
+
+    The second convolution of each residual block is scaled down so that activations
+    stay in range without batch norm.
+    """
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, ci, co, k, _, _ in conv_list(arch):
+        w = rng.normal(0.0, np.sqrt(2.0 / (ci * k * k)), (co, ci, k, k))
+        if name.endswith("conv2") and arch != "small":
+            w *= 0.3
+        weights[name] = (w.astype(np.float32), np.zeros(co, np.float32))
+    c_last = SMALL_CONVS[-1][2] if arch == "small" else RESNET_STAGES[-1]
+    fc = rng.normal(0.0, np.sqrt(1.0 / c_last), (classes, c_last)).astype(np.float32)
+    weights["fc"] = (fc, np.zeros(classes, np.float32))
+    return weights
+
+
+# -- PyTorch -----------------------------------------------------------------------------
+def torch_model(cfg: dict[str, Any]) -> Any:
+    import torch
+    from torch import nn
+
+    arch, weights = cfg["arch"], make_weights(cfg["arch"], cfg["classes"])
+    convs = {n: (ci, co, k, s, p) for n, ci, co, k, s, p in conv_list(arch)}
+
+    def conv(name: str) -> nn.Conv2d:
+        ci, co, k, s, p = convs[name]
+        m = nn.Conv2d(ci, co, k, stride=s, padding=p)
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(weights[name][0]))
+            m.bias.copy_(torch.from_numpy(weights[name][1]))
+        return m
+
+    fc = nn.Linear(*weights["fc"][0].shape[::-1])
+    with torch.no_grad():
+        fc.weight.copy_(torch.from_numpy(weights["fc"][0]))
+        fc.bias.copy_(torch.from_numpy(weights["fc"][1]))
+    if arch == "small":
+        layers: list[tuple[str, nn.Module]] = []
+        for i, (name, *_rest) in enumerate(SMALL_CONVS, start=1):
+            layers += [(name, conv(name)), (f"relu{i}", nn.ReLU())]
+        layers += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc", fc)]
+        return nn.Sequential(OrderedDict(layers)).eval()
+
+    class Block(nn.Module):
+        def __init__(self, prefix: str) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = conv(f"{prefix}.conv1"), conv(f"{prefix}.conv2")
+            self.down = conv(f"{prefix}.down") if f"{prefix}.down" in convs else None
+            self.relu = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv2(self.relu(self.conv1(x)))
+            return self.relu(y + (x if self.down is None else self.down(x)))
+
+    stages = [(f"layer{i}", nn.Sequential(Block(f"layer{i}.0"), Block(f"layer{i}.1")))
+              for i in range(1, 5)]
+    return nn.Sequential(OrderedDict([
+        ("stem", nn.Sequential(conv("stem"), nn.ReLU(), nn.MaxPool2d(3, 2, 1))),
+        *stages,
+        ("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc", fc),
+    ])).eval()
+
+
+def torch_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from iba_torch import IBA, IBAReadout
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    model = torch_model(cfg).to(device)
+    layer = model.get_submodule(cfg["layer"])
+    rng = np.random.default_rng(1)
+    data = rng.standard_normal((cfg["n_est"], *cfg["input"])).astype(np.float32)
+    est_batches = [torch.from_numpy(data[i:i + 32]).to(device) for i in range(0, len(data), 32)]
+    n = args.images
+    x_n = torch.from_numpy(data[:n]).to(device)
+    t_n = [i % cfg["classes"] for i in range(n)]
+
+    def bare_work(x: torch.Tensor, targets: list[int], steps: int = 10, samples: int = 10) -> None:
+        """What a per-sample bottleneck cannot avoid: masked forward, backward to the mask."""
+        xb = x.repeat_interleave(samples, dim=0)
+        tb = torch.tensor(targets, device=device).repeat_interleave(samples)
+        mask = torch.ones((len(x), 1, *cfg["feature"]), device=device, requires_grad=True)
+
+        def hook(_m: Any, _i: Any, out: torch.Tensor) -> torch.Tensor:
+            return (out.reshape(len(x), samples, *out.shape[1:]) * mask).reshape(out.shape)
+
+        handle = layer.register_forward_hook(hook)
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            for _ in range(steps):
+                loss = torch.nn.functional.cross_entropy(model(xb), tb)
+                (grad,) = torch.autograd.grad(loss, mask)
+                with torch.no_grad():
+                    mask -= 0.0 * grad
+        finally:
+            handle.remove()
+            for p, f in flags:
+                p.requires_grad_(f)
+
+    def forward_all() -> None:
+        with torch.no_grad():
+            for b in est_batches:
+                model(b)
+
+    iba = IBA(layer)
+    iba.estimate(model, est_batches, n_samples=len(data))
+    readout = IBAReadout(cfg["layer"], cfg["readout"], model)
+    readout.estimate(model, est_batches, n_samples=len(data))
+    # One training step on two images: analyze refuses an untrained head, and its speed
+    # does not depend on how well it is trained.
+    readout.train(model, [(x_n[:2], torch.tensor(t_n[:2]))], epochs=1)
+
+    results: dict[str, Any] = {"threads": torch.get_num_threads(), "device": str(device)}
+    with torch.no_grad():
+        results["logits"] = model(torch.from_numpy(data[:1]).to(device)).cpu().numpy().ravel()[:10].tolist()
+
+    def measure(key: str, fn: Any, repeats: int) -> None:
+        fn()  # warm-up
+        if not args.memory_only:
+            results[key] = median_time(fn, repeats, sync)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            fn()
+            sync()
+            results[key + " peak MiB"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        else:
+            with PeakRSS() as peak:
+                fn()
+            results[key + " peak MiB"] = peak.value
+
+    measure("forward", forward_all, args.repeats)
+    measure("estimate", lambda: iba.estimate(model, est_batches, n_samples=len(data)), args.repeats)
+    results["n_est"] = len(data)
+    x1 = x_n[:1]
+    measure("bare 1", lambda: bare_work(x1, t_n[:1]), args.repeats)
+    measure("analyze 1", lambda: iba.analyze(x1, target=t_n[:1], model=model), args.repeats)
+    reps_n = max(1, args.repeats // 2)
+    measure(f"bare {n}", lambda: bare_work(x_n, t_n), reps_n)
+    measure(f"analyze {n}", lambda: iba.analyze(x_n, target=t_n, model=model), reps_n)
+    measure("readout 1", lambda: readout.analyze(x1), args.repeats)
+    measure(f"readout {n}", lambda: readout.analyze(x_n), args.repeats)
+    return results
+
+
+# -- TensorFlow / Keras ------------------------------------------------------------------
+def keras_model(cfg: dict[str, Any]) -> Any:
+    import keras
+
+    arch, weights = cfg["arch"], make_weights(cfg["arch"], cfg["classes"])
+    convs = {n: (ci, co, k, s, p) for n, ci, co, k, s, p in conv_list(arch)}
+    L = keras.layers
+    pending: list[tuple[Any, str]] = []
+
+    def conv(x: Any, name: str) -> Any:
+        _, co, k, s, p = convs[name]
+        if p:
+            x = L.ZeroPadding2D(p, name=f"{name}_pad")(x)  # pads like PyTorch's padding=p
+        layer = L.Conv2D(co, k, strides=s, name=name)
+        pending.append((layer, name))
+        return layer(x)
+
+    c, h, w = cfg["input"]
+    inputs = x = keras.Input((h, w, c))
+    if arch == "small":
+        for i, (name, *_rest) in enumerate(SMALL_CONVS, start=1):
+            x = L.ReLU(name=f"relu{i}")(conv(x, name))
+    else:
+        x = L.ReLU(name="stem_relu")(conv(x, "stem"))
+        # Zero padding before max pooling equals PyTorch's -inf padding after a ReLU.
+        x = L.MaxPooling2D(3, 2, name="stem_pool")(L.ZeroPadding2D(1, name="stem_pool_pad")(x))
+        for i in range(1, 5):
+            for b in range(2):
+                p = f"layer{i}.{b}"
+                y = conv(L.ReLU(name=f"{p}.relu1")(conv(x, f"{p}.conv1")), f"{p}.conv2")
+                short = conv(x, f"{p}.down") if f"{p}.down" in convs else x
+                name = f"layer{i}" if b == 1 else f"{p}.out"
+                x = L.ReLU(name=name)(L.Add(name=f"{p}.add")([y, short]))
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    fc = L.Dense(cfg["classes"], name="fc")
+    model = keras.Model(inputs, fc(x), name=f"bench_{arch}")
+    for layer, name in pending:
+        kernel, bias = weights[name]
+        layer.set_weights([kernel.transpose(2, 3, 1, 0), bias])
+    fc.set_weights([weights["fc"][0].T.copy(), weights["fc"][1]])
+    return model
+
+
+def tf_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    from iba_tf import IBACopy, IBAReadout
+
+    gpu = bool(tf.config.list_physical_devices("GPU")) and args.device != "cpu"
+    model = keras_model(cfg)
+    rng = np.random.default_rng(1)
+    data_cf = rng.standard_normal((cfg["n_est"], *cfg["input"])).astype(np.float32)
+    data = np.ascontiguousarray(data_cf.transpose(0, 2, 3, 1))  # the same images, channels last
+    n = args.images
+    x_n = tf.constant(data[:n])
+    t_n = [i % cfg["classes"] for i in range(n)]
+    layer = model.get_layer(cfg["layer"])
+
+    def bare_work(x: Any, targets: list[int], steps: int = 10, samples: int = 10) -> None:
+        xb = tf.repeat(x, samples, axis=0)
+        onehot = tf.one_hot(np.repeat(targets, samples), cfg["classes"])
+        c, h, w = cfg["feature"]
+        mask = tf.ones((len(targets), 1, h, w, c))
+        current = [mask]
+        original = layer.call
+
+        def masked_call(*a: Any, **k: Any) -> Any:
+            out = original(*a, **k)
+            m = current[0]
+            return tf.reshape(tf.reshape(out, (m.shape[0], samples, *out.shape[1:])) * m,
+                              tf.shape(out))
+
+        layer.call = masked_call
+        try:
+            for _ in range(steps):
+                with tf.GradientTape(watch_accessed_variables=False) as tape:
+                    tape.watch(mask)
+                    current[0] = mask
+                    logits = model(xb, training=False)
+                    loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(onehot, logits))
+                grad = tape.gradient(loss, mask)
+                mask = mask - 0.0 * grad
+        finally:
+            del layer.call
+
+    def forward_all() -> None:
+        for i in range(0, len(data), 32):
+            model(data[i:i + 32], training=False)
+
+    iba = IBACopy(model, cfg["layer"])
+    iba.estimate(data, n_samples=len(data), batch_size=32)
+    readout = IBAReadout(cfg["layer"], cfg["readout"], model)
+    readout.estimate(data, n_samples=len(data), batch_size=32)
+    readout.fit(data[:2], np.asarray(t_n[:2]), batch_size=2, epochs=1, compile=False)
+
+    results: dict[str, Any] = {"device": "GPU" if gpu else "CPU",
+                               "threads": tf.config.threading.get_intra_op_parallelism_threads()}
+    results["logits"] = np.asarray(model(data[:1], training=False)).ravel()[:10].tolist()
+
+    tf_device = "GPU:0" if gpu else "CPU:0"
+
+    def measure(key: str, fn: Any, repeats: int) -> None:
+        fn()
+        results[key] = median_time(fn, repeats)
+        try:  # TensorFlow's allocator keeps freed memory, so RSS would not show the peak.
+            tf.config.experimental.reset_memory_stats(tf_device)
+            base = tf.config.experimental.get_memory_info(tf_device)["current"]
+            fn()
+            peak = tf.config.experimental.get_memory_info(tf_device)["peak"]
+            results[key + " peak MiB"] = (peak - base) / 2**20
+        except (ValueError, RuntimeError, tf.errors.OpError):
+            with PeakRSS() as rss:
+                fn()
+            results[key + " peak MiB"] = rss.value
+
+    measure("forward", forward_all, args.repeats)
+    measure("estimate", lambda: iba.estimate(data, n_samples=len(data), batch_size=32), args.repeats)
+    results["n_est"] = len(data)
+    x1 = x_n[:1]
+    measure("bare 1", lambda: bare_work(x1, t_n[:1]), args.repeats)
+    measure("analyze 1", lambda: iba.analyze(x1, target=t_n[:1]), args.repeats)
+    reps_n = max(1, args.repeats // 2)
+    measure(f"bare {n}", lambda: bare_work(x_n, t_n), reps_n)
+    measure(f"analyze {n}", lambda: iba.analyze(x_n, target=t_n), reps_n)
+    measure("readout 1", lambda: readout.analyze(x1), args.repeats)
+    measure(f"readout {n}", lambda: readout.analyze(x_n), args.repeats)
+    return results
+
+
+WORKERS = {"torch": torch_worker, "tf": tf_worker}
+BACKEND_NAMES = {"torch": "PyTorch", "tf": "TensorFlow"}
+
+
+# -- driver ------------------------------------------------------------------------------
+def run_worker(backend: str, config: str, args: argparse.Namespace) -> dict[str, Any] | str:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", backend, "--configs", config,
+           "--repeats", str(args.repeats), "--images", str(args.images), "--device", args.device]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = _worker_json(cmd, env)
+    if backend == "torch" and not isinstance(result, str) and result.get("device") == "cpu":
+        # Memory in a second pass with every large block mmap-ed, so that freed memory goes
+        # back to the system and the resident high-water mark shows each peak (glibc would
+        # otherwise reuse freed heap memory).  Timings stay from the default allocator.
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        memory = _worker_json([*cmd, "--memory-only"], env)
+        if not isinstance(memory, str):
+            result.update({k: v for k, v in memory.items() if k.endswith("peak MiB")})
+    return result
+
+
+def _worker_json(cmd: list[str], env: dict[str, str]) -> dict[str, Any] | str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return f"failed (exit {proc.returncode}): " + " | ".join(tail)
+    return json.loads(lines[-1])
+
+
+def available(backend: str) -> bool:
+    import importlib.util
+
+    module = {"torch": "torch", "tf": "tensorflow"}[backend]
+    return importlib.util.find_spec(module) is not None
+
+
+def fmt_s(v: float | None) -> str:
+    return "n/a" if v is None else (f"{v:.3f}" if v < 100 else f"{v:.0f}")
+
+
+def fmt_x(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return f"{a / b:.2f}x" if a / b >= 0.1 else f"{a / b:.3f}x"
+
+
+def fmt_mib(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f}"
+
+
+def report(config: str, results: dict[str, dict[str, Any]], n: int, markdown: bool) -> list[dict]:
+    """Print one configuration's table; return its CSV rows."""
+    cfg = CONFIGS[config]
+    backends = list(results)
+    rows: list[list[str]] = []
+    csv_rows: list[dict[str, Any]] = []
+    measurements = [
+        ("bare forward+backward work, 1 image", "bare 1", None),
+        ("IBA analyze, 1 image", "analyze 1", "bare 1"),
+        (f"bare forward+backward work, {n} images", f"bare {n}", None),
+        (f"IBA analyze, {n} images (one call)", f"analyze {n}", f"bare {n}"),
+        ("Readout analyze, 1 image", "readout 1", "analyze 1"),
+        (f"Readout analyze, {n} images", f"readout {n}", f"analyze {n}"),
+        ("bare forward pass, estimate images", "forward", None),
+        ("IBA estimate, same images", "estimate", "forward"),
+    ]
+    for label, key, ref in measurements:
+        cells = [label]
+        for b in backends:
+            r = results[b]
+            v, base = r.get(key), r.get(ref) if ref else None
+            cells += [fmt_s(v), fmt_x(v, base) if ref else "", fmt_mib(r.get(key + " peak MiB"))]
+            csv_rows.append({"config": config, "backend": b, "measurement": label, "seconds": v,
+                             "reference": ref or "", "ratio": (v / base) if v and base else "",
+                             "peak_mib": r.get(key + " peak MiB")})
+        if len(backends) == 2:
+            a, c = results[backends[0]].get(key), results[backends[1]].get(key)
+            cells.append(fmt_x(c, a))
+        rows.append(cells)
+    # Throughput line (images per second).
+    cells = ["estimate throughput (images/s)"]
+    for b in backends:
+        r = results[b]
+        fw, es = r.get("forward"), r.get("estimate")
+        cells += [f"{r['n_est'] / es:.0f}" if es else "n/a",
+                  f"fwd {r['n_est'] / fw:.0f}" if fw else "", ""]
+    if len(backends) == 2:
+        cells.append("")
+    rows.append(cells)
+    headers = ["measurement"]
+    for b in backends:
+        name = BACKEND_NAMES[b]
+        headers += [f"{name} s", "ratio", "peak MiB"]
+    if len(backends) == 2:
+        headers.append(f"{BACKEND_NAMES[backends[1]]}/{BACKEND_NAMES[backends[0]]}")
+    c, h, w = cfg["input"]
+    fc, fh, fw_ = cfg["feature"]
+    print(f"-- {config}: {c}x{h}x{w} input, bottleneck '{cfg['layer']}' {fc}x{fh}x{fw_}, "
+          f"{cfg['classes']} classes; 10 steps x 10 samples; "
+          + ", ".join(f"{BACKEND_NAMES[b]} on {results[b].get('device', '?')} "
+                      f"({results[b].get('threads', '?')} threads)" for b in backends))
+    print("ratio: IBA / bare work, Readout / per-sample IBA, estimate / bare forward; "
+          "peak MiB: extra resident (or GPU) memory of that measurement")
+    print(format_table(headers, rows, markdown=markdown))
+    if len(backends) == 2:
+        la, lb = (np.asarray(results[b]["logits"]) for b in backends)
+        print(f"same function check: max |logit difference| between backends "
+              f"{np.max(np.abs(la - lb)):.2e}")
+    print()
+    return csv_rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (small network)")
+    parser.add_argument("--full", action="store_true",
+                        help="add the ResNet-style 224x224 network (slow on a CPU)")
+    parser.add_argument("--configs", default=None,
+                        help=f"comma-separated networks among {list(CONFIGS)} (default: small; "
+                             "with --full: small,resnet)")
+    parser.add_argument("--backends", default="torch,tf")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--images", type=int, default=16, help="images of the batched measurement")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--csv-dir", type=Path, default=DEFAULT_CSV_DIR)
+    parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+
+    configs = (args.configs.split(",") if args.configs
+               else ["small", "resnet"] if args.full else ["small"])
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        sys.exit(f"unknown network(s) {unknown}; choose among {list(CONFIGS)}")
+
+    if args.worker:
+        if args.device == "auto":
+            args.device = "cpu"
+            if args.worker == "torch":
+                import torch
+
+                args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        out = WORKERS[args.worker](CONFIGS[configs[0]], args)
+        print(json.dumps(out))
+        return
+
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 5
+    backends = [b for b in args.backends.split(",") if b]
+    missing = [b for b in backends if b not in WORKERS or not available(b)]
+    backends = [b for b in backends if b not in missing]
+    info = print_header("speed: IBA against the bare work, per backend")
+    if missing:
+        print(f"skipped (not installed or unknown): {missing}\n")
+    all_rows = []
+    for config in configs:
+        results: dict[str, dict[str, Any]] = {}
+        for b in backends:
+            t0 = time.perf_counter()
+            # The 224 px network gets fewer repeats: each analyze takes seconds on a CPU.
+            saved = args.repeats
+            if CONFIGS[config]["arch"] != "small":
+                args.repeats = min(args.repeats, 2 if not args.quick else 1)
+            r = run_worker(b, config, args)
+            args.repeats = saved
+            if isinstance(r, str):
+                print(f"{BACKEND_NAMES[b]} on {config}: {r}")
+                continue
+            print(f"({BACKEND_NAMES[b]} on {config}: {time.perf_counter() - t0:.0f} s)")
+            results[b] = r
+        if results:
+            all_rows += report(config, results, args.images, args.markdown)
+    rows = [{**r, "date": info["date"], "load": info["load average (1/5/15 min)"]} for r in all_rows]
+    if rows:
+        print(f"CSV: {write_csv(args.csv_dir / 'speed.csv', rows)}")
+
+
+if __name__ == "__main__":
+    main()
