@@ -166,14 +166,21 @@ def torch_child(path: str, repeats: int) -> None:
     xt = torch.from_numpy(x1.transpose(0, 3, 1, 2).copy())
     jobs = {"torch bare": lambda: torch_bare_work(net, layer, xt, 3),
             "torch analyze": lambda: iba_t.analyze(xt, target=3, model=net)}
-    result = {name: statistics.median(run(job, repeats)) for name, job in jobs.items()}
+    result: dict[str, float] = dict(interleaved(jobs, repeats))
     result["threads"] = torch.get_num_threads()
     print(json.dumps(result))
 
 
-def run(job, repeats: int) -> list[float]:
-    job()  # warm-up
-    return [timed(job) for _ in range(repeats)]
+def interleaved(jobs: dict, repeats: int) -> dict[str, float]:
+    """Median time of each job; one warm-up each, then the jobs take turns, so a change
+    in machine load hits all of them alike."""
+    for job in jobs.values():
+        job()
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(repeats):
+        for name, job in jobs.items():
+            times[name].append(timed(job))
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def main() -> None:
@@ -195,13 +202,7 @@ def main() -> None:
     x1_t = tf.constant(x1)
     jobs = {"tf bare": lambda: bare_work(model, x1_t, 3),
             "tf analyze": lambda: iba.analyze(x1_t, target=3)}
-    for job in jobs.values():  # warm-up
-        job()
-    times: dict[str, list[float]] = {name: [] for name in jobs}
-    for _ in range(args.repeats):  # interleaved, so load changes hit both alike
-        for name, job in jobs.items():
-            times[name].append(timed(job))
-    t: dict[str, float] = {name: statistics.median(v) for name, v in times.items()}
+    t = interleaved(jobs, args.repeats)
 
     if not args.no_torch:
         with tempfile.TemporaryDirectory() as tmp:
