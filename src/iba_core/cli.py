@@ -468,7 +468,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     chunks = range(0, len(x), args.batch_size)
     for i in _progress(chunks, desc="explain", unit="batch"):
         maps.append(session.explain(x[i:i + args.batch_size], targets[i:i + args.batch_size],
-                                    seed=args.seed + i))
+                                    seed=args.seed + i, noise=args.noise))
     maps_arr = np.concatenate(maps).astype(np.float32)
     bits = maps_arr.reshape(len(maps_arr), -1).sum(axis=1)
 
@@ -618,7 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="weight of the information term (default: 10)")
     explain.add_argument("--steps", type=int, default=10,
                          help="optimisation steps per batch (default: 10)")
-    explain.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    explain.add_argument("--seed", type=int, default=0,
+                         help="noise seed; image k draws from stream seed + k (default: 0)")
+    explain.add_argument("--noise", choices=["backend", "numpy"], default="backend",
+                         help="noise generator: the framework's, on the device (default), or "
+                              "NumPy's, the same numbers in every framework and on every device")
     explain.set_defaults(func=cmd_explain)
     return parser
 

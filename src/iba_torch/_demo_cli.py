@@ -208,6 +208,9 @@ class Runner:
     def demo_model(self) -> torch.nn.Module:
         from ._demo import demo_cnn
 
+        # The demo network is tiny: one thread is as fast as several on an idle machine and
+        # many times faster on a busy one, where OpenMP threads wait for each other.
+        torch.set_num_threads(1)
         model = demo_cnn()
         return model.to(self.device) if self.device is not None else model
 
