@@ -149,6 +149,9 @@ def test_demo_writes_figure_maps_and_table(demo_run):
     assert not proc.stderr.strip()
     assert sorted(p.name for p in out.iterdir()) == ["demo.png", "saliency_maps.npz"]
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "demo.png").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0o600
     with np.load(out / "saliency_maps.npz") as f:
         maps, bits, scores = f["saliency_maps"], f["total_bits"], f["top_n_in_box"]
         labels, predicted, boxes = f["labels"], f["predicted"], f["boxes"]

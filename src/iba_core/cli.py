@@ -157,6 +157,7 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -169,6 +170,12 @@ def check_out(out: Path) -> Path:
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} exists and is not a folder")
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_outputs(out: Path, files: dict[str, bytes]) -> list[Path]:
