@@ -104,12 +104,27 @@ def _load(spec: BackendSpec) -> Backend:
         return backend
 
 
+_by_type: dict[tuple[Any, ...], Backend | None] = {}
+
+
 def find_backend(obj: Any) -> Backend | None:
-    """The backend owning ``obj``'s type, or ``None``; never imports a framework."""
+    """The backend owning ``obj``'s type, or ``None``; never imports a framework.
+
+    Answers are cached per type and per set of registered plugins.
+    """
+    key = (type(obj), frozenset(map(id, plugin_manager().get_plugins())),
+           os.environ.get(ENV_BACKENDS))
+    if key in _by_type:
+        return _by_type[key]
+    found = None
     for spec in _specs().values():
         if spec.owns_type(obj):
-            return _load(spec)
-    return None
+            found = _load(spec)
+            break
+    if len(_by_type) > 64:
+        _by_type.clear()
+    _by_type[key] = found
+    return found
 
 
 def get_backend(name_or_obj: Any) -> Backend:
@@ -121,6 +136,10 @@ def get_backend(name_or_obj: Any) -> Backend:
     """
     if isinstance(name_or_obj, Backend):
         return name_or_obj
+    if not isinstance(name_or_obj, str):
+        backend = find_backend(name_or_obj)
+        if backend is not None:
+            return backend
     specs = _specs()
     if isinstance(name_or_obj, str):
         spec = specs.get(name_or_obj)
@@ -130,10 +149,7 @@ def get_backend(name_or_obj: Any) -> Backend:
                 f"{sorted(specs) or 'none'}. Install one with e.g. pip install 'iba[torch]'."
             )
         return _load(spec)
-    backend = find_backend(name_or_obj)
-    if backend is None:
-        raise LookupError(
-            f"no iba backend handles objects of type {type(name_or_obj).__module__}."
-            f"{type(name_or_obj).__qualname__}; installed backends: {sorted(specs) or 'none'}"
-        )
-    return backend
+    raise LookupError(
+        f"no iba backend handles objects of type {type(name_or_obj).__module__}."
+        f"{type(name_or_obj).__qualname__}; installed backends: {sorted(specs) or 'none'}"
+    )

@@ -45,12 +45,22 @@ def namespace(*arrays: Any) -> Any:
     Falls back to the registered backend that owns the first array's type, so the
     core never needs to know about frameworks ``array_api_compat`` lacks.
     """
-    try:
-        return array_api_compat.array_namespace(*arrays)
-    except TypeError:
-        from ._registry import get_backend
+    kind = type(arrays[0])
+    if kind not in _NOT_COMPAT:
+        try:
+            return array_api_compat.array_namespace(*arrays)
+        except TypeError:
+            if len({type(a) for a in arrays}) > 1:
+                raise
+            _NOT_COMPAT.add(kind)
+    from ._registry import get_backend
 
-        return get_backend(arrays[0]).namespace()
+    return get_backend(arrays[0]).namespace()
+
+
+# Array types array_api_compat refused: asked of a backend directly next time (the
+# refusal costs an exception, which adds up over the many small ops of a step).
+_NOT_COMPAT: set[type] = set()
 
 
 def device(x: Any) -> Any:
