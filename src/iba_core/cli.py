@@ -522,6 +522,8 @@ def _load_estimate(path: Path, feature_shape: tuple[int, ...], layer: str) -> An
     try:
         with np.load(path) as data:
             state = {k: data[k] for k in data.files}
+    except OSError as exc:
+        raise CliError(f"cannot read the estimate {path}: {exc.strerror or exc}") from None
     except Exception:
         raise CliError(f"cannot read the estimate {path}: not an .npz file written by "
                        "--save-estimate") from None

@@ -80,10 +80,14 @@ def _load_state_dict(path: Path) -> dict[str, Any]:
         try:
             with np.load(path) as data:
                 return {k: torch.from_numpy(np.array(data[k])) for k in data.files}
+        except OSError as exc:
+            raise CliError(f"cannot read --weights {path}: {exc.strerror or exc}") from None
         except Exception as exc:
             raise CliError(f"--weights {path}: not a readable .npz ({_first_line(exc)})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise CliError(f"cannot read --weights {path}: {exc.strerror or exc}") from None
     except Exception as exc:
         raise CliError(f"--weights {path}: not a PyTorch state_dict file readable with "
                        f"weights_only=True ({_first_line(exc)})") from None
