@@ -38,4 +38,5 @@ class TestTFConformance(BackendConformanceTests):
     @pytest.fixture
     def case(self) -> ConformanceCase:
         return ConformanceCase(backend="tf", make_model=make_model, make_inputs=make_inputs,
-                               input_size=(12, 12), feature_shape=(8, 6, 6), n_classes=5)
+                               input_size=(12, 12), feature_shape=(8, 6, 6), n_classes=5,
+                               fast_compile=True)

@@ -25,6 +25,7 @@ from ._linear_ops import (
     mass_preserving_matrix,
     resize_bilinear,
     smoothing_matrix,
+    smoothing_operands,
 )
 from ._readout import (
     ReadoutBottleneck,
@@ -83,6 +84,7 @@ __all__ = [
     "restriction_mask",
     "saliency_map",
     "smoothing_matrix",
+    "smoothing_operands",
     "target_cross_entropy",
     "to_numpy",
 ]

@@ -15,6 +15,8 @@ from ._backend import Backend
 from ._capacity import capacity as capacity_fn
 from ._capacity import capacity_from_mask, inject_noise, restrict, restriction_mask
 from ._estimator import Estimator
+from ._linear_ops import smoothing_operands
+from ._xp import namespace
 
 MIN_RECOMMENDED_SAMPLES = 1000
 
@@ -126,6 +128,9 @@ class Bottleneck:
             per-sample shape), instead of or overriding an estimate.
         estimator: an :class:`Estimator` to start from (e.g. loaded from a file).
         progbar: show tqdm progress bars.
+        compile: compile the pure array part of each optimisation step (mask, capacity)
+            with the backend's compiler (``torch.compile``, ``tf.function``); pays a
+            one-off compilation for fewer, fused operations per step.
     """
 
     def __init__(
@@ -144,6 +149,7 @@ class Bottleneck:
         feature_std: Any = None,
         estimator: Estimator | None = None,
         progbar: bool = False,
+        compile: bool = False,
     ) -> None:
         if sigma is not None and not (sigma >= 0 and math.isfinite(sigma)):
             raise ValueError(f"sigma must be >= 0 or None, got {sigma!r}")
@@ -166,6 +172,8 @@ class Bottleneck:
         self.active_neurons_threshold = float(active_neurons_threshold)
         self.relu = bool(relu)
         self.progbar = bool(progbar)
+        self.compile = bool(compile)
+        self._terms: tuple[Any, Callable[..., Any]] | None = None
         self.estimator = estimator if estimator is not None else Estimator()
         self.feature_mean = None if feature_mean is None else _float_array(feature_mean)
         self.feature_std = None if feature_std is None else _float_array(feature_std)
@@ -473,12 +481,12 @@ class Bottleneck:
         state = adam_init(alpha)
         source = _Noise(backend, features, n, bs, seed, noise)
 
+        terms = self._step_terms(backend)
+        operands = smoothing_operands(features, self.sigma, features.ndim - 2)
+
         def loss_fn(a: Any) -> Any:
-            # The mask depends on alpha only, and all copies of an input share it: compute
-            # it (and the capacity, from the recorded features) once per input.
-            lam, one_minus = restriction_mask(a, self.sigma)
-            mask = (xp.expand_dims(lam * active, axis=1), xp.expand_dims(one_minus * active, axis=1))
-            with self._state("restrict", mask=mask, noise=standard_noise):
+            lam, one_minus, cap_term = terms(a, r, active, operands)
+            with self._state("restrict", mask=(lam, one_minus), noise=standard_noise):
                 model_term = model_loss(x_rep)
                 if self._calls == 0:
                     raise RuntimeError("the model loss function never ran the bottleneck layer")
@@ -487,9 +495,7 @@ class Bottleneck:
                     "the model loss function must return a scalar (the mean loss over the "
                     f"batch), got shape {tuple(model_term.shape)}"
                 )
-            cap = capacity_from_mask(r, a, lam, one_minus, active, self.sigma)
-            cap_per_input = xp.mean(xp.reshape(cap, (n, -1)), axis=1)
-            return model_term * n + beta * xp.sum(cap_per_input)
+            return model_term * n + beta * cap_term
 
         bar = _progress(progbar, total=steps, desc="analyze", unit="step")
         for step in range(steps):
@@ -509,6 +515,32 @@ class Bottleneck:
         self.alpha = backend.stop_gradient(alpha)
         self._last_features = features
         return capacity_fn(features, self.alpha, mean, std, active=active, sigma=self.sigma)
+
+
+    def _step_terms(self, backend: Backend) -> Callable[..., tuple[Any, Any, Any]]:
+        """The pure array part of a step, compiled by the backend when ``compile=True``.
+
+        ``terms(alpha, r, active, smoothing_operands)`` returns the mask pair shaped
+        ``(N, 1, C, ...)`` to meet the ``batch_size`` noisy copies of each input, and the
+        summed per-input mean capacity.  The mask depends on alpha only and all copies of
+        an input share it, so it (and the capacity, from the recorded features) is
+        computed once per input.
+        """
+        key = (id(backend), self.sigma, self.compile)
+        if self._terms is None or self._terms[0] != key:
+            sigma = self.sigma
+
+            def terms(a: Any, r: Any, active: Any,
+                      operands: tuple[Any, ...] | None) -> tuple[Any, Any, Any]:
+                xp = namespace(a)
+                lam, one_minus = restriction_mask(a, sigma, operands)
+                cap = capacity_from_mask(r, a, lam, one_minus, active, sigma)
+                per_input = xp.mean(xp.reshape(cap, (int(a.shape[0]), -1)), axis=1)
+                return (xp.expand_dims(lam * active, axis=1),
+                        xp.expand_dims(one_minus * active, axis=1), xp.sum(per_input))
+
+            self._terms = (key, backend.compile(terms) if self.compile else terms)
+        return self._terms[1]
 
 
 def _check(ok: bool, message: str) -> None:

@@ -20,18 +20,20 @@ def _n_spatial(x: Any) -> int:
     return x.ndim - 2
 
 
-def restriction_mask(alpha: Any, sigma: float | None = 1.0) -> tuple[Any, Any]:
+def restriction_mask(alpha: Any, sigma: float | None = 1.0,
+                     operands: tuple[Any, ...] | None = None) -> tuple[Any, Any]:
     """Smoothed mask ``lambda = smooth(sigmoid(alpha))`` and its complement.
 
     ``alpha`` has shape ``(N, C, ...)``.  Returns ``(lambda, 1 - lambda)``.  Both are
     computed from sigmoids (``1 - lambda = smooth(sigmoid(-alpha))``, which is exact
     because the smoothing kernel sums to 1), so the complement keeps full relative
-    precision even when ``lambda`` rounds to 1.
+    precision even when ``lambda`` rounds to 1.  ``operands``: precomputed smoothing
+    operands (:func:`iba_core.smoothing_operands`).
     """
     xp = namespace(alpha)
     n = _n_spatial(alpha)
-    lam = gaussian_smooth(sigmoid(xp, alpha), sigma, n)
-    one_minus = gaussian_smooth(sigmoid(xp, -alpha), sigma, n)
+    lam = gaussian_smooth(sigmoid(xp, alpha), sigma, n, operands)
+    one_minus = gaussian_smooth(sigmoid(xp, -alpha), sigma, n, operands)
     return lam, one_minus
 
 

@@ -117,52 +117,85 @@ def mass_preserving_matrix(n_out: int, n_in: int) -> np.ndarray:
 _ON_DEVICE: dict[tuple[Any, ...], tuple[np.ndarray, Any]] = {}
 
 
-def apply_separable(x: Any, matrices: list[np.ndarray | None]) -> Any:
-    """Apply one matrix per trailing axis of ``x``: ``M_k`` acts on axis ``-len + k``.
+def separable_operands(like: Any, matrices: list[np.ndarray | None]) -> tuple[Any, ...]:
+    """Matrices for :func:`apply_operands`, in ``like``'s namespace, dtype and device.
 
-    ``x`` has shape ``(..., n_1, ..., n_d)`` with ``d = len(matrices)`` in {1, 2}; a
-    ``None`` entry leaves its axis alone.  Matrices are moved to ``x``'s namespace,
-    dtype and device.
+    ``matrices`` holds one ``(n_out, n_in)`` NumPy matrix (or ``None``: leave the axis
+    alone) per trailing axis, 1 or 2 of them.  The last axis' matrix is stored
+    transposed, ready for a right-multiplication.  Conversions are cached, so calling
+    this every step costs a dictionary look-up.
     """
-    xp = namespace(x)
-    dev = device(x)
-
-    def as_x(m: np.ndarray) -> Any:
-        key = (id(m), type(x), str(dev), str(x.dtype))
+    if len(matrices) not in (1, 2):
+        raise ValueError(f"separable operators act on 1 or 2 trailing axes, got {len(matrices)}")
+    xp = namespace(like)
+    dev = device(like)
+    out = []
+    for k, m in enumerate(matrices):
+        if m is None:
+            out.append(None)
+            continue
+        last = k == len(matrices) - 1
+        key = (id(m), last, type(like), str(dev), str(like.dtype))
         hit = _ON_DEVICE.get(key)
         if hit is None or hit[0] is not m:
             if len(_ON_DEVICE) > 256:
                 _ON_DEVICE.clear()
-            hit = _ON_DEVICE[key] = (m, xp.asarray(np.array(m), dtype=x.dtype, device=dev))
-        return hit[1]
-
-    if len(matrices) == 1:
-        (m,) = matrices
-        return x if m is None else xp.matmul(x, as_x(m.T))
-    if len(matrices) == 2:
-        m_rows, m_cols = matrices
-        if m_rows is not None:
-            x = xp.matmul(as_x(m_rows), x)
-        if m_cols is not None:
-            x = xp.matmul(x, as_x(m_cols.T))
-        return x
-    raise ValueError(f"separable operators act on 1 or 2 trailing axes, got {len(matrices)}")
+            host = np.array(m.T if last else m)
+            hit = _ON_DEVICE[key] = (m, xp.asarray(host, dtype=like.dtype, device=dev))
+        out.append(hit[1])
+    return tuple(out)
 
 
-def gaussian_smooth(x: Any, sigma: float | None, n_spatial: int) -> Any:
+def apply_operands(x: Any, operands: tuple[Any, ...]) -> Any:
+    """Apply :func:`separable_operands` to the trailing axes of ``x`` (matrix products)."""
+    xp = namespace(x)
+    if len(operands) == 1:
+        (m,) = operands
+        return x if m is None else xp.matmul(x, m)
+    m_rows, m_cols_t = operands
+    if m_rows is not None:
+        x = xp.matmul(m_rows, x)
+    if m_cols_t is not None:
+        x = xp.matmul(x, m_cols_t)
+    return x
+
+
+def apply_separable(x: Any, matrices: list[np.ndarray | None]) -> Any:
+    """Apply one NumPy matrix per trailing axis of ``x``: ``M_k`` acts on axis ``-d + k``.
+
+    ``x`` has shape ``(..., n_1, ..., n_d)`` with ``d = len(matrices)`` in {1, 2}; a
+    ``None`` entry leaves its axis alone.  Matrices are moved to ``x``'s namespace,
+    dtype and device (once; cached).
+    """
+    return apply_operands(x, separable_operands(x, matrices))
+
+
+def smoothing_operands(like: Any, sigma: float | None, n_spatial: int) -> tuple[Any, ...] | None:
+    """Operands that smooth the last ``n_spatial`` axes of arrays shaped like ``like``.
+
+    ``None`` when there is nothing to smooth (``sigma`` 0/``None`` or no spatial axes).
+    """
+    if not sigma or n_spatial == 0:
+        return None
+    if n_spatial not in (1, 2):
+        raise ValueError(f"smoothing supports 1 or 2 spatial axes, got {n_spatial}")
+    shape = tuple(like.shape[-n_spatial:])
+    return separable_operands(like, [smoothing_matrix(int(n), float(sigma)) for n in shape])
+
+
+def gaussian_smooth(x: Any, sigma: float | None, n_spatial: int,
+                    operands: tuple[Any, ...] | None = None) -> Any:
     """Smooth the last ``n_spatial`` axes of ``x`` with a Gaussian of std ``sigma``.
 
     ``n_spatial`` is 0 (vectors: returned unchanged), 1 (sequences ``(..., T)``) or 2
     (images ``(..., h, w)``).  ``sigma`` of 0 or ``None`` disables smoothing.  Each
-    channel is smoothed independently and the result sums to the same total as ``x``
-    along the smoothed axes only in the interior (reflect borders redistribute mass).
+    channel is smoothed independently with reflect borders; every output is a weighted
+    mean of inputs (weights sum to 1).  ``operands`` from :func:`smoothing_operands`
+    may be passed in, e.g. to keep NumPy out of a compiled function.
     """
-    if not sigma or n_spatial == 0:
-        return x
-    if n_spatial not in (1, 2):
-        raise ValueError(f"smoothing supports 1 or 2 spatial axes, got {n_spatial}")
-    shape = tuple(x.shape[-n_spatial:])
-    return apply_separable(x, [smoothing_matrix(int(n), float(sigma)) for n in shape])
+    if operands is None:
+        operands = smoothing_operands(x, sigma, n_spatial)
+    return x if operands is None else apply_operands(x, operands)
 
 
 @functools.lru_cache(maxsize=64)

@@ -48,6 +48,8 @@ class ConformanceCase:
         exact_gradients: whether gradients are exact up to round-off (autograd).  A
             finite-difference backend sets ``False``: its gradient errors, though tiny,
             are amplified by Adam's normalisation, so bit-level comparisons are skipped.
+        fast_compile: whether ``Backend.compile`` is quick enough (seconds) to test the
+            compiled optimisation step; slow compilers are skipped.
     """
 
     backend: str
@@ -58,6 +60,7 @@ class ConformanceCase:
     n_classes: int
     float64: bool = True
     exact_gradients: bool = True
+    fast_compile: bool = False
 
 
 # Each namespace function the core uses, exercised as the core uses it.  ``a``/``b`` are
@@ -423,6 +426,23 @@ class PerSampleTests(_Base):
                                   beta=beta)
             totals.append(backend.to_numpy(cap).reshape(2, -1).sum(axis=1))
         assert np.all(totals[1] < totals[0])
+
+    def test_compiled_step_gives_the_same_map(self, case: ConformanceCase,
+                                              backend: Backend) -> None:
+        if not case.fast_compile:
+            pytest.skip("the backend's compiler is too slow for a unit test")
+        model, layer = case.make_model("float32")
+        bn = _estimated(case, backend, model, layer)
+        x = case.make_inputs(2, "float32", 4)
+        caps = []
+        for compiled in (False, True):
+            bn.compile = compiled
+            cap, _ = self.explain(case, backend, model, layer, bn, x, [0, 1], seed=2,
+                                  optimization_steps=4)
+            caps.append(backend.to_numpy(cap))
+        # Same float32 arithmetic, fused or reordered by the compiler: round-off level
+        # differences, amplified a little by four Adam steps.
+        np.testing.assert_allclose(caps[1], caps[0], rtol=1e-3, atol=1e-5)
 
     def test_closure_that_skips_the_layer_is_refused(self, case: ConformanceCase,
                                                      backend: Backend) -> None:
