@@ -467,9 +467,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             session.estimate(est_x, count, progbar=True)
-        for w in caught:
-            if "samples" in str(w.message):
-                _warn(str(w.message))
+        # Each distinct warning as one line, e.g. FewSamplesWarning below 1,000 images.
+        for message in dict.fromkeys(_one_line(str(w.message)) for w in caught):
+            _warn(message)
 
     maps = []
     chunks = range(0, len(x), args.batch_size)
@@ -498,10 +498,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
                          f"{name}_saliency.png"])
     files["summary.csv"] = table.getvalue().encode()
     if args.save_estimate is not None:
-        files_est = session.estimator()
+        estimator = session.estimator()
         try:
             with atomic_path(Path(args.save_estimate), suffix=".npz") as tmp:
-                files_est.save(tmp)
+                estimator.save(tmp)
         except OSError as exc:
             raise CliFailure(f"cannot write --save-estimate {args.save_estimate}: "
                              f"{exc.strerror or exc}") from None
