@@ -159,13 +159,13 @@ def test_demo_writes_figure_maps_and_table(demo_run):
     assert maps.shape == (4, 64, 64) and maps.dtype == np.float32
     assert maps.min() >= 0.0
     np.testing.assert_allclose(maps.reshape(4, -1).sum(axis=1), bits, rtol=1e-4)
-    from iba_core._demo import top_n_in_box
     from iba_core.datasets import cluttered_digits
+    from iba_core.metrics import bounding_box_score
 
     expected = cluttered_digits(4, split="test", seed=0)
     np.testing.assert_array_equal(labels, expected.labels)
     np.testing.assert_array_equal(boxes, expected.boxes)
-    np.testing.assert_allclose(scores, top_n_in_box(maps, boxes))
+    np.testing.assert_allclose(scores, bounding_box_score(maps, boxes))
     # The pretrained CNN gets these right, and IBA points at the digit: far more of the
     # top-n pixels inside the box than chance (about 0.1 here).
     np.testing.assert_array_equal(predicted, labels)
@@ -241,9 +241,9 @@ def test_explain_writes_overlays_maps_and_summary(folders, explained):
     assert maps.shape == (5, 64, 64) and maps.min() >= 0.0
     np.testing.assert_array_equal(targets, predicted)  # default: the predicted class
     np.testing.assert_array_equal(predicted, folders["labels"])
-    from iba_core._demo import top_n_in_box
+    from iba_core.metrics import bounding_box_score
 
-    assert top_n_in_box(maps, folders["boxes"]).mean() > 0.5
+    assert bounding_box_score(maps, folders["boxes"]).mean() > 0.5
     with open(out / "summary.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["predicted"]) for r in rows] == predicted.tolist()
@@ -457,9 +457,9 @@ def test_explain_and_layers_for_a_keras_file(folders, keras_file, tmp_path, caps
     with np.load(tmp_path / "k" / "saliency_maps.npz") as f:
         maps, predicted = f["saliency_maps"], f["predicted"]
     np.testing.assert_array_equal(predicted, folders["labels"])
-    from iba_core._demo import top_n_in_box
+    from iba_core.metrics import bounding_box_score
 
-    assert top_n_in_box(maps, folders["boxes"]).mean() > 0.5
+    assert bounding_box_score(maps, folders["boxes"]).mean() > 0.5
     torch_run = _torch_or_none(request, "explained")
     if torch_run is not None:
         _, ref, torch_est = torch_run

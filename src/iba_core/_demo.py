@@ -1,6 +1,8 @@
-"""Framework-free parts of ``iba demo`` / ``iba explain``: the box score and the figures.
+"""Framework-free parts of ``iba demo`` / ``iba explain``: the figures.
 
-NumPy only; matplotlib is imported on use (Agg, so no display is needed).
+NumPy only; matplotlib is imported on use (Agg, so no display is needed).  The demo
+scores maps with :func:`iba_core.metrics.bounding_box_score`; :func:`top_n_in_box` is a
+plain, independent implementation of the same score, kept as a reference for tests.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ DEMO_LAYER = "features.relu3"
 
 
 def top_n_in_box(saliency: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Fraction of the ``n`` highest-attributed pixels that lie inside the box.
+    """Fraction of the ``n`` highest-attributed pixels that lie inside the box (reference).
 
     The bounding-box score of the IBA paper: ``n`` is the box's area in pixels, so a map
     that puts its ``n`` largest values exactly on the box scores 1, and a random map
-    scores about ``n / (H * W)``.  Ties are broken by pixel order (row-major), so the
-    score is deterministic.
+    scores about ``n / (H * W)``.  Ties are broken by pixel order (row-major).  Use
+    :func:`iba_core.metrics.bounding_box_score`, which shares ties fairly; this loop is an
+    independent reference for its tests.
 
     Args:
         saliency: ``(N, H, W)`` maps (any unit).

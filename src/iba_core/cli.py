@@ -305,8 +305,9 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
 
 # -- iba demo ---------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ._demo import DEMO_LAYER, demo_figure, top_n_in_box
+    from ._demo import DEMO_LAYER, demo_figure
     from .datasets import cluttered_digits
+    from .metrics import bounding_box_score
 
     t0 = time.perf_counter()
     if not 1 <= args.n <= 64:
@@ -337,7 +338,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t_explain = time.perf_counter()
 
     bits = maps.reshape(len(maps), -1).sum(axis=1)
-    scores = top_n_in_box(maps, test.boxes)
+    scores = bounding_box_score(maps, test.boxes)
     box_area = (test.boxes[:, 2] - test.boxes[:, 0]) * (test.boxes[:, 3] - test.boxes[:, 1])
     chance = box_area / float(maps.shape[1] * maps.shape[2])
     c, h, w = session.feature_shape
