@@ -189,3 +189,32 @@ def cross_entropy(logits: Any, targets: Any) -> Any:
     log_norm = xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
     log_probs = shifted - log_norm
     return -xp.mean(xp.sum(targets * log_probs, axis=1))
+
+
+def input_spatial_size(input_shape: tuple[int, ...], n_spatial: int,
+                       channels_last: bool = False) -> tuple[int, ...]:
+    """Spatial size of a batch of inputs: ``(H, W)`` of ``(N, C, H, W)`` (or of
+    ``(N, H, W, C)`` with ``channels_last``), ``(L,)`` of ``(N, L)`` token inputs."""
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == n_spatial + 2:
+        return shape[1:-1] if channels_last else shape[2:]
+    if len(shape) == n_spatial + 1:
+        return shape[1:]
+    raise ValueError(f"inputs of shape {shape} do not have the feature map's {n_spatial} "
+                     "spatial axes; use mode='capacity' for a map at feature resolution")
+
+
+def explanation_maps(capacity_nats: Any, input_shape: tuple[int, ...], mode: str = "saliency",
+                     *, channels_last: bool = False) -> Any:
+    """What the fronts' ``analyze`` returns, before conversion to NumPy.
+
+    ``mode="saliency"``: :func:`saliency_map` at the inputs' spatial size (bits per
+    pixel, totalling the capacity); ``mode="capacity"``: the channel-summed capacity in
+    bits at feature-map resolution.  Vector features give per-element bits either way.
+    """
+    if mode not in ("saliency", "capacity"):
+        raise ValueError(f"mode must be 'saliency' or 'capacity', got {mode!r}")
+    n_spatial = capacity_nats.ndim - 2
+    if mode == "capacity" or n_spatial == 0:
+        return saliency_map(capacity_nats)
+    return saliency_map(capacity_nats, input_spatial_size(input_shape, n_spatial, channels_last))

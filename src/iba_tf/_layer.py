@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from iba_core import Bottleneck, Estimator, cross_entropy, saliency_map
+from iba_core import Bottleneck, Estimator, cross_entropy, explanation_maps
 
 from ._backend import TFBackend, is_channels_last, to_channels_first, to_channels_last
 
@@ -153,25 +153,9 @@ def explain(
     finally:
         for k, v in saved.items():
             setattr(bottleneck, k, v)
-    n_spatial = cap.shape.rank - 2
-    if mode == "capacity" or n_spatial == 0:
-        out = saliency_map(cap)
-    else:
-        out = saliency_map(cap, input_size(x, n_spatial, channels_last))
-    out = BACKEND.to_numpy(out)
+    out = BACKEND.to_numpy(explanation_maps(cap, tuple(x.shape), mode,
+                                            channels_last=channels_last))
     return out[0] if out.shape[0] == 1 else out
-
-
-def input_size(x: Any, n_spatial: int, channels_last: bool) -> tuple[int, ...]:
-    """The spatial size of inputs ``x``: ``(H, W)`` of ``(N, H, W, C)`` / ``(N, C, H, W)``,
-    or ``(L,)`` of token inputs ``(N, L)``."""
-    shape = tuple(int(s) for s in x.shape)
-    if len(shape) == n_spatial + 2:
-        return shape[1:-1] if channels_last else shape[2:]
-    if len(shape) == n_spatial + 1:
-        return shape[1:]
-    raise ValueError(f"inputs of shape {shape} do not have the feature map's {n_spatial} "
-                     "spatial axes; use mode='capacity' for a map at feature resolution")
 
 
 def check_finite_input(x: tf.Tensor) -> None:

@@ -10,10 +10,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from iba_core import Bottleneck, Estimator, ReadoutBottleneck, saliency_map
+from iba_core import Bottleneck, Estimator, ReadoutBottleneck, explanation_maps
 
 from ._backend import all_layers, is_channels_last, resolve_layer
-from ._layer import BACKEND, as_input, check_finite_input, input_size, iter_batches
+from ._layer import BACKEND, as_input, check_finite_input, iter_batches
 
 
 def _resolve(model: keras.Model, layer: Any, what: str) -> keras.layers.Layer:
@@ -260,12 +260,8 @@ class IBAReadout:
         check_finite_input(x)
         with BACKEND.frozen(model):
             cap = self._readout.analyze(x)
-        n_spatial = cap.shape.rank - 2
-        if mode == "capacity" or n_spatial == 0:
-            out = saliency_map(cap)
-        else:
-            out = saliency_map(cap, input_size(x, n_spatial, self._channels_last))
-        out = BACKEND.to_numpy(out)
+        out = BACKEND.to_numpy(explanation_maps(cap, tuple(x.shape), mode,
+                                                channels_last=self._channels_last))
         return out[0] if out.shape[0] == 1 else out
 
     def capacity(self) -> tf.Tensor:

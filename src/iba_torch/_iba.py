@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from iba_core import Bottleneck, Estimator, cross_entropy, saliency_map
+from iba_core import Bottleneck, Estimator, cross_entropy, explanation_maps
 
 from ._backend import TorchBackend, model_device, resolve_layer
 
@@ -203,15 +203,7 @@ class IBA(torch.nn.Module):
         finally:
             for k, v in saved.items():
                 setattr(bn, k, v)
-        n_spatial = cap.ndim - 2
-        if mode == "capacity" or n_spatial == 0:
-            out = saliency_map(cap)
-        else:
-            if input_t.ndim < n_spatial + 1:
-                raise ValueError(f"input of shape {tuple(input_t.shape)} has fewer axes than "
-                                 f"the feature map's {n_spatial} spatial axes")
-            out = saliency_map(cap, tuple(input_t.shape[-n_spatial:]))
-        out = _BACKEND.to_numpy(out)
+        out = _BACKEND.to_numpy(explanation_maps(cap, tuple(input_t.shape), mode))
         return out[0] if out.shape[0] == 1 else out
 
     def capacity(self) -> torch.Tensor:

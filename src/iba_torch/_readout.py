@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from iba_core import Bottleneck, Estimator, ReadoutBottleneck, saliency_map
+from iba_core import Bottleneck, Estimator, ReadoutBottleneck, explanation_maps
 
 from ._backend import TorchBackend, model_device, resolve_layer
 
@@ -244,12 +244,7 @@ class IBAReadout:
             input_t = input_t.to(device)
         with _BACKEND.frozen(model), torch.no_grad():
             cap = self._readout.analyze(input_t.detach())
-        n_spatial = cap.ndim - 2
-        if mode == "capacity" or n_spatial == 0:
-            out = saliency_map(cap)
-        else:
-            out = saliency_map(cap, tuple(input_t.shape[-n_spatial:]))
-        out = _BACKEND.to_numpy(out)
+        out = _BACKEND.to_numpy(explanation_maps(cap, tuple(input_t.shape), mode))
         return out[0] if out.shape[0] == 1 else out
 
     def capacity(self) -> torch.Tensor:
