@@ -26,7 +26,8 @@ the same function; the run checks that the logits agree):
   bottleneck on the 128x28x28 output of ``layer2``; ``resnet56`` (on request) puts it
   on the 64x56x56 output of ``layer1``.
 
-Times are medians of ``--repeats`` runs (bare and IBA alternate).  Timings on a shared
+Times are medians of ``--repeats`` runs after one warm-up run (a single run when the
+warm-up took over 5 s).  Timings on a shared
 machine are noisy: the header prints the load average.
 
 Run: ``python benchmarks/bench_speed.py [--quick | --full] [--backends torch,tf]
@@ -213,9 +214,9 @@ def torch_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
         results["logits"] = model(torch.from_numpy(data[:1]).to(device)).cpu().numpy().ravel()[:10].tolist()
 
     def measure(key: str, fn: Any, repeats: int) -> None:
-        fn()  # warm-up
         if not args.memory_only:
-            results[key] = median_time(fn, repeats, sync)
+            warm = median_time(fn, 1, sync)  # warm-up; slow calls get fewer repeats
+            results[key] = median_time(fn, 1 if warm > 5 else repeats, sync)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
@@ -344,8 +345,8 @@ def tf_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     tf_device = "GPU:0" if gpu else "CPU:0"
 
     def measure(key: str, fn: Any, repeats: int) -> None:
-        fn()
-        results[key] = median_time(fn, repeats)
+        warm = median_time(fn, 1)  # warm-up; slow calls get fewer repeats
+        results[key] = median_time(fn, 1 if warm > 5 else repeats)
         try:  # TensorFlow's allocator keeps freed memory, so RSS would not show the peak.
             tf.config.experimental.reset_memory_stats(tf_device)
             base = tf.config.experimental.get_memory_info(tf_device)["current"]
