@@ -100,6 +100,19 @@ class TestReferenceAPI:
         assert smaps.shape == (3, 12, 12)
         assert not np.allclose(smaps[0], smaps[1])
 
+    def test_inputs_go_through_the_model_a_few_at_a_time(self, model, iba):
+        passes = []
+        handle = model.fc.register_forward_hook(lambda m, i, o: passes.append(o.shape[0]))
+        try:
+            maps = iba.analyze(images(5), target=[0, 1, 2, 3, 0], model=model, seed=0,
+                               inputs_per_pass=2, optimization_steps=2)
+        finally:
+            handle.remove()
+        assert maps.shape == (5, 12, 12)
+        assert passes == [20] * 2 + [20] * 2 + [10] * 2  # 2 + 2 + 1 inputs, 10 copies each
+        again = iba.analyze(images(5)[4:], target=0, model=model, seed=4, optimization_steps=2)
+        np.testing.assert_allclose(maps[4], again, rtol=1e-4, atol=1e-6)
+
     def test_capacity_mode_is_at_feature_resolution(self, model, iba):
         cap = iba.analyze(images(1), target=1, model=model, mode="capacity", seed=0)
         assert cap.shape == (6, 6)

@@ -99,6 +99,15 @@ class Backend(abc.ABC):
         """Names of the layers of ``model`` that :meth:`attach` accepts."""
         return []
 
+    def pass_size(self, like: Any) -> int | None:
+        """Suggested largest number of samples per model pass on ``like``'s device.
+
+        Explaining many inputs splits them into passes of at most this many samples
+        (inputs are independent, so the result is the same).  ``None``: no limit, the
+        right answer on accelerators; CPU caches favour small passes.
+        """
+        return None
+
     def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Optionally compile ``fn`` (``torch.compile``, ``tf.function``); default: unchanged."""
         return fn

@@ -517,6 +517,50 @@ class Bottleneck:
         return capacity_fn(features, self.alpha, mean, std, active=active, sigma=self.sigma)
 
 
+    def explain(
+        self,
+        loss_for: Callable[[int, int], Callable[[Any], Any]],
+        x: Any,
+        *,
+        inputs_per_pass: int | None = None,
+        seed: Any = None,
+        **optimize_kwargs: Any,
+    ) -> Any:
+        """:meth:`optimize` for many inputs, in passes of ``inputs_per_pass`` inputs.
+
+        ``loss_for(start, stop)`` returns the model loss function for inputs
+        ``x[start:stop]`` (see :meth:`optimize`).  Inputs are independent problems, so
+        splitting them changes nothing but speed: input ``i`` still draws from the noise
+        stream ``seed + i``.  By default a pass holds as many inputs as fit in the
+        backend's :meth:`~iba_core.Backend.pass_size` (all of them on accelerators).
+        Returns the capacity ``(N, C, ...)`` in nats; :attr:`alpha` holds all masks.
+        """
+        backend = self._require_backend()
+        n = int(x.shape[0])
+        if inputs_per_pass is None:
+            limit = backend.pass_size(x)
+            bs = optimize_kwargs.get("batch_size") or self.batch_size
+            inputs_per_pass = n if limit is None else max(1, limit // bs)
+        if int(inputs_per_pass) < 1:
+            raise ValueError(f"inputs_per_pass must be >= 1, got {inputs_per_pass}")
+        k = int(inputs_per_pass)
+        if k >= n:
+            return self.optimize(loss_for(0, n), x, seed=seed, **optimize_kwargs)
+        if seed is not None and not isinstance(seed, (int, np.integer)) and isinstance(seed, Sequence):
+            if len(seed) != n:
+                raise ValueError(f"got {len(seed)} seeds for {n} inputs")
+        xp = backend.namespace()
+        caps, alphas, features = [], [], []
+        for start in range(0, n, k):
+            stop = min(n, start + k)
+            caps.append(self.optimize(loss_for(start, stop), x[start:stop, ...],
+                                      seed=_seeds_for(seed, start, stop), **optimize_kwargs))
+            alphas.append(self.alpha)
+            features.append(self._last_features)
+        self.alpha = xp.concat(alphas, axis=0)
+        self._last_features = xp.concat(features, axis=0)
+        return xp.concat(caps, axis=0)
+
     def _step_terms(self, backend: Backend) -> Callable[..., tuple[Any, Any, Any]]:
         """The pure array part of a step, compiled by the backend when ``compile=True``.
 
@@ -541,6 +585,17 @@ class Bottleneck:
 
             self._terms = (key, backend.compile(terms) if self.compile else terms)
         return self._terms[1]
+
+
+def _seeds_for(seed: Any, start: int, stop: int) -> Any:
+    """The noise seeds of inputs ``start:stop`` (a generator object is shared)."""
+    if seed is None:
+        return None
+    if isinstance(seed, (int, np.integer)):
+        return [int(seed) + i for i in range(start, stop)]
+    if isinstance(seed, Sequence):
+        return list(seed)[start:stop]
+    return seed
 
 
 def _check(ok: bool, message: str) -> None:

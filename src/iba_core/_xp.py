@@ -50,9 +50,8 @@ def namespace(*arrays: Any) -> Any:
         try:
             return array_api_compat.array_namespace(*arrays)
         except TypeError:
-            if len({type(a) for a in arrays}) > 1:
-                raise
-            _NOT_COMPAT.add(kind)
+            if len({type(a) for a in arrays}) == 1:
+                _NOT_COMPAT.add(kind)
     from ._registry import get_backend
 
     return get_backend(arrays[0]).namespace()

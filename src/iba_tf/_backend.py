@@ -269,5 +269,10 @@ class TFBackend(Backend):
     def layer_names(self, model: Any) -> list[str]:
         return [layer.name for layer in all_layers(model)]
 
+    def pass_size(self, like: Any) -> int | None:
+        # CPU caches favour small passes (see iba_torch's backend); accelerators take all.
+        device = str(getattr(like, "device", "") or "")
+        return 32 if (not device or "CPU" in device.upper()) else None
+
     def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         return tf.function(fn)

@@ -24,6 +24,7 @@ from ._layer import (
     classification_loss,
     explain,
     iter_batches,
+    per_input_targets,
     soft_target_loss,
 )
 
@@ -213,12 +214,14 @@ class IBACopy:
                                        batch_size=batch_size, progbar=progbar, reset=reset)
 
     # -- explanation -----------------------------------------------------------------------
-    def _explain(self, x: tf.Tensor, loss_fn: Callable[[Any], Any], fit_hint: str,
-                 **kwargs: Any) -> np.ndarray:
-        def model_loss(batch: Any) -> Any:
-            return loss_fn(BACKEND.call(self.model, batch))
+    def _explain(self, x: tf.Tensor, loss_for: Callable[[int, int], Callable[[Any], Any]],
+                 fit_hint: str, **kwargs: Any) -> np.ndarray:
+        """``loss_for(start, stop)``: the loss of the outputs for inputs ``x[start:stop]``."""
+        def model_loss_for(start: int, stop: int) -> Callable[[Any], Any]:
+            loss_fn = loss_for(start, stop)
+            return lambda batch: loss_fn(BACKEND.call(self.model, batch))
 
-        return explain(self.bottleneck, model_loss, x, model=self.model,
+        return explain(self.bottleneck, model_loss_for, x, model=self.model,
                        channels_last=self.iba_layer.channels_last, fit_hint=fit_hint, **kwargs)
 
     def analyze(
@@ -245,10 +248,16 @@ class IBACopy:
         if loss_fn is None:
             if target is None:
                 raise ValueError("give loss_fn(outputs) -> scalar, or target= for a classifier")
-            loss_fn = classification_loss(target, int(x.shape[0]))
+            targets = per_input_targets(target, int(x.shape[0]))
+
+            def loss_for(start: int, stop: int) -> Callable[[Any], Any]:
+                return classification_loss(targets[start:stop], stop - start)
         elif target is not None:
             raise ValueError("give either loss_fn or target=, not both")
-        return self._explain(x, loss_fn, "estimate(data)", mode=mode, **kwargs)
+        else:
+            def loss_for(start: int, stop: int) -> Callable[[Any], Any]:
+                return loss_fn
+        return self._explain(x, loss_for, "estimate(data)", mode=mode, **kwargs)
 
     def capacity(self) -> tf.Tensor:
         """Capacity of the last explanation, ``(N, C, ...)`` channels-first, nats per element."""
@@ -374,18 +383,26 @@ class IBACopyInnvestigate(IBACopy):
         check_finite_input(x)
         n = int(x.shape[0])
         if mode == "index":
-            loss_fn = classification_loss(neuron_selection, n)
+            targets = per_input_targets(neuron_selection, n)
         else:
             logits = self.predict(x)
             if logits.ndim != 2:
                 raise ValueError(f"expected logits (N, K) from the model, got {logits.shape}")
-            if mode == "max_activation":
-                loss_fn = classification_loss(np.argmax(logits, axis=1), n)
-            else:
+            targets = np.argmax(logits, axis=1)
+            if mode == "all":
                 shifted = logits - logits.max(axis=1, keepdims=True)
                 probs = np.exp(shifted.astype(np.float64))
-                loss_fn = soft_target_loss(probs / probs.sum(axis=1, keepdims=True), n)
-        return self._explain(x, loss_fn, "fit(X) or fit_generator()", **kwargs)
+                probs /= probs.sum(axis=1, keepdims=True)
+
+                def loss_for(start: int, stop: int) -> Callable[[Any], Any]:
+                    return soft_target_loss(probs[start:stop], stop - start)
+
+                return self._explain(x, loss_for, "fit(X) or fit_generator()", **kwargs)
+
+        def loss_for(start: int, stop: int) -> Callable[[Any], Any]:
+            return classification_loss(targets[start:stop], stop - start)
+
+        return self._explain(x, loss_for, "fit(X) or fit_generator()", **kwargs)
 
     # -- persistence ---------------------------------------------------------------------------
     def save_npz(self, fname: str | os.PathLike) -> None:

@@ -116,9 +116,18 @@ def soft_target_loss(probabilities: Any, n: int) -> Callable[[Any], Any]:
 
 
 # -- the explanation, shared by every front --------------------------------------------
+def per_input_targets(target: Any, n: int) -> np.ndarray:
+    """One class index per input from an int, a sequence, an array or a tensor."""
+    targets = np.asarray(BACKEND.to_numpy(target) if tf.is_tensor(target) else target)
+    if targets.size not in (1, n):
+        raise ValueError(f"target must be one class index or one per input ({n}), got "
+                         f"{targets.size}")
+    return np.broadcast_to(targets.reshape(-1), (n,))
+
+
 def explain(
     bottleneck: Bottleneck,
-    model_loss: Callable[[Any], Any],
+    loss_for: Callable[[int, int], Callable[[Any], Any]],
     x: tf.Tensor,
     *,
     model: Any,
@@ -129,7 +138,10 @@ def explain(
     active_neurons_threshold: float | None = None,
     **optimize_kwargs: Any,
 ) -> np.ndarray:
-    """Run :meth:`Bottleneck.optimize` with ``model`` frozen and return NumPy maps.
+    """Run :meth:`Bottleneck.explain` with ``model`` frozen and return NumPy maps.
+
+    ``loss_for(start, stop)`` gives the model loss function for inputs ``x[start:stop]``
+    (the inputs go through the model a few at a time on the CPU).
 
     ``mode="saliency"``: bits per input pixel, ``(H, W)`` for one input else
     ``(N, H, W)``; ``mode="capacity"``: the channel-summed capacity in bits at the
@@ -149,7 +161,7 @@ def explain(
         for k in saved:
             setattr(bottleneck, k, float(overrides[k]))
         with BACKEND.frozen(model):
-            cap = bottleneck.optimize(model_loss, x, **optimize_kwargs)
+            cap = bottleneck.explain(loss_for, x, **optimize_kwargs)
     finally:
         for k, v in saved.items():
             setattr(bottleneck, k, v)
@@ -322,6 +334,7 @@ class IBALayer(keras.layers.Layer):
         seed: int | None = None,
         noise: str = "backend",
         progbar: bool | None = None,
+        inputs_per_pass: int | None = None,
     ) -> np.ndarray:
         """Explain a batch of inputs ``x`` ``(N, H, W, C)``; returns NumPy maps in bits.
 
@@ -338,18 +351,23 @@ class IBALayer(keras.layers.Layer):
         if model_loss_fn is None:
             if target is None or model is None:
                 raise ValueError("give model_loss_fn, or model= and target= for a classifier")
-            logits_loss = classification_loss(target, n)
+            targets = per_input_targets(target, n)
 
-            def model_loss_fn(batch: Any) -> Any:
-                return logits_loss(BACKEND.call(model, batch))
+            def loss_for(start: int, stop: int) -> Callable[[Any], Any]:
+                logits_loss = classification_loss(targets[start:stop], stop - start)
+                return lambda batch: logits_loss(BACKEND.call(model, batch))
         elif target is not None:
             raise ValueError("give either model_loss_fn or target=, not both")
-        return explain(self.bottleneck, model_loss_fn, x, model=model,
+        else:
+            def loss_for(start: int, stop: int) -> Callable[[Any], Any]:
+                return model_loss_fn
+        return explain(self.bottleneck, loss_for, x, model=model,
                        channels_last=self.channels_last, mode=mode,
                        fit_hint="estimate(model, data)", min_std=min_std,
                        active_neurons_threshold=active_neurons_threshold, beta=beta,
                        optimization_steps=optimization_steps, lr=lr, batch_size=batch_size,
-                       seed=seed, noise=noise, progbar=progbar)
+                       seed=seed, noise=noise, progbar=progbar,
+                       inputs_per_pass=inputs_per_pass)
 
     def capacity(self) -> tf.Tensor:
         """Capacity of the last explanation, ``(N, C, ...)`` channels-first, nats per element."""

@@ -12,6 +12,9 @@ import torch
 
 from iba_core import Backend, FeatureHook, Handle
 
+#: Samples per model pass on the CPU when many inputs are explained at once.
+CPU_PASS_SIZE = 32
+
 
 def resolve_layer(model: torch.nn.Module | None, layer: Any) -> torch.nn.Module:
     """A module given directly, or looked up by its dotted name in ``model``."""
@@ -117,6 +120,11 @@ class TorchBackend(Backend):
 
     def layer_names(self, model: Any) -> list[str]:
         return [n for n, _ in model.named_modules() if n]
+
+    def pass_size(self, like: Any) -> int | None:
+        # Measured on a 2-core CPU (benchmarks/bench_torch.py): per-sample cost of a
+        # small conv net grows ~2x from batches of 20 to 160 as activations leave cache.
+        return CPU_PASS_SIZE if like.device.type == "cpu" else None
 
     def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         return torch.compile(fn)

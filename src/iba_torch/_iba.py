@@ -157,13 +157,17 @@ class IBA(torch.nn.Module):
         seed: int | None = None,
         noise: str = "backend",
         progbar: bool | None = None,
+        inputs_per_pass: int | None = None,
     ) -> np.ndarray:
         """Explain a batch of inputs; returns NumPy maps in bits.
 
         ``input_t`` is ``(N, C, H, W)`` (or ``(N, ...)`` for other models).  Either give
         ``model_loss_fn(batch) -> scalar`` (the mean loss over the batch, e.g. the
         target-class cross-entropy), or ``target=`` (an int or one per input) and
-        ``model=`` for a classifier.  All N inputs are optimised together, one mask each.
+        ``model=`` for a classifier.  All N inputs are optimised together, one mask each;
+        on the CPU they go through the model ``inputs_per_pass`` at a time (default: about
+        32 samples per pass, which caches favour; the result is the same either way).
+        ``seed``: input ``i`` draws its noise from the stream ``seed + i``.
 
         ``mode="saliency"``: ``(H, W)`` for ``N == 1`` else ``(N, H, W)``, bits per
         pixel, totalling the capacity; ``mode="capacity"``: the channel-summed capacity
@@ -180,12 +184,19 @@ class IBA(torch.nn.Module):
                 f"{tuple(input_t.shape)}: add a batch axis with input_t[None]"
             )
         model = model if model is not None else self._model
+        n = int(input_t.shape[0])
         if model_loss_fn is None:
             if target is None or model is None:
                 raise ValueError("give model_loss_fn, or target= and model= for a classifier")
-            model_loss_fn = _classification_loss(model, target, int(input_t.shape[0]))
+            targets = _per_input_targets(target, n)
+
+            def loss_for(start: int, stop: int) -> Callable[[torch.Tensor], torch.Tensor]:
+                return _classification_loss(model, targets[start:stop])
         elif target is not None:
             raise ValueError("give either model_loss_fn or target=, not both")
+        else:
+            def loss_for(start: int, stop: int) -> Callable[[torch.Tensor], torch.Tensor]:
+                return model_loss_fn
         device = model_device(model)
         if device is not None and input_t.device != device:
             input_t = input_t.to(device)
@@ -197,9 +208,9 @@ class IBA(torch.nn.Module):
             for k in saved:
                 setattr(bn, k, float(overrides[k]))
             with self._hooked(), _BACKEND.frozen(model):
-                cap = bn.optimize(model_loss_fn, input_t.detach(), beta=beta,
-                                  optimization_steps=optimization_steps, lr=lr,
-                                  batch_size=batch_size, seed=seed, noise=noise, progbar=progbar)
+                cap = bn.explain(loss_for, input_t.detach(), inputs_per_pass=inputs_per_pass,
+                                 beta=beta, optimization_steps=optimization_steps, lr=lr,
+                                 batch_size=batch_size, seed=seed, noise=noise, progbar=progbar)
         finally:
             for k, v in saved.items():
                 setattr(bn, k, v)
@@ -237,13 +248,18 @@ class IBA(torch.nn.Module):
                 f"batch_size={bn.batch_size}, estimated_samples={bn.estimator.n}")
 
 
-def _classification_loss(model: torch.nn.Module, target: Any, n: int) -> Callable[[Any], Any]:
-    """Mean target-class cross-entropy of ``model`` for batches of repeated inputs."""
+def _per_input_targets(target: Any, n: int) -> np.ndarray:
+    """One class index per input from an int, a sequence or a tensor."""
     targets = np.asarray(target.detach().cpu() if isinstance(target, torch.Tensor) else target)
     if targets.size not in (1, n):
         raise ValueError(f"target must be one class index or one per input ({n}), got "
                          f"{targets.size}")
-    targets = np.broadcast_to(targets.astype(np.int64).reshape(-1), (n,))
+    return np.broadcast_to(targets.astype(np.int64).reshape(-1), (n,))
+
+
+def _classification_loss(model: torch.nn.Module, targets: np.ndarray) -> Callable[[Any], Any]:
+    """Mean target-class cross-entropy of ``model`` for batches of repeated inputs."""
+    n = len(targets)
 
     def loss(batch: torch.Tensor) -> torch.Tensor:
         logits = model(batch)

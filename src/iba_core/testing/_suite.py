@@ -415,6 +415,35 @@ class PerSampleTests(_Base):
             # float64 with lr=1 Adam steps: round-off of ~1e-15 grows to ~1e-9 at most.
             np.testing.assert_allclose(together[i], single[0], rtol=1e-7, atol=1e-9)
 
+    def test_passes_of_fewer_inputs_change_nothing(self, case: ConformanceCase,
+                                                   backend: Backend) -> None:
+        if not (case.float64 and case.exact_gradients):
+            pytest.skip("needs float64 and exact gradients (see test_many_inputs_match_single_calls)")
+        model, layer = case.make_model("float64")
+        bn = _estimated(case, backend, model, layer, dtype="float64")
+        x = case.make_inputs(3, "float64", 12)
+        targets = [2, 0, 1]
+
+        def loss_for(start: int, stop: int) -> Callable[[Any], Any]:
+            def loss(batch: Any) -> Any:
+                logits = backend.call(model, batch)
+                reps = int(logits.shape[0]) // (stop - start)
+                onehot = np.eye(case.n_classes)[np.repeat(targets[start:stop], reps)]
+                return cross_entropy(logits, backend.from_numpy(onehot, like=logits))
+            return loss
+
+        caps, alphas = [], []
+        for per_pass in (3, 2, 1):
+            with attached(backend, model, layer, bn), backend.frozen(model):
+                caps.append(backend.to_numpy(bn.explain(loss_for, x, inputs_per_pass=per_pass,
+                                                        seed=7, optimization_steps=4)))
+            alphas.append(backend.to_numpy(bn.alpha))
+        assert caps[0].shape == (3, *case.feature_shape) and alphas[2].shape == caps[0].shape
+        for cap, alpha in zip(caps[1:], alphas[1:]):
+            # float64: differences are round-off, amplified a little by Adam (see above).
+            np.testing.assert_allclose(cap, caps[0], rtol=1e-7, atol=1e-9)
+            np.testing.assert_allclose(alpha, alphas[0], rtol=1e-7, atol=1e-9)
+
     def test_higher_beta_lets_less_information_through(self, case: ConformanceCase,
                                                        backend: Backend) -> None:
         model, layer = case.make_model("float32")
