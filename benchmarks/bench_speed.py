@@ -26,9 +26,10 @@ the same function; the run checks that the logits agree):
   bottleneck on the 128x28x28 output of ``layer2``; ``resnet56`` (on request) puts it
   on the 64x56x56 output of ``layer1``.
 
-Times are medians of ``--repeats`` runs after one warm-up run (a single run when the
-warm-up took over 5 s).  Timings on a shared
-machine are noisy: the header prints the load average.
+Times are medians of ``--repeats`` runs after one warm-up run each (one run only when a
+pair's warm-ups took over 10 s).  Each measurement alternates with the one it is compared
+with (bare work with ``analyze``, bare forward with ``estimate``), so that load changes on
+a shared machine hit both alike; the header prints the load average.
 
 Run: ``python benchmarks/bench_speed.py [--quick | --full] [--backends torch,tf]
 [--configs small,resnet,resnet56] [--device cuda]``.
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -102,6 +104,27 @@ def make_weights(arch: str, classes: int, seed: int = 0) -> dict[str, tuple[np.n
     fc = rng.normal(0.0, np.sqrt(1.0 / c_last), (classes, c_last)).astype(np.float32)
     weights["fc"] = (fc, np.zeros(classes, np.float32))
     return weights
+
+
+# -- timing ------------------------------------------------------------------------------
+def interleaved(runs: dict[str, Any], repeats: int, sync: Any = lambda: None) -> dict[str, float]:
+    """Median seconds of each run; runs are timed in pairs that alternate.
+
+    Consecutive entries of ``runs`` form pairs (bare work, then what it is compared with),
+    and the two alternate repeat by repeat, so that a change of load on a shared machine
+    hits both alike.  One warm-up call each first; a pair whose warm-ups took over 10 s is
+    timed once more only.
+    """
+    keys = list(runs)
+    out: dict[str, float] = {}
+    for a, b in zip(keys[0::2], keys[1::2]):
+        warm = median_time(runs[a], 1, sync) + median_time(runs[b], 1, sync)
+        ta, tb = [], []
+        for _ in range(1 if warm > 10 else max(1, repeats)):
+            ta.append(median_time(runs[a], 1, sync))
+            tb.append(median_time(runs[b], 1, sync))
+        out[a], out[b] = statistics.median(ta), statistics.median(tb)
+    return out
 
 
 # -- PyTorch -----------------------------------------------------------------------------
@@ -215,8 +238,7 @@ def torch_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
 
     def measure(key: str, fn: Any, repeats: int) -> None:
         if not args.memory_only:
-            warm = median_time(fn, 1, sync)  # warm-up; slow calls get fewer repeats
-            results[key] = median_time(fn, 1 if warm > 5 else repeats, sync)
+            results[key] = timings[key]
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
@@ -228,17 +250,21 @@ def torch_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
                 fn()
             results[key + " peak MiB"] = peak.value
 
-    measure("forward", forward_all, args.repeats)
-    measure("estimate", lambda: iba.estimate(model, est_batches, n_samples=len(data)), args.repeats)
-    results["n_est"] = len(data)
     x1 = x_n[:1]
-    measure("bare 1", lambda: bare_work(x1, t_n[:1]), args.repeats)
-    measure("analyze 1", lambda: iba.analyze(x1, target=t_n[:1], model=model), args.repeats)
-    reps_n = max(1, args.repeats // 2)
-    measure(f"bare {n}", lambda: bare_work(x_n, t_n), reps_n)
-    measure(f"analyze {n}", lambda: iba.analyze(x_n, target=t_n, model=model), reps_n)
-    measure("readout 1", lambda: readout.analyze(x1), args.repeats)
-    measure(f"readout {n}", lambda: readout.analyze(x_n), args.repeats)
+    runs = {
+        "forward": forward_all,
+        "estimate": lambda: iba.estimate(model, est_batches, n_samples=len(data)),
+        "bare 1": lambda: bare_work(x1, t_n[:1]),
+        "analyze 1": lambda: iba.analyze(x1, target=t_n[:1], model=model),
+        f"bare {n}": lambda: bare_work(x_n, t_n),
+        f"analyze {n}": lambda: iba.analyze(x_n, target=t_n, model=model),
+        "readout 1": lambda: readout.analyze(x1),
+        f"readout {n}": lambda: readout.analyze(x_n),
+    }
+    timings = {} if args.memory_only else interleaved(runs, args.repeats, sync)
+    for key, fn in runs.items():
+        measure(key, fn, args.repeats)
+    results["n_est"] = len(data)
     return results
 
 
@@ -345,8 +371,7 @@ def tf_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     tf_device = "GPU:0" if gpu else "CPU:0"
 
     def measure(key: str, fn: Any, repeats: int) -> None:
-        warm = median_time(fn, 1)  # warm-up; slow calls get fewer repeats
-        results[key] = median_time(fn, 1 if warm > 5 else repeats)
+        results[key] = timings[key]
         try:  # TensorFlow's allocator keeps freed memory, so RSS would not show the peak.
             tf.config.experimental.reset_memory_stats(tf_device)
             base = tf.config.experimental.get_memory_info(tf_device)["current"]
@@ -358,17 +383,21 @@ def tf_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                 fn()
             results[key + " peak MiB"] = rss.value
 
-    measure("forward", forward_all, args.repeats)
-    measure("estimate", lambda: iba.estimate(data, n_samples=len(data), batch_size=32), args.repeats)
-    results["n_est"] = len(data)
     x1 = x_n[:1]
-    measure("bare 1", lambda: bare_work(x1, t_n[:1]), args.repeats)
-    measure("analyze 1", lambda: iba.analyze(x1, target=t_n[:1]), args.repeats)
-    reps_n = max(1, args.repeats // 2)
-    measure(f"bare {n}", lambda: bare_work(x_n, t_n), reps_n)
-    measure(f"analyze {n}", lambda: iba.analyze(x_n, target=t_n), reps_n)
-    measure("readout 1", lambda: readout.analyze(x1), args.repeats)
-    measure(f"readout {n}", lambda: readout.analyze(x_n), args.repeats)
+    runs = {
+        "forward": forward_all,
+        "estimate": lambda: iba.estimate(data, n_samples=len(data), batch_size=32),
+        "bare 1": lambda: bare_work(x1, t_n[:1]),
+        "analyze 1": lambda: iba.analyze(x1, target=t_n[:1]),
+        f"bare {n}": lambda: bare_work(x_n, t_n),
+        f"analyze {n}": lambda: iba.analyze(x_n, target=t_n),
+        "readout 1": lambda: readout.analyze(x1),
+        f"readout {n}": lambda: readout.analyze(x_n),
+    }
+    timings = interleaved(runs, args.repeats)
+    for key, fn in runs.items():
+        measure(key, fn, args.repeats)
+    results["n_est"] = len(data)
     return results
 
 

@@ -346,6 +346,17 @@ def test_torch_degradation_and_localisation_match_closed_form(torch):
 
 
 @pytest.mark.torch
+def test_torch_backend_by_name_and_like_tensor(torch):
+    model = torch_quadrant_model(torch)
+    x = quadrant_image()
+    direct = metrics.target_scores(model, x, 0)
+    named = metrics.target_scores(model, x.astype(np.float64), 0, backend="torch",
+                                  like=torch.zeros(1, dtype=torch.float32))
+    assert direct[0] == pytest.approx(sigmoid(2.0), rel=1e-6)
+    assert named[0] == pytest.approx(direct[0], rel=1e-6)
+
+
+@pytest.mark.torch
 def test_torch_sensitivity_n_for_linear_model(torch):
     nn = torch.nn
     torch.manual_seed(0)
