@@ -804,3 +804,43 @@ class ReadoutBottleneck:
         with np.load(path, allow_pickle=False) as data:
             state = {k: data[k] for k in data.files}
         self.load_state_dict(state)
+
+
+class ReadoutFront:
+    """What the PyTorch and Keras ``IBAReadout`` share: delegation to ``self._readout``.
+
+    A front sets ``_readout`` (a :class:`ReadoutBottleneck`), ``layer_name``,
+    ``readout_names`` and ``steps``; persistence goes through NumPy state, so weights move
+    freely between backends.
+    """
+
+    _readout: ReadoutBottleneck
+    layer_name: str
+    readout_names: list[str]
+    steps: int
+
+    def capacity(self) -> Any:
+        """Capacity of the last ``analyze``, ``(N, C, ...)`` channels-first, nats."""
+        return self._readout.capacity()
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The readout network's weights and all feature statistics, as NumPy arrays."""
+        return self._readout.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> Any:
+        """Load :meth:`state_dict` output (from either backend); shapes are validated."""
+        self._readout.load_state_dict(state)
+        return self
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the weights and statistics to an ``.npz`` file."""
+        self._readout.save(path)
+
+    def load(self, path: str | os.PathLike) -> Any:
+        """Read a file written by :meth:`save` (by either backend); returns self."""
+        self._readout.load(path)
+        return self
+
+    def __repr__(self) -> str:
+        return (f"IBAReadout(attach_layer={self.layer_name!r}, readout_layers="
+                f"{self.readout_names!r}, head={self._readout.head}, steps={self.steps})")

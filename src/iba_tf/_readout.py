@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -11,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from iba_core import Bottleneck, Estimator, ReadoutBottleneck, explanation_maps
+from iba_core._readout import ReadoutFront
 
 from ._backend import all_layers, is_channels_last, resolve_layer
 from ._layer import BACKEND, as_input, check_finite_input, iter_batches
@@ -91,7 +91,7 @@ class _Data:
             yield xb, yb
 
 
-class IBAReadout:
+class IBAReadout(ReadoutFront):
     """Readout Bottleneck for a Keras model: attribution maps from one forward pass.
 
     A small network (three 1x1 convolutions) reads the outputs of ``readout_layers`` and
@@ -263,30 +263,3 @@ class IBAReadout:
         out = BACKEND.to_numpy(explanation_maps(cap, tuple(x.shape), mode,
                                                 channels_last=self._channels_last))
         return out[0] if out.shape[0] == 1 else out
-
-    def capacity(self) -> tf.Tensor:
-        """Capacity of the last :meth:`analyze`, ``(N, C, ...)`` channels-first, nats."""
-        return self._readout.capacity()
-
-    # -- persistence -------------------------------------------------------------------
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """The readout network's weights and all feature statistics, as NumPy arrays."""
-        return self._readout.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> IBAReadout:
-        """Load :meth:`state_dict` output (from either backend); shapes are validated."""
-        self._readout.load_state_dict(state)
-        return self
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the weights and statistics to an ``.npz`` file."""
-        self._readout.save(path)
-
-    def load(self, path: str | os.PathLike) -> IBAReadout:
-        """Read a file written by :meth:`save` (by either backend); returns self."""
-        self._readout.load(path)
-        return self
-
-    def __repr__(self) -> str:
-        return (f"IBAReadout(attach_layer={self.layer_name!r}, readout_layers="
-                f"{self.readout_names!r}, head={self._readout.head}, steps={self.steps})")
