@@ -42,5 +42,5 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def benchmarks(session: nox.Session) -> None:
     """Speed benchmarks, printed as tables (not run in CI)."""
-    session.install(*CONSTRAINTS, ".[torch,tf]")
+    session.install(*CONSTRAINTS, ".[torch,tf,bench]")
     session.run("python", "benchmarks/run_all.py", *session.posargs)
