@@ -41,7 +41,8 @@ def test_builtin_backends_come_from_entry_points():
 
 
 def test_unknown_name_lists_installed_backends():
-    with pytest.raises(LookupError, match=r"no iba backend named 'mxnet'; installed backends: \["):
+    with pytest.raises(LookupError,
+                       match=r"no iba backend named 'mxnet'; installed backends: (\[|none)"):
         iba_core.get_backend("mxnet")
 
 
