@@ -817,7 +817,36 @@ class ReadoutFront:
     _readout: ReadoutBottleneck
     layer_name: str
     readout_names: list[str]
-    steps: int
+
+    @property
+    def model(self) -> Any:
+        """The explained model."""
+        return self._readout.model
+
+    @property
+    def bottleneck(self) -> Bottleneck:
+        """The core :class:`iba_core.Bottleneck` at the attach layer."""
+        return self._readout.bottleneck
+
+    @property
+    def readout(self) -> ReadoutBottleneck:
+        """The core :class:`iba_core.ReadoutBottleneck`."""
+        return self._readout
+
+    @property
+    def estimator(self) -> Estimator:
+        """Statistics of the attach layer's features (channels-first)."""
+        return self._readout.bottleneck.estimator
+
+    @property
+    def readout_estimators(self) -> list[Estimator]:
+        """Statistics of each readout layer's features (channels-first)."""
+        return self._readout.estimators
+
+    @property
+    def steps(self) -> int:
+        """Training steps the readout network has taken (0: untrained)."""
+        return self._readout.steps
 
     def capacity(self) -> Any:
         """Capacity of the last ``analyze``, ``(N, C, ...)`` channels-first, nats."""

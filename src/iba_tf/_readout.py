@@ -150,36 +150,6 @@ class IBAReadout(ReadoutFront):
             BACKEND, model, layer, layers, bottleneck=bottleneck, seed=seed,
             labels=[repr(n) for n in self.readout_names], progbar=progbar)
 
-    # -- access ------------------------------------------------------------------------
-    @property
-    def model(self) -> keras.Model:
-        return self._readout.model
-
-    @property
-    def bottleneck(self) -> Bottleneck:
-        """The core :class:`iba_core.Bottleneck` at the attach layer."""
-        return self._readout.bottleneck
-
-    @property
-    def readout(self) -> ReadoutBottleneck:
-        """The core :class:`iba_core.ReadoutBottleneck`."""
-        return self._readout
-
-    @property
-    def estimator(self) -> Estimator:
-        """Statistics of the attach layer's features (channels-first)."""
-        return self._readout.bottleneck.estimator
-
-    @property
-    def readout_estimators(self) -> list[Estimator]:
-        """Statistics of each readout layer's features (channels-first)."""
-        return self._readout.estimators
-
-    @property
-    def steps(self) -> int:
-        """Training steps the readout network has taken (0: untrained)."""
-        return self._readout.steps
-
     # -- statistics and training -----------------------------------------------------
     def estimate(self, data: Any, n_samples: int = 10000, batch_size: int = 32,
                  progbar: bool | None = None, reset: bool = True) -> list[Estimator]:

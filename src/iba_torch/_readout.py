@@ -92,36 +92,6 @@ class IBAReadout(ReadoutFront):
             labels=[repr(n) for n in self.readout_names], progbar=progbar)
         self._detached = False
 
-    # -- access ------------------------------------------------------------------------
-    @property
-    def model(self) -> torch.nn.Module:
-        return self._readout.model
-
-    @property
-    def bottleneck(self) -> Bottleneck:
-        """The core :class:`iba_core.Bottleneck` at the attach layer."""
-        return self._readout.bottleneck
-
-    @property
-    def readout(self) -> ReadoutBottleneck:
-        """The core :class:`iba_core.ReadoutBottleneck`."""
-        return self._readout
-
-    @property
-    def estimator(self) -> Estimator:
-        """Statistics of the attach layer's features."""
-        return self._readout.bottleneck.estimator
-
-    @property
-    def readout_estimators(self) -> list[Estimator]:
-        """Statistics of each readout layer's features."""
-        return self._readout.estimators
-
-    @property
-    def steps(self) -> int:
-        """Training steps the readout network has taken (0: untrained)."""
-        return self._readout.steps
-
     def detach(self) -> None:
         """Forget the model; later calls raise until a new ``IBAReadout`` is made.
 
