@@ -80,9 +80,8 @@ class _Noise:
     def draw(self, sample_shape: tuple[int, ...]) -> Any:
         shape = (self.batch_size, *sample_shape)
         if self.source == "numpy":
-            dtype = self.backend.to_numpy(self.like[:1, ...]).dtype
             a = np.concatenate([rng.standard_normal(shape) for rng in self.streams])
-            return self.backend.from_numpy(a.astype(dtype, copy=False), like=self.like)
+            return self.backend.from_numpy(a, like=self.like)  # takes like's float dtype
         if self.streams is None:
             return self.backend.standard_normal((self.n_inputs * self.batch_size, *sample_shape),
                                                 like=self.like, generator=self.generator)
