@@ -185,3 +185,26 @@ def test_repeat_inputs_is_input_major():
 
     x = np.arange(6.0).reshape(3, 2)
     np.testing.assert_array_equal(ic.repeat_inputs(xp, x, 2)[:, 0], [0, 0, 2, 2, 4, 4])
+
+
+def test_sigmoid_pair_keeps_full_relative_precision():
+    from iba_core._xp import sigmoid_pair
+
+    x = np.array([-700.0, -90.0, -20.0, -5.0, -1e-3, 0.0, 1e-3, 5.0, 20.0, 90.0, 700.0])
+    s, s_neg = sigmoid_pair(ic.namespace(x), x)
+    # Reference from the exact identity sigmoid(x) = exp(-log1p(exp(-x))), in float64.
+    ref = np.exp(-np.logaddexp(0.0, -x))
+    ref_neg = np.exp(-np.logaddexp(0.0, x))
+    # Both forms round in exp, log/division and the final exp: a few ulp (2.2e-16) apart.
+    np.testing.assert_allclose(s, ref, rtol=2e-15, atol=0)
+    np.testing.assert_allclose(s_neg, ref_neg, rtol=2e-15, atol=0)
+    assert s[0] > 0 and s_neg[-1] > 0  # tiny values keep their digits instead of rounding to 0
+    x32 = x.astype(np.float32)
+    s32, s32_neg = sigmoid_pair(ic.namespace(x32), x32)
+    assert s32.dtype == np.float32 and np.all(np.isfinite(s32)) and np.all(np.isfinite(s32_neg))
+
+
+def test_check_output_rows_names_the_expected_count():
+    ic.check_output_rows(30, 3, 10)
+    with pytest.raises(ValueError, match="3 output rows for 3 input.*10 noisy copies.*expected 30"):
+        ic.check_output_rows(3, 3, 10)

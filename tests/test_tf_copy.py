@@ -150,6 +150,50 @@ def test_any_task_through_a_loss_function():
     assert smaller.sum() < smap.sum()
 
 
+def residual() -> keras.Model:
+    """A skip connection around the bottleneck layer 'conv2'."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((12, 12, 3))
+    h = L.Conv2D(6, 3, padding="same", activation="relu", name="conv1")(inputs)
+    x = L.Conv2D(6, 3, padding="same", name="conv2")(h)
+    x = L.ReLU(name="relu2")(L.Add(name="skip")([x, h]))
+    outputs = L.Dense(3, name="fc")(L.GlobalAveragePooling2D(name="gap")(x))
+    return keras.Model(inputs, outputs, name="res")
+
+
+def analyze_with_copies_at_the_input(iba, *args, **kwargs):
+    """``iba.analyze`` with the noisy copies made at the input (the closure contract)."""
+    explain = iba.bottleneck.explain
+    iba.bottleneck.explain = lambda *a, **k: explain(*a, **{**k, "copies": "input"})
+    try:
+        return iba.analyze(*args, **kwargs)
+    finally:
+        del iba.bottleneck.explain
+
+
+def test_noisy_copies_at_the_layer_or_at_the_input():
+    model = functional()
+    iba = IBACopy(model, "relu1")
+    iba.estimate(images(64, seed=2), batch_size=32)
+    smaps = iba.analyze(images(2), target=[0, 2], seed=5, optimization_steps=3)
+    assert iba.bottleneck.copies_made_at == "layer"
+    expected = analyze_with_copies_at_the_input(iba, images(2), target=[0, 2], seed=5,
+                                                optimization_steps=3)
+    # float32: the layers before the bottleneck run on 2 instead of 20 rows (round-off
+    # only), amplified a little by three Adam steps.
+    np.testing.assert_allclose(smaps, expected, rtol=1e-4, atol=1e-6)
+
+    # A skip connection around the layer cannot add 2 and 20 rows: copies at the input.
+    model = residual()
+    iba = IBACopy(model, "conv2")
+    iba.estimate(images(64, seed=2), batch_size=32)
+    smaps = iba.analyze(images(2), target=[1, 0], seed=5, optimization_steps=3)
+    assert iba.bottleneck.copies_made_at == "input"
+    expected = analyze_with_copies_at_the_input(iba, images(2), target=[1, 0], seed=5,
+                                                optimization_steps=3)
+    np.testing.assert_array_equal(smaps, expected)
+
+
 def test_copy_errors():
     model = functional()
     with pytest.raises(LookupError, match=r"'conv9' not found.*\['conv1', 'bn', 'relu1'"):

@@ -300,6 +300,93 @@ class TestBadInput:
                 feature_std=np.ones((8, 6, 6))).analyze(images(1))
 
 
+class Residual(nn.Module):
+    """A skip connection around the bottleneck layer (``conv2``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        return self.fc(torch.relu(self.conv2(h) + h).mean(dim=(2, 3)))
+
+
+class BatchMean(nn.Module):
+    """Reshapes by its input's batch size after the layer: more rows there change the
+    output's meaning without an error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = make_model()
+
+    def forward(self, x):
+        b = x.shape[0]
+        inner = self.inner
+        h = inner.relu2(inner.conv2(inner.relu1(inner.bn(inner.conv1(x)))))
+        h = h.reshape(b, -1, *h.shape[1:]).mean(dim=1)
+        return inner.fc(inner.flat(inner.pool(h)))
+
+
+def analyze_with_copies_at_the_input(iba, *args, **kwargs):
+    """``iba.analyze`` with the noisy copies made at the input (the closure contract)."""
+    explain = iba.bottleneck.explain
+    iba.bottleneck.explain = lambda *a, **k: explain(*a, **{**k, "copies": "input"})
+    try:
+        return iba.analyze(*args, **kwargs)
+    finally:
+        del iba.bottleneck.explain
+
+
+class TestCopiesAtTheLayer:
+    """``analyze(target=...)`` makes the noisy copies at the layer, or falls back."""
+
+    def test_the_layers_before_the_bottleneck_run_once_per_input(self, model, iba):
+        rows = []
+        model.conv1.register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+        smaps = iba.analyze(images(2), target=[1, 3], model=model, seed=4,
+                            optimization_steps=3)
+        assert iba.bottleneck.copies_made_at == "layer"
+        assert rows == [2] * 4  # the probe pass and three steps, one row per input
+        rows.clear()
+        expected = analyze_with_copies_at_the_input(iba, images(2), target=[1, 3],
+                                                    model=model, seed=4, optimization_steps=3)
+        assert rows == [2, 20, 20, 20]
+        # float32: the layers before run on 2 instead of 20 rows (round-off only),
+        # amplified a little by three Adam steps.
+        np.testing.assert_allclose(smaps, expected, rtol=1e-4, atol=1e-6)
+
+    def test_a_skip_connection_around_the_layer(self):
+        model = Residual()
+        iba = IBA(model.conv2)
+        iba.estimate(model, loader())
+        # One input: its features broadcast against its ten noisy copies, as they should.
+        one = iba.analyze(images(1), target=1, model=model, seed=0, optimization_steps=3)
+        assert iba.bottleneck.copies_made_at == "layer"
+        expected = analyze_with_copies_at_the_input(iba, images(1), target=1, model=model,
+                                                    seed=0, optimization_steps=3)
+        np.testing.assert_allclose(one, expected, rtol=1e-4, atol=1e-6)
+        # Two inputs: 2 and 20 rows do not add up, so the copies are made at the input.
+        two = iba.analyze(images(2), target=[1, 2], model=model, seed=0, optimization_steps=3)
+        assert iba.bottleneck.copies_made_at == "input"
+        expected = analyze_with_copies_at_the_input(iba, images(2), target=[1, 2], model=model,
+                                                    seed=0, optimization_steps=3)
+        np.testing.assert_array_equal(two, expected)
+
+    def test_a_model_that_reshapes_by_its_batch_size_is_caught(self):
+        model = BatchMean()
+        iba = IBA(model.inner.conv2)
+        iba.estimate(model, loader())
+        smap = iba.analyze(images(1), target=2, model=model, seed=1, optimization_steps=3)
+        assert iba.bottleneck.copies_made_at == "input"  # one output row for ten copies
+        expected = analyze_with_copies_at_the_input(iba, images(1), target=2, model=model,
+                                                    seed=1, optimization_steps=3)
+        np.testing.assert_array_equal(smap, expected)
+
+
 class TestModelUntouched:
     def test_after_estimate_and_analyze(self, model):
         model.train()  # a user's model in training mode, with gradients lying around

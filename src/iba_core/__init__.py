@@ -8,7 +8,7 @@ third-party plugin) supply tensors, autograd and layer hooks.
 
 from ._adam import AdamState, adam_init, adam_update
 from ._backend import Backend, FeatureHook, Handle, attached
-from ._bottleneck import Bottleneck, FewSamplesWarning, repeat_inputs
+from ._bottleneck import Bottleneck, FewSamplesWarning, check_output_rows, repeat_inputs
 from ._capacity import (
     capacity,
     cross_entropy,
@@ -68,6 +68,7 @@ __all__ = [
     "available_backends",
     "bilinear_matrix",
     "capacity",
+    "check_output_rows",
     "cross_entropy",
     "explanation_maps",
     "find_backend",

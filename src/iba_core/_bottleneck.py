@@ -13,7 +13,7 @@ import numpy as np
 from ._adam import adam_init, adam_update
 from ._backend import Backend
 from ._capacity import capacity as capacity_fn
-from ._capacity import capacity_from_mask, inject_noise, restrict, restriction_mask
+from ._capacity import capacity_from_mask, restrict, restriction_mask
 from ._estimator import Estimator
 from ._linear_ops import smoothing_operands
 from ._xp import namespace
@@ -183,11 +183,14 @@ class Bottleneck:
         #: The mask logits of the last explanation, ``(N, C, ...)``, in the backend's type.
         self.alpha: Any = None
         self.backend: Backend | None = None
+        #: Where the last optimisation made the noisy copies: ``"input"`` or ``"layer"``
+        #: (``"input"`` also when ``copies="layer"`` was asked for but the model fell back).
+        self.copies_made_at: str | None = None
         self._mode = "pass"
         self._interrupt = False
         self._recorded: list[Any] = []
         self._active_alpha: Any = None
-        self._mask: tuple[Any, Any] | None = None
+        self._mask: tuple[Any, Any, Any] | None = None
         self._noise: Any = None
         self._calls = 0
         self._last_features: Any = None
@@ -276,20 +279,12 @@ class Bottleneck:
                 "the bottleneck layer ran more than once in one forward pass; put the "
                 "bottleneck on a layer that the model calls exactly once"
             )
+        if self._mask is not None:
+            return self._noisy_copies(features, self._noise)
         mean, std, active = self._stats_like(features, backend)
         noise = self._noise
         if noise is None or tuple(noise.shape) != tuple(features.shape):
             noise = backend.standard_normal(tuple(features.shape), like=features)
-        if self._mask is not None:
-            # The optimisation loop: masks ``(N, 1, C, ...)`` meet the features of the N x
-            # batch_size copies through broadcasting, with no repeated copies in memory.
-            lam, one_minus = self._mask
-            xp = backend.namespace()
-            shape = tuple(features.shape)
-            grouped = (int(lam.shape[0]), shape[0] // int(lam.shape[0]), *shape[1:])
-            z = inject_noise(xp.reshape(features, grouped), lam, one_minus,
-                             xp.reshape(mean + std * noise, grouped), relu=self.relu)
-            return xp.reshape(z, shape)
         alpha = self._active_alpha
         if alpha.shape[0] not in (1, features.shape[0]):
             raise ValueError(
@@ -300,9 +295,38 @@ class Bottleneck:
                         relu=self.relu)
         return z
 
+    def _noisy_copies(self, features: Any, noise: Any) -> Any:
+        """The optimisation loop's injection: ``batch_size`` noisy copies of each input.
+
+        The step's mask terms ``(lambda, mu_a, sigma_a)`` are shaped ``(N, 1, C, ...)``
+        and the standard noise ``(N * batch_size, C, ...)``.  ``features`` hold the N
+        inputs either once each (``copies="layer"``: the copies are made here) or
+        already repeated ``batch_size`` times (``copies="input"``).  With
+        ``mu_a = (1 - lambda) * mean * active`` and ``sigma_a = (1 - lambda) * std * active``,
+        ``Z = lambda * R + mu_a + sigma_a * eps`` equals ``active * (lambda * R + (1 -
+        lambda) * (mean + std * eps))`` with two full-size operations instead of six.
+        """
+        assert self.backend is not None and self._mask is not None
+        xp = self.backend.namespace()
+        lam, shift, scale = self._mask
+        n_in = int(lam.shape[0])
+        rows, sample = int(features.shape[0]), tuple(int(s) for s in features.shape[1:])
+        total = int(noise.shape[0])
+        if rows not in (n_in, total):
+            raise ValueError(
+                f"the bottleneck layer saw a batch of {rows} for {n_in} inputs with "
+                f"{total // n_in} noise copies each; the model must keep the batch axis first"
+            )
+        grouped = xp.reshape(features, (n_in, rows // n_in, *sample))
+        eps = xp.reshape(noise, (n_in, total // n_in, *sample))
+        z = (lam * grouped + shift) + scale * eps
+        if self.relu:
+            z = xp.maximum(z, xp.zeros_like(z))
+        return xp.reshape(z, (total, *sample))
+
     @contextlib.contextmanager
     def _state(self, mode: str, *, interrupt: bool = False, alpha: Any = None,
-               mask: tuple[Any, Any] | None = None, noise: Any = None) -> Iterator[None]:
+               mask: tuple[Any, Any, Any] | None = None, noise: Any = None) -> Iterator[None]:
         saved = (self._mode, self._interrupt, self._active_alpha, self._mask, self._noise,
                  self._calls, self._recorded)
         self._mode, self._interrupt = mode, interrupt
@@ -428,15 +452,28 @@ class Bottleneck:
         seed: int | Sequence[int] | None = None,
         noise: str = "backend",
         progbar: bool | None = None,
+        copies: str = "input",
     ) -> Any:
         """Optimise one mask per input and return its capacity ``(N, C, ...)`` in nats.
 
         ``x`` is a batch of ``N`` inputs in the backend's type.  ``model_loss(batch)``
-        runs the model on a batch and returns the *mean* model loss over the batch as a
-        scalar (e.g. the target-class cross-entropy); it is called with
-        ``N * batch_size`` samples, each input repeated ``batch_size`` times in a row.
+        runs the model on a batch and returns the *mean* model loss over the model's
+        ``N * batch_size`` output rows as a scalar (e.g. the target-class
+        cross-entropy), each input's ``batch_size`` noisy copies in a row.
         The loss optimised is ``sum_i [mean model loss of input i + beta * mean capacity
         of input i]``, so every input gets exactly the mask it would get alone.
+
+        ``copies`` says where the ``batch_size`` copies of each input are made.
+        ``"input"`` (the reference library's contract): ``model_loss`` is called with
+        ``N * batch_size`` samples, each input repeated.  ``"layer"``: ``model_loss`` is
+        called with the ``N`` inputs and the bottleneck layer turns its ``N`` feature maps
+        into ``N * batch_size`` noisy copies, so the layers before it run once per input
+        instead of ``batch_size`` times (the same result for a fraction of the work);
+        ``model_loss`` must then accept model outputs with ``batch_size`` rows per input
+        and should raise if it gets any other number (a model that reshapes by its
+        input's batch size).  If the first step fails that way, or because the model
+        cannot carry the larger batch (e.g. a skip connection around the layer), the
+        optimisation goes on with ``"input"`` and the same noise.
 
         ``seed`` makes the noise reproducible: input ``i`` draws from a stream seeded with
         ``seed + i`` (or ``seed[i]`` for a sequence), so it gets the same mask alone as
@@ -452,6 +489,8 @@ class Bottleneck:
         lr = self.lr if lr is None else float(lr)
         bs = self.batch_size if batch_size is None else int(batch_size)
         progbar = self.progbar if progbar is None else progbar
+        if copies not in ("input", "layer"):
+            raise ValueError(f"copies must be 'input' or 'layer', got {copies!r}")
         xp = backend.namespace()
         n = int(x.shape[0])
         if n < 1:
@@ -473,7 +512,7 @@ class Bottleneck:
         mean, std, active = self._stats_like(features, backend)
         sample_shape = tuple(int(s) for s in features.shape[1:])
 
-        x_rep = repeat_inputs(xp, x, bs)
+        batch = x if copies == "layer" else repeat_inputs(xp, x, bs)
         r = (features - mean) / std  # normalised features, constant across steps
         alpha = xp.full(tuple(features.shape), self.initial_alpha, dtype=features.dtype,
                         device=getattr(features, "device", None))
@@ -482,11 +521,12 @@ class Bottleneck:
 
         terms = self._step_terms(backend)
         operands = smoothing_operands(features, self.sigma, features.ndim - 2)
+        mean_a, std_a = mean * active, std * active
 
         def loss_fn(a: Any) -> Any:
-            lam, one_minus, cap_term = terms(a, r, active, operands)
-            with self._state("restrict", mask=(lam, one_minus), noise=standard_noise):
-                model_term = model_loss(x_rep)
+            mask, cap_term = terms(a, r, active, mean_a, std_a, operands)
+            with self._state("restrict", mask=mask, noise=standard_noise):
+                model_term = model_loss(batch)
                 if self._calls == 0:
                     raise RuntimeError("the model loss function never ran the bottleneck layer")
             if getattr(model_term, "ndim", 0) != 0:
@@ -499,7 +539,14 @@ class Bottleneck:
         bar = _progress(progbar, total=steps, desc="analyze", unit="step")
         for step in range(steps):
             standard_noise = source.draw(sample_shape)
-            value, grad = backend.value_and_grad(loss_fn, alpha)
+            try:
+                value, grad = backend.value_and_grad(loss_fn, alpha)
+            except Exception:
+                if step > 0 or copies != "layer":
+                    raise
+                # The model cannot take the copies at the layer: make them at the input.
+                copies, batch = "input", repeat_inputs(xp, x, bs)
+                value, grad = backend.value_and_grad(loss_fn, alpha)
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"the loss became {value} at step {step}; check the model loss function "
@@ -510,6 +557,7 @@ class Bottleneck:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        self.copies_made_at = copies
 
         self.alpha = backend.stop_gradient(alpha)
         self._last_features = features
@@ -560,30 +608,47 @@ class Bottleneck:
         self._last_features = xp.concat(features, axis=0)
         return xp.concat(caps, axis=0)
 
-    def _step_terms(self, backend: Backend) -> Callable[..., tuple[Any, Any, Any]]:
+    def _step_terms(self, backend: Backend) -> Callable[..., tuple[Any, Any]]:
         """The pure array part of a step, compiled by the backend when ``compile=True``.
 
-        ``terms(alpha, r, active, smoothing_operands)`` returns the mask pair shaped
-        ``(N, 1, C, ...)`` to meet the ``batch_size`` noisy copies of each input, and the
-        summed per-input mean capacity.  The mask depends on alpha only and all copies of
-        an input share it, so it (and the capacity, from the recorded features) is
+        ``terms(alpha, r, active, mean * active, std * active, smoothing_operands)``
+        returns the mask terms ``(lambda * active, (1 - lambda) * mean * active,
+        (1 - lambda) * std * active)`` shaped ``(N, 1, C, ...)`` to meet the
+        ``batch_size`` noisy copies of each input (see :meth:`_noisy_copies`), and the
+        summed per-input mean capacity.  The mask depends on alpha only and all copies
+        of an input share it, so it (and the capacity, from the recorded features) is
         computed once per input.
         """
         key = (id(backend), self.sigma, self.compile)
         if self._terms is None or self._terms[0] != key:
             sigma = self.sigma
 
-            def terms(a: Any, r: Any, active: Any,
-                      operands: tuple[Any, ...] | None) -> tuple[Any, Any, Any]:
+            def terms(a: Any, r: Any, active: Any, mean_a: Any, std_a: Any,
+                      operands: tuple[Any, ...] | None) -> tuple[tuple[Any, Any, Any], Any]:
                 xp = namespace(a)
                 lam, one_minus = restriction_mask(a, sigma, operands)
                 cap = capacity_from_mask(r, a, lam, one_minus, active, sigma)
                 per_input = xp.mean(xp.reshape(cap, (int(a.shape[0]), -1)), axis=1)
-                return (xp.expand_dims(lam * active, axis=1),
-                        xp.expand_dims(one_minus * active, axis=1), xp.sum(per_input))
+                mask = (lam * active, one_minus * mean_a, one_minus * std_a)
+                return tuple(xp.expand_dims(m, axis=1) for m in mask), xp.sum(per_input)
 
             self._terms = (key, backend.compile(terms) if self.compile else terms)
         return self._terms[1]
+
+
+def check_output_rows(rows: int, n_inputs: int, copies: int) -> None:
+    """Raise unless a model output holds ``copies`` rows for each of ``n_inputs`` inputs.
+
+    Loss functions given to :meth:`Bottleneck.optimize` with ``copies="layer"`` call this
+    on the model's output, so a model that reshapes by its input's batch size is caught
+    (and the optimisation falls back to copies of the input) instead of giving wrong maps.
+    """
+    if rows != n_inputs * copies:
+        raise ValueError(
+            f"the model returned {rows} output rows for {n_inputs} input(s) with {copies} noisy "
+            f"copies each (expected {n_inputs * copies}); the model must keep the batch axis "
+            "first and return one row per sample"
+        )
 
 
 def _seeds_for(seed: Any, start: int, stop: int) -> Any:

@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from ._linear_ops import gaussian_smooth, resize_bilinear
-from ._xp import namespace, sigmoid
+from ._xp import namespace, sigmoid_pair
 
 LN2 = math.log(2.0)
 
@@ -32,9 +32,9 @@ def restriction_mask(alpha: Any, sigma: float | None = 1.0,
     """
     xp = namespace(alpha)
     n = _n_spatial(alpha)
-    lam = gaussian_smooth(sigmoid(xp, alpha), sigma, n, operands)
-    one_minus = gaussian_smooth(sigmoid(xp, -alpha), sigma, n, operands)
-    return lam, one_minus
+    lam, one_minus = sigmoid_pair(xp, alpha)
+    return (gaussian_smooth(lam, sigma, n, operands),
+            gaussian_smooth(one_minus, sigma, n, operands))
 
 
 def _log_one_minus(alpha: Any, one_minus: Any, sigma: float | None) -> Any:

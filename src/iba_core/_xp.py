@@ -93,7 +93,21 @@ def to_numpy(x: Any) -> np.ndarray:
 
 def sigmoid(xp: Any, x: Any) -> Any:
     """Numerically stable logistic function ``1 / (1 + exp(-x))``."""
-    return xp.exp(-softplus(xp, -x))
+    return sigmoid_pair(xp, x)[0]
+
+
+def sigmoid_pair(xp: Any, x: Any) -> tuple[Any, Any]:
+    """``(sigmoid(x), sigmoid(-x))`` from one exponential, each to full relative precision.
+
+    With ``t = -|x|`` (written with ``where`` so that the derivative at 0 is right),
+    ``e = exp(t)`` lies in ``(0, 1]``: the smaller of the two is ``e / (1 + e)`` and the
+    larger ``1 - e / (1 + e)``, neither of which can overflow or cancel digits.
+    """
+    nonneg = x >= 0
+    e = xp.exp(xp.where(nonneg, -x, x))
+    small = e / (e + 1.0)
+    large = 1.0 - small
+    return xp.where(nonneg, large, small), xp.where(nonneg, small, large)
 
 
 def softplus(xp: Any, x: Any) -> Any:

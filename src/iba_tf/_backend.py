@@ -139,7 +139,11 @@ def _apply(hook: FeatureHook, x: Any, channels_last: bool, name: str) -> Any:
     out = hook(features)
     if out is None:
         return x
-    if tuple(out.shape) != tuple(features.shape):
+    # The batch may grow by a whole factor: the bottleneck may make each input's noisy
+    # copies at the layer.
+    rows, grown = features.shape[0], out.shape[0]
+    whole = rows is None or grown is None or (grown >= rows and grown % max(rows, 1) == 0)
+    if tuple(out.shape[1:]) != tuple(features.shape[1:]) or not whole:
         raise ValueError(f"the hook on layer {name!r} returned shape {tuple(out.shape)} for "
                          f"features of shape {tuple(features.shape)}")
     return to_channels_last(out) if channels_last else out
@@ -275,4 +279,7 @@ class TFBackend(Backend):
         return 32 if (not device or "CPU" in device.upper()) else None
 
     def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        return tf.function(fn)
+        # No AutoGraph: the core's step is straight-line array code, and converting it
+        # only costs tracing time.  Shapes are relaxed after a retrace, so passes of
+        # different sizes share one graph.
+        return tf.function(fn, autograph=False, reduce_retracing=True)

@@ -22,8 +22,10 @@ from ._layer import (
     as_input,
     check_finite_input,
     classification_loss,
+    copies_per_input,
     explain,
     iter_batches,
+    model_loss,
     per_input_targets,
     soft_target_loss,
 )
@@ -217,12 +219,16 @@ class IBACopy:
     def _explain(self, x: tf.Tensor, loss_for: Callable[[int, int], Callable[[Any], Any]],
                  fit_hint: str, **kwargs: Any) -> np.ndarray:
         """``loss_for(start, stop)``: the loss of the outputs for inputs ``x[start:stop]``."""
-        def model_loss_for(start: int, stop: int) -> Callable[[Any], Any]:
-            loss_fn = loss_for(start, stop)
-            return lambda batch: loss_fn(BACKEND.call(self.model, batch))
+        copies = copies_per_input(self.bottleneck, kwargs.get("batch_size"))
 
+        def model_loss_for(start: int, stop: int) -> Callable[[Any], Any]:
+            return model_loss(self.model, loss_for(start, stop), stop - start, copies)
+
+        # The loss sees the copy's outputs only, and their rows are checked, so the
+        # noisy copies are made at the bottleneck layer (see Bottleneck.optimize).
         return explain(self.bottleneck, model_loss_for, x, model=self.model,
-                       channels_last=self.iba_layer.channels_last, fit_hint=fit_hint, **kwargs)
+                       channels_last=self.iba_layer.channels_last, fit_hint=fit_hint,
+                       copies="layer", **kwargs)
 
     def analyze(
         self,
@@ -235,8 +241,8 @@ class IBACopy:
     ) -> np.ndarray:
         """Explain a batch of inputs ``x`` ``(N, H, W, C)``; returns NumPy maps in bits.
 
-        ``loss_fn(outputs) -> scalar`` gets the copy's output for a batch that holds each
-        input ``batch_size`` times in a row and returns the mean loss over it; or give
+        ``loss_fn(outputs) -> scalar`` gets the copy's outputs for ``batch_size`` noisy
+        copies of each input, in a row, and returns the mean loss over them; or give
         ``target=`` (a class index, or one per input) for a model returning logits.
         Returns ``(H, W)`` for one input, else ``(N, H, W)``.  Further keyword arguments
         (``beta``, ``optimization_steps``, ``lr``, ``batch_size``, ``min_std``,

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from iba_core import Bottleneck, Estimator, cross_entropy, explanation_maps
+from iba_core import Bottleneck, Estimator, check_output_rows, cross_entropy, explanation_maps
 
 from ._backend import TFBackend, is_channels_last, to_channels_first, to_channels_last
 
@@ -113,6 +113,26 @@ def soft_target_loss(probabilities: Any, n: int) -> Callable[[Any], Any]:
                                                         like=logits))
 
     return loss
+
+
+def model_loss(model: Any, loss: Callable[[Any], Any], n: int, copies: int) -> Callable[[Any], Any]:
+    """``batch -> loss(model(batch))`` for ``n`` inputs, checking that every output of the
+    model holds ``copies`` rows per input (so the bottleneck may make the noisy copies at
+    its layer: see ``copies`` in :meth:`iba_core.Bottleneck.optimize`)."""
+
+    def run(batch: Any) -> Any:
+        outputs = BACKEND.call(model, batch)
+        for out in tf.nest.flatten(outputs):
+            if tf.is_tensor(out) and out.shape.rank:
+                check_output_rows(int(out.shape[0]), n, copies)
+        return loss(outputs)
+
+    return run
+
+
+def copies_per_input(bottleneck: Bottleneck, batch_size: int | None) -> int:
+    """The noisy copies per input of an explanation (``batch_size`` or the default)."""
+    return bottleneck.batch_size if batch_size is None else int(batch_size)
 
 
 # -- the explanation, shared by every front --------------------------------------------
@@ -352,22 +372,25 @@ class IBALayer(keras.layers.Layer):
             if target is None or model is None:
                 raise ValueError("give model_loss_fn, or model= and target= for a classifier")
             targets = per_input_targets(target, n)
+            copies = copies_per_input(self.bottleneck, batch_size)
 
             def loss_for(start: int, stop: int) -> Callable[[Any], Any]:
-                logits_loss = classification_loss(targets[start:stop], stop - start)
-                return lambda batch: logits_loss(BACKEND.call(model, batch))
+                return model_loss(model, classification_loss(targets[start:stop], stop - start),
+                                  stop - start, copies)
+            made_at = "layer"  # the output rows are checked: copies at the layer are safe
         elif target is not None:
             raise ValueError("give either model_loss_fn or target=, not both")
         else:
             def loss_for(start: int, stop: int) -> Callable[[Any], Any]:
                 return model_loss_fn
+            made_at = "input"  # the closure gets batch_size copies of each input, as before
         return explain(self.bottleneck, loss_for, x, model=model,
                        channels_last=self.channels_last, mode=mode,
                        fit_hint="estimate(model, data)", min_std=min_std,
                        active_neurons_threshold=active_neurons_threshold, beta=beta,
                        optimization_steps=optimization_steps, lr=lr, batch_size=batch_size,
                        seed=seed, noise=noise, progbar=progbar,
-                       inputs_per_pass=inputs_per_pass)
+                       inputs_per_pass=inputs_per_pass, copies=made_at)
 
     def capacity(self) -> tf.Tensor:
         """Capacity of the last explanation, ``(N, C, ...)`` channels-first, nats per element."""

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from iba_core import Bottleneck, Estimator, cross_entropy, explanation_maps
+from iba_core import Bottleneck, Estimator, check_output_rows, cross_entropy, explanation_maps
 
 from ._backend import TorchBackend, model_device, resolve_layer
 
@@ -189,14 +189,19 @@ class IBA(torch.nn.Module):
             if target is None or model is None:
                 raise ValueError("give model_loss_fn, or target= and model= for a classifier")
             targets = _per_input_targets(target, n)
+            copies_per_input = self.bottleneck.batch_size if batch_size is None else int(batch_size)
 
             def loss_for(start: int, stop: int) -> Callable[[torch.Tensor], torch.Tensor]:
-                return _classification_loss(model, targets[start:stop])
+                return _classification_loss(model, targets[start:stop], copies_per_input)
+            # Our own loss checks the model's output rows: the noisy copies can be made at
+            # the layer, so the layers before it run once per input (see Bottleneck.optimize).
+            copies = "layer"
         elif target is not None:
             raise ValueError("give either model_loss_fn or target=, not both")
         else:
             def loss_for(start: int, stop: int) -> Callable[[torch.Tensor], torch.Tensor]:
                 return model_loss_fn
+            copies = "input"  # the closure gets batch_size copies of each input, as before
         device = model_device(model)
         if device is not None and input_t.device != device:
             input_t = input_t.to(device)
@@ -210,7 +215,8 @@ class IBA(torch.nn.Module):
             with self._hooked(), _BACKEND.frozen(model):
                 cap = bn.explain(loss_for, input_t.detach(), inputs_per_pass=inputs_per_pass,
                                  beta=beta, optimization_steps=optimization_steps, lr=lr,
-                                 batch_size=batch_size, seed=seed, noise=noise, progbar=progbar)
+                                 batch_size=batch_size, seed=seed, noise=noise, progbar=progbar,
+                                 copies=copies)
         finally:
             for k, v in saved.items():
                 setattr(bn, k, v)
@@ -257,8 +263,9 @@ def _per_input_targets(target: Any, n: int) -> np.ndarray:
     return np.broadcast_to(targets.astype(np.int64).reshape(-1), (n,))
 
 
-def _classification_loss(model: torch.nn.Module, targets: np.ndarray) -> Callable[[Any], Any]:
-    """Mean target-class cross-entropy of ``model`` for batches of repeated inputs."""
+def _classification_loss(model: torch.nn.Module, targets: np.ndarray,
+                         copies: int) -> Callable[[Any], Any]:
+    """Mean target-class cross-entropy of ``model`` over ``copies`` noisy copies per input."""
     n = len(targets)
 
     def loss(batch: torch.Tensor) -> torch.Tensor:
@@ -269,8 +276,8 @@ def _classification_loss(model: torch.nn.Module, targets: np.ndarray) -> Callabl
         k = int(logits.shape[1])
         if targets.min() < 0 or targets.max() >= k:
             raise ValueError(f"target {targets.tolist()} out of range for {k} classes")
-        reps = int(logits.shape[0]) // n
-        onehot = np.eye(k)[np.repeat(targets, reps)]
+        check_output_rows(int(logits.shape[0]), n, copies)
+        onehot = np.eye(k)[np.repeat(targets, copies)]
         return cross_entropy(logits, _BACKEND.from_numpy(onehot, like=logits))
 
     return loss

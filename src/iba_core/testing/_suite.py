@@ -207,6 +207,7 @@ class GradientTests(_Base):
         rng = np.random.default_rng(2)
         feats = rng.standard_normal((1, 2, 4, 3))
         alpha = rng.uniform(-3, 4, (1, 2, 4, 3))
+        alpha[0, 0, 1, :2] = 0.0  # where the two halves of the sigmoid meet
         mean = rng.standard_normal((2, 4, 3)) * 0.1
         std = rng.uniform(0.5, 1.5, (2, 4, 3))
         like = self.like(backend, dtype)
@@ -472,6 +473,55 @@ class PerSampleTests(_Base):
         # Same float32 arithmetic, fused or reordered by the compiler: round-off level
         # differences, amplified a little by four Adam steps.
         np.testing.assert_allclose(caps[1], caps[0], rtol=1e-3, atol=1e-5)
+
+    def test_copies_at_the_layer_match_copies_of_the_input(self, case: ConformanceCase,
+                                                           backend: Backend) -> None:
+        exact = case.float64 and case.exact_gradients
+        dtype = "float64" if exact else "float32"
+        model, layer = case.make_model(dtype)
+        bn = _estimated(case, backend, model, layer, dtype=dtype)
+        x = case.make_inputs(2, dtype, 13)
+        caps = {}
+        for copies in ("input", "layer"):
+            cap, _ = self.explain(case, backend, model, layer, bn, x, [1, 2], seed=3,
+                                  optimization_steps=4, copies=copies)
+            assert bn.copies_made_at == copies
+            caps[copies] = backend.to_numpy(cap)
+        # The same arithmetic except the layers before the bottleneck, which run on one
+        # copy instead of ten: float64 round-off (see test_many_inputs_match_single_calls),
+        # or float32 round-off amplified by four Adam steps (see the compiled-step test).
+        rtol, atol = (1e-7, 1e-9) if exact else (1e-3, 1e-5)
+        np.testing.assert_allclose(caps["layer"], caps["input"], rtol=rtol, atol=atol)
+
+    def test_copies_fall_back_to_the_input_when_the_model_refuses(
+            self, case: ConformanceCase, backend: Backend) -> None:
+        model, layer = case.make_model("float32")
+        bn = _estimated(case, backend, model, layer)
+        x = case.make_inputs(2, "float32", 5)
+        copies = 3
+        onehot = np.eye(case.n_classes)[np.repeat([0, 1], copies)]
+
+        def loss(batch: Any) -> Any:
+            logits = backend.call(model, batch)
+            # Stands for a model that cannot carry more rows after the layer than it was
+            # given (a skip connection around the layer, a reshape by the batch size).
+            if int(logits.shape[0]) != int(batch.shape[0]):
+                raise ValueError("this model needs the noisy copies in its input")
+            return cross_entropy(logits, backend.from_numpy(onehot, like=logits))
+
+        caps = {}
+        with attached(backend, model, layer, bn), backend.frozen(model):
+            for where in ("layer", "input"):
+                caps[where] = backend.to_numpy(bn.optimize(
+                    loss, x, copies=where, batch_size=copies, seed=6, optimization_steps=3))
+                assert bn.copies_made_at == "input"
+            # A loss that fails either way reports its own error.
+            with pytest.raises(ValueError, match="scalar"):
+                bn.optimize(lambda b: backend.call(model, b), x, copies="layer")
+            with pytest.raises(ValueError, match="copies must be"):
+                bn.optimize(loss, x, copies="output")
+        # The fallback reuses the first step's noise: the same numbers exactly.
+        np.testing.assert_array_equal(caps["layer"], caps["input"])
 
     def test_closure_that_skips_the_layer_is_refused(self, case: ConformanceCase,
                                                      backend: Backend) -> None:
