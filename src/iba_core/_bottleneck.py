@@ -627,10 +627,12 @@ class Bottleneck:
                       operands: tuple[Any, ...] | None) -> tuple[tuple[Any, Any, Any], Any]:
                 xp = namespace(a)
                 lam, one_minus = restriction_mask(a, sigma, operands)
-                cap = capacity_from_mask(r, a, lam, one_minus, active, sigma)
-                per_input = xp.mean(xp.reshape(cap, (int(a.shape[0]), -1)), axis=1)
+                cap = capacity_from_mask(r, a, lam, one_minus, active, sigma, clip=False)
+                per_input_size = math.prod(int(s) for s in a.shape[1:])
                 mask = (lam * active, one_minus * mean_a, one_minus * std_a)
-                return tuple(xp.expand_dims(m, axis=1) for m in mask), xp.sum(per_input)
+                # The sum over inputs of each input's mean capacity.
+                return (tuple(xp.expand_dims(m, axis=1) for m in mask),
+                        xp.sum(cap) / per_input_size)
 
             self._terms = (key, backend.compile(terms) if self.compile else terms)
         return self._terms[1]

@@ -42,8 +42,10 @@ def _log_one_minus(alpha: Any, one_minus: Any, sigma: float | None) -> Any:
     xp = namespace(alpha)
     if not sigma or _n_spatial(alpha) == 0:
         return -xp.logaddexp(xp.zeros_like(alpha), alpha)
-    tiny = float(_finfo_tiny(xp, alpha.dtype))
-    return xp.log(xp.maximum(one_minus, xp.zeros_like(one_minus) + tiny))
+    # Smoothing positive sigmoids keeps them positive; only an underflow to 0 (alpha far
+    # above 80 everywhere around) needs the guard.  Adding the smallest normal number
+    # changes nothing else, and differentiates more cheaply than a maximum.
+    return xp.log(one_minus + float(_finfo_tiny(xp, alpha.dtype)))
 
 
 def _finfo_tiny(xp: Any, dtype: Any) -> float:
@@ -87,14 +89,18 @@ def capacity(
 
 
 def capacity_from_mask(r: Any, alpha: Any, lam: Any, one_minus: Any, active: Any,
-                       sigma: float | None) -> Any:
+                       sigma: float | None, *, clip: bool = True) -> Any:
     """:func:`capacity` from normalised features ``r = (R - mean) / std`` and the mask
-    pair of :func:`restriction_mask` (for loops that reuse ``r`` across steps)."""
+    pair of :func:`restriction_mask` (for loops that reuse ``r`` across steps).
+
+    ``clip=False`` leaves the few ulps of round-off below zero in place (a loss term
+    needs no clipping; reported capacities do)."""
     xp = namespace(r)
     m = lam * r
     cap = 0.5 * (m * m + one_minus * one_minus - 1.0) - _log_one_minus(alpha, one_minus, sigma)
-    # The KL is >= 0 analytically; clip the few ulps of round-off below zero.
-    cap = xp.maximum(cap, xp.zeros_like(cap))
+    if clip:
+        # The KL is >= 0 analytically; clip the few ulps of round-off below zero.
+        cap = xp.maximum(cap, xp.zeros_like(cap))
     if active is not None:
         cap = cap * xp.astype(active, cap.dtype)
     return cap

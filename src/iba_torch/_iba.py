@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from iba_core import Bottleneck, Estimator, check_output_rows, cross_entropy, explanation_maps
+from iba_core import Bottleneck, Estimator, check_output_rows, explanation_maps
 
 from ._backend import TorchBackend, model_device, resolve_layer
 
@@ -267,6 +267,7 @@ def _classification_loss(model: torch.nn.Module, targets: np.ndarray,
                          copies: int) -> Callable[[Any], Any]:
     """Mean target-class cross-entropy of ``model`` over ``copies`` noisy copies per input."""
     n = len(targets)
+    labels: dict[torch.device, torch.Tensor] = {}  # made once per device, not every step
 
     def loss(batch: torch.Tensor) -> torch.Tensor:
         logits = model(batch)
@@ -277,7 +278,10 @@ def _classification_loss(model: torch.nn.Module, targets: np.ndarray,
         if targets.min() < 0 or targets.max() >= k:
             raise ValueError(f"target {targets.tolist()} out of range for {k} classes")
         check_output_rows(int(logits.shape[0]), n, copies)
-        onehot = np.eye(k)[np.repeat(targets, copies)]
-        return cross_entropy(logits, _BACKEND.from_numpy(onehot, like=logits))
+        if logits.device not in labels:
+            labels[logits.device] = torch.as_tensor(np.repeat(targets, copies),
+                                                    device=logits.device)
+        # The model's loss, not the bottleneck's math: PyTorch's fused cross-entropy.
+        return torch.nn.functional.cross_entropy(logits, labels[logits.device])
 
     return loss
