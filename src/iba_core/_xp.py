@@ -99,15 +99,18 @@ def sigmoid(xp: Any, x: Any) -> Any:
 def sigmoid_pair(xp: Any, x: Any) -> tuple[Any, Any]:
     """``(sigmoid(x), sigmoid(-x))`` from one exponential, each to full relative precision.
 
-    With ``t = -|x|`` (written with ``where`` so that the derivative at 0 is right),
-    ``e = exp(t)`` lies in ``(0, 1]``: the smaller of the two is ``e / (1 + e)`` and the
-    larger ``1 - e / (1 + e)``, neither of which can overflow or cancel digits.
+    With ``s = 1 - 2 * [x >= 0]``, ``e = exp(s * x) = exp(-|x|)`` lies in ``(0, 1]`` (and
+    the derivative at 0 is right): the smaller of the two results is ``e / (1 + e)``,
+    exact to an ulp, and the larger one adds ``1 - 2 * small`` to it.  The selection is
+    arithmetic with the constant 0/1 mask rather than ``where``, whose backward pass
+    costs three times as much in eager frameworks.
     """
-    nonneg = x >= 0
-    e = xp.exp(xp.where(nonneg, -x, x))
+    nonneg = xp.astype(x >= 0, x.dtype)  # a constant: no gradient flows through it
+    e = xp.exp(x * (1.0 - 2.0 * nonneg))
     small = e / (e + 1.0)
-    large = 1.0 - small
-    return xp.where(nonneg, large, small), xp.where(nonneg, small, large)
+    diff = (1.0 - small) - small
+    # Where the mask is 0 the product vanishes exactly, so the small side stays exact.
+    return small + nonneg * diff, small + (1.0 - nonneg) * diff
 
 
 def softplus(xp: Any, x: Any) -> Any:
