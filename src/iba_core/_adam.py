@@ -9,9 +9,10 @@ a compiler (``torch.compile``, ``tf.function``).  The update is written to match
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from ._xp import namespace
+from ._xp import device, namespace
 
 
 class AdamState(NamedTuple):
@@ -36,19 +37,42 @@ def adam_update(
     lr: float = 1.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    kernel: Callable[..., tuple[Any, Any, Any]] | None = None,
 ) -> tuple[Any, AdamState]:
     """One Adam step: returns ``(new_param, new_state)``.
 
     ``param - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`` with the moments
-    updated from ``grad`` first.
+    updated from ``grad`` first.  ``kernel``: :func:`adam_kernel` for these ``betas`` and
+    ``eps``, possibly compiled; its step-dependent scalars arrive as 0-d arrays, so a
+    compiled kernel is traced once rather than once per step.
     """
-    xp = namespace(param, grad)
     b1, b2 = betas
     step = state.step + 1
-    m = state.m * b1 + grad * (1.0 - b1)
-    v = state.v * b2 + (grad * grad) * (1.0 - b2)
-    bias1 = 1.0 - b1**step
+    step_size = lr / (1.0 - b1**step)
     bias2_sqrt = math.sqrt(1.0 - b2**step)
-    denom = xp.sqrt(v) / bias2_sqrt + eps
-    new_param = param - (lr / bias1) * (m / denom)
+    if kernel is None:
+        new_param, m, v = adam_kernel(betas, eps)(param, grad, state.m, state.v, step_size,
+                                                  bias2_sqrt)
+    else:
+        xp = namespace(param)
+        scalars = (xp.asarray(step_size, dtype=param.dtype, device=device(param)),
+                   xp.asarray(bias2_sqrt, dtype=param.dtype, device=device(param)))
+        new_param, m, v = kernel(param, grad, state.m, state.v, *scalars)
     return new_param, AdamState(step, m, v)
+
+
+def adam_kernel(betas: tuple[float, float] = (0.9, 0.999),
+                eps: float = 1e-8) -> Callable[..., tuple[Any, Any, Any]]:
+    """The array part of an Adam step:
+    ``(param, grad, m, v, step_size, bias2_sqrt) -> (new_param, m, v)``."""
+    b1, b2 = betas
+
+    def kernel(param: Any, grad: Any, m: Any, v: Any, step_size: Any,
+               bias2_sqrt: Any) -> tuple[Any, Any, Any]:
+        xp = namespace(param, grad)
+        m = m * b1 + grad * (1.0 - b1)
+        v = v * b2 + (grad * grad) * (1.0 - b2)
+        denom = xp.sqrt(v) / bias2_sqrt + eps
+        return param - step_size * (m / denom), m, v
+
+    return kernel

@@ -108,6 +108,11 @@ class Backend(abc.ABC):
         """
         return None
 
+    #: Whether bottlenecks compile the pure array parts of each optimisation step by
+    #: default (see ``compile`` in :class:`iba_core.Bottleneck`): worth it where eager
+    #: operations are expensive and compiling is quick.
+    compile_by_default: bool = False
+
     def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Optionally compile ``fn`` (``torch.compile``, ``tf.function``); default: unchanged."""
         return fn

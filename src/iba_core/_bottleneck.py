@@ -6,11 +6,11 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._adam import adam_init, adam_update
+from ._adam import adam_init, adam_kernel, adam_update
 from ._backend import Backend
 from ._capacity import capacity as capacity_fn
 from ._capacity import capacity_from_mask, restrict, restriction_mask
@@ -127,9 +127,13 @@ class Bottleneck:
             per-sample shape), instead of or overriding an estimate.
         estimator: an :class:`Estimator` to start from (e.g. loaded from a file).
         progbar: show tqdm progress bars.
-        compile: compile the pure array part of each optimisation step (mask, capacity)
-            with the backend's compiler (``torch.compile``, ``tf.function``); pays a
-            one-off compilation for fewer, fused operations per step.
+        compile: compile the pure array parts of each optimisation step (mask and
+            capacity, noise injection, Adam) with the backend's compiler
+            (``torch.compile``, ``tf.function``): a one-off compilation, shared by all
+            bottlenecks of the process, for fewer operations per step.  ``None`` (the
+            default): as the backend recommends (:attr:`Backend.compile_by_default`:
+            yes for TensorFlow, whose eager operations are expensive; no for PyTorch,
+            where compiling costs seconds and measured no gain).
     """
 
     def __init__(
@@ -148,7 +152,7 @@ class Bottleneck:
         feature_std: Any = None,
         estimator: Estimator | None = None,
         progbar: bool = False,
-        compile: bool = False,
+        compile: bool | None = None,
     ) -> None:
         if sigma is not None and not (sigma >= 0 and math.isfinite(sigma)):
             raise ValueError(f"sigma must be >= 0 or None, got {sigma!r}")
@@ -171,8 +175,7 @@ class Bottleneck:
         self.active_neurons_threshold = float(active_neurons_threshold)
         self.relu = bool(relu)
         self.progbar = bool(progbar)
-        self.compile = bool(compile)
-        self._terms: tuple[Any, Callable[..., Any]] | None = None
+        self.compile = None if compile is None else bool(compile)
         self.estimator = estimator if estimator is not None else Estimator()
         self.feature_mean = None if feature_mean is None else _float_array(feature_mean)
         self.feature_std = None if feature_std is None else _float_array(feature_std)
@@ -190,7 +193,7 @@ class Bottleneck:
         self._interrupt = False
         self._recorded: list[Any] = []
         self._active_alpha: Any = None
-        self._mask: tuple[Any, Any, Any] | None = None
+        self._mask: tuple[Any, ...] | None = None
         self._noise: Any = None
         self._calls = 0
         self._last_features: Any = None
@@ -298,17 +301,18 @@ class Bottleneck:
     def _noisy_copies(self, features: Any, noise: Any) -> Any:
         """The optimisation loop's injection: ``batch_size`` noisy copies of each input.
 
-        The step's mask terms ``(lambda, mu_a, sigma_a)`` are shaped ``(N, 1, C, ...)``
-        and the standard noise ``(N * batch_size, C, ...)``.  ``features`` hold the N
-        inputs either once each (``copies="layer"``: the copies are made here) or
-        already repeated ``batch_size`` times (``copies="input"``).  With
+        The step's mask terms ``(lambda_a, mu_a, sigma_a)`` (followed by the injection
+        function of :func:`_step_functions`) are shaped ``(N, 1, C, ...)`` and the
+        standard noise ``(N * batch_size, C, ...)``.  ``features`` hold the N inputs
+        either once each (``copies="layer"``: the copies are made here) or already
+        repeated ``batch_size`` times (``copies="input"``).  With
         ``mu_a = (1 - lambda) * mean * active`` and ``sigma_a = (1 - lambda) * std * active``,
         ``Z = lambda * R + mu_a + sigma_a * eps`` equals ``active * (lambda * R + (1 -
         lambda) * (mean + std * eps))`` with two full-size operations instead of six.
         """
         assert self.backend is not None and self._mask is not None
         xp = self.backend.namespace()
-        lam, shift, scale = self._mask
+        lam, shift, scale, inject = self._mask
         n_in = int(lam.shape[0])
         rows, sample = int(features.shape[0]), tuple(int(s) for s in features.shape[1:])
         total = int(noise.shape[0])
@@ -319,14 +323,12 @@ class Bottleneck:
             )
         grouped = xp.reshape(features, (n_in, rows // n_in, *sample))
         eps = xp.reshape(noise, (n_in, total // n_in, *sample))
-        z = (lam * grouped + shift) + scale * eps
-        if self.relu:
-            z = xp.maximum(z, xp.zeros_like(z))
+        z = inject(grouped, lam, shift, scale, eps)
         return xp.reshape(z, (total, *sample))
 
     @contextlib.contextmanager
     def _state(self, mode: str, *, interrupt: bool = False, alpha: Any = None,
-               mask: tuple[Any, Any, Any] | None = None, noise: Any = None) -> Iterator[None]:
+               mask: tuple[Any, ...] | None = None, noise: Any = None) -> Iterator[None]:
         saved = (self._mode, self._interrupt, self._active_alpha, self._mask, self._noise,
                  self._calls, self._recorded)
         self._mode, self._interrupt = mode, interrupt
@@ -519,13 +521,14 @@ class Bottleneck:
         state = adam_init(alpha)
         source = _Noise(backend, features, n, bs, seed, noise)
 
-        terms = self._step_terms(backend)
+        compiled = backend.compile_by_default if self.compile is None else self.compile
+        terms, inject, adam = _step_functions(backend, self.sigma, self.relu, compiled)
         operands = smoothing_operands(features, self.sigma, features.ndim - 2)
         mean_a, std_a = mean * active, std * active
 
         def loss_fn(a: Any) -> Any:
             mask, cap_term = terms(a, r, active, mean_a, std_a, operands)
-            with self._state("restrict", mask=mask, noise=standard_noise):
+            with self._state("restrict", mask=(*mask, inject), noise=standard_noise):
                 model_term = model_loss(batch)
                 if self._calls == 0:
                     raise RuntimeError("the model loss function never ran the bottleneck layer")
@@ -552,7 +555,7 @@ class Bottleneck:
                     f"the loss became {value} at step {step}; check the model loss function "
                     "(it must be finite for the given inputs) and the feature statistics"
                 )
-            alpha, state = adam_update(alpha, grad, state, lr=lr)
+            alpha, state = adam_update(alpha, grad, state, lr=lr, kernel=adam)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -608,34 +611,58 @@ class Bottleneck:
         self._last_features = xp.concat(features, axis=0)
         return xp.concat(caps, axis=0)
 
-    def _step_terms(self, backend: Backend) -> Callable[..., tuple[Any, Any]]:
-        """The pure array part of a step, compiled by the backend when ``compile=True``.
 
-        ``terms(alpha, r, active, mean * active, std * active, smoothing_operands)``
-        returns the mask terms ``(lambda * active, (1 - lambda) * mean * active,
-        (1 - lambda) * std * active)`` shaped ``(N, 1, C, ...)`` to meet the
-        ``batch_size`` noisy copies of each input (see :meth:`_noisy_copies`), and the
-        summed per-input mean capacity.  The mask depends on alpha only and all copies
-        of an input share it, so it (and the capacity, from the recorded features) is
-        computed once per input.
-        """
-        key = (id(backend), self.sigma, self.compile)
-        if self._terms is None or self._terms[0] != key:
-            sigma = self.sigma
+class _StepFunctions(NamedTuple):
+    terms: Callable[..., tuple[tuple[Any, Any, Any], Any]]
+    inject: Callable[..., Any]
+    adam: Callable[..., tuple[Any, Any, Any]]
 
-            def terms(a: Any, r: Any, active: Any, mean_a: Any, std_a: Any,
-                      operands: tuple[Any, ...] | None) -> tuple[tuple[Any, Any, Any], Any]:
-                xp = namespace(a)
-                lam, one_minus = restriction_mask(a, sigma, operands)
-                cap = capacity_from_mask(r, a, lam, one_minus, active, sigma, clip=False)
-                per_input_size = math.prod(int(s) for s in a.shape[1:])
-                mask = (lam * active, one_minus * mean_a, one_minus * std_a)
-                # The sum over inputs of each input's mean capacity.
-                return (tuple(xp.expand_dims(m, axis=1) for m in mask),
-                        xp.sum(cap) / per_input_size)
 
-            self._terms = (key, backend.compile(terms) if self.compile else terms)
-        return self._terms[1]
+_STEP_FUNCTIONS: dict[tuple[Any, ...], _StepFunctions] = {}
+
+
+def _step_functions(backend: Backend, sigma: float | None, relu: bool,
+                    compiled: bool) -> _StepFunctions:
+    """The pure array parts of an optimisation step, compiled by the backend if asked.
+
+    ``terms(alpha, r, active, mean * active, std * active, smoothing_operands)``
+    returns the mask terms ``(lambda * active, (1 - lambda) * mean * active,
+    (1 - lambda) * std * active)`` shaped ``(N, 1, C, ...)`` to meet the ``batch_size``
+    noisy copies of each input, and the sum over inputs of each one's mean capacity.
+    The mask depends on alpha only and all copies of an input share it, so it (and the
+    capacity, from the recorded features) is computed once per input.
+    ``inject(features, lambda_a, mu_a, sigma_a, eps)`` makes the noisy copies (see
+    :meth:`Bottleneck._noisy_copies`) and ``adam`` is :func:`iba_core.adam_kernel`.
+    They close over nothing but settings, so one compiled set serves every bottleneck.
+    """
+    key = (type(backend), backend.name, sigma, relu, compiled)
+    cached = _STEP_FUNCTIONS.get(key)
+    if cached is not None:
+        return cached
+
+    def terms(a: Any, r: Any, active: Any, mean_a: Any, std_a: Any,
+              operands: tuple[Any, ...] | None) -> tuple[tuple[Any, Any, Any], Any]:
+        xp = namespace(a)
+        lam, one_minus = restriction_mask(a, sigma, operands)
+        cap = capacity_from_mask(r, a, lam, one_minus, active, sigma, clip=False)
+        mask = (lam * active, one_minus * mean_a, one_minus * std_a)
+        # The sum over inputs of each input's mean capacity (no sizes: a compiled
+        # function may see them as unknown).
+        per_input = xp.mean(cap, axis=tuple(range(1, cap.ndim)))
+        return tuple(xp.expand_dims(m, axis=1) for m in mask), xp.sum(per_input)
+
+    def inject(grouped: Any, lam: Any, shift: Any, scale: Any, eps: Any) -> Any:
+        z = (lam * grouped + shift) + scale * eps
+        if relu:
+            xp = namespace(z)
+            z = xp.maximum(z, xp.zeros_like(z))
+        return z
+
+    fns = _StepFunctions(terms, inject, adam_kernel())
+    if compiled:
+        fns = _StepFunctions(*(backend.compile(f) for f in fns))
+    _STEP_FUNCTIONS[key] = fns
+    return fns
 
 
 def check_output_rows(rows: int, n_inputs: int, copies: int) -> None:

@@ -180,6 +180,9 @@ class TFBackend(Backend):
     name = "tf"
     modules = ("tensorflow", "keras")
     channels_last = True
+    # Eager TensorFlow pays ~20-30 us per operation (and several more per broadcasting
+    # gradient); the step's array parts trace in about a second, once per process.
+    compile_by_default = True
 
     # -- arrays ----------------------------------------------------------------------
     def namespace(self) -> Any:

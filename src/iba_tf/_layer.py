@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from iba_core import Bottleneck, Estimator, check_output_rows, cross_entropy, explanation_maps
+from iba_core import Bottleneck, Estimator, check_output_rows, explanation_maps
 
 from ._backend import TFBackend, is_channels_last, to_channels_first, to_channels_last
 
@@ -72,7 +72,9 @@ def as_input(x: Any, model: Any = None) -> tf.Tensor:
 def classification_loss(target: Any, n: int) -> Callable[[Any], Any]:
     """``logits -> mean target-class cross-entropy`` for batches of ``n`` repeated inputs.
 
-    ``target`` is one class index or one per input.
+    ``target`` is one class index or one per input.  The model's loss, not the
+    bottleneck's math: TensorFlow's fused sparse cross-entropy, labels made once per
+    batch size.
     """
     targets = np.asarray(BACKEND.to_numpy(target) if tf.is_tensor(target) else target)
     if targets.dtype.kind not in "iu" and not (targets.dtype.kind == "f"
@@ -84,6 +86,7 @@ def classification_loss(target: Any, n: int) -> Callable[[Any], Any]:
     if targets.size != n:
         raise ValueError(f"target must be one class index or one per input ({n}), got "
                          f"{targets.size}")
+    labels: dict[int, tf.Tensor] = {}
 
     def loss(logits: Any) -> Any:
         if logits.shape.rank != 2:
@@ -92,9 +95,11 @@ def classification_loss(target: Any, n: int) -> Callable[[Any], Any]:
         k = int(logits.shape[1])
         if targets.min() < 0 or targets.max() >= k:
             raise ValueError(f"target {targets.tolist()} out of range for {k} classes")
-        reps = int(logits.shape[0]) // n
-        onehot = np.eye(k)[np.repeat(targets, reps)]
-        return cross_entropy(logits, BACKEND.from_numpy(onehot, like=logits))
+        rows = int(logits.shape[0])
+        if rows not in labels:
+            labels[rows] = tf.constant(np.repeat(targets, rows // n))
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=labels[rows], logits=logits))
 
     return loss
 
@@ -106,11 +111,14 @@ def soft_target_loss(probabilities: Any, n: int) -> Callable[[Any], Any]:
     model's clean output distribution: every class is kept, not one.
     """
     probs = np.asarray(probabilities, dtype=np.float64)
+    labels: dict[tuple[int, Any], tf.Tensor] = {}
 
     def loss(logits: Any) -> Any:
-        reps = int(logits.shape[0]) // n
-        return cross_entropy(logits, BACKEND.from_numpy(np.repeat(probs, reps, axis=0),
-                                                        like=logits))
+        key = (int(logits.shape[0]), logits.dtype)
+        if key not in labels:
+            labels[key] = tf.constant(np.repeat(probs, key[0] // n, axis=0), dtype=logits.dtype)
+        return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(
+            labels=labels[key], logits=logits))
 
     return loss
 
