@@ -1,12 +1,14 @@
 """TensorFlow/Keras backend speed: ``analyze`` against the bare work it needs, and against
 the PyTorch backend on the same model with the same weights.
 
-The bare work is what any per-sample bottleneck must do: ``optimization_steps`` forward
-passes of the model on ``batch_size`` copies of the input with a multiplicative mask on
-the feature map, and a backward pass to that mask only (a ``tf.GradientTape`` watching
-the mask, never the weights), run the way ``analyze`` runs the model (eagerly).  IBA's
-own cost (noise, mask smoothing, capacity, Adam, the layer hook and its layout
-transposes) is the difference.  Timings alternate and the median of several repeats is
+The bare work is what a straightforward per-sample bottleneck does: ``optimization_steps``
+forward passes of the model on ``batch_size`` copies of the input with a multiplicative
+mask on the feature map, and a backward pass to that mask only (a ``tf.GradientTape``
+watching the mask, never the weights), run the way ``analyze`` runs the model (eagerly).
+``analyze`` makes the noisy copies at the bottleneck layer instead (the layers before it
+run on one copy) and runs its own array parts (mask, capacity, injection, Adam) as traced
+``tf.function``s; its remaining cost (the noise draw, the layer hook and its layout
+transposes, the extra operations) is what the ratio shows on top.  Timings alternate and the median of several repeats is
 reported.  The architecture is ``benchmarks/bench_torch.py``'s: 3x64x64 input, the
 bottleneck on a 128x16x16 feature map, reference defaults (10 steps, batch 10).
 
