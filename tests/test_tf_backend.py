@@ -311,3 +311,16 @@ def test_public_surface():
     assert iba_tf.namespace.matmul is not None
     with pytest.raises(AttributeError, match="no attribute 'IBA'"):
         iba_tf.IBA  # noqa: B018
+
+
+def test_the_step_parts_are_compiled_by_default():
+    from iba_core._bottleneck import _step_functions
+
+    from iba_tf import IBALayer
+
+    assert BE.compile_by_default and IBALayer().bottleneck.compile is None
+    compiled = _step_functions(BE, 1.0, False, True)
+    eager = _step_functions(BE, 1.0, False, False)
+    assert all(isinstance(f, tf.types.experimental.PolymorphicFunction) for f in compiled)
+    assert not any(isinstance(f, tf.types.experimental.PolymorphicFunction) for f in eager)
+    assert _step_functions(BE, 1.0, False, True) is compiled  # one set per process
