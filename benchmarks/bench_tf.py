@@ -8,9 +8,10 @@ watching the mask, never the weights), run the way ``analyze`` runs the model (e
 ``analyze`` makes the noisy copies at the bottleneck layer instead (the layers before it
 run on one copy) and runs its own array parts (mask, capacity, injection, Adam) as traced
 ``tf.function``s; its remaining cost (the noise draw, the layer hook and its layout
-transposes, the extra operations) is what the ratio shows on top.  Timings alternate and the median of several repeats is
-reported.  The architecture is ``benchmarks/bench_torch.py``'s: 3x64x64 input, the
-bottleneck on a 128x16x16 feature map, reference defaults (10 steps, batch 10).
+transposes, the extra operations) is what the ratio shows on top.  Timings alternate and
+the median of several repeats is reported.  The architecture is
+``benchmarks/bench_torch.py``'s: 3x64x64 input, the bottleneck on a 128x16x16 feature
+map, reference defaults (10 steps, batch 10).
 
 Run: ``python benchmarks/bench_tf.py [--repeats 7] [--no-torch]``.
 """

@@ -315,7 +315,6 @@ def test_public_surface():
 
 def test_the_step_parts_are_compiled_by_default():
     from iba_core._bottleneck import _step_functions
-
     from iba_tf import IBALayer
 
     assert BE.compile_by_default and IBALayer().bottleneck.compile is None

@@ -10,6 +10,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 pytestmark = [pytest.mark.tf, pytest.mark.filterwarnings("ignore::iba_core.FewSamplesWarning")]
 
+from copies_helper import analyze_with_copies_at_the_input  # noqa: E402
 from iba_tf import IBACopy, IBACopyInnvestigate, IBALayer, model_wo_softmax  # noqa: E402
 
 L = keras.layers
@@ -159,16 +160,6 @@ def residual() -> keras.Model:
     x = L.ReLU(name="relu2")(L.Add(name="skip")([x, h]))
     outputs = L.Dense(3, name="fc")(L.GlobalAveragePooling2D(name="gap")(x))
     return keras.Model(inputs, outputs, name="res")
-
-
-def analyze_with_copies_at_the_input(iba, *args, **kwargs):
-    """``iba.analyze`` with the noisy copies made at the input (the closure contract)."""
-    explain = iba.bottleneck.explain
-    iba.bottleneck.explain = lambda *a, **k: explain(*a, **{**k, "copies": "input"})
-    try:
-        return iba.analyze(*args, **kwargs)
-    finally:
-        del iba.bottleneck.explain
 
 
 def test_noisy_copies_at_the_layer_or_at_the_input():

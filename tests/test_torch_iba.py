@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.torch,
               pytest.mark.filterwarnings("ignore::iba_core.FewSamplesWarning")]
 
+from copies_helper import analyze_with_copies_at_the_input  # noqa: E402
 from iba_core import Estimator  # noqa: E402
 from iba_torch import IBA, plot_saliency_map  # noqa: E402
 
@@ -329,16 +330,6 @@ class BatchMean(nn.Module):
         h = inner.relu2(inner.conv2(inner.relu1(inner.bn(inner.conv1(x)))))
         h = h.reshape(b, -1, *h.shape[1:]).mean(dim=1)
         return inner.fc(inner.flat(inner.pool(h)))
-
-
-def analyze_with_copies_at_the_input(iba, *args, **kwargs):
-    """``iba.analyze`` with the noisy copies made at the input (the closure contract)."""
-    explain = iba.bottleneck.explain
-    iba.bottleneck.explain = lambda *a, **k: explain(*a, **{**k, "copies": "input"})
-    try:
-        return iba.analyze(*args, **kwargs)
-    finally:
-        del iba.bottleneck.explain
 
 
 class TestCopiesAtTheLayer:

@@ -256,6 +256,14 @@ class Bottleneck:
             self._stats_cache[key] = cached
         return cached
 
+    def copies_per_input(self, batch_size: int | None = None) -> int:
+        """Noisy copies of each input per step: ``batch_size`` if given, else the default."""
+        if batch_size is None:
+            return self.batch_size
+        _check(int(batch_size) == batch_size and batch_size >= 1,
+               f"batch_size must be an integer >= 1, got {batch_size!r}")
+        return int(batch_size)
+
     def reset_estimate(self) -> None:
         """Forget the estimate (the given ``feature_mean``/``feature_std`` too)."""
         self.estimator.reset()
@@ -489,7 +497,7 @@ class Bottleneck:
         beta = self.beta if beta is None else float(beta)
         steps = self.optimization_steps if optimization_steps is None else int(optimization_steps)
         lr = self.lr if lr is None else float(lr)
-        bs = self.batch_size if batch_size is None else int(batch_size)
+        bs = self.copies_per_input(batch_size)
         progbar = self.progbar if progbar is None else progbar
         if copies not in ("input", "layer"):
             raise ValueError(f"copies must be 'input' or 'layer', got {copies!r}")
@@ -589,7 +597,7 @@ class Bottleneck:
         n = int(x.shape[0])
         if inputs_per_pass is None:
             limit = backend.pass_size(x)
-            bs = optimize_kwargs.get("batch_size") or self.batch_size
+            bs = self.copies_per_input(optimize_kwargs.get("batch_size"))
             inputs_per_pass = n if limit is None else max(1, limit // bs)
         if int(inputs_per_pass) < 1:
             raise ValueError(f"inputs_per_pass must be >= 1, got {inputs_per_pass}")

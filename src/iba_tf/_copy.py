@@ -22,7 +22,6 @@ from ._layer import (
     as_input,
     check_finite_input,
     classification_loss,
-    copies_per_input,
     explain,
     iter_batches,
     model_loss,
@@ -219,7 +218,7 @@ class IBACopy:
     def _explain(self, x: tf.Tensor, loss_for: Callable[[int, int], Callable[[Any], Any]],
                  fit_hint: str, **kwargs: Any) -> np.ndarray:
         """``loss_for(start, stop)``: the loss of the outputs for inputs ``x[start:stop]``."""
-        copies = copies_per_input(self.bottleneck, kwargs.get("batch_size"))
+        copies = self.bottleneck.copies_per_input(kwargs.get("batch_size"))
 
         def model_loss_for(start: int, stop: int) -> Callable[[Any], Any]:
             return model_loss(self.model, loss_for(start, stop), stop - start, copies)

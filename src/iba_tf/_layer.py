@@ -138,11 +138,6 @@ def model_loss(model: Any, loss: Callable[[Any], Any], n: int, copies: int) -> C
     return run
 
 
-def copies_per_input(bottleneck: Bottleneck, batch_size: int | None) -> int:
-    """The noisy copies per input of an explanation (``batch_size`` or the default)."""
-    return bottleneck.batch_size if batch_size is None else int(batch_size)
-
-
 # -- the explanation, shared by every front --------------------------------------------
 def per_input_targets(target: Any, n: int) -> np.ndarray:
     """One class index per input from an int, a sequence, an array or a tensor."""
@@ -380,7 +375,7 @@ class IBALayer(keras.layers.Layer):
             if target is None or model is None:
                 raise ValueError("give model_loss_fn, or model= and target= for a classifier")
             targets = per_input_targets(target, n)
-            copies = copies_per_input(self.bottleneck, batch_size)
+            copies = self.bottleneck.copies_per_input(batch_size)
 
             def loss_for(start: int, stop: int) -> Callable[[Any], Any]:
                 return model_loss(model, classification_loss(targets[start:stop], stop - start),

@@ -189,7 +189,7 @@ class IBA(torch.nn.Module):
             if target is None or model is None:
                 raise ValueError("give model_loss_fn, or target= and model= for a classifier")
             targets = _per_input_targets(target, n)
-            copies_per_input = self.bottleneck.batch_size if batch_size is None else int(batch_size)
+            copies_per_input = self.bottleneck.copies_per_input(batch_size)
 
             def loss_for(start: int, stop: int) -> Callable[[torch.Tensor], torch.Tensor]:
                 return _classification_loss(model, targets[start:stop], copies_per_input)
