@@ -2,7 +2,7 @@
 
 The model is the trained demo CNN (``iba_torch._demo.demo_cnn``, 1x64x64 -> 10 classes;
 if its weights are missing, the same architecture is trained here for a few epochs).
-Test images come from ``iba_core.datasets.cluttered_digits`` (test split: handwriting
+Test images come from ``iba_core.apps.datasets.cluttered_digits`` (test split: handwriting
 the model never saw), one fresh set per seed; the target is the true label.
 
 Methods: Per-Sample IBA at ``features.relu3`` (16x16 map) with beta 1, 10 and 100;
@@ -13,7 +13,7 @@ Gradients (zero baseline), SmoothGrad (absolute gradients, noise std 0.15), Grad
 conv layer, upsampled bilinearly) and occlusion (8x8 patches, stride 4, zero fill).
 Multi-channel maps are summed over channels.
 
-Metrics (``iba_core.metrics``), mean ± sd over seeds of the per-seed mean:
+Metrics (``iba_core.apps.metrics``), mean ± sd over seeds of the per-seed mean:
   deg8 / deg4   degradation test, area between LeRF and MoRF (8x8 / 4x4 px tiles,
                 per-channel-mean fill, softmax score), higher is better;
   bbox          fraction of the top-n pixels inside the digit's box (n = box area);
@@ -50,8 +50,9 @@ import torch
 from _common import DEFAULT_CSV_DIR, format_table, mean_sd, print_header, write_csv
 from torch import nn
 
-from iba_core import FewSamplesWarning, metrics
-from iba_core.datasets import cluttered_digits
+from iba_core import FewSamplesWarning
+from iba_core.apps import metrics
+from iba_core.apps.datasets import cluttered_digits
 from iba_torch import IBA
 
 warnings.simplefilter("ignore", FewSamplesWarning)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iba_core.datasets import cluttered_digits
+from iba_core.apps.datasets import cluttered_digits
 from iba_tf import IBACopyInnvestigate
 from iba_tf._demo import demo_cnn
 

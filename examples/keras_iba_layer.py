@@ -12,7 +12,7 @@ import argparse
 import keras
 import numpy as np
 
-from iba_core.datasets import cluttered_digits
+from iba_core.apps.datasets import cluttered_digits
 from iba_tf import IBALayer
 
 

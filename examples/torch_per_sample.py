@@ -12,7 +12,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from iba_core.datasets import cluttered_digits
+from iba_core.apps.datasets import cluttered_digits
 from iba_torch import IBA, plot_saliency_map
 from iba_torch._demo import demo_cnn
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iba_core.datasets import cluttered_digits
+from iba_core.apps.datasets import cluttered_digits
 from iba_torch import IBA, IBAReadout
 from iba_torch._demo import demo_cnn
 

@@ -4,7 +4,7 @@
     python scripts/train_demo_models.py --framework keras  # only convert to Keras (seconds)
 
 ``torch``: trains the PyTorch CNN (``iba_torch._demo``) with fixed seeds for the data
-(``iba_core.datasets.cluttered_digits``) and for PyTorch, and writes
+(``iba_core.apps.datasets.cluttered_digits``) and for PyTorch, and writes
 ``src/iba_torch/data/demo_cnn.npz``.  ``keras``: the Keras demo CNN (``iba_tf._demo``) is
 the same network, so its weights are the PyTorch ones in Keras layout, written to
 ``src/iba_tf/data/demo_cnn.npz``; its accuracy is measured in Keras.  Accuracies are on
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iba_core.datasets import cluttered_digits
+from iba_core.apps.datasets import cluttered_digits
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 24000, 2000

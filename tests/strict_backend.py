@@ -61,8 +61,7 @@ class _Handle:
         self._hooks, self._hook = hooks, hook
 
     def remove(self) -> None:
-        if self._hook in self._hooks:
-            self._hooks.remove(self._hook)
+        self._hooks[:] = [h for h in self._hooks if h is not self._hook]
 
 
 class StrictBackend(Backend):
@@ -88,10 +87,12 @@ class StrictBackend(Backend):
     def make_generator(self, seed: int, like: Any) -> Any:
         return np.random.default_rng(seed)
 
-    def value_and_grad(self, fn: Callable[[Any], Any], param: Any) -> tuple[float, Any]:
-        """Central finite differences, one pair of evaluations per parameter element."""
+    def value_and_grad(self, fn: Callable[..., Any], param: Any, *operands: Any
+                       ) -> tuple[float, Any]:
+        """Central finite differences of ``fn(p, *operands)`` in ``p``, one pair of
+        evaluations per parameter element; the operands are passed through unchanged."""
         base = self.to_numpy(param)
-        value = float(self.to_numpy(fn(param)))
+        value = float(self.to_numpy(fn(param, *operands)))
         grad = np.zeros(base.shape, dtype=np.float64)
         # The step balancing truncation and round-off error for central differences.
         rel = float(np.finfo(base.dtype).eps) ** (1 / 3)
@@ -100,8 +101,8 @@ class StrictBackend(Backend):
             up[idx] += rel * max(1.0, abs(float(base[idx])))
             down[idx] -= rel * max(1.0, abs(float(base[idx])))
             h = (float(up[idx]) - float(down[idx])) / 2
-            f_up = float(self.to_numpy(fn(self.from_numpy(up, like=param))))
-            f_down = float(self.to_numpy(fn(self.from_numpy(down, like=param))))
+            f_up = float(self.to_numpy(fn(self.from_numpy(up, like=param), *operands)))
+            f_down = float(self.to_numpy(fn(self.from_numpy(down, like=param), *operands)))
             grad[idx] = (f_up - f_down) / (2 * h)
         return value, self.from_numpy(grad, like=param)
 
@@ -110,8 +111,12 @@ class StrictBackend(Backend):
             raise NotImplementedError("the strict test backend hooks layer outputs only")
         if layer not in model.layers:
             raise LookupError(f"layer {layer!r} not found; layers are: {list(model.layers)}")
-        model.hooks[layer].append(hook)
-        return _Handle(model.hooks[layer], hook)
+
+        def entry(x: Any) -> Any:  # one object per attach, so each handle removes its own
+            return hook(x)
+
+        model.hooks[layer].append(entry)
+        return _Handle(model.hooks[layer], entry)
 
     def call(self, model: Any, x: Any) -> Any:
         return model(x)

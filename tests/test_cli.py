@@ -1,7 +1,7 @@
 """The ``iba`` command, driven as a user drives it.
 
 Happy paths and a sample of mistakes run the real command in a subprocess
-(``python -m iba_core.cli``, what the ``iba`` script calls); the full list of bad inputs
+(``python -m iba_core.apps.cli``, what the ``iba`` script calls); the full list of bad inputs
 calls ``main(argv)`` in-process, the function the console script runs, to stay fast.
 Every bad input must give one line on stderr, a non-zero exit and no output files.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iba_core.cli import main
+from iba_core.apps.cli import main
 
 pytest.importorskip("sklearn")
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def one_torch_thread():
 def iba(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     env.pop("IBA_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "iba_core.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "iba_core.apps.cli", *args], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=120)
 
 
@@ -67,7 +67,7 @@ def test_help_and_version_need_no_framework():
         assert command in proc.stdout
     code = textwrap.dedent("""
         import sys
-        from iba_core.cli import build_parser
+        from iba_core.apps.cli import build_parser
         build_parser()
         print([m for m in ("torch", "tensorflow", "keras") if m in sys.modules])
     """)
@@ -80,7 +80,7 @@ def test_console_script_is_declared():
     from importlib.metadata import entry_points
 
     (ep,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "iba"]
-    assert ep.value == "iba_core.cli:main"
+    assert ep.value == "iba_core.apps.cli:main"
     assert ep.load() is main
 
 
@@ -108,7 +108,7 @@ def folders(tmp_path_factory):
     """Cluttered-digit PNGs: 5 to explain, 120 to estimate on, as a user would have them."""
     from PIL import Image
 
-    from iba_core.datasets import cluttered_digits
+    from iba_core.apps.datasets import cluttered_digits
 
     root = tmp_path_factory.mktemp("cli")
     test = cluttered_digits(5, split="test", seed=11)
@@ -159,8 +159,8 @@ def test_demo_writes_figure_maps_and_table(demo_run):
     assert maps.shape == (4, 64, 64) and maps.dtype == np.float32
     assert maps.min() >= 0.0
     np.testing.assert_allclose(maps.reshape(4, -1).sum(axis=1), bits, rtol=1e-4)
-    from iba_core.datasets import cluttered_digits
-    from iba_core.metrics import bounding_box_score
+    from iba_core.apps.datasets import cluttered_digits
+    from iba_core.apps.metrics import bounding_box_score
 
     expected = cluttered_digits(4, split="test", seed=0)
     np.testing.assert_array_equal(labels, expected.labels)
@@ -241,7 +241,7 @@ def test_explain_writes_overlays_maps_and_summary(folders, explained):
     assert maps.shape == (5, 64, 64) and maps.min() >= 0.0
     np.testing.assert_array_equal(targets, predicted)  # default: the predicted class
     np.testing.assert_array_equal(predicted, folders["labels"])
-    from iba_core.metrics import bounding_box_score
+    from iba_core.apps.metrics import bounding_box_score
 
     assert bounding_box_score(maps, folders["boxes"]).mean() > 0.5
     with open(out / "summary.csv", newline="") as fh:
@@ -423,7 +423,7 @@ def test_demo_tensorflow(tmp_path, request):
     pytest.importorskip("tensorflow")
     assert main(["demo", "--backend", "tensorflow", "--n", "2", "--out", str(tmp_path)]) == 0
     with np.load(tmp_path / "saliency_maps.npz") as f:
-        assert str(f["backend"]) == "tensorflow"
+        assert str(f["backend"]) == "tf"  # the registered name; "tensorflow" selects it
         maps, predicted, labels = f["saliency_maps"], f["predicted"], f["labels"]
         assert maps.shape == (2, 64, 64)
         np.testing.assert_array_equal(predicted, labels)
@@ -457,7 +457,7 @@ def test_explain_and_layers_for_a_keras_file(folders, keras_file, tmp_path, caps
     with np.load(tmp_path / "k" / "saliency_maps.npz") as f:
         maps, predicted = f["saliency_maps"], f["predicted"]
     np.testing.assert_array_equal(predicted, folders["labels"])
-    from iba_core.metrics import bounding_box_score
+    from iba_core.apps.metrics import bounding_box_score
 
     assert bounding_box_score(maps, folders["boxes"]).mean() > 0.5
     torch_run = _torch_or_none(request, "explained")

@@ -24,4 +24,4 @@ class TestStrictConformance(BackendConformanceTests):
     def case(self, strict_plugin) -> ConformanceCase:
         return ConformanceCase(backend="strict", make_model=make_model, make_inputs=make_inputs,
                                input_size=(6, 6), feature_shape=(6, 3, 3), n_classes=5,
-                               exact_gradients=False)
+                               exact_gradients=False, on_input=False)

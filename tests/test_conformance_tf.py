@@ -34,9 +34,42 @@ def make_inputs(n: int, dtype: str, seed: int) -> object:
     return tf.constant(rng.standard_normal((n, 12, 12, 3)).astype(dtype))
 
 
+def weight_gradients(model: object) -> list[np.ndarray | None]:
+    """Keras variables hold no gradient, so ``value_and_grad`` can write none: one ``None``
+    per weight.  That the tape watched only the parameter shows in the suite's other
+    checks: the gradient has the parameter's shape, and the weights (the model's outputs)
+    are unchanged."""
+    return [None for _ in model.weights]
+
+
+def _layers(model: object) -> list[object]:
+    return [model, *model.layers]
+
+
+def model_flags(model: object) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
+    return (tuple(layer.trainable for layer in _layers(model)),
+            tuple(v.trainable for v in model.variables))
+
+
+def mix_flags(model: object) -> None:
+    """The first convolution not trainable; the logits' kernel not trainable in a
+    trainable layer."""
+    model.get_layer("conv1").trainable = False
+    model.get_layer("logits").kernel.trainable = False
+
+
+def is_frozen(model: object) -> bool:
+    # Keras chooses inference mode per call (``training=False``, which Backend.call
+    # passes); frozen means no layer and no weight trainable.
+    return (not any(layer.trainable for layer in _layers(model))
+            and not model.trainable_weights)
+
+
 class TestTFConformance(BackendConformanceTests):
     @pytest.fixture
     def case(self) -> ConformanceCase:
         return ConformanceCase(backend="tf", make_model=make_model, make_inputs=make_inputs,
                                input_size=(12, 12), feature_shape=(8, 6, 6), n_classes=5,
-                               fast_compile=True)
+                               layer_output_shape=(6, 6, 8), fast_compile=True,
+                               weight_gradients=weight_gradients, model_flags=model_flags,
+                               mix_flags=mix_flags, is_frozen=is_frozen)

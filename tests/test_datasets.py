@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from iba_core._demo import top_n_in_box
-from iba_core.datasets import cluttered_digits, load_digits_split
+from iba_core.apps.demo import top_n_in_box
+from iba_core.apps.datasets import cluttered_digits, load_digits_split
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_missing_scikit_learn_is_one_clear_error():
     code = textwrap.dedent("""
         import sys
         sys.modules["sklearn"] = None  # as if scikit-learn were not installed
-        from iba_core.datasets import cluttered_digits
+        from iba_core.apps.datasets import cluttered_digits
         try:
             cluttered_digits(1)
         except ImportError as exc:

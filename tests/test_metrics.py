@@ -1,4 +1,4 @@
-"""iba_core.metrics on cases whose answer is known by construction.
+"""iba_core.apps.metrics on cases whose answer is known by construction.
 
 NumPy-only checks use plain callables as models (no backend); the ``torch`` and ``tf``
 tests run the same metrics through the backends' ``call``.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from iba_core import metrics
-from iba_core._demo import top_n_in_box
+from iba_core.apps import metrics
+from iba_core.apps.demo import top_n_in_box
 
 
 def sigmoid(z):

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from iba_core import FewSamplesWarning, ReadoutBottleneck, get_backend, saliency_map
+from iba_core import FewSamplesWarning, ReadoutBottleneck, get_backend
+from iba_core.math import saliency_map
 from iba_core.testing._readout_suite import (
     BOTTLENECK_LAYER,
     IMAGE_SIZE,

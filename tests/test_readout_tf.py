@@ -54,7 +54,8 @@ def make_case() -> ReadoutCase:
 
 class TestTFReadout(ReadoutTests):
     @pytest.fixture(scope="class")
-    def readout_case(self) -> ReadoutCase:
+    @classmethod
+    def readout_case(cls) -> ReadoutCase:
         return make_case()
 
 

@@ -56,7 +56,8 @@ def make_case() -> ReadoutCase:
 
 class TestTorchReadout(ReadoutTests):
     @pytest.fixture(scope="class")
-    def readout_case(self) -> ReadoutCase:
+    @classmethod
+    def readout_case(cls) -> ReadoutCase:
         return make_case()
 
 
@@ -139,7 +140,7 @@ class TestIBAReadoutFront:
     def test_targets_are_indexed_per_sample(self, trained_front: Any) -> None:
         # Each batch's labels reach the loss in the batch's order, one per sample; without
         # labels, each input's predicted class is used.
-        from iba_core import target_cross_entropy
+        from iba_core.engines import target_cross_entropy
 
         readout, model = trained_front
         loader = _loader(40, 2, batch=16)
@@ -237,7 +238,7 @@ class TestIBAReadoutFront:
         np.testing.assert_allclose(head(flat, x).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
 
     def test_readout_input_matches_torch_interpolate(self) -> None:
-        from iba_core import readout_input
+        from iba_core.engines import readout_input
 
         x = torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(1))
         one, zero = torch.ones(3, 3, 3), torch.zeros(3, 3, 3)

@@ -21,7 +21,7 @@ def _run(code: str) -> str:
 def test_importing_the_core_imports_no_framework():
     out = _run("""
         import sys
-        import iba_core, iba_core.testing, iba_core.plotting
+        import iba_core, iba_core.testing, iba_core.apps.plotting
         names = iba_core.available_backends()
         loaded = [m for m in ("torch", "tensorflow", "keras", "jax") if m in sys.modules]
         print(loaded)

@@ -107,8 +107,12 @@ def test_value_and_grad_watches_the_parameter_only():
     assert isinstance(value, float) and value == pytest.approx(expected, rel=1e-6)
     kernel = layer.kernel.numpy()[:, 0]
     np.testing.assert_allclose(grad.numpy(), 2 * w.numpy() * p.numpy() + kernel, rtol=1e-6)
-    # A function that does not depend on the parameter has a zero gradient, not None.
-    assert BE.value_and_grad(lambda q: tf.reduce_sum(w), p)[1].numpy().tolist() == [0.0, 0.0]
+    # A function with no gradient path to the parameter is refused: its map would ignore
+    # the model.
+    with pytest.raises(ValueError, match="no gradient path"):
+        BE.value_and_grad(lambda q: tf.reduce_sum(w), p)
+    with pytest.raises(ValueError, match="not a tensor"):
+        BE.value_and_grad(lambda q: 1.0, p)
 
 
 def test_value_and_grad_records_no_model_weights(monkeypatch):
@@ -145,7 +149,7 @@ def test_hook_sees_channels_first_and_removal_restores_the_layer():
     zeroed = model(x, training=False).numpy()
     handle.remove()
     assert "call" not in layer.__dict__
-    assert seen == [(2, 4, 8, 8)]
+    assert seen == [(2, 8, 8, 4)]  # as the layer produces them (the engine handles layout)
     assert not np.allclose(zeroed, before)
     np.testing.assert_allclose(zeroed[0], zeroed[1])
     np.testing.assert_array_equal(model(x, training=False).numpy(), before)
@@ -155,22 +159,20 @@ def test_hook_sees_channels_first_and_removal_restores_the_layer():
 def test_channels_first_layer_is_not_transposed():
     model = functional("channels_first")
     seen = []
-    with iba_core.attached(BE, model, "conv", lambda f: seen.append(tuple(f.shape))):
+    with iba_core.contract.attached(BE, model, "conv", lambda f: seen.append(tuple(f.shape))):
         model(x_img(1, (3, 8, 8)), training=False)
     assert seen == [(1, 4, 8, 8)]
 
 
-def test_sequence_features_are_channels_first_and_data_format_overrides():
+def test_hooks_see_sequence_features_as_produced_and_the_layout_is_declared():
     model = sequence_model()
     x = tf.constant(np.ones((2, 5, 2), np.float32))
     seen = []
-    with iba_core.attached(BE, model, "proj", lambda f: seen.append(tuple(f.shape))):
+    with iba_core.contract.attached(BE, model, "proj", lambda f: seen.append(tuple(f.shape))):
         model(x)
-    handle = BE.attach(model, "proj", lambda f: seen.append(tuple(f.shape)),
-                       data_format="channels_first")
-    model(x)
-    handle.remove()
-    assert seen == [(2, 3, 5), (2, 5, 3)]
+    assert seen == [(2, 5, 3)]
+    assert BE.layer_layout(model, "proj") == "channels_last"
+    assert BE.layer_layout(functional("channels_first"), "conv") == "channels_first"
 
 
 def test_hooks_stack_and_can_be_removed_in_any_order():
@@ -209,10 +211,10 @@ def test_input_hook():
     model = functional()
     x = x_img()
     seen = []
-    with iba_core.attached(BE, model, "conv", lambda f: seen.append(tuple(f.shape)) or f * 0.0,
+    with iba_core.contract.attached(BE, model, "conv", lambda f: seen.append(tuple(f.shape)) or f * 0.0,
                            on_input=True):
         out = model(x, training=False).numpy()
-    assert seen == [(2, 3, 8, 8)]
+    assert seen == [(2, 8, 8, 3)]
     np.testing.assert_allclose(out[0], out[1])
 
 
@@ -226,7 +228,7 @@ def test_hook_runs_inside_tf_function_and_subclassed_models():
     def run(v):
         return model(v)
 
-    with iba_core.attached(BE, model, "conv", lambda f: calls.append(1) or f * 0.0):
+    with iba_core.contract.attached(BE, model, "conv", lambda f: calls.append(1) or f * 0.0):
         traced = run(x).numpy()
     assert calls == [1]  # called once, while tracing
     np.testing.assert_allclose(traced[0], traced[1])
@@ -242,7 +244,7 @@ def test_hook_errors():
         BE.attach(None, "conv", lambda f: None)
     with pytest.raises(TypeError, match="layer must be"):
         BE.attach(model, 3, lambda f: None)
-    with iba_core.attached(BE, model, "relu", lambda f: f[:1]), \
+    with iba_core.contract.attached(BE, model, "relu", lambda f: f[:1]), \
             pytest.raises(ValueError, match="returned shape"):
         model(x_img(), training=False)
     assert "call" not in model.get_layer("relu").__dict__
@@ -255,9 +257,9 @@ def test_layer_names_include_nested_models():
     names = BE.layer_names(outer)
     assert names[:2] == ["net", "conv"] and "head" in names
     seen = []
-    with iba_core.attached(BE, outer, "relu", lambda f: seen.append(tuple(f.shape))):
+    with iba_core.contract.attached(BE, outer, "relu", lambda f: seen.append(tuple(f.shape))):
         outer(x_img(1))
-    assert seen == [(1, 4, 8, 8)]
+    assert seen == [(1, 8, 8, 4)]
 
 
 # -- freezing ----------------------------------------------------------------------------------
@@ -302,19 +304,19 @@ def test_compile_returns_a_tf_function():
 
 
 def test_public_surface():
-    import iba_core.plotting
+    import iba_core.apps.plotting
     import iba_tf
 
     for name in iba_tf.__all__:
         assert getattr(iba_tf, name) is not None, name
-    assert iba_tf.plot_saliency_map is iba_core.plotting.plot_saliency_map
+    assert iba_tf.plot_saliency_map is iba_core.apps.plotting.plot_saliency_map
     assert iba_tf.namespace.matmul is not None
     with pytest.raises(AttributeError, match="no attribute 'IBA'"):
         iba_tf.IBA  # noqa: B018
 
 
 def test_the_step_parts_are_compiled_by_default():
-    from iba_core._bottleneck import _step_functions
+    from iba_core.engines._bottleneck import _step_functions
     from iba_tf import IBALayer
 
     assert BE.compile_by_default and IBALayer().bottleneck.compile is None

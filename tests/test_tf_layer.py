@@ -133,7 +133,10 @@ def test_a_loss_function_and_a_target_give_the_same_map(fitted):
 
     by_loss = iba.analyze(x, loss, seed=4)
     by_target = iba.analyze(x, model=model, target=1, seed=4)
-    np.testing.assert_allclose(by_loss, by_target, rtol=1e-5, atol=1e-7 * by_target.max())
+    # The same float32 arithmetic in another order (the target path runs as one compiled
+    # step with a fused soft-label cross-entropy, and makes the copies at the layer):
+    # round-off of ~1e-7, amplified a little by ten Adam steps.
+    np.testing.assert_allclose(by_loss, by_target, rtol=1e-4, atol=1e-6 * by_target.max())
     again = iba.analyze(x, loss, seed=4)
     np.testing.assert_array_equal(again, by_loss)
     assert not np.array_equal(iba.analyze(x, loss, seed=5), by_loss)
@@ -235,7 +238,7 @@ def test_errors(fitted):
         fresh.analyze(images(1), model=fresh_model, target=0)
     with pytest.raises(ValueError, match="batch"):
         iba.analyze(images(1).reshape(-1), model=model, target=0)
-    with pytest.raises(ValueError, match="model_loss_fn, or model= and target="):
+    with pytest.raises(ValueError, match="give exactly one of target=.*got none"):
         iba.analyze(images(1))
     with pytest.raises(ValueError, match="out of range"):
         iba.analyze(images(1), model=model, target=7)

@@ -110,7 +110,9 @@ class TestReferenceAPI:
         finally:
             handle.remove()
         assert maps.shape == (5, 12, 12)
-        assert passes == [20] * 2 + [20] * 2 + [10] * 2  # 2 + 2 + 1 inputs, 10 copies each
+        # One clean pass over the 5 inputs (their logits: the targets' class count), then
+        # 2 steps each of 2 + 2 + 1 inputs, 10 copies each.
+        assert passes == [5] + [20] * 2 + [20] * 2 + [10] * 2
         again = iba.analyze(images(5)[4:], target=0, model=model, seed=4, optimization_steps=2)
         np.testing.assert_allclose(maps[4], again, rtol=1e-4, atol=1e-6)
 
@@ -246,7 +248,7 @@ class TestOptions:
 
 class TestBadInput:
     def test_analyze_before_estimate(self, model):
-        with pytest.raises(RuntimeError, match=r"call estimate\(\)"):
+        with pytest.raises(RuntimeError, match=r"call estimate\(model, dataloader\)"):
             IBA(model.conv2).analyze(images(1), target=0, model=model)
 
     def test_unknown_layer_name(self, model):
@@ -288,7 +290,7 @@ class TestBadInput:
             IBA(model.conv2).estimate(model, bad())
 
     def test_target_out_of_range(self, model, iba):
-        with pytest.raises(ValueError, match="out of range for 4 classes"):
+        with pytest.raises(ValueError, match=r"target 7 out of range: the model returns 4 classes \(0..3\)"):
             iba.analyze(images(1), target=7, model=model)
 
     def test_bad_arguments(self, model):
@@ -296,7 +298,7 @@ class TestBadInput:
             IBA(model.conv2, batch_size=0)
         with pytest.raises(TypeError, match="torch.nn.Module"):
             IBA("conv2")
-        with pytest.raises(ValueError, match="model_loss_fn, or target="):
+        with pytest.raises(ValueError, match="give exactly one of target=.*got none"):
             IBA(model.conv2, feature_mean=np.zeros((8, 6, 6)),
                 feature_std=np.ones((8, 6, 6))).analyze(images(1))
 
@@ -341,11 +343,12 @@ class TestCopiesAtTheLayer:
         smaps = iba.analyze(images(2), target=[1, 3], model=model, seed=4,
                             optimization_steps=3)
         assert iba.bottleneck.copies_made_at == "layer"
-        assert rows == [2] * 4  # the probe pass and three steps, one row per input
+        # The clean pass (logits), the probe pass and three steps: one row per input.
+        assert rows == [2] * 5
         rows.clear()
         expected = analyze_with_copies_at_the_input(iba, images(2), target=[1, 3],
                                                     model=model, seed=4, optimization_steps=3)
-        assert rows == [2, 20, 20, 20]
+        assert rows == [2, 2, 20, 20, 20]  # clean pass, probe pass, three steps
         # float32: the layers before run on 2 instead of 20 rows (round-off only),
         # amplified a little by three Adam steps.
         np.testing.assert_allclose(smaps, expected, rtol=1e-4, atol=1e-6)

@@ -29,11 +29,11 @@ _LAZY = {
     "TFBackend": "iba_tf._backend",
     "model_wo_softmax": "iba_tf._copy",
     "namespace": "iba_tf._namespace",
-    "plot_saliency_map": "iba_core.plotting",
+    "plot_saliency_map": "iba_core.apps.plotting",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from iba_core.plotting import plot_saliency_map
+    from iba_core.apps.plotting import plot_saliency_map
 
     from . import _namespace as namespace
     from ._backend import TFBackend

@@ -10,9 +10,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from iba_core import Backend, FeatureHook, Handle
+from iba_core.contract import Backend, FeatureHook, Handle
 
 from . import _namespace
+from ._cli import TFCliMixin
 
 
 # -- layouts ---------------------------------------------------------------------------
@@ -97,7 +98,7 @@ class _Patch:
         self.had_own_call = "call" in layer.__dict__
         self.previous = layer.__dict__.get("call")
         self.original = layer.call  # bound method (or the previous instance attribute)
-        self.hooks: list[tuple[FeatureHook, bool, bool]] = []
+        self.hooks: list[tuple[FeatureHook, bool]] = []
 
         def call(*args: Any, **kwargs: Any) -> Any:
             return self(*args, **kwargs)
@@ -107,24 +108,24 @@ class _Patch:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         hooks = list(self.hooks)
-        if any(on_input for _, on_input, _ in hooks):
+        if any(on_input for _, on_input in hooks):
             if not args or not tf.is_tensor(args[0]):
                 raise TypeError(f"the first input of layer {self.layer.name!r} is not a tensor")
             x = args[0]
-            for hook, on_input, last in hooks:
+            for hook, on_input in hooks:
                 if on_input:
-                    x = _apply(hook, x, last, self.layer.name)
+                    x = _apply(hook, x, self.layer.name)
             args = (x, *args[1:])
         out = self.original(*args, **kwargs)
-        if any(not on_input for _, on_input, _ in hooks):
+        if any(not on_input for _, on_input in hooks):
             if not tf.is_tensor(out):
                 raise TypeError(
                     f"layer {self.layer.name!r} returns {type(out).__name__}, not a tensor; put "
                     "the bottleneck on a layer with a single tensor output"
                 )
-            for hook, on_input, last in hooks:
+            for hook, on_input in hooks:
                 if not on_input:
-                    out = _apply(hook, out, last, self.layer.name)
+                    out = _apply(hook, out, self.layer.name)
         return out
 
     def restore(self) -> None:
@@ -134,23 +135,22 @@ class _Patch:
             del self.layer.call
 
 
-def _apply(hook: FeatureHook, x: Any, channels_last: bool, name: str) -> Any:
-    features = to_channels_first(x) if channels_last else x
-    out = hook(features)
+def _apply(hook: FeatureHook, x: Any, name: str) -> Any:
+    out = hook(x)
     if out is None:
         return x
     # The batch may grow by a whole factor: the bottleneck may make each input's noisy
     # copies at the layer.
-    rows, grown = features.shape[0], out.shape[0]
+    rows, grown = x.shape[0], out.shape[0]
     whole = rows is None or grown is None or (grown >= rows and grown % max(rows, 1) == 0)
-    if tuple(out.shape[1:]) != tuple(features.shape[1:]) or not whole:
+    if tuple(out.shape[1:]) != tuple(x.shape[1:]) or not whole:
         raise ValueError(f"the hook on layer {name!r} returned shape {tuple(out.shape)} for "
-                         f"features of shape {tuple(features.shape)}")
-    return to_channels_last(out) if channels_last else out
+                         f"features of shape {tuple(x.shape)}")
+    return out
 
 
 class _HookHandle:
-    def __init__(self, patch: _Patch, entry: tuple[FeatureHook, bool, bool]) -> None:
+    def __init__(self, patch: _Patch, entry: tuple[FeatureHook, bool]) -> None:
         self._patch, self._entry = patch, entry
 
     def remove(self) -> None:
@@ -169,7 +169,7 @@ def _active_patch(layer: keras.layers.Layer) -> _Patch | None:
 
 
 # -- the backend -------------------------------------------------------------------------
-class TFBackend(Backend):
+class TFBackend(TFCliMixin, Backend):
     """TensorFlow 2 with Keras 3: a small tf namespace, ``tf.GradientTape``, patched ``call``.
 
     Feature maps of channels-last layers (the Keras default, ``(N, h, w, C)`` or
@@ -181,7 +181,7 @@ class TFBackend(Backend):
     modules = ("tensorflow", "keras")
     channels_last = True
     # Eager TensorFlow pays ~20-30 us per operation (and several more per broadcasting
-    # gradient); the step's array parts trace in about a second, once per process.
+    # gradient): the whole step, model included, runs as one traced function.
     compile_by_default = True
 
     # -- arrays ----------------------------------------------------------------------
@@ -218,37 +218,52 @@ class TFBackend(Backend):
         return tf.stop_gradient(x)
 
     # -- autograd ---------------------------------------------------------------------
-    def value_and_grad(self, fn: Callable[[Any], Any], param: Any) -> tuple[float, Any]:
-        """``fn(param)`` and its gradient; the tape watches ``param`` only, never weights."""
-        param = tf.convert_to_tensor(param)
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(param)
-            value = fn(param)
-        grad = tape.gradient(value, param)
-        if grad is None:
-            grad = tf.zeros_like(param)
+    def value_and_grad(self, fn: Callable[..., Any], param: Any, *operands: Any
+                       ) -> tuple[float, Any]:
+        """``fn(param, *operands)`` and its gradient; the tape watches ``param`` only, never
+        weights."""
+        value, grad = _value_and_grad(fn, tf.convert_to_tensor(param), *operands)
         return float(value), grad
 
+    def compile_step(self, fn: Callable[..., Any]) -> Callable[..., tuple[Any, Any]] | None:
+        """The whole step as one ``tf.function`` (no AutoGraph: the step is straight-line
+        code); traced once per operand shape."""
+
+        def step(param: Any, *operands: Any) -> tuple[Any, Any]:
+            return _value_and_grad(fn, param, *operands)
+
+        return tf.function(step, autograph=False)
+
+    def cross_entropy(self, logits: Any, labels: Any) -> Any:
+        # TensorFlow's fused kernel takes class probabilities as labels.
+        return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=labels,
+                                                                      logits=logits))
+
     # -- models -----------------------------------------------------------------------
-    def attach(self, model: Any, layer: Any, hook: FeatureHook, *, on_input: bool = False,
-               data_format: str | None = None) -> Handle:
+    def attach(self, model: Any, layer: Any, hook: FeatureHook, *, on_input: bool = False
+               ) -> Handle:
         """Run ``hook`` on the output (or first input) of ``layer`` on every call.
 
         The layer's instance gets a ``call`` attribute that wraps the class's ``call``;
         ``remove()`` deletes it again.  Works for Functional, Sequential and subclassed
         models, eagerly and while a ``tf.function`` is traced (a function traced before
         ``attach`` keeps its old graph; so does one traced while attached, after removal).
-        ``data_format`` overrides the layout guess (see :func:`is_channels_last`).
         """
         target = resolve_layer(model, layer)
-        channels_last = is_channels_last(target, data_format)
         patch = _active_patch(target)
         if patch is None:
             patch = _Patch(target)
             target.call = patch.function
-        entry = (hook, bool(on_input), channels_last)
+        entry = (hook, bool(on_input))
         patch.hooks.append(entry)
         return _HookHandle(patch, entry)
+
+    def layer_layout(self, model: Any, layer: Any) -> str | None:
+        """The layer's ``data_format``, else Keras' ``image_data_format()``."""
+        if layer is None:
+            return None
+        target = resolve_layer(model, layer)
+        return "channels_last" if is_channels_last(target) else "channels_first"
 
     def call(self, model: Any, x: Any) -> Any:
         return model(x, training=False)
@@ -286,3 +301,20 @@ class TFBackend(Backend):
         # only costs tracing time.  Shapes are relaxed after a retrace, so passes of
         # different sizes share one graph.
         return tf.function(fn, autograph=False, reduce_retracing=True)
+
+
+def _value_and_grad(fn: Callable[..., Any], param: Any, *operands: Any) -> tuple[Any, Any]:
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(param)
+        value = fn(param, *operands)
+    if not tf.is_tensor(value):
+        raise ValueError(
+            f"the loss returned a {type(value).__name__}, not a tensor; it must be computed "
+            "from the model's output on the batch it is given")
+    grad = tape.gradient(value, param)
+    if grad is None:
+        raise ValueError(
+            "the loss has no gradient path to the bottleneck's mask (it is cut with "
+            "stop_gradient, a constant, or computed without the model); the loss must be "
+            "computed from the model's output on the batch it is given")
+    return value, grad

@@ -14,20 +14,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from iba_core import Estimator
+from iba_core.engines import input_batches
+from iba_core.math import Estimator
 
-from ._layer import (
-    BACKEND,
-    IBALayer,
-    as_input,
-    check_finite_input,
-    classification_loss,
-    explain,
-    iter_batches,
-    model_loss,
-    per_input_targets,
-    soft_target_loss,
-)
+from ._layer import BACKEND, IBALayer, as_input
 
 try:  # the class of models built with the functional API (keras.Model(inputs, outputs))
     from keras.src.models.functional import Functional
@@ -182,6 +172,8 @@ class IBACopy:
         self.iba_layer = IBALayer(**iba_kwargs)
         #: The copy of the model, with :attr:`iba_layer` after the chosen layer.
         self.model = _insert_after(model, self._layer, self.iba_layer)
+        self.iba_layer.engine.model = self.model
+        self.iba_layer.engine.estimate_hint = "estimate(data)"
 
     # -- statistics ----------------------------------------------------------------------
     @property
@@ -215,20 +207,6 @@ class IBACopy:
                                        batch_size=batch_size, progbar=progbar, reset=reset)
 
     # -- explanation -----------------------------------------------------------------------
-    def _explain(self, x: tf.Tensor, loss_for: Callable[[int, int], Callable[[Any], Any]],
-                 fit_hint: str, **kwargs: Any) -> np.ndarray:
-        """``loss_for(start, stop)``: the loss of the outputs for inputs ``x[start:stop]``."""
-        copies = self.bottleneck.copies_per_input(kwargs.get("batch_size"))
-
-        def model_loss_for(start: int, stop: int) -> Callable[[Any], Any]:
-            return model_loss(self.model, loss_for(start, stop), stop - start, copies)
-
-        # The loss sees the copy's outputs only, and their rows are checked, so the
-        # noisy copies are made at the bottleneck layer (see Bottleneck.optimize).
-        return explain(self.bottleneck, model_loss_for, x, model=self.model,
-                       channels_last=self.iba_layer.channels_last, fit_hint=fit_hint,
-                       copies="layer", **kwargs)
-
     def analyze(
         self,
         x: Any,
@@ -242,27 +220,14 @@ class IBACopy:
 
         ``loss_fn(outputs) -> scalar`` gets the copy's outputs for ``batch_size`` noisy
         copies of each input, in a row, and returns the mean loss over them; or give
-        ``target=`` (a class index, or one per input) for a model returning logits.
-        Returns ``(H, W)`` for one input, else ``(N, H, W)``.  Further keyword arguments
-        (``beta``, ``optimization_steps``, ``lr``, ``batch_size``, ``min_std``,
-        ``active_neurons_threshold``, ``seed``, ``noise``, ``progbar``) as in
-        :meth:`IBALayer.analyze`.
+        ``target=`` (class indices, ``"predicted"`` or ``"all"``) for a model returning
+        logits.  Returns ``(H, W)`` for one input, else ``(N, H, W)``.  Further keyword
+        arguments (``beta``, ``optimization_steps``, ``lr``, ``batch_size``, ``min_std``,
+        ``active_neurons_threshold``, ``seed``, ``noise``, ``progbar``,
+        ``inputs_per_pass``) as in :meth:`IBALayer.analyze`.
         """
-        x = as_input(x, self.model)
-        check_finite_input(x)
-        if loss_fn is None:
-            if target is None:
-                raise ValueError("give loss_fn(outputs) -> scalar, or target= for a classifier")
-            targets = per_input_targets(target, int(x.shape[0]))
-
-            def loss_for(start: int, stop: int) -> Callable[[Any], Any]:
-                return classification_loss(targets[start:stop], stop - start)
-        elif target is not None:
-            raise ValueError("give either loss_fn or target=, not both")
-        else:
-            def loss_for(start: int, stop: int) -> Callable[[Any], Any]:
-                return loss_fn
-        return self._explain(x, loss_for, "estimate(data)", mode=mode, **kwargs)
+        return self.iba_layer._maps(as_input(x, self.model), target=target,
+                                    output_loss=loss_fn, mode=mode, **kwargs)
 
     def capacity(self) -> tf.Tensor:
         """Capacity of the last explanation, ``(N, C, ...)`` channels-first, nats per element."""
@@ -277,7 +242,7 @@ class IBACopy:
     def predict(self, x: Any, batch_size: int = 32) -> np.ndarray:
         """The copy's output on ``x`` without the bottleneck (equal to the original's)."""
         outs = [BACKEND.to_numpy(BACKEND.call(self.model, b))
-                for b in iter_batches(as_input(x, self.model), batch_size)]
+                for b in input_batches(as_input(x, self.model), batch_size)]
         return np.concatenate(outs)
 
 
@@ -358,7 +323,7 @@ class IBACopyInnvestigate(IBACopy):
         """Estimate from a generator of ``x`` or ``(x, y)`` batches, ``steps_per_epoch``
         batches per epoch (all of them if ``None``).  Accumulates like :meth:`fit`."""
         for _ in range(int(epochs)):
-            batches = iter_batches(generator)
+            batches = input_batches(generator)
             if steps_per_epoch is not None:
                 batches = itertools.islice(batches, int(steps_per_epoch))
             self.iba_layer.estimate(self.model, batches, n_samples=sys.maxsize,
@@ -384,30 +349,8 @@ class IBACopyInnvestigate(IBACopy):
         if neuron_selection is None and mode == "index":
             raise ValueError("neuron_selection_mode='index' needs neuron_selection (a class "
                              "index or one per input)")
-        x = as_input(X, self.model)
-        check_finite_input(x)
-        n = int(x.shape[0])
-        if mode == "index":
-            targets = per_input_targets(neuron_selection, n)
-        else:
-            logits = self.predict(x)
-            if logits.ndim != 2:
-                raise ValueError(f"expected logits (N, K) from the model, got {logits.shape}")
-            targets = np.argmax(logits, axis=1)
-            if mode == "all":
-                shifted = logits - logits.max(axis=1, keepdims=True)
-                probs = np.exp(shifted.astype(np.float64))
-                probs /= probs.sum(axis=1, keepdims=True)
-
-                def loss_for(start: int, stop: int) -> Callable[[Any], Any]:
-                    return soft_target_loss(probs[start:stop], stop - start)
-
-                return self._explain(x, loss_for, "fit(X) or fit_generator()", **kwargs)
-
-        def loss_for(start: int, stop: int) -> Callable[[Any], Any]:
-            return classification_loss(targets[start:stop], stop - start)
-
-        return self._explain(x, loss_for, "fit(X) or fit_generator()", **kwargs)
+        target = {"index": neuron_selection, "max_activation": "predicted", "all": "all"}[mode]
+        return super().analyze(X, target=target, **kwargs)
 
     # -- persistence ---------------------------------------------------------------------------
     def save_npz(self, fname: str | os.PathLike) -> None:
@@ -417,7 +360,7 @@ class IBACopyInnvestigate(IBACopy):
             "class_name": np.asarray(type(self).__name__),
             "feature_name": np.asarray(self.layer_name),
             "neuron_selection_mode": np.asarray(self.neuron_selection_mode),
-            "config": np.asarray(json.dumps(self.iba_layer._config)),
+            "config": np.asarray(json.dumps(self.iba_layer.config.as_dict())),
         }
         if bn.estimator.n > 0:
             state.update({f"estimator_{k}": v for k, v in bn.estimator.state_dict().items()})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iba_core._demo import DEMO_LAYER
+from iba_core.apps.demo import DEMO_LAYER
 
 __all__ = ["DEMO_LAYER", "INPUT_SHAPE", "build_demo_cnn", "demo_cnn", "keras_weights_from_torch",
            "weights_path"]

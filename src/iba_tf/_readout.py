@@ -9,11 +9,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from iba_core import Bottleneck, Estimator, ReadoutBottleneck, explanation_maps
-from iba_core._readout import ReadoutFront
+from iba_core.engines import Bottleneck, ReadoutBottleneck, ReadoutFront, input_batches
+from iba_core.math import Estimator
 
 from ._backend import all_layers, is_channels_last, resolve_layer
-from ._layer import BACKEND, as_input, check_finite_input, iter_batches
+from ._layer import BACKEND, as_input
 
 
 def _resolve(model: keras.Model, layer: Any, what: str) -> keras.layers.Layer:
@@ -160,7 +160,7 @@ class IBAReadout(ReadoutFront):
         estimators.
         """
         model = self.model
-        batches = (as_input(b, model) for b in iter_batches(data, batch_size))
+        batches = (as_input(b, model) for b in input_batches(data, batch_size))
         with BACKEND.frozen(model):
             return self._readout.estimate(batches, n_samples=n_samples, progbar=progbar,
                                           reset=reset)
@@ -220,16 +220,4 @@ class IBAReadout(ReadoutFront):
         totalling the capacity; ``mode="capacity"``: the channel-summed capacity in bits at
         the feature map's resolution.  NumPy.
         """
-        if mode not in ("saliency", "capacity"):
-            raise ValueError(f"mode must be 'saliency' or 'capacity', got {mode!r}")
-        model = self.model
-        x = as_input(x, model)
-        if x.shape.rank is None or x.shape.rank < 2:
-            raise ValueError(f"x must be a batch (N, ...), e.g. (1, H, W, C) for one image; got "
-                             f"shape {tuple(x.shape)}: add a batch axis with x[None]")
-        check_finite_input(x)
-        with BACKEND.frozen(model):
-            cap = self._readout.analyze(x)
-        out = BACKEND.to_numpy(explanation_maps(cap, tuple(x.shape), mode,
-                                                channels_last=self._channels_last))
-        return out[0] if out.shape[0] == 1 else out
+        return self._maps(as_input(x, self.model), mode, channels_last=self._channels_last)

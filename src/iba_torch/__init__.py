@@ -15,11 +15,11 @@ _LAZY = {
     "IBA": "iba_torch._iba",
     "IBAReadout": "iba_torch._readout",
     "TorchBackend": "iba_torch._backend",
-    "plot_saliency_map": "iba_core.plotting",
+    "plot_saliency_map": "iba_core.apps.plotting",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from iba_core.plotting import plot_saliency_map
+    from iba_core.apps.plotting import plot_saliency_map
 
     from ._backend import TorchBackend
     from ._iba import IBA

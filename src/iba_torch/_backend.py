@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -10,7 +11,9 @@ import array_api_compat.torch as torch_xp
 import numpy as np
 import torch
 
-from iba_core import Backend, FeatureHook, Handle
+from iba_core.contract import Backend, FeatureHook, Handle
+
+from ._cli import TorchCliMixin
 
 #: Samples per model pass on the CPU when many inputs are explained at once.
 CPU_PASS_SIZE = 32
@@ -39,7 +42,7 @@ class _HookHandle:
         self._handle.remove()
 
 
-class TorchBackend(Backend):
+class TorchBackend(TorchCliMixin, Backend):
     """PyTorch: array-api-compat's torch namespace, ``torch.autograd.grad``, module hooks."""
 
     name = "torch"
@@ -68,12 +71,26 @@ class TorchBackend(Backend):
     def stop_gradient(self, x: Any) -> Any:
         return x.detach()
 
-    def value_and_grad(self, fn: Callable[[Any], Any], param: Any) -> tuple[float, Any]:
+    def value_and_grad(self, fn: Callable[..., Any], param: Any, *operands: Any
+                       ) -> tuple[float, Any]:
         p = param.detach().requires_grad_(True)
         with torch.enable_grad():
-            value = fn(p)
+            value = fn(p, *operands)
+            if not isinstance(value, torch.Tensor) or not value.requires_grad:
+                raise ValueError(
+                    "the loss has no gradient path to the bottleneck's mask (it is detached, a "
+                    "Python number, or computed without the model); the loss must be computed "
+                    "from the model's output on the batch it is given")
             (grad,) = torch.autograd.grad(value, p)
         return float(value.detach()), grad
+
+    def cross_entropy(self, logits: Any, labels: Any) -> Any:
+        # PyTorch's fused kernel takes class probabilities as targets.
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    def to_device(self, x: Any, model: Any) -> Any:
+        device = model_device(model)
+        return x if device is None or x.device == device else x.to(device)
 
     def attach(self, model: Any, layer: Any, hook: FeatureHook, *, on_input: bool = False) -> Handle:
         module = resolve_layer(model, layer)
@@ -101,9 +118,14 @@ class TorchBackend(Backend):
 
     @contextlib.contextmanager
     def frozen(self, model: Any) -> Iterator[Any]:
-        """Eval mode and ``requires_grad=False`` on every parameter; all restored on exit."""
+        """Eval mode and ``requires_grad=False`` on every parameter; all restored on exit.
+
+        With ``model=None`` (only a layer is known), every module that runs in this thread
+        inside the context is put in eval mode just before it runs, and restored on exit.
+        """
         if model is None:
-            yield model
+            with _freeze_what_runs():
+                yield model
             return
         modes = [(m, m.training) for m in model.modules()]
         flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -139,3 +161,32 @@ def model_device(model: torch.nn.Module | None) -> torch.device | None:
     for t in model.buffers():
         return t.device
     return None
+
+
+@contextlib.contextmanager
+def _freeze_what_runs() -> Iterator[None]:
+    """Put every module that runs in this thread into eval mode (and its parameters out of
+    autograd) just before it runs; restore all of them on exit."""
+    thread = threading.get_ident()
+    seen: dict[torch.nn.Module, bool] = {}
+    params: dict[torch.nn.Parameter, bool] = {}
+
+    def pre_hook(module: torch.nn.Module, _args: Any) -> None:
+        if threading.get_ident() != thread or module in seen:
+            return
+        seen[module] = module.training
+        module.training = False
+        for p in module.parameters(recurse=False):
+            if p not in params:
+                params[p] = p.requires_grad
+                p.requires_grad_(False)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for m, training in seen.items():
+            m.training = training
+        for p, flag in params.items():
+            p.requires_grad_(flag)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from iba_core._demo import DEMO_LAYER
+from iba_core.apps.demo import DEMO_LAYER
 
 __all__ = ["DEMO_LAYER", "INPUT_SHAPE", "build_demo_cnn", "demo_cnn", "weights_path"]
 #: Input shape per image, channels first.

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from iba_core import Bottleneck, Estimator, ReadoutBottleneck, explanation_maps
-from iba_core._readout import ReadoutFront
+from iba_core.engines import Bottleneck, ReadoutBottleneck, ReadoutFront
+from iba_core.math import Estimator
 
 from ._backend import TorchBackend, model_device, resolve_layer
 
@@ -201,18 +201,7 @@ class IBAReadout(ReadoutFront):
         totalling the capacity (as :meth:`iba_torch.IBA.analyze`); ``mode="capacity"``:
         the channel-summed capacity in bits at feature-map resolution.
         """
-        model = self._check(None)
-        if mode not in ("saliency", "capacity"):
-            raise ValueError(f"mode must be 'saliency' or 'capacity', got {mode!r}")
+        self._check(None)
         if not isinstance(input_t, torch.Tensor):
             raise TypeError(f"input_t must be a torch.Tensor, got {type(input_t).__name__}")
-        if input_t.ndim < 2:
-            raise ValueError(f"input_t must be a batch (N, ...), got shape {tuple(input_t.shape)}:"
-                             " add a batch axis with input_t[None]")
-        device = model_device(model)
-        if device is not None and input_t.device != device:
-            input_t = input_t.to(device)
-        with _BACKEND.frozen(model), torch.no_grad():
-            cap = self._readout.analyze(input_t.detach())
-        out = _BACKEND.to_numpy(explanation_maps(cap, tuple(input_t.shape), mode))
-        return out[0] if out.shape[0] == 1 else out
+        return self._maps(input_t.detach(), mode, channels_last=False)

@@ -2,11 +2,13 @@
 
 A backend builds the suite's reference network (:func:`readout_reference_weights`, see
 :class:`ReadoutCase`) in its framework, provides a class-scoped ``readout_case`` fixture
-and inherits :class:`ReadoutTests`::
+(a classmethod: see :mod:`iba_core.testing` on fixtures in classes) and inherits
+:class:`ReadoutTests`::
 
     class TestMyReadout(ReadoutTests):
         @pytest.fixture(scope="class")
-        def readout_case(self):
+        @classmethod
+        def readout_case(cls):
             return ReadoutCase(backend="mybackend", make_model=..., to_inputs=...,
                                layer_of=...)
 
@@ -27,18 +29,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from .. import (
-    Backend,
+from ..contract import Backend, attached, get_backend
+from ..engines import (
     Bottleneck,
     FewSamplesWarning,
     ReadoutBottleneck,
     ReadoutHead,
-    attached,
-    get_backend,
     readout_input,
-    saliency_map,
     target_cross_entropy,
 )
+from ..math import saliency_map
 
 #: Colours of the five classes (unit RGB vectors).
 BLOB_COLOURS = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=np.float64)
@@ -122,6 +122,8 @@ class ReadoutCase:
         layer_of: ``(model, name) -> layer object``.
         train_options: extra keyword arguments of :meth:`ReadoutBottleneck.train` for
             the suite's training run (e.g. ``{"compile": ...}``).
+        float64: whether the backend computes in float64; the float64 checks of the
+            readout's pieces are skipped (and the gradient checked in float32) otherwise.
     """
 
     backend: str
@@ -129,6 +131,7 @@ class ReadoutCase:
     to_inputs: Callable[[np.ndarray], Any]
     layer_of: Callable[[Any, str], Any]
     train_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    float64: bool = True
 
 
 @dataclasses.dataclass
@@ -234,7 +237,8 @@ class ReadoutTests:
     """The Readout Bottleneck through a backend; provide a class-scoped ``readout_case``."""
 
     @pytest.fixture(scope="class")
-    def trained(self, readout_case: ReadoutCase) -> TrainedReadout:
+    @classmethod
+    def trained(cls, readout_case: ReadoutCase) -> TrainedReadout:
         return train_reference_readout(readout_case)
 
     @pytest.fixture
@@ -307,23 +311,26 @@ class ReadoutTests:
         with pytest.raises(ValueError, match="one target per sample"):
             target_cross_entropy(backend.from_numpy(logits), targets[:2])
 
-    def test_head_gradient_matches_finite_differences(self, backend: Backend) -> None:
+    def test_head_gradient_matches_finite_differences(self, readout_case: ReadoutCase,
+                                                      backend: Backend) -> None:
+        dtype = np.float64 if readout_case.float64 else np.float32
         rng = np.random.default_rng(4)
         head = ReadoutHead(4, 2)
         flat = rng.standard_normal(head.size) * 0.5
         x = rng.standard_normal((2, 4, 3, 3))
         c = rng.standard_normal((2, 2, 3, 3))
-        like = backend.from_numpy(x)
+        like = backend.from_numpy(x.astype(dtype))
         xp = backend.namespace()
-        xt, ct = backend.from_numpy(x, like=like), backend.from_numpy(c, like=like)
-        value, grad = backend.value_and_grad(lambda p: xp.sum(head(p, xt) * ct),
-                                             backend.from_numpy(flat, like=like))
+        value, grad = backend.value_and_grad(lambda p, xt, ct: xp.sum(head(p, xt) * ct),
+                                             backend.from_numpy(flat, like=like),
+                                             backend.from_numpy(x, like=like),
+                                             backend.from_numpy(c, like=like))
         grad = backend.to_numpy(grad)
+        assert grad.dtype == dtype
 
         def f(p: np.ndarray) -> float:
             return float(np.sum(_head_reference(head.unpack(p), x) * c))
 
-        np.testing.assert_allclose(value, f(flat), rtol=1e-10)
         fd = np.empty_like(flat)
         for i in range(flat.size):
             up, down = flat.copy(), flat.copy()
@@ -331,7 +338,48 @@ class ReadoutTests:
             down[i] -= 1e-6
             fd[i] = (f(up) - f(down)) / 2e-6
         assert np.abs(grad).max() > 0
-        np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-7)
+        if dtype == np.float64:
+            # float64 autograd against float64 central differences (error ~1e-9).
+            np.testing.assert_allclose(value, f(flat), rtol=1e-10)
+            np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-7)
+        else:
+            # float32: the head's sums of ~10 terms carry ~1e-6 relative round-off.
+            np.testing.assert_allclose(value, f(flat), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(grad, fd, rtol=1e-3, atol=1e-4)
+
+    def test_float64_stays_float64(self, readout_case: ReadoutCase, backend: Backend) -> None:
+        if not readout_case.float64:
+            pytest.skip("the case declares no float64 (float64=False)")
+        rng = np.random.default_rng(5)
+        head = ReadoutHead(6, 3)
+        flat = rng.standard_normal(head.size) * 0.5
+        shapes = [(4, 6, 6), (2, 3, 3)]
+        feats = [rng.standard_normal((2, *s_)) for s_ in shapes]
+        means = [rng.standard_normal(s_) for s_ in shapes]
+        stds = [rng.uniform(0.5, 2, s_) for s_ in shapes]
+        like = backend.from_numpy(np.zeros(1))
+        t = lambda a: backend.from_numpy(a, like=like)
+        stacked = readout_input([t(f) for f in feats], [t(m) for m in means],
+                                [t(s_) for s_ in stds], (6, 6))
+        alpha = head(t(flat), stacked)
+        logits = rng.standard_normal((2, 5)) * 3
+        loss = target_cross_entropy(t(logits), np.array([4, 1]))
+        got = {name: backend.to_numpy(v) for name, v in
+               (("input", stacked), ("alpha", alpha), ("loss", loss))}
+        assert all(v.dtype == np.float64 for v in got.values()), {
+            k: v.dtype for k, v in got.items()}
+        # The NumPy references in float64: agreement to round-off (1e-12), which a
+        # detour through float32 (1e-7) would miss.
+        parts = [(f - m) / s_ for f, m, s_ in zip(feats, means, stds)]
+        parts[1] = _bilinear_reference(parts[1], (6, 6))
+        expected = np.concatenate(parts, axis=1)
+        np.testing.assert_allclose(got["input"], expected, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got["alpha"], _head_reference(head.unpack(flat), expected),
+                                   rtol=1e-12, atol=1e-12)
+        log_probs = logits - logits.max(1, keepdims=True)
+        log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+        np.testing.assert_allclose(got["loss"], -np.mean(log_probs[[0, 1], [4, 1]]),
+                                   rtol=1e-12)
 
     # -- estimation and the hooks ------------------------------------------------------
     def test_estimate_covers_every_readout_layer(self, readout_case: ReadoutCase,

@@ -11,19 +11,15 @@ import array_api_compat.numpy as np_xp
 import numpy as np
 import pytest
 
-from .. import (
+from ..contract import LAYOUTS, Backend, attached, get_backend
+from ..engines import Bottleneck, FewSamplesWarning, repeat_inputs
+from ..math import (
     REQUIRED_FUNCTIONS,
-    Backend,
-    Bottleneck,
-    FewSamplesWarning,
     adam_init,
     adam_update,
-    attached,
     capacity,
     cross_entropy,
     gaussian_smooth,
-    get_backend,
-    repeat_inputs,
     restrict,
     saliency_map,
 )
@@ -37,12 +33,19 @@ class ConformanceCase:
         backend: the registered backend name.
         make_model: ``dtype -> (model, layer)`` with ``dtype`` ``"float32"`` or
             ``"float64"``; a small classifier returning logits ``(B, n_classes)`` and the
-            layer (object or name) to put the bottleneck on.  Same weights every call.
+            layer (object or name) to put the bottleneck on.  Same weights every call, a
+            fresh model (flags, gradients) every call.
         make_inputs: ``(n, dtype, seed) -> inputs``: ``n`` inputs in the backend's type
             and the model's input layout.
         input_size: spatial size of one input, e.g. ``(H, W)``.
-        feature_shape: channels-first per-sample shape of the layer's output.
+        feature_shape: channels-first per-sample shape of the layer's output, as the
+            engine sees it.
         n_classes: number of logits.
+        layer_output_shape: per-sample shape of the layer's output as the layer produces
+            it, which is what a hook sees (e.g. ``(6, 6, 8)`` for a channels-last Keras
+            layer whose ``feature_shape`` is ``(8, 6, 6)``); ``None``: ``feature_shape``.
+        layer_input_shape: per-sample shape of the layer's (first) input, which an
+            ``on_input`` hook sees; ``None``: ``layer_output_shape``.
         float64: whether the backend computes in float64 (tests that need exact
             arithmetic are skipped otherwise).
         exact_gradients: whether gradients are exact up to round-off (autograd).  A
@@ -50,6 +53,19 @@ class ConformanceCase:
             are amplified by Adam's normalisation, so bit-level comparisons are skipped.
         fast_compile: whether ``Backend.compile`` is quick enough (seconds) to test the
             compiled optimisation step; slow compilers are skipped.
+        on_input: whether ``Backend.attach(..., on_input=True)`` is supported.
+        weight_gradients: ``model -> list``: the gradient stored on each of the model's
+            weights, as NumPy, ``None`` where there is none (PyTorch: ``p.grad``).  The
+            suite checks that ``value_and_grad`` leaves them as they were.  ``None``: the
+            framework stores no gradients on weights; the check is skipped.
+        model_flags: ``model -> snapshot``: every flag :meth:`Backend.frozen` may change
+            (training modes, trainable flags), as a value compared with ``==``.
+            ``None``: the backend's models have no such flags; the checks are skipped.
+        mix_flags: ``model -> None``: set the flags to an unusual mix (some layers
+            training or trainable and some not), so that restoring them all to one value
+            is caught.  ``None``: the flags are left as ``make_model`` sets them.
+        is_frozen: ``model -> bool``: whether the model is in inference mode with no
+            weight trainable, as :meth:`Backend.frozen` promises.  ``None``: not checked.
     """
 
     backend: str
@@ -58,9 +74,31 @@ class ConformanceCase:
     input_size: tuple[int, ...]
     feature_shape: tuple[int, ...]
     n_classes: int
+    layer_output_shape: tuple[int, ...] | None = None
+    layer_input_shape: tuple[int, ...] | None = None
     float64: bool = True
     exact_gradients: bool = True
     fast_compile: bool = False
+    on_input: bool = True
+    weight_gradients: Callable[[Any], list[np.ndarray | None]] | None = None
+    model_flags: Callable[[Any], Any] | None = None
+    mix_flags: Callable[[Any], None] | None = None
+    is_frozen: Callable[[Any], bool] | None = None
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """Per-sample shape a hook on the layer's output sees."""
+        return tuple(self.layer_output_shape or self.feature_shape)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Per-sample shape a hook on the layer's input sees."""
+        return tuple(self.layer_input_shape or self.output_shape)
+
+    @property
+    def dtype(self) -> str:
+        """The most exact dtype the backend computes in."""
+        return "float64" if self.float64 else "float32"
 
 
 # Each namespace function the core uses, exercised as the core uses it.  ``a``/``b`` are
@@ -193,7 +231,7 @@ class NamespaceTests(_Base):
 
 
 def _namespace_of(x: Any) -> Any:
-    from .._xp import namespace
+    from ..math import namespace
 
     return namespace(x)
 
@@ -238,16 +276,33 @@ class GradientTests(_Base):
         np.testing.assert_allclose(grad, fd, **tol)
 
 
-def _record(backend: Backend, model: Any, layer: Any, x: Any) -> np.ndarray:
+def _record(backend: Backend, model: Any, layer: Any, x: Any, *,
+            on_input: bool = False) -> np.ndarray:
+    """The layer's output (or input) for ``x``, as the layer produces it."""
     seen: list[np.ndarray] = []
 
     def hook(f: Any) -> None:
         seen.append(backend.to_numpy(f))
 
-    with attached(backend, model, layer, hook):
+    with attached(backend, model, layer, hook, on_input=on_input):
         backend.call(model, x)
     assert len(seen) == 1, f"the layer ran {len(seen)} times in one pass"
     return seen[0]
+
+
+def _layout(backend: Backend, model: Any, layer: Any) -> str:
+    """The layer's layout as the engine takes it: what the backend says, else channels-first."""
+    return backend.layer_layout(model, layer) or "channels_first"
+
+
+def _channels_first(a: np.ndarray, layout: str) -> np.ndarray:
+    """``(N, ..., C) -> (N, C, ...)`` for a channels-last layout; vectors are unchanged."""
+    return np.moveaxis(a, -1, 1) if layout == "channels_last" and a.ndim > 2 else a
+
+
+def _record_features(backend: Backend, model: Any, layer: Any, x: Any) -> np.ndarray:
+    """The layer's output for ``x``, channels-first: the features the engine works on."""
+    return _channels_first(_record(backend, model, layer, x), _layout(backend, model, layer))
 
 
 def _estimated(case: ConformanceCase, backend: Backend, model: Any, layer: Any,
@@ -267,7 +322,7 @@ class EstimationTests(_Base):
     def test_estimate_matches_numpy(self, case: ConformanceCase, backend: Backend) -> None:
         model, layer = case.make_model("float32")
         batches = [case.make_inputs(16, "float32", 100 + i) for i in range(4)]
-        feats = np.concatenate([_record(backend, model, layer, b) for b in batches])
+        feats = np.concatenate([_record_features(backend, model, layer, b) for b in batches])
         assert feats.shape[1:] == tuple(case.feature_shape)
         bn = _estimated(case, backend, model, layer)
         est = bn.estimator
@@ -289,25 +344,29 @@ class EstimationTests(_Base):
 
 
 class HookTests(_Base):
-    """Putting a hook on a layer and taking it out leaves the model's outputs unchanged."""
+    """A hook sees the layer's output as the layer produces it, its replacement is used,
+    and taking it out leaves the model's outputs unchanged."""
 
     def test_attach_and_remove_are_bit_identical(self, case: ConformanceCase,
                                                  backend: Backend) -> None:
         model, layer = case.make_model("float32")
         x = case.make_inputs(3, "float32", 0)
         before = backend.to_numpy(backend.call(model, x))
-        for hook in (lambda f: None, lambda f: f):  # pass-through, and a layout round trip
+        for hook in (lambda f: None, lambda f: f):  # no replacement, and the same features
             with attached(backend, model, layer, hook):
                 during = backend.to_numpy(backend.call(model, x))
             np.testing.assert_array_equal(during, before)
         after = backend.to_numpy(backend.call(model, x))
         np.testing.assert_array_equal(after, before)
 
-    def test_hook_sees_channels_first_and_its_output_is_used(self, case: ConformanceCase,
-                                                            backend: Backend) -> None:
+    def test_hook_sees_the_layer_output_and_its_output_is_used(self, case: ConformanceCase,
+                                                               backend: Backend) -> None:
         model, layer = case.make_model("float32")
         x = case.make_inputs(2, "float32", 0)
+        other = case.make_inputs(2, "float32", 1)
         before = backend.to_numpy(backend.call(model, x))
+        expected = backend.to_numpy(backend.call(model, other))
+        assert not np.allclose(expected, before)
         shapes: list[tuple[int, ...]] = []
 
         def zero(f: Any) -> Any:
@@ -316,9 +375,43 @@ class HookTests(_Base):
 
         with attached(backend, model, layer, zero):
             zeroed = backend.to_numpy(backend.call(model, x))
-        assert shapes == [(2, *case.feature_shape)]
+        # As the layer produces it: no transposition by the backend.
+        assert shapes == [(2, *case.output_shape)]
         assert not np.allclose(zeroed, before)
         assert np.allclose(zeroed[0], zeroed[1]), "zero features must give input-independent outputs"
+        # The features recorded for other inputs, put in while the model runs on x, give
+        # the other inputs' outputs: the hook saw the whole output, in the layer's own
+        # layout, and the rest of the model ran on its replacement.
+        features = _record(backend, model, layer, other)
+        with attached(backend, model, layer, lambda f: backend.from_numpy(features, like=f)):
+            swapped = backend.to_numpy(backend.call(model, x))
+        # The same float32 numbers through the same layers: equal up to kernel choices.
+        np.testing.assert_allclose(swapped, expected, **F32)
+
+    def test_hook_may_return_a_whole_multiple_of_the_rows(self, case: ConformanceCase,
+                                                          backend: Backend) -> None:
+        model, layer = case.make_model("float32")
+        x = case.make_inputs(2, "float32", 2)
+        before = backend.to_numpy(backend.call(model, x))
+        xp = backend.namespace()
+        with attached(backend, model, layer, lambda f: xp.concat([f, f, f], axis=0)):
+            tripled = backend.to_numpy(backend.call(model, x))
+        assert tripled.shape == (6, *before.shape[1:])
+        for k in range(3):
+            # Batches of 6 rows instead of 2 may take other float32 kernels (blocking).
+            np.testing.assert_allclose(tripled[2 * k:2 * k + 2], before, rtol=1e-5, atol=1e-5)
+
+    def test_layer_layout_maps_the_layer_output_to_the_feature_shape(
+            self, case: ConformanceCase, backend: Backend) -> None:
+        model, layer = case.make_model("float32")
+        reported = backend.layer_layout(model, layer)
+        assert reported in (*LAYOUTS, None)
+        shape = case.output_shape
+        if _layout(backend, model, layer) == "channels_last" and len(shape) > 1:
+            shape = (shape[-1], *shape[:-1])
+        assert shape == tuple(case.feature_shape), (
+            f"the layer gives {case.output_shape} in layout {reported!r}, which is not the "
+            f"channels-first feature shape {case.feature_shape}")
 
     def test_unknown_layer_name_lists_layers(self, case: ConformanceCase,
                                             backend: Backend) -> None:
@@ -334,7 +427,7 @@ class HookTests(_Base):
         bn = _estimated(case, backend, model, layer)
         x = case.make_inputs(2, "float32", 0)
         clean = backend.to_numpy(backend.call(model, x))
-        feats = _record(backend, model, layer, x)
+        feats = _record_features(backend, model, layer, x)
         xp = backend.namespace()
         like = backend.from_numpy(feats)
         closed = xp.full(tuple(feats.shape), -10.0, dtype=like.dtype)
@@ -540,6 +633,317 @@ class PerSampleTests(_Base):
             bn.optimize(lambda b: backend.call(model, b), x)
 
 
+class _Boom(Exception):
+    """Raised by the suite inside :meth:`Backend.frozen`."""
+
+
+def _grad_tol(case: ConformanceCase, dtype: str) -> dict[str, float]:
+    """Tolerance of ``value_and_grad`` on a few-term function with an exact gradient."""
+    if case.exact_gradients:
+        # Autograd: a few rounding steps per element.
+        return F64 if dtype == "float64" else F32
+    # Central differences with the step eps**(1/3) (6e-6 in float64, 5e-3 in float32):
+    # round-off eps*|f|/h, about 1e-10 (float64) or 1e-4 (float32) for |f| ~ 10.
+    return {"rtol": 1e-6, "atol": 1e-6} if dtype == "float64" else {"rtol": 2e-2, "atol": 2e-2}
+
+
+class PromiseTests(_Base):
+    """The promises of the :class:`~iba_core.contract.Backend` contract, checked through
+    the Backend API only: gradients, freezing, hooks and random draws."""
+
+    # -- value_and_grad -------------------------------------------------------------------
+    def test_value_and_grad_passes_the_operands_through(self, case: ConformanceCase,
+                                                        backend: Backend) -> None:
+        dtype = case.dtype
+        like = self.like(backend, dtype)
+        xp = backend.namespace()
+        rng = np.random.default_rng(20)
+        p, a, b = (rng.standard_normal((3, 4)) for _ in range(3))
+        t = lambda v: backend.from_numpy(v.astype(dtype), like=like)
+        arities: list[int] = []
+
+        def fn(param: Any, *operands: Any) -> Any:
+            arities.append(len(operands))
+            first, second = operands
+            return xp.sum(first * param * param) + xp.sum(second * param)
+
+        value, grad = backend.value_and_grad(fn, t(p), t(a), t(b))
+        assert arities and set(arities) == {2}
+        assert isinstance(value, float)
+        assert backend.owns(grad)
+        grad = backend.to_numpy(grad)
+        assert grad.shape == p.shape and grad.dtype == np.dtype(dtype)
+        tol = _grad_tol(case, dtype)
+        np.testing.assert_allclose(value, np.sum(a * p * p) + np.sum(b * p), **tol)
+        # The gradient with respect to the parameter only, each operand in its place
+        # (swapped operands would give 2 b p + a).
+        np.testing.assert_allclose(grad, 2 * a * p + b, **tol)
+        # Without operands, fn gets the parameter alone.
+        arities.clear()
+        value, grad = backend.value_and_grad(lambda q: fn(q, t(a), t(b)), t(p))
+        assert set(arities) == {2}
+        np.testing.assert_allclose(value, np.sum(a * p * p) + np.sum(b * p), **tol)
+        np.testing.assert_allclose(backend.to_numpy(grad), 2 * a * p + b, **tol)
+
+    @staticmethod
+    def _masked_loss(backend: Backend, model: Any, layer: Any) -> Callable[..., Any]:
+        """``(mask, inputs, onehot) -> loss``: the layer's output times ``mask``, through
+        the rest of the model, into the core's cross-entropy.  Reads only its arguments."""
+        def loss(mask: Any, inputs: Any, onehot: Any) -> Any:
+            with attached(backend, model, layer, lambda f: f * mask):
+                logits = backend.call(model, inputs)
+            return cross_entropy(logits, onehot)
+        return loss
+
+    def test_value_and_grad_through_the_model_matches_finite_differences(
+            self, case: ConformanceCase, backend: Backend) -> None:
+        dtype = case.dtype
+        model, layer = case.make_model(dtype)
+        x = case.make_inputs(2, dtype, 21)
+        like = self.like(backend, dtype)
+        rng = np.random.default_rng(22)
+        mask = rng.uniform(0.5, 1.5, case.output_shape)
+        onehot = backend.from_numpy(np.eye(case.n_classes)[[1, case.n_classes - 1]], like=like)
+        loss = self._masked_loss(backend, model, layer)
+
+        def f(v: np.ndarray) -> float:
+            return float(backend.to_numpy(loss(backend.from_numpy(v, like=like), x, onehot)))
+
+        with backend.frozen(model):
+            value, grad = backend.value_and_grad(loss, backend.from_numpy(mask, like=like),
+                                                 x, onehot)
+            grad = backend.to_numpy(grad)
+            assert grad.shape == mask.shape
+            norm = float(np.linalg.norm(grad))
+            assert norm > 0
+            # The same arithmetic as a plain call: the same value, round-off apart.
+            np.testing.assert_allclose(value, f(mask), rtol=1e-10 if case.float64 else 1e-5)
+            # Directional derivatives along random unit directions, by central differences.
+            # float64, h = 1e-4: truncation h**2 |f'''| ~ 1e-9, round-off eps |f| / h ~
+            # 1e-12.  float32, h = 1e-2: both ~ 1e-5.  A wrong gradient errs by ~ its norm.
+            h = 1e-4 if case.float64 else 1e-2
+            atol = (1e-7 if case.float64 else 1e-3) * max(norm, 1.0)
+            for _ in range(4):
+                d = rng.standard_normal(mask.shape)
+                d /= np.linalg.norm(d)
+                fd = (f(mask + h * d) - f(mask - h * d)) / (2 * h)
+                np.testing.assert_allclose(float(np.sum(grad * d)), fd, rtol=1e-5, atol=atol)
+
+    def test_value_and_grad_writes_no_weight_gradients(self, case: ConformanceCase,
+                                                       backend: Backend) -> None:
+        if case.weight_gradients is None:
+            pytest.skip("the case declares no weight gradients (weight_gradients=None)")
+        model, layer = case.make_model("float32")
+        x = case.make_inputs(2, "float32", 23)
+        like = self.like(backend, "float32")
+        outputs = backend.to_numpy(backend.call(model, x))
+        before = case.weight_gradients(model)
+        assert before, "weight_gradients returned no weights"
+        mask = np.random.default_rng(24).uniform(0.5, 1.5, case.output_shape)
+        onehot = backend.from_numpy(np.eye(case.n_classes)[[0, 1]], like=like)
+        loss = self._masked_loss(backend, model, layer)
+        # Outside frozen on purpose: the weights are trainable here, which is where a
+        # backend that differentiates the whole graph would write their gradients.
+        runs = [backend.value_and_grad(loss, backend.from_numpy(mask, like=like), x, onehot)
+                for _ in range(2)]
+        after = case.weight_gradients(model)
+        assert len(after) == len(before)
+        for i, (b, a) in enumerate(zip(before, after)):
+            if b is None:
+                assert a is None, f"value_and_grad wrote a gradient on weight {i}"
+            else:
+                assert a is not None, f"value_and_grad cleared the gradient of weight {i}"
+                np.testing.assert_array_equal(a, b, err_msg=f"weight {i}'s gradient changed")
+        # Nothing accumulates from one call to the next, and the weights are unchanged.
+        assert runs[0][0] == runs[1][0]
+        np.testing.assert_array_equal(backend.to_numpy(runs[1][1]), backend.to_numpy(runs[0][1]))
+        np.testing.assert_array_equal(backend.to_numpy(backend.call(model, x)), outputs)
+
+    # -- frozen ---------------------------------------------------------------------------
+    @staticmethod
+    def _flagged_model(case: ConformanceCase) -> Any:
+        if case.model_flags is None:
+            pytest.skip("the case declares no model flags (model_flags=None)")
+        model, _ = case.make_model("float32")
+        if case.mix_flags is not None:
+            case.mix_flags(model)
+        return model
+
+    def test_frozen_restores_every_flag_also_after_an_exception(
+            self, case: ConformanceCase, backend: Backend) -> None:
+        model = self._flagged_model(case)
+        flags = case.model_flags
+        assert flags is not None
+        before = flags(model)
+        inside: list[Any] = []
+        with pytest.raises(_Boom):
+            with backend.frozen(model):
+                inside.append(flags(model))
+                raise _Boom
+        assert flags(model) == before, "an exception inside frozen left flags changed"
+        assert inside[0] != before, "frozen changed no flag"
+        # A normal exit, and frozen within frozen: each exit restores what its entry saw.
+        with backend.frozen(model):
+            assert flags(model) == inside[0]
+            with backend.frozen(model):
+                pass
+            assert flags(model) == inside[0]
+        assert flags(model) == before
+
+    def test_frozen_model_is_in_inference_mode(self, case: ConformanceCase,
+                                               backend: Backend) -> None:
+        model = self._flagged_model(case)
+        if case.is_frozen is None:
+            pytest.skip("the case cannot tell a frozen model (is_frozen=None)")
+        x = case.make_inputs(2, "float32", 25)
+        expected = backend.to_numpy(backend.call(model, x))
+        assert not case.is_frozen(model)
+        with backend.frozen(model):
+            assert case.is_frozen(model)
+            outputs = backend.to_numpy(backend.call(model, x))
+        assert not case.is_frozen(model)
+        np.testing.assert_array_equal(outputs, expected)
+
+    # -- hooks ----------------------------------------------------------------------------
+    def test_input_hook_sees_the_layer_input_and_its_output_is_used(
+            self, case: ConformanceCase, backend: Backend) -> None:
+        if not case.on_input:
+            pytest.skip("the case declares no input hooks (on_input=False)")
+        model, layer = case.make_model("float32")
+        x = case.make_inputs(2, "float32", 26)
+        other = case.make_inputs(2, "float32", 27)
+        expected = backend.to_numpy(backend.call(model, other))
+        assert not np.allclose(backend.to_numpy(backend.call(model, x)), expected)
+        order: list[str] = []
+        seen: list[np.ndarray] = []
+
+        def on_input(f: Any) -> None:
+            order.append("input")
+            seen.append(backend.to_numpy(f))
+
+        def on_output(f: Any) -> None:
+            order.append("output")
+
+        # The output hook attached first: the input hook runs first all the same.
+        with attached(backend, model, layer, on_output), \
+                attached(backend, model, layer, on_input, on_input=True):
+            during = backend.to_numpy(backend.call(model, other))
+        assert order == ["input", "output"]
+        np.testing.assert_array_equal(during, expected)
+        assert seen[0].shape == (2, *case.input_shape)
+        # The input recorded for other inputs, put in while the model runs on x, gives the
+        # other inputs' outputs: the hook saw the layer's input (not its output), and the
+        # layer ran on the replacement.
+        with attached(backend, model, layer, lambda f: backend.from_numpy(seen[0], like=f),
+                      on_input=True):
+            swapped = backend.to_numpy(backend.call(model, x))
+        # The same float32 numbers through the same layers: equal up to kernel choices.
+        np.testing.assert_allclose(swapped, expected, **F32)
+        np.testing.assert_array_equal(backend.to_numpy(backend.call(model, other)), expected)
+
+    def test_hooks_stack_in_attach_order_and_come_off_in_any_order(
+            self, case: ConformanceCase, backend: Backend) -> None:
+        model, layer = case.make_model("float32")
+        x = case.make_inputs(2, "float32", 28)
+        before = backend.to_numpy(backend.call(model, x))
+        raw = _record(backend, model, layer, x)
+        # Powers of two: the sum of the hooks that ran before tells which ones they were.
+        constants = {1: 1.0, 2: 2.0, 3: 4.0}
+        ran: list[int] = []
+        seen: dict[int, np.ndarray] = {}
+
+        def adder(k: int) -> Callable[[Any], Any]:
+            def hook(f: Any) -> Any:
+                ran.append(k)
+                seen[k] = backend.to_numpy(f)
+                return f + constants[k]
+            return hook
+
+        def run(order: list[int]) -> np.ndarray:
+            ran.clear()
+            seen.clear()
+            out = backend.to_numpy(backend.call(model, x))
+            assert ran == order, f"hooks ran in order {ran}, expected {order}"
+            total = 0.0
+            for k in order:
+                # Each hook sees the output of the ones before it (float32 sums of a
+                # feature and numbers up to 7: a few ulps).
+                np.testing.assert_allclose(seen[k], raw + np.float32(total), **F32)
+                total += constants[k]
+            return out
+
+        handles = {k: backend.attach(model, layer, adder(k)) for k in (1, 2, 3)}
+        try:
+            stacked = run([1, 2, 3])
+            handles.pop(2).remove()  # the middle one
+            run([1, 3])
+            handles[2] = backend.attach(model, layer, adder(2))  # on again, now last
+            run([1, 3, 2])
+            handles.pop(1).remove()  # the first one
+            run([3, 2])
+            handles.pop(2).remove()  # the last one
+            run([3])
+            handles.pop(3).remove()
+            after = run([])
+        finally:
+            for handle in handles.values():
+                handle.remove()
+        # The model ran on the last hook's output: the layer's output plus 7.
+        with attached(backend, model, layer, lambda f: f + 7.0):
+            plus_seven = backend.to_numpy(backend.call(model, x))
+        np.testing.assert_allclose(stacked, plus_seven, rtol=1e-5, atol=1e-5)
+        assert not np.allclose(stacked, before)
+        np.testing.assert_array_equal(after, before)
+
+    # -- random draws ---------------------------------------------------------------------
+    @staticmethod
+    def _generator(backend: Backend, seed: int, like: Any) -> Any:
+        try:
+            return backend.make_generator(seed, like)
+        except NotImplementedError:
+            pytest.skip(f"backend {backend.name!r} has no seeded generator")
+
+    def test_seeded_generators_reproduce_and_successive_draws_differ(
+            self, case: ConformanceCase, backend: Backend) -> None:
+        like = self.like(backend, "float32")
+        shape = (2, 3, 5)
+
+        def draws(seed: int) -> list[np.ndarray]:
+            generator = self._generator(backend, seed, like)
+            out = []
+            for _ in range(3):
+                sample, generator = backend.draw(shape, like, generator)
+                out.append(backend.to_numpy(sample))
+            return out
+
+        first, again, other = draws(3), draws(3), draws(4)
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a, b)  # the same seed: the same sequence
+        # Each draw advances the generator: no value repeats among 30 continuous draws.
+        assert not np.any(first[0] == first[1]) and not np.any(first[1] == first[2])
+        assert not np.any(first[0] == other[0]), "another seed gave the same draws"
+
+    @pytest.mark.parametrize("dtype", ["float32", "float64"])
+    def test_draws_have_the_requested_shape_dtype_and_distribution(
+            self, case: ConformanceCase, backend: Backend, dtype: str) -> None:
+        if dtype == "float64" and not case.float64:
+            pytest.skip("the case declares no float64 (float64=False)")
+        like = self.like(backend, dtype)
+        shape = (40, 25, 4)
+        for generator in (self._generator(backend, 0, like), None):
+            sample, _ = backend.draw(shape, like, generator)
+            assert backend.owns(sample)
+            s = backend.to_numpy(sample)
+            assert s.shape == shape and s.dtype == np.dtype(dtype)
+            s = s.astype(np.float64)
+            # 4000 N(0, 1) draws: standard errors 0.016 (mean), 0.011 (standard
+            # deviation) and 0.0074 (share within one sigma, 0.683); the bounds are five
+            # to six of them.  A uniform of unit variance has 0.577 within one sigma.
+            assert abs(s.mean()) < 0.1
+            assert abs(s.std() - 1.0) < 0.06
+            assert abs(np.mean(np.abs(s) < 1.0) - 0.6827) < 0.04
+
+
 class BackendConformanceTests(NamespaceTests, GradientTests, EstimationTests, HookTests,
-                              PerSampleTests):
+                              PromiseTests, PerSampleTests):
     """Every conformance test; inherit it and provide the ``case`` fixture."""

@@ -1,7 +1,7 @@
 """Framework-free parts of ``iba demo`` / ``iba explain``: the figures.
 
 NumPy only; matplotlib is imported on use (Agg, so no display is needed).  The demo
-scores maps with :func:`iba_core.metrics.bounding_box_score`; :func:`top_n_in_box` is a
+scores maps with :func:`iba_core.apps.metrics.bounding_box_score`; :func:`top_n_in_box` is a
 plain, independent implementation of the same score, kept as a reference for tests.
 """
 
@@ -23,7 +23,7 @@ def top_n_in_box(saliency: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     The bounding-box score of the IBA paper: ``n`` is the box's area in pixels, so a map
     that puts its ``n`` largest values exactly on the box scores 1, and a random map
     scores about ``n / (H * W)``.  Ties are broken by pixel order (row-major).  Use
-    :func:`iba_core.metrics.bounding_box_score`, which shares ties fairly; this loop is an
+    :func:`iba_core.apps.metrics.bounding_box_score`, which shares ties fairly; this loop is an
     independent reference for its tests.
 
     Args:

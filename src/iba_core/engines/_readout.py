@@ -31,13 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from ._adam import AdamState, adam_init, adam_update
-from ._backend import Backend
-from ._bottleneck import MIN_RECOMMENDED_SAMPLES, Bottleneck, FewSamplesWarning, _progress
-from ._capacity import cross_entropy
-from ._estimator import Estimator
-from ._linear_ops import resize_bilinear
-from ._xp import device, namespace, to_numpy
+from ..contract._backend import Backend
+from ..math._adam import AdamState, adam_init, adam_update
+from ..math._capacity import cross_entropy, explanation_maps
+from ..math._estimator import Estimator
+from ..math._linear_ops import resize_bilinear
+from ..math._xp import device, namespace, to_numpy
+from ._bottleneck import Bottleneck, _progress, estimate_loop
+from ._layout import in_layout, layer_layout
+from ._per_sample import prepared_inputs
 
 #: The head's output is clamped to ``[-ALPHA_BOUND, ALPHA_BOUND]`` (mask logits).
 ALPHA_BOUND = 5.0
@@ -350,11 +352,13 @@ class ReadoutBottleneck:
     @contextlib.contextmanager
     def attached(self) -> Iterator[ReadoutBottleneck]:
         """Context: hooks on the bottleneck layer and every readout layer (removed on exit)."""
+        backend, model = self.backend, self.model
         with contextlib.ExitStack() as stack:
-            handle = self.backend.attach(self.model, self.layer, self.bottleneck)
-            stack.callback(handle.remove)
-            for layer, recorder in zip(self.readout_layers, self._recorders):
-                handle = self.backend.attach(self.model, layer, recorder)
+            hooks = [(self.layer, self.bottleneck),
+                     *zip(self.readout_layers, self._recorders)]
+            for layer, hook in hooks:
+                layout = layer_layout(backend, model, layer, None)
+                handle = backend.attach(model, layer, in_layout(backend, hook, layout))
                 stack.callback(handle.remove)
             yield self
 
@@ -406,36 +410,20 @@ class ReadoutBottleneck:
         ``n_samples`` samples; warns (:class:`FewSamplesWarning`) below 1,000.  Builds
         the head once the shapes are known (a head of matching shape is kept).
         """
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         bn = self.bottleneck
         if reset:
             bn.estimator.reset()
             for e in self.estimators:
                 e.reset()
-        progbar = self.progbar if progbar is None else progbar
-        bar = _progress(progbar, total=n_samples, desc="estimate", unit="sample")
-        to_np = self.backend.to_numpy
+
+        def record(x: Any) -> list[Any]:
+            _, features, bn_features = self.record(x)
+            return [bn_features, *features]
+
         with self.attached():
-            for x in batches:
-                _, features, bn_features = self.record(x)
-                take = min(int(bn_features.shape[0]), n_samples - bn.estimator.n)
-                bn.estimator.update(to_np(bn_features[:take, ...]))
-                for est, f in zip(self.estimators, features):
-                    est.update(to_np(f[:take, ...]))
-                if bar is not None:
-                    bar.update(take)
-                if bn.estimator.n >= n_samples:
-                    break
-        if bar is not None:
-            bar.close()
-        if bn.estimator.n == 0:
-            raise ValueError("the data yielded no batches; nothing was estimated")
-        if bn.estimator.n < MIN_RECOMMENDED_SAMPLES:
-            warnings.warn(
-                f"the statistics rest on {bn.estimator.n} samples; the reference uses about "
-                f"10,000 and at least {MIN_RECOMMENDED_SAMPLES} are recommended",
-                FewSamplesWarning, stacklevel=2)
+            estimate_loop(self.backend, batches, record, [bn.estimator, *self.estimators],
+                          n_samples=n_samples,
+                          progbar=self.progbar if progbar is None else progbar)
         self._stats_cache.clear()
         self._build_head()
         return self.estimators
@@ -851,6 +839,19 @@ class ReadoutFront:
     def capacity(self) -> Any:
         """Capacity of the last ``analyze``, ``(N, C, ...)`` channels-first, nats."""
         return self._readout.capacity()
+
+    def _maps(self, x: Any, mode: str, channels_last: bool) -> np.ndarray:
+        """Maps of one forward pass over ``x``, NumPy, bits: ``(H, W)`` for one input
+        else ``(N, H, W)`` (``mode="capacity"``: at the feature map's resolution)."""
+        if mode not in ("saliency", "capacity"):
+            raise ValueError(f"mode must be 'saliency' or 'capacity', got {mode!r}")
+        ro = self._readout
+        x = prepared_inputs(ro.backend, x, ro.model)
+        with ro.backend.frozen(ro.model):
+            cap = ro.analyze(x)
+        out = ro.backend.to_numpy(explanation_maps(cap, tuple(int(s) for s in x.shape), mode,
+                                                   channels_last=channels_last))
+        return out[0] if out.shape[0] == 1 else out
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The readout network's weights and all feature statistics, as NumPy arrays."""

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ._xp import to_numpy
+from ..math._xp import to_numpy
 
 
 def _greyscale(img: Any) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._linear_ops import bilinear_matrix
+from ..math._linear_ops import bilinear_matrix
 
 __all__ = ["ClutteredDigits", "cluttered_digits", "load_digits_split"]
 

@@ -4,6 +4,10 @@ The core is written against the Python Array API standard.  For arrays that
 ``array_api_compat`` understands (NumPy, PyTorch, CuPy, JAX, array-api-strict, ...)
 its namespace is used; for anything else (TensorFlow tensors), the backend that owns
 the array's type supplies a namespace.
+
+The math layer never imports the plugin registry: the contract layer
+(:mod:`iba_core.contract`) installs the lookup of a backend by array type with
+:func:`set_backend_lookup` when it is imported.
 """
 
 from __future__ import annotations
@@ -52,9 +56,29 @@ def namespace(*arrays: Any) -> Any:
         except TypeError:
             if len({type(a) for a in arrays}) == 1:
                 _NOT_COMPAT.add(kind)
-    from ._registry import get_backend
+    backend = _lookup(arrays[0])
+    if backend is None:
+        raise TypeError(f"no array namespace for {type(arrays[0]).__module__}."
+                        f"{type(arrays[0]).__qualname__}: array_api_compat does not support it "
+                        "and no installed iba backend owns it")
+    return backend.namespace()
 
-    return get_backend(arrays[0]).namespace()
+
+def _no_lookup(x: Any) -> Any:
+    return None
+
+
+_lookup: Any = _no_lookup
+
+
+def set_backend_lookup(lookup: Any) -> None:
+    """Install ``lookup(array) -> backend or None`` for arrays array_api_compat lacks.
+
+    Called once by :mod:`iba_core.contract`; the backend must have ``namespace()`` and
+    ``to_numpy(x)``.
+    """
+    global _lookup
+    _lookup = lookup
 
 
 # Array types array_api_compat refused: asked of a backend directly next time (the
@@ -80,9 +104,7 @@ def to_numpy(x: Any) -> np.ndarray:
     """Copy any supported array (NumPy, a backend's tensor, any DLPack array) to NumPy."""
     if isinstance(x, np.ndarray):
         return x
-    from ._registry import find_backend
-
-    backend = find_backend(x)
+    backend = _lookup(x)
     if backend is not None:
         return backend.to_numpy(x)
     try:

@@ -28,11 +28,19 @@ class BackendSpec:
         modules: top-level modules whose types the backend handles.
         loader: ``"package.module:Class"`` or a zero-argument callable returning a
             :class:`Backend`; only called on first use.
+        aliases: other names users may select it by (``get_backend("pytorch")``), e.g.
+            the framework's own name; matched without regard to case.
     """
 
     name: str
     modules: tuple[str, ...]
     loader: str | Callable[[], Backend]
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The name followed by the aliases."""
+        return (self.name, *self.aliases)
 
     def load(self) -> Backend:
         if callable(self.loader):
@@ -86,9 +94,31 @@ def _specs() -> dict[str, BackendSpec]:
     plugin_manager().hook.iba_register_backends(register=register)
     pinned = os.environ.get(ENV_BACKENDS)
     if pinned:
-        keep = {n.strip() for n in pinned.split(",") if n.strip()}
-        specs = {k: v for k, v in specs.items() if k in keep}
+        keep = {n.strip().casefold() for n in pinned.split(",") if n.strip()}
+        specs = {k: v for k, v in specs.items()
+                 if any(n.casefold() in keep for n in v.names)}
     return specs
+
+
+def _find_spec(specs: dict[str, BackendSpec], name: str) -> BackendSpec | None:
+    """The spec a user's ``name`` selects: a backend's name, else one of its aliases, else
+    the name of a framework module it handles (``"keras"``), ignoring case.  A name that
+    fits several backends equally raises ``LookupError`` naming them."""
+    if name in specs:
+        return specs[name]
+    folded = name.casefold()
+    for matches in (
+        [s for s in specs.values() if s.name.casefold() == folded],
+        [s for s in specs.values() if folded in (a.casefold() for a in s.aliases)],
+        [s for s in specs.values() if folded in (m.casefold() for m in s.modules)],
+    ):
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise LookupError(f"{name!r} fits several iba backends "
+                              f"({', '.join(sorted(s.name for s in matches))}); select one "
+                              "by its name")
+    return None
 
 
 def available_backends() -> list[str]:
@@ -130,9 +160,10 @@ def find_backend(obj: Any) -> Backend | None:
 def get_backend(name_or_obj: Any) -> Backend:
     """Select a backend by name (``"torch"``), by instance, or by a model or tensor.
 
-    Selection by object looks at the module names of its type only, so frameworks that
-    are not already imported are never imported.  Raises ``LookupError`` naming the
-    installed backends when none fits.
+    A name may also be one of the backend's aliases (:attr:`BackendSpec.aliases`) or a
+    framework module it handles (``"keras"``), in any case.  Selection by object looks at
+    the module names of its type only, so frameworks that are not already imported are
+    never imported.  Raises ``LookupError`` naming the installed backends when none fits.
     """
     if isinstance(name_or_obj, Backend):
         return name_or_obj
@@ -142,7 +173,7 @@ def get_backend(name_or_obj: Any) -> Backend:
             return backend
     specs = _specs()
     if isinstance(name_or_obj, str):
-        spec = specs.get(name_or_obj)
+        spec = _find_spec(specs, name_or_obj)
         if spec is None:
             raise LookupError(
                 f"no iba backend named {name_or_obj!r}; installed backends: "

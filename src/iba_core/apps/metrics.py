@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from ._linear_ops import smoothing_matrix
-from ._registry import find_backend, get_backend
+from ..contract._registry import find_backend, get_backend
+from ..math._linear_ops import smoothing_matrix
 
 __all__ = [
     "DegradationResult",
@@ -391,7 +391,7 @@ def boxes_to_masks(boxes: Any, hw: tuple[int, int]) -> np.ndarray:
     """``(N, H, W)`` boolean masks of ``(N, 4)`` boxes ``(x0, y0, x1, y1)``, ends exclusive.
 
     Columns ``x0 <= x < x1`` and rows ``y0 <= y < y1`` (the convention of
-    :func:`iba_core.datasets.cluttered_digits`); boxes are clipped to the image.
+    :func:`iba_core.apps.datasets.cluttered_digits`); boxes are clipped to the image.
     """
     b = np.asarray(boxes)
     if b.ndim != 2 or b.shape[1] != 4:

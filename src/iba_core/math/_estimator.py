@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -22,9 +23,14 @@ class Estimator:
     Attributes:
         n: number of samples seen.
         shape: the per-sample feature shape ``(C, ...)``, or ``None`` before any update.
+        version: a number that changes with every change of the estimate (update, merge,
+            reset, load), so caches of statistics derived from it know when to refresh.
     """
 
+    _versions = itertools.count(1)
+
     def __init__(self) -> None:
+        self.version = next(Estimator._versions)
         self.n = 0
         self.shape: tuple[int, ...] | None = None
         self._mean: np.ndarray | None = None
@@ -65,6 +71,7 @@ class Estimator:
         return self
 
     def _merge(self, n_b: int, shape: tuple[int, ...], mean_b, m2_b, nonzero_b) -> None:
+        self.version = next(Estimator._versions)
         if self.n == 0:
             self.shape = shape
             self.n = int(n_b)
@@ -158,6 +165,7 @@ class Estimator:
             raise ValueError("the estimate holds no samples")
         self.n, self.shape = n, tuple(mean.shape)
         self._mean, self._m2, self._nonzero = mean, m2, nonzero
+        self.version = next(Estimator._versions)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the estimate to an ``.npz`` file."""

@@ -1,0 +1,861 @@
+"""The ``iba`` command: ``iba demo``, ``iba explain`` and ``iba layers``.
+
+The command knows no framework.  It reaches backends only through the plugin registry
+(:func:`iba_core.get_backend`): ``--backend NAME`` takes a registered backend's name or
+alias, and ``--backend auto`` asks every installed backend whether it
+:meth:`~iba_core.Backend.claims_model` the MODEL argument.  The chosen backend loads the
+model (:meth:`~iba_core.Backend.load_model`), says what input it takes
+(:meth:`~iba_core.Backend.describe_input`) and converts arrays; the explanation itself is
+the core's :class:`~iba_core.PerSampleBottleneck`.  So any backend that implements those
+optional methods works here, and ``import iba_core`` and ``iba --help`` import no
+framework.
+
+Every foreseeable bad input ends in one line on stderr (``iba: error: ...``) and exit
+status 2 (1 for failures while running): :class:`~iba_core.UsageError` and
+:class:`~iba_core.RunFailure`, raised here or by a backend.  Set ``IBA_DEBUG=1`` to see
+the traceback.  Output files are written to a temporary name and renamed into place, and
+only after all results are computed, so a failed run leaves no half-written files behind.
+While a command runs, what native libraries write straight to file descriptor 2 (C/C++
+start-up logging) is kept off the terminal; Python's own stderr (warnings, progress
+bars, these messages) is not affected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..contract import Backend, InputSpec, RunFailure, UsageError, available_backends, get_backend
+from .loading import first_line
+
+__all__ = ["CliError", "CliFailure", "build_parser", "layer_table", "main", "select_backend"]
+
+PROG = "iba"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                  ".pgm", ".pbm")
+#: The backend ``iba demo`` prefers when none is given (any installed one is used if it
+#: is missing); every backend with a ``demo_model`` runs the demo.
+DEMO_BACKEND = "torch"
+#: Samples per model pass when the command predicts classes.
+PREDICT_BATCH = 64
+
+#: Older names of the contract's exceptions.
+CliError = UsageError
+CliFailure = RunFailure
+
+
+# -- backends ---------------------------------------------------------------------------
+def load_backend(name: str) -> Backend:
+    """The installed backend called ``name`` (or an alias of it); imports its framework."""
+    try:
+        return get_backend(name)
+    except LookupError as exc:
+        raise UsageError(str(exc)) from None
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"the {name} backend cannot be loaded: {first_line(exc)}") from None
+
+
+def select_backend(choice: str, model_spec: str) -> Backend:
+    """The backend for ``--backend choice``; ``"auto"``: the one installed backend that
+    claims ``model_spec`` (:meth:`Backend.claims_model`)."""
+    if choice != "auto":
+        return load_backend(choice)
+    installed = available_backends()
+    claiming: list[Backend] = []
+    broken: list[str] = []
+    for name in installed:
+        try:
+            backend = load_backend(name)
+        except UsageError as exc:
+            broken.append(f"{name} ({exc})")
+            continue
+        if backend.claims_model(model_spec):
+            claiming.append(backend)
+    if len(claiming) == 1:
+        return claiming[0]
+    listed = ", ".join(installed) or "none"
+    if claiming:
+        raise UsageError(f"model {model_spec!r} is claimed by several backends "
+                         f"({', '.join(b.name for b in claiming)}); choose one with "
+                         "--backend NAME")
+    also = f"; could not load: {'; '.join(broken)}" if broken else ""
+    raise UsageError(
+        f"cannot tell what kind of model {model_spec!r} is: no installed backend takes it "
+        f"(installed: {listed}){also}. Give a Python factory as 'package.module:function' "
+        "or 'file.py:function', or a model file your backend reads, or choose the backend "
+        "with --backend NAME"
+    )
+
+
+def demo_backend(choice: str | None) -> Backend:
+    """The backend of ``iba demo``: the one asked for, else :data:`DEMO_BACKEND` if it is
+    installed, else the first installed backend."""
+    if choice not in (None, "auto"):
+        return load_backend(choice)
+    installed = available_backends()
+    if not installed:
+        raise UsageError("no iba backend is installed: install one, e.g. pip install 'iba[torch]'")
+    return load_backend(DEMO_BACKEND if DEMO_BACKEND in installed else installed[0])
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Keep what native code writes to file descriptor 2 off the terminal.
+
+    Frameworks log from C/C++ straight to the descriptor while they load and start
+    devices; Python's ``sys.stderr`` keeps writing to the real stderr, so warnings,
+    progress bars and error messages still show.  Does nothing when ``IBA_DEBUG`` is set
+    or descriptor 2 cannot be redirected.
+    """
+    if os.environ.get("IBA_DEBUG"):
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    original = sys.stderr
+    replaced = False
+    try:
+        uses_fd2 = original.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        uses_fd2 = False  # already captured by Python (tests, notebooks): leave it alone
+    try:
+        if uses_fd2:
+            sys.stderr = io.TextIOWrapper(
+                os.fdopen(os.dup(saved), "wb"), encoding=original.encoding,
+                errors="backslashreplace", line_buffering=True)
+            replaced = True
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        if replaced:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+                sys.stderr.close()
+            sys.stderr = original
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+# -- tensors and models ----------------------------------------------------------------------
+def to_backend(backend: Backend, model: Any, x: np.ndarray) -> Any:
+    """NumPy images as float32 tensors of ``backend`` on ``model``'s device."""
+    tensor = backend.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return backend.to_device(tensor, model)
+
+
+def run_model(backend: Backend, model: Any, x: np.ndarray) -> Any:
+    """The model's output on ``x``, frozen; a failure is the user's :class:`UsageError`."""
+    try:
+        with backend.frozen(model):
+            return backend.call(model, to_backend(backend, model, x))
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"the model failed on input of shape {tuple(x.shape)}: "
+                         f"{first_line(exc)} (check --size and --channels)") from None
+
+
+def predict(backend: Backend, model: Any, x: np.ndarray) -> np.ndarray:
+    """Logits ``(N, classes)`` as NumPy, :data:`PREDICT_BATCH` samples per pass."""
+    from ..engines import model_logits
+
+    outs = []
+    for i in range(0, len(x), PREDICT_BATCH):
+        out = run_model(backend, model, x[i:i + PREDICT_BATCH])
+        try:
+            logits = np.asarray(backend.to_numpy(model_logits(out)))
+        except ValueError as exc:
+            raise UsageError(f"{exc}; iba explain needs a classifier returning logits of "
+                             "shape (N, classes)") from None
+        if logits.ndim != 2:
+            raise UsageError(f"the model returns {logits.shape}; iba explain needs a classifier "
+                             "returning logits of shape (N, classes)")
+        outs.append(logits)
+    return np.concatenate(outs)
+
+
+def layer_table(backend: Backend, model: Any, input_shape: tuple[int, ...]
+                ) -> list[tuple[str, str]]:
+    """``(name, per-sample output shape)`` of every layer ``backend.layer_names`` lists,
+    from one pass over zeros of ``input_shape``: ``'-'`` if the layer did not run,
+    ``'(called again)'`` appended if it ran more than once.
+
+    A recording hook goes on every layer and every hook is removed afterwards, also when
+    the pass fails.  If the pass fails with the hooks but not without them, some layer's
+    output cannot be hooked (e.g. it is not a tensor): the layers are then split in
+    halves until those are found, and marked ``'(not a tensor)'``.
+    """
+    names = list(backend.layer_names(model))
+    zeros = np.zeros((1, *input_shape), dtype=np.float32)
+    shapes: dict[str, str] = {}
+
+    def recorder(seen: dict[str, str], name: str) -> Callable[[Any], None]:
+        def hook(features: Any) -> None:
+            shape = str(tuple(None if s is None else int(s) for s in tuple(features.shape)[1:]))
+            if name not in seen:
+                seen[name] = shape
+            elif not seen[name].endswith("(called again)"):
+                seen[name] = f"{seen[name]} (called again)"
+        return hook
+
+    def run_with_hooks(group: list[str]) -> dict[str, str] | None:
+        seen: dict[str, str] = {}
+        handles = []
+        try:
+            for name in group:
+                handles.append(backend.attach(model, name, recorder(seen, name)))
+            with backend.frozen(model):
+                backend.call(model, to_backend(backend, model, zeros))
+        except Exception:
+            return None
+        finally:
+            for handle in reversed(handles):
+                with contextlib.suppress(Exception):
+                    handle.remove()
+        return seen
+
+    def probe(group: list[str]) -> None:
+        seen = run_with_hooks(group)
+        if seen is not None:
+            shapes.update(seen)
+        elif len(group) == 1:
+            shapes[group[0]] = "(not a tensor)"
+        else:
+            probe(group[:len(group) // 2])
+            probe(group[len(group) // 2:])
+
+    seen = run_with_hooks(names)
+    if seen is None:
+        run_model(backend, model, zeros)  # a model that fails on its own is the user's mistake
+        probe(names)
+    else:
+        shapes.update(seen)
+    return [(name, shapes.get(name, "-")) for name in names]
+
+
+def _layer_kind(backend: Backend, model: Any, name: str) -> str | None:
+    # Optional: a backend may say what kind of layer a name is (a class name).
+    kind = getattr(backend, "layer_kind", None)
+    if kind is None:
+        return None
+    try:
+        return kind(model, name)
+    except Exception:
+        return None
+
+
+def _check_layer(backend: Backend, model: Any, layer: str) -> None:
+    names = list(backend.layer_names(model))
+    if names and layer not in names:
+        shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40
+                                          else "")
+        raise UsageError(f"layer {layer!r} not found in the model; its layers are: {shown} "
+                         "(see 'iba layers MODEL' for their output shapes)")
+
+
+def open_bottleneck(backend: Backend, model: Any, layer: str, inputs: InputSpec,
+                    sample: np.ndarray, **settings: Any) -> tuple[Any, tuple[int, ...]]:
+    """A :class:`~iba_core.PerSampleBottleneck` at ``layer`` of ``model`` and the
+    (channels-first) per-sample shape of the layer's features, from one pass over
+    ``sample``; mistakes are one-line :class:`UsageError`\\ s."""
+    from ..engines import PerSampleBottleneck
+
+    _check_layer(backend, model, layer)
+    layout = "channels_last" if inputs.channels_last else "channels_first"
+    try:
+        engine = PerSampleBottleneck(backend, model, layer, input_layout=layout, **settings)
+    except LookupError as exc:
+        raise UsageError(f"{_one_line(str(exc))} (see 'iba layers MODEL')") from None
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"cannot put a bottleneck at layer {layer!r}: "
+                         f"{_one_line(str(exc))}") from None
+    try:
+        feature_shape = engine.feature_shape(to_backend(backend, model, sample))
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise UsageError(f"cannot put a bottleneck at layer {layer!r}: {_one_line(str(exc))}; "
+                         "choose another (see 'iba layers MODEL')") from None
+    return engine, tuple(int(s) for s in feature_shape)
+
+
+def explain_batch(backend: Backend, engine: Any, model: Any, x: np.ndarray,
+                  targets: np.ndarray, seed: int | None, noise: str) -> np.ndarray:
+    """Saliency maps ``(N, H, W)`` in bits per pixel as NumPy, all N inputs in one call."""
+    try:
+        maps = engine.analyze(to_backend(backend, model, x), target=np.asarray(targets),
+                              seed=seed, noise=noise)
+    except FloatingPointError as exc:
+        raise RunFailure(str(exc)) from None
+    maps = np.asarray(backend.to_numpy(maps))
+    return maps[None] if maps.ndim == 2 else maps
+
+
+def estimate(engine: Any, batches: Any, n_samples: int, progbar: bool) -> None:
+    """Estimate the feature statistics; each distinct warning (e.g. too few samples) is
+    printed as one line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.estimate(batches, n_samples=n_samples, progbar=progbar and sys.stderr.isatty())
+    for message in dict.fromkeys(_one_line(str(w.message)) for w in caught):
+        _warn(message)
+
+
+# -- files ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path next to ``path``, renamed onto ``path`` if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix,
+                               dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def check_out(out: Path) -> Path:
+    """Refuse an ``--out`` that cannot become a folder, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_outputs(out: Path, files: dict[str, bytes]) -> list[Path]:
+    """Write ``{name: content}`` into ``out``, each file atomically; returns the paths."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunFailure(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
+    if not out.is_dir():
+        raise UsageError(f"--out {out} is not a folder")
+    written = []
+    for name, content in files.items():
+        path = out / name
+        try:
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(content)
+        except OSError as exc:
+            raise RunFailure(f"cannot write {path}: {exc.strerror or exc}") from None
+        written.append(path)
+    return written
+
+
+def npz_bytes(**arrays: Any) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def find_images(paths: Sequence[str], what: str) -> list[Path]:
+    """Image files among ``paths`` (files, or folders searched recursively)."""
+    found: list[Path] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            inside = sorted(f for f in path.rglob("*")
+                            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise UsageError(f"{what}: no images in folder {path} (looked for "
+                               f"{', '.join(IMAGE_SUFFIXES)})")
+            found.extend(inside)
+        elif path.is_file():
+            found.append(path)
+        elif path.exists():
+            raise UsageError(f"{what}: {path} is neither a file nor a folder")
+        else:
+            raise UsageError(f"{what}: no such file or folder: {path}")
+    if not found:
+        raise UsageError(f"{what}: no images given")
+    return found
+
+
+def load_image(path: Path, channels: int, size: tuple[int, int] | None) -> np.ndarray:
+    """``(H, W, channels)`` float32 in ``[0, 1]`` (resized to ``size`` = (H, W) if given)."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:  # pragma: no cover - Pillow comes with matplotlib
+        raise UsageError("reading images needs Pillow: pip install pillow") from None
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = img.convert("L" if channels == 1 else "RGB")
+            if size is not None and img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+    except UnidentifiedImageError:
+        raise UsageError(f"{path} is not an image (or not a format Pillow reads)") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def load_images(paths: Sequence[Path], channels: int, size: tuple[int, int] | None,
+                mean: np.ndarray, std: np.ndarray, channels_last: bool) -> np.ndarray:
+    """Stack of preprocessed images ``(N, C, H, W)`` (or ``(N, H, W, C)``), float32."""
+    images = [load_image(p, channels, size) for p in paths]
+    shapes = {im.shape[:2] for im in images}
+    if len(shapes) > 1:
+        listed = ", ".join(f"{h}x{w}" for h, w in sorted(shapes)[:4])
+        raise UsageError(f"the images differ in size ({listed}); give --size H W to resize them")
+    x = (np.stack(images) - mean) / std
+    x = x.astype(np.float32)
+    return x if channels_last else np.ascontiguousarray(np.moveaxis(x, -1, 1))
+
+
+def _per_channel(values: Sequence[float] | None, channels: int, default: float, name: str
+                 ) -> np.ndarray:
+    if values is None:
+        return np.full(channels, default, dtype=np.float32)
+    if len(values) not in (1, channels):
+        takes = "1 value" if channels == 1 else f"1 or {channels} values"
+        raise UsageError(f"--{name} takes {takes} (the model's input has {channels} "
+                       f"channel{'s' if channels > 1 else ''}), got {len(values)}")
+    arr = np.broadcast_to(np.asarray(values, dtype=np.float32), (channels,)).copy()
+    if name == "std" and np.any(arr <= 0):
+        raise UsageError(f"--std values must be > 0, got {list(values)}")
+    return arr
+
+
+def _batches(x: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for i in range(0, len(x), size):
+        yield x[i:i + size]
+
+
+def _progress(iterable: Any, **kwargs: Any) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with the extras
+        return iterable
+    # disable=None: no bar when stderr is not a terminal (pipes, CI logs, tests).
+    return tqdm(iterable, disable=None, file=sys.stderr, **kwargs)
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for p in paths:
+        stem = p.stem or "image"
+        count = seen.get(stem, 0)
+        seen[stem] = count + 1
+        names.append(stem if count == 0 else f"{stem}-{count}")
+    return names
+
+
+# -- iba demo ---------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .datasets import cluttered_digits
+    from .demo import DEMO_LAYER, demo_figure
+    from .metrics import bounding_box_score
+
+    t0 = time.perf_counter()
+    if not 1 <= args.n <= 64:
+        raise UsageError(f"--n must be between 1 and 64, got {args.n}")
+    if args.estimate_samples < 1:
+        raise UsageError(f"--estimate-samples must be >= 1, got {args.estimate_samples}")
+    out = check_out(Path(args.out))
+    backend = demo_backend(args.backend)
+    model = backend.demo_model()
+    inputs = backend.describe_input(model)
+    try:
+        estimation = cluttered_digits(args.estimate_samples, split="train", seed=args.seed)
+        test = cluttered_digits(args.n, split="test", seed=args.seed)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+
+    def to_model(a: np.ndarray) -> np.ndarray:  # the digits are (N, 1, H, W)
+        return np.ascontiguousarray(np.moveaxis(a, 1, -1)) if inputs.channels_last else a
+
+    engine, (c, h, w) = open_bottleneck(backend, model, DEMO_LAYER, inputs,
+                                        to_model(test.images[:1]))
+    t_setup = time.perf_counter()
+
+    estimate(engine, (to_backend(backend, model, to_model(b))
+                      for b in _batches(estimation.images, 250)),
+             args.estimate_samples, progbar=False)
+    t_estimate = time.perf_counter()
+
+    x = to_model(test.images)
+    predicted = predict(backend, model, x).argmax(axis=1)
+    # All N images in one call; NumPy noise: the same draws, so the same maps, in every backend.
+    maps = explain_batch(backend, engine, model, x, test.labels, seed=args.seed, noise="numpy")
+    t_explain = time.perf_counter()
+
+    bits = maps.reshape(len(maps), -1).sum(axis=1)
+    scores = bounding_box_score(maps, test.boxes)
+    box_area = (test.boxes[:, 2] - test.boxes[:, 0]) * (test.boxes[:, 3] - test.boxes[:, 1])
+    chance = box_area / float(maps.shape[1] * maps.shape[2])
+    title = (f"IBA on cluttered digits ({backend.name}, bottleneck at {DEMO_LAYER}, "
+             f"{c}x{h}x{w}): green/white box = the digit")
+    png = demo_figure(test.images, maps, test.boxes, test.labels, predicted, scores,
+                      title=title)
+    npz = npz_bytes(saliency_maps=maps.astype(np.float32), images=test.images,
+                    labels=test.labels, predicted=predicted, boxes=test.boxes,
+                    total_bits=bits, top_n_in_box=scores, seed=np.int64(args.seed),
+                    layer=np.str_(DEMO_LAYER), backend=np.str_(backend.name))
+    written = write_outputs(out, {"demo.png": png, "saliency_maps.npz": npz})
+    t_end = time.perf_counter()
+
+    print(f"IBA demo: {args.n} cluttered-digit test images (seed {args.seed}), {backend.name} "
+          f"backend, bottleneck at {DEMO_LAYER} ({c}x{h}x{w})")
+    print(f"{'image':>5}  {'digit':>5}  {'pred':>4}  {'bits':>7}  {'top-n in box':>12}  "
+          f"{'chance':>6}")
+    for i in range(args.n):
+        print(f"{i:>5}  {int(test.labels[i]):>5}  {int(predicted[i]):>4}  {bits[i]:>7.1f}  "
+              f"{scores[i]:>12.2f}  {chance[i]:>6.2f}")
+    print(f"{'mean':>5}  {'':>5}  {'':>4}  {bits.mean():>7.1f}  {scores.mean():>12.2f}  "
+          f"{chance.mean():>6.2f}")
+    print("top-n in box: share of the n highest-attributed pixels inside the digit's box "
+          "(n = box area); chance = box area / image area")
+    dt_explain = t_explain - t_estimate
+    print(f"time: setup {t_setup - t0:.1f} s, estimate ({args.estimate_samples} images) "
+          f"{t_estimate - t_setup:.1f} s, explain ({args.n} images, one batched call) "
+          f"{dt_explain:.1f} s = {dt_explain / args.n:.2f} s/image, figure and files "
+          f"{t_end - t_explain:.1f} s, total {t_end - t0:.1f} s")
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+# -- iba layers / iba explain -------------------------------------------------------------
+def _size(values: Sequence[int] | None) -> tuple[int, int] | None:
+    if values is None:
+        return None
+    if len(values) not in (1, 2):
+        raise UsageError(f"--size takes H W (or one value for a square), got {len(values)} values")
+    h, w = (values[0], values[0]) if len(values) == 1 else values
+    if h < 1 or w < 1:
+        raise UsageError(f"--size must be positive, got {list(values)}")
+    return int(h), int(w)
+
+
+def _open_model(args: argparse.Namespace) -> tuple[Backend, Any, InputSpec]:
+    backend = select_backend(args.backend, args.model)
+    model = backend.load_model(args.model, weights=args.weights, device=args.device)
+    return backend, model, backend.describe_input(model)
+
+
+def _channels(args: argparse.Namespace, inputs: InputSpec) -> int:
+    if args.channels is not None:
+        if args.channels not in (1, 3):
+            raise UsageError(f"--channels must be 1 (greyscale) or 3 (RGB), got {args.channels}")
+        return int(args.channels)
+    return inputs.channels if inputs.channels in (1, 3) else 3
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    size = _size(args.size)
+    backend, model, inputs = _open_model(args)
+    channels = _channels(args, inputs)
+    h, w = size or inputs.size or (224, 224)
+    shape = (h, w, channels) if inputs.channels_last else (channels, h, w)
+    rows = layer_table(backend, model, shape)
+    kinds = [_layer_kind(backend, model, name) for name, _ in rows]
+    show_kinds = any(k is not None for k in kinds)
+    width = max([len(name) for name, _ in rows] + [5])
+    kind_width = max([len(k or "-") for k in kinds] + [4])
+    print(f"layers of {args.model} for an input of shape {shape} "
+          "(output shapes per sample; '-' = not run):")
+    if show_kinds:
+        print(f"{'layer':<{width}}  {'type':<{kind_width}}  output shape")
+    else:
+        print(f"{'layer':<{width}}  output shape")
+    for (name, out_shape), kind in zip(rows, kinds):
+        if show_kinds:
+            print(f"{name:<{width}}  {kind or '-':<{kind_width}}  {out_shape}")
+        else:
+            print(f"{name:<{width}}  {out_shape}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .demo import overlay_figure
+
+    if args.estimate is None and args.estimate_from is None:
+        raise UsageError("the bottleneck needs feature statistics: give --estimate-from FOLDER "
+                         "(images like the ones to explain) or --estimate FILE.npz")
+    if args.estimate is not None and args.estimate_from is not None:
+        raise UsageError("give either --estimate-from or --estimate, not both")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.n_samples < 1:
+        raise UsageError(f"--n-samples must be >= 1, got {args.n_samples}")
+    size = _size(args.size)
+    out = check_out(Path(args.out))
+    image_paths = find_images(args.images, "--images")
+    estimate_paths = (find_images(args.estimate_from, "--estimate-from")
+                      if args.estimate_from else [])
+    if args.estimate is not None and not Path(args.estimate).is_file():
+        raise UsageError(f"--estimate: no such file: {args.estimate}")
+
+    backend, model, inputs = _open_model(args)
+    size = size or inputs.size
+    channels = _channels(args, inputs)
+    channels_last = inputs.channels_last
+    mean = _per_channel(args.mean, channels, 0.0, "mean")
+    std = _per_channel(args.std, channels, 1.0, "std")
+    x = load_images(image_paths, channels, size, mean, std, channels_last)
+
+    _check_layer(backend, model, args.layer)
+    logits = predict(backend, model, x)
+    n_classes = int(logits.shape[1])
+    predicted = logits.argmax(axis=1)
+    if args.target is not None:
+        if not 0 <= args.target < n_classes:
+            raise UsageError(f"--target {args.target} is out of range: the model has "
+                             f"{n_classes} classes (0..{n_classes - 1})")
+        targets = np.full(len(x), args.target, dtype=np.int64)
+    else:
+        targets = predicted.astype(np.int64)
+    engine, feature_shape = open_bottleneck(backend, model, args.layer, inputs, x[:1],
+                                            beta=args.beta, optimization_steps=args.steps)
+
+    if args.estimate is not None:
+        engine.estimator = _load_estimate(Path(args.estimate), feature_shape, args.layer)
+    else:
+        count = min(len(estimate_paths), args.n_samples)
+        # Statistics must match the explained images' feature shape: same pixel size.
+        est_size = size or (x.shape[1:3] if channels_last else x.shape[2:4])
+        est_x = (to_backend(backend, model,
+                            load_images(chunk, channels, est_size, mean, std, channels_last))
+                 for chunk in _path_chunks(estimate_paths[:count], 64))
+        estimate(engine, est_x, count, progbar=True)
+
+    maps = []
+    chunks = range(0, len(x), args.batch_size)
+    for i in _progress(chunks, desc="explain", unit="batch"):
+        # Image k draws its noise from stream seed + k, whatever the batch size.
+        maps.append(explain_batch(backend, engine, model, x[i:i + args.batch_size],
+                                  targets[i:i + args.batch_size], seed=args.seed + i,
+                                  noise=args.noise))
+    maps_arr = np.concatenate(maps).astype(np.float32)
+    bits = maps_arr.reshape(len(maps_arr), -1).sum(axis=1)
+
+    names = _unique_names(image_paths)
+    files: dict[str, bytes] = {}
+    shown = x if channels_last else np.moveaxis(x, 1, -1)
+    shown = shown * std + mean
+    for name, m, img, t, p, b in zip(names, maps_arr, shown, targets, predicted, bits):
+        title = f"{name}: class {int(t)} (predicted {int(p)}), {b:.1f} bits"
+        files[f"{name}_saliency.png"] = overlay_figure(m, np.clip(img, 0, 1), title)
+    files["saliency_maps.npz"] = npz_bytes(
+        saliency_maps=maps_arr, files=np.array([str(p) for p in image_paths]),
+        targets=targets, predicted=predicted, total_bits=bits, layer=np.str_(args.layer))
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["file", "target", "predicted", "total_bits", "max_bits_per_pixel",
+                     "saliency_png"])
+    for path, name, t, p, b, m in zip(image_paths, names, targets, predicted, bits, maps_arr):
+        writer.writerow([str(path), int(t), int(p), f"{b:.4f}", f"{float(m.max()):.6f}",
+                         f"{name}_saliency.png"])
+    files["summary.csv"] = table.getvalue().encode()
+    if args.save_estimate is not None:
+        try:
+            with atomic_path(Path(args.save_estimate), suffix=".npz") as tmp:
+                engine.estimator.save(tmp)
+        except OSError as exc:
+            raise RunFailure(f"cannot write --save-estimate {args.save_estimate}: "
+                             f"{exc.strerror or exc}") from None
+    write_outputs(out, files)
+    print(f"explained {len(x)} images at layer {args.layer}: mean {bits.mean():.1f} bits "
+          f"per image; wrote {len(files)} files to {out}")
+    return 0
+
+
+def _path_chunks(paths: Sequence[Path], size: int) -> Iterator[list[Path]]:
+    for i in range(0, len(paths), size):
+        yield list(paths[i:i + size])
+
+
+def _load_estimate(path: Path, feature_shape: tuple[int, ...], layer: str) -> Any:
+    from ..math import Estimator
+
+    try:
+        with np.load(path) as data:
+            state = {k: data[k] for k in data.files}
+    except OSError as exc:
+        raise UsageError(f"cannot read the estimate {path}: {exc.strerror or exc}") from None
+    except Exception:
+        raise UsageError(f"cannot read the estimate {path}: not an .npz file written by "
+                         "--save-estimate") from None
+    estimator = Estimator()
+    try:
+        estimator.load_state_dict(state, expected_shape=feature_shape)
+    except ValueError as exc:
+        raise UsageError(f"the estimate {path} does not fit layer {layer!r}: {exc}") from None
+    return estimator
+
+
+# -- argument parsing ---------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (plus the exit status 2)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Information Bottleneck Attribution: which parts of an input does a "
+                    "model's decision use, in bits per pixel.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    demo = sub.add_parser(
+        "demo", help="explain a small CNN on cluttered digits (no download needed)",
+        description="Estimate the bottleneck statistics of a small pretrained CNN, explain "
+                    "test images of cluttered handwritten digits in one batched call, and "
+                    "score how much of each map falls on the digit's box. Writes demo.png "
+                    "and saliency_maps.npz to --out.",
+    )
+    demo.add_argument("--backend", default=None, metavar="NAME",
+                      help=f"installed backend to run in, by name or alias (default: "
+                           f"{DEMO_BACKEND} if installed, else the first installed)")
+    demo.add_argument("--out", default="iba-demo-out", metavar="DIR",
+                      help="output folder (default: iba-demo-out)")
+    demo.add_argument("--n", type=int, default=8, metavar="N",
+                      help="number of test images to explain (default: 8)")
+    demo.add_argument("--seed", type=int, default=0, metavar="S",
+                      help="seed of the images and the noise (default: 0)")
+    demo.add_argument("--estimate-samples", type=int, default=1000, metavar="M",
+                      help="images to estimate the feature statistics on (default: 1000)")
+    demo.set_defaults(func=cmd_demo)
+
+    common = _Parser(add_help=False)
+    common.add_argument("model", metavar="MODEL",
+                        help="the model, as its backend reads it: 'package.module:factory' "
+                             "or 'file.py:factory' (a callable returning the model), or a "
+                             "saved model file (e.g. .keras)")
+    common.add_argument("--weights", metavar="FILE",
+                        help="weights to load into the model (e.g. a state_dict .pt/.pth/"
+                             ".npz, or a .weights.h5 file)")
+    common.add_argument("--backend", default="auto", metavar="NAME",
+                        help="installed backend to use, by name or alias (default: auto, "
+                             "the one installed backend that takes MODEL)")
+    common.add_argument("--device", metavar="DEV",
+                        help="device to run on, e.g. cpu, cuda, cuda:1, gpu:0 (default: the "
+                             "model's)")
+    common.add_argument("--size", type=int, nargs="+", metavar="PX",
+                        help="resize inputs to H W pixels (one value: square)")
+    common.add_argument("--channels", type=int, metavar="C",
+                        help="1 (greyscale) or 3 (RGB); default: from the model's first layer")
+
+    layers = sub.add_parser(
+        "layers", parents=[common], help="list a model's layers and their output shapes",
+        description="List the layers of MODEL with their output shapes, found by running the "
+                    "model once on zeros of --size (default 224x224). Any of them can be "
+                    "given to 'iba explain --layer'.",
+    )
+    layers.set_defaults(func=cmd_layers)
+
+    explain = sub.add_parser(
+        "explain", parents=[common], help="explain your own model's decisions on your images",
+        description="Put a bottleneck at --layer of MODEL, estimate its statistics, and "
+                    "explain --images: one saliency PNG per image, saliency_maps.npz and "
+                    "summary.csv in --out.",
+    )
+    explain.add_argument("--layer", required=True, metavar="NAME",
+                         help="layer to put the bottleneck at (see 'iba layers MODEL')")
+    explain.add_argument("--images", required=True, nargs="+", metavar="PATH",
+                         help="image files or folders to explain")
+    explain.add_argument("--estimate-from", nargs="+", metavar="PATH",
+                         help="image files or folders to estimate the feature statistics on")
+    explain.add_argument("--estimate", metavar="FILE.npz",
+                         help="statistics saved earlier with --save-estimate")
+    explain.add_argument("--save-estimate", metavar="FILE.npz",
+                         help="save the statistics to reuse them with --estimate")
+    explain.add_argument("--n-samples", type=int, default=10000, metavar="M",
+                         help="use at most M images of --estimate-from (default: 10000)")
+    explain.add_argument("--mean", type=float, nargs="+", metavar="M",
+                         help="per-channel mean subtracted from pixels in [0, 1] (default 0)")
+    explain.add_argument("--std", type=float, nargs="+", metavar="S",
+                         help="per-channel std the pixels are divided by (default 1)")
+    explain.add_argument("--target", type=int, metavar="CLASS",
+                         help="class to explain (default: each image's predicted class)")
+    explain.add_argument("--out", default="iba-explain-out", metavar="DIR",
+                         help="output folder (default: iba-explain-out)")
+    explain.add_argument("--batch-size", type=int, default=8, metavar="B",
+                         help="images explained per batched call (default: 8)")
+    explain.add_argument("--beta", type=float, default=10.0,
+                         help="weight of the information term (default: 10)")
+    explain.add_argument("--steps", type=int, default=10,
+                         help="optimisation steps per batch (default: 10)")
+    explain.add_argument("--seed", type=int, default=0,
+                         help="noise seed; image k draws from stream seed + k (default: 0)")
+    explain.add_argument("--noise", choices=["backend", "numpy"], default="backend",
+                         help="noise generator: the backend's, on the device (default), or "
+                              "NumPy's, the same numbers in every backend and on every device")
+    explain.set_defaults(func=cmd_explain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``iba`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    prog = f"{PROG} {args.command}"
+    try:
+        with quiet_native_stderr():
+            return int(args.func(args))
+    except UsageError as exc:
+        print(f"{prog}: error: {_one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("IBA_DEBUG"):
+            raise
+        print(f"{prog}: error: {type(exc).__name__}: {_one_line(str(exc))} "
+              "(set IBA_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

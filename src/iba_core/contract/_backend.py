@@ -1,0 +1,266 @@
+"""The contract a backend fulfils: what the Array API cannot express."""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+FeatureHook = Callable[[Any], Any]
+"""Called with a layer's features ``(N, ...)`` as the layer produces them; returns
+replacement features (the same per-sample shape, a whole multiple of the rows), or
+``None`` to leave them unchanged."""
+
+
+class Handle(Protocol):
+    """What :meth:`Backend.attach` returns; ``remove()`` takes the hook out again."""
+
+    def remove(self) -> None: ...
+
+
+#: The two layouts of feature maps (and of image inputs): ``(N, C, ...)`` or ``(N, ..., C)``.
+LAYOUTS = ("channels_first", "channels_last")
+
+
+class UsageError(Exception):
+    """A problem with what the user gave (a file, a name, a value), not a bug.
+
+    The ``iba`` command prints it as one line and exits with status 2; backends raise it
+    from the optional command-line methods below.
+    """
+
+    exit_code = 2
+
+
+class RunFailure(UsageError):
+    """The input looked right but running failed (e.g. the loss became NaN): exit status 1."""
+
+    exit_code = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What a backend knows about a model's input (see :meth:`Backend.describe_input`).
+
+    Attributes:
+        channels: number of image channels, or ``None`` if the model does not say.
+        size: ``(H, W)`` the model declares, or ``None``.
+        channels_last: whether the model takes images ``(N, H, W, C)``.
+    """
+
+    channels: int | None = None
+    size: tuple[int, int] | None = None
+    channels_last: bool = False
+
+
+class Backend(abc.ABC):
+    """One deep-learning framework, seen by the core.
+
+    A backend supplies only what the Array API standard lacks: a namespace for its
+    tensors, random draws, gradients with respect to the bottleneck parameters, a way
+    to put a hook on a layer of a model, and conversions.  Every algorithm and all of
+    the explanation workflow live in the core.  Subclass it, implement the abstract
+    methods, and register an instance of :class:`BackendSpec` from an ``iba.backends``
+    entry point (see :mod:`iba_core.contract.hookspecs`).
+
+    Everything a backend may declare is declared here, once, with its default.
+
+    Class attributes:
+        name: short name users pass to ``get_backend``.
+        modules: top-level module names whose types this backend handles, e.g.
+            ``("torch",)``.  Used to pick a backend from an object without importing
+            any framework.
+        channels_last: whether the framework's image inputs are ``(N, H, W, C)`` by
+            default (Keras) rather than ``(N, C, H, W)`` (PyTorch).  The layout of a
+            layer's *features* is a property of the layer: see :meth:`layer_layout`.
+        compile_by_default: whether the engine compiles the whole optimisation step with
+            :meth:`compile_step` unless told otherwise: worth it where eager operations
+            are expensive and compiling is quick.
+    """
+
+    name: ClassVar[str] = ""
+    modules: ClassVar[tuple[str, ...]] = ()
+    channels_last: ClassVar[bool] = False
+    compile_by_default: ClassVar[bool] = False
+
+    # -- arrays --------------------------------------------------------------------
+    @abc.abstractmethod
+    def namespace(self) -> Any:
+        """The Array API namespace for this backend's tensors."""
+
+    @abc.abstractmethod
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """Copy a tensor to host memory as NumPy (detached from any graph)."""
+
+    @abc.abstractmethod
+    def from_numpy(self, a: np.ndarray, like: Any = None) -> Any:
+        """Make a tensor from NumPy on ``like``'s device (with ``like``'s dtype for floats)."""
+
+    # -- random draws ---------------------------------------------------------------
+    @abc.abstractmethod
+    def standard_normal(self, shape: tuple[int, ...], like: Any, generator: Any = None) -> Any:
+        """Draw ``N(0, 1)`` samples of ``shape`` on ``like``'s device and dtype.
+
+        A ``generator`` from :meth:`make_generator` is *stateful*: it advances on every
+        draw, so two successive draws differ (the conformance suite checks it).
+        """
+
+    def make_generator(self, seed: int, like: Any) -> Any:
+        """A seeded random generator (or key) for :meth:`draw` on ``like``'s device."""
+        raise NotImplementedError(f"backend {self.name!r} has no seeded generator")
+
+    def draw(self, shape: tuple[int, ...], like: Any, generator: Any = None) -> tuple[Any, Any]:
+        """``N(0, 1)`` samples and the generator to use for the next draw.
+
+        The engine draws only through this method.  The default calls
+        :meth:`standard_normal` with a stateful generator and returns that same generator;
+        a backend with functional keys (JAX) splits the key and returns the new one.
+        """
+        return self.standard_normal(shape, like=like, generator=generator), generator
+
+    def stop_gradient(self, x: Any) -> Any:
+        """``x`` cut from the autograd graph."""
+        return x
+
+    # -- autograd ------------------------------------------------------------------
+    @abc.abstractmethod
+    def value_and_grad(self, fn: Callable[..., Any], param: Any, *operands: Any
+                       ) -> tuple[float, Any]:
+        """Evaluate scalar ``fn(param, *operands)`` and its gradient with respect to ``param``.
+
+        Must not compute or accumulate gradients of model weights (the suite checks it).
+        Returns the value as a Python float and the gradient as a tensor shaped like
+        ``param``.  ``fn`` reads nothing but its arguments and the (frozen) model.
+        """
+
+    def compile_step(self, fn: Callable[..., Any]) -> Callable[..., tuple[Any, Any]] | None:
+        """A compiled ``(param, *operands) -> (value, grad)`` for a pure ``fn``, or ``None``.
+
+        The engine's optimisation step is such an ``fn``: it reads nothing but its
+        operands (mask parameters, standard noise, inputs, labels) and the frozen model,
+        and it may be traced once and called many times with new operands of the same
+        shapes (``tf.function``, ``torch.compile``, ``jax.jit``).  ``value`` may be a
+        0-d tensor.  ``None`` (the default): the step runs through :meth:`value_and_grad`.
+        """
+        return None
+
+    def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Optionally compile a pure array function; default: unchanged."""
+        return fn
+
+    def cross_entropy(self, logits: Any, labels: np.ndarray) -> Any:
+        """Mean over rows of ``-log_softmax(logits)[i, labels[i]]`` for class indices ``labels``.
+
+        The engine's target loss.  The default is the core's Array API formula; a backend
+        may use its framework's fused kernel.
+        """
+        from ..math import cross_entropy
+
+        k = int(logits.shape[-1])
+        onehot = np.eye(k, dtype=np.float64)[np.asarray(labels, dtype=np.int64)]
+        return cross_entropy(logits, self.from_numpy(onehot, like=logits))
+
+    # -- models --------------------------------------------------------------------
+    @abc.abstractmethod
+    def attach(self, model: Any, layer: Any, hook: FeatureHook, *, on_input: bool = False) -> Handle:
+        """Put ``hook`` on the output (or input) of ``layer`` in ``model``.
+
+        The hook sees the features as the layer produces them (the engine handles the
+        layout); it returns a replacement or ``None``.  A replacement may hold a whole
+        multiple of the batch's rows (the engine's noisy copies).  ``layer`` is a layer
+        object or its name; ``model`` may be ``None`` when a layer object is given.
+        Unknown names raise ``LookupError`` listing the model's layers.  Hooks on one
+        layer stack: they run in the order attached, and removing one in any order
+        leaves the others working (the suite checks it).
+        """
+
+    @abc.abstractmethod
+    def call(self, model: Any, x: Any) -> Any:
+        """Run ``model`` on ``x`` in inference mode and return its output."""
+
+    def frozen(self, model: Any) -> contextlib.AbstractContextManager[Any]:
+        """Context in which ``model`` is in inference mode with weights not trainable.
+
+        Every flag is restored on exit, also when an exception escapes (the suite checks
+        it).  ``model`` may be ``None`` (only a layer is known): a backend then freezes
+        whatever model runs inside the context, if it can.
+        """
+        return contextlib.nullcontext()
+
+    def layer_names(self, model: Any) -> list[str]:
+        """Names of the layers of ``model`` that :meth:`attach` accepts."""
+        return []
+
+    def layer_layout(self, model: Any, layer: Any) -> str | None:
+        """The layout of ``layer``'s features where the framework says it for sure:
+        ``"channels_first"``, ``"channels_last"``, or ``None`` (not known).
+
+        Keras layers declare it (``data_format``); the engine otherwise assumes
+        channels-first for images and asks the user for sequences.
+        """
+        return None
+
+    def pass_size(self, like: Any) -> int | None:
+        """Suggested largest number of samples per model pass on ``like``'s device.
+
+        Explaining many inputs splits them into passes of at most this many samples
+        (inputs are independent, so the result is the same).  ``None``: no limit, the
+        right answer on accelerators; CPU caches favour small passes.
+        """
+        return None
+
+    # -- the iba command (optional) ------------------------------------------------------
+    def claims_model(self, spec: str) -> bool:
+        """Whether the ``iba`` command's MODEL argument ``spec`` names this backend's kind
+        of model (e.g. a ``.keras`` file), so ``--backend auto`` can pick it."""
+        return False
+
+    def load_model(self, spec: str, weights: str | None = None, device: str | None = None
+                   ) -> Any:
+        """The model named by ``spec`` for ``iba explain``/``iba layers``, in inference mode,
+        on ``device``.  Raise :class:`UsageError` with a one-line message for mistakes."""
+        raise UsageError(f"the {self.name} backend does not load models for the iba command")
+
+    def demo_model(self, device: str | None = None) -> Any:
+        """The pretrained demo CNN of ``iba demo`` (1x64x64 cluttered digits, 10 classes)."""
+        raise UsageError(f"the {self.name} backend has no demo model")
+
+    def describe_input(self, model: Any) -> InputSpec:
+        """What ``model`` declares about its image input (channels, size, layout)."""
+        return InputSpec(channels_last=self.channels_last)
+
+    def to_device(self, x: Any, model: Any) -> Any:
+        """``x`` on the device of ``model``'s weights (unchanged by default)."""
+        return x
+
+    # -- detection -----------------------------------------------------------------
+    def owns(self, obj: Any) -> bool:
+        """Whether ``obj`` (a tensor or model) belongs to this backend's framework.
+
+        Looks only at the module names of the object's type and its bases, so no
+        framework is imported to decide.
+        """
+        for klass in type(obj).__mro__:
+            root = klass.__module__.split(".", 1)[0]
+            if root in self.modules:
+                return True
+        return False
+
+    def __repr__(self) -> str:
+        return f"<iba backend {self.name!r}>"
+
+
+@contextlib.contextmanager
+def attached(
+    backend: Backend, model: Any, layer: Any, hook: FeatureHook, *, on_input: bool = False
+) -> Iterator[Handle]:
+    """Context manager form of :meth:`Backend.attach`; the hook is removed on exit."""
+    handle = backend.attach(model, layer, hook, on_input=on_input)
+    try:
+        yield handle
+    finally:
+        handle.remove()

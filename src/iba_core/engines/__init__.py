@@ -1,0 +1,60 @@
+"""The engines: the Per-Sample and Readout Bottlenecks, which own the whole workflow.
+
+:class:`PerSampleBottleneck` and :class:`ReadoutBottleneck` take a backend, a model and a
+layer; :class:`Bottleneck` holds a per-sample bottleneck's settings (:class:`IBAConfig`),
+statistics, hook and optimisation.  :class:`PerSampleFront` is what the framework fronts
+share and :class:`IBA` the front for any registered backend.
+"""
+
+from ._bottleneck import (
+    MIN_RECOMMENDED_SAMPLES,
+    Bottleneck,
+    FewSamplesWarning,
+    check_output_rows,
+    estimate_loop,
+    repeat_inputs,
+)
+from ._config import FIELDS, IBAConfig
+from ._front import IBA, PerSampleFront, input_batches
+from ._per_sample import (
+    TARGET_MODES,
+    PerSampleBottleneck,
+    class_indices,
+    model_lock,
+    model_logits,
+    prepared_inputs,
+)
+from ._readout import (
+    ReadoutBottleneck,
+    ReadoutFront,
+    ReadoutHead,
+    one_hot_targets,
+    readout_input,
+    target_cross_entropy,
+)
+
+__all__ = [
+    "FIELDS",
+    "IBA",
+    "MIN_RECOMMENDED_SAMPLES",
+    "TARGET_MODES",
+    "Bottleneck",
+    "FewSamplesWarning",
+    "IBAConfig",
+    "PerSampleBottleneck",
+    "PerSampleFront",
+    "ReadoutBottleneck",
+    "ReadoutFront",
+    "ReadoutHead",
+    "check_output_rows",
+    "class_indices",
+    "estimate_loop",
+    "input_batches",
+    "model_lock",
+    "model_logits",
+    "one_hot_targets",
+    "prepared_inputs",
+    "readout_input",
+    "repeat_inputs",
+    "target_cross_entropy",
+]

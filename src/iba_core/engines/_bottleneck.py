@@ -1,0 +1,875 @@
+"""The Per-Sample Bottleneck, written once for every backend."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..contract._backend import Backend
+from ..math._adam import adam_init, adam_kernel, adam_update
+from ..math._capacity import capacity as capacity_fn
+from ..math._capacity import capacity_from_mask, restriction_mask
+from ..math._estimator import Estimator
+from ..math._linear_ops import smoothing_operands
+from ..math._xp import namespace
+from ._config import FIELDS, IBAConfig
+
+MIN_RECOMMENDED_SAMPLES = 1000
+
+
+class FewSamplesWarning(UserWarning):
+    """The feature statistics rest on fewer samples than recommended (1,000)."""
+
+
+class _StopForward(Exception):
+    """Raised by the hook to end a forward pass early (see ``interrupt``)."""
+
+
+def repeat_inputs(xp: Any, x: Any, times: int) -> Any:
+    """``(N, ...) -> (N * times, ...)`` with each input repeated ``times`` times in a row."""
+    n = x.shape[0]
+    rest = tuple(x.shape[1:])
+    tiled = xp.broadcast_to(xp.expand_dims(x, axis=1), (n, times, *rest))
+    return xp.reshape(tiled, (n * times, *rest))
+
+
+class _Noise:
+    """Standard-normal draws for ``n_inputs`` inputs, ``batch_size`` copies each.
+
+    With an integer seed, input ``i`` draws from its own stream seeded by ``seed + i``;
+    a sequence gives one seed per input.  Input ``i`` therefore gets the same noise when
+    explained alone with seed ``seed + i`` as among others.  ``source="numpy"``
+    draws on the host with NumPy (identical numbers on every backend and device);
+    ``"backend"`` draws with the framework's generator on the features' device.
+    """
+
+    def __init__(self, backend: Backend, like: Any, n_inputs: int, batch_size: int,
+                 seed: int | Sequence[int] | None, source: str) -> None:
+        if source not in ("backend", "numpy"):
+            raise ValueError(f"noise source must be 'backend' or 'numpy', got {source!r}")
+        self.backend, self.like = backend, like
+        self.n_inputs, self.batch_size = n_inputs, batch_size
+        self.source = source
+        seeds: list[int | None] = [None] * n_inputs
+        self.generator = None
+        if seed is not None and not isinstance(seed, (int, np.integer, Sequence)):
+            # A framework generator object (e.g. torch.Generator): one stream for all.
+            if source == "numpy":
+                raise ValueError("noise='numpy' needs an integer seed, not a generator")
+            self.generator, seed = seed, None
+        if seed is not None:
+            if isinstance(seed, (int, np.integer)):
+                per_input = [int(seed) + i for i in range(n_inputs)]
+            else:
+                per_input = [int(s) for s in seed]
+                if len(per_input) != n_inputs:
+                    raise ValueError(f"got {len(per_input)} seeds for {n_inputs} inputs")
+            # Spread nearby integers into unrelated streams.
+            seeds = [int(np.random.SeedSequence(s).generate_state(1)[0]) for s in per_input]
+        if source == "numpy":
+            self.streams = [np.random.default_rng(s) for s in seeds]
+        elif seed is not None:
+            self.streams = [backend.make_generator(s, like) for s in seeds]
+        else:
+            self.streams = None
+
+    def draw(self, sample_shape: tuple[int, ...]) -> Any:
+        shape = (self.batch_size, *sample_shape)
+        if self.source == "numpy":
+            a = np.concatenate([rng.standard_normal(shape) for rng in self.streams])
+            return self.backend.from_numpy(a, like=self.like)  # takes like's float dtype
+        if self.streams is None:
+            eps, self.generator = self.backend.draw(
+                (self.n_inputs * self.batch_size, *sample_shape), self.like, self.generator)
+            return eps
+        parts = []
+        for i, g in enumerate(self.streams):
+            eps, self.streams[i] = self.backend.draw(shape, self.like, g)
+            parts.append(eps)
+        if len(parts) == 1:
+            return parts[0]
+        return self.backend.namespace().concat(parts, axis=0)
+
+
+def _progress(enabled: bool, **kwargs: Any) -> Any:
+    """A tqdm bar (``update``/``close``) when enabled and tqdm is installed, else ``None``."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with the framework extras
+        warnings.warn("progress bars need tqdm: pip install tqdm", stacklevel=3)
+        return None
+    return tqdm(**kwargs)
+
+
+def _setting(name: str) -> property:
+    """A live, validated view of one :class:`IBAConfig` field on an object with ``config``."""
+
+    def get(self: Any) -> Any:
+        return getattr(self.config, name)
+
+    def set_(self: Any, value: Any) -> None:
+        self.config = self.config.replace(**{name: value})
+
+    return property(get, set_, doc=f"The ``{name}`` setting (see :class:`IBAConfig`); "
+                                   "assignments are validated.")
+
+
+class Bottleneck:
+    """A Per-Sample Bottleneck's state at one layer: settings, statistics, hook, optimisation.
+
+    The engine (:class:`~iba_core.PerSampleBottleneck`) puts :meth:`__call__` on the layer
+    through its backend and calls :meth:`estimate` and :meth:`optimize`; the readout
+    engine uses its statistics and noise injection.  The hook sees channels-first features
+    ``(N, C, ...)`` (the engine converts other layouts).
+
+    Args:
+        config: an :class:`IBAConfig`; keyword settings (``beta=...``) override it.
+        feature_mean, feature_std: statistics given directly (NumPy-convertible,
+            channels-first per-sample shape), instead of or overriding an estimate.
+        estimator: an :class:`Estimator` to start from (e.g. loaded from a file).
+        backend: the backend of the model (the engine sets it).
+        **settings: fields of :class:`IBAConfig`, validated the same way.
+    """
+
+    def __init__(
+        self,
+        config: IBAConfig | None = None,
+        *,
+        feature_mean: Any = None,
+        feature_std: Any = None,
+        estimator: Estimator | None = None,
+        backend: Backend | None = None,
+        **settings: Any,
+    ) -> None:
+        base = config if config is not None else IBAConfig()
+        #: The live settings (an immutable :class:`IBAConfig`; assign a new one to change).
+        self.config: IBAConfig = base.replace(**settings) if settings else base
+        #: The settings the last explanation was made with (``capacity()`` and
+        #: ``restricting()`` use them); ``None`` before the first.
+        self.last_config: IBAConfig | None = None
+        self.estimator = estimator if estimator is not None else Estimator()
+        self._given_version = 0
+        self.feature_mean = feature_mean
+        self.feature_std = feature_std
+        #: The mask logits of the last explanation, ``(N, C, ...)``, in the backend's type.
+        self.alpha: Any = None
+        self.backend: Backend | None = backend
+        #: Where the last optimisation made the noisy copies: ``"input"`` or ``"layer"``
+        #: (``"input"`` also when ``copies="layer"`` was asked for but the model fell back).
+        self.copies_made_at: str | None = None
+        self._mode = "pass"
+        self._interrupt = False
+        self._recorded: list[Any] = []
+        self._active_alpha: Any = None
+        self._mask: tuple[Any, ...] | None = None
+        self._noise: Any = None
+        self._calls = 0
+        self._last_features: Any = None
+        self._stats_cache: dict[Any, tuple[Any, Any, Any]] = {}
+        self._stats_version: Any = None
+        self._compiled_steps: dict[Any, Any] = {}
+
+    sigma = _setting("sigma")
+    beta = _setting("beta")
+    min_std = _setting("min_std")
+    optimization_steps = _setting("optimization_steps")
+    lr = _setting("lr")
+    batch_size = _setting("batch_size")
+    initial_alpha = _setting("initial_alpha")
+    active_neurons_threshold = _setting("active_neurons_threshold")
+    relu = _setting("relu")
+    progbar = _setting("progbar")
+    compile = _setting("compile")
+
+    @property
+    def feature_mean(self) -> np.ndarray | None:
+        """Given per-sample feature mean (channels-first, float64), or ``None``."""
+        return self._feature_mean
+
+    @feature_mean.setter
+    def feature_mean(self, value: Any) -> None:
+        self._feature_mean = None if value is None else _float_array(value)
+        self._given_version += 1
+        self._check_given()
+
+    @property
+    def feature_std(self) -> np.ndarray | None:
+        """Given per-sample feature std (channels-first, float64), or ``None``."""
+        return self._feature_std
+
+    @feature_std.setter
+    def feature_std(self, value: Any) -> None:
+        self._feature_std = None if value is None else _float_array(value)
+        self._given_version += 1
+        self._check_given()
+
+    def _check_given(self) -> None:
+        mean, std = getattr(self, "_feature_mean", None), getattr(self, "_feature_std", None)
+        if mean is not None and std is not None and mean.shape != std.shape:
+            raise ValueError(f"feature_mean {mean.shape} and feature_std {std.shape} must have "
+                             "the same shape")
+
+    # -- statistics ----------------------------------------------------------------
+    def has_statistics(self) -> bool:
+        """Whether mean and std are known (estimated or given)."""
+        return (self.feature_mean is not None or self.estimator.n > 0) and (
+            self.feature_std is not None or self.estimator.n > 0)
+
+    def statistics(self, config: IBAConfig | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(mean, std, active)`` as float64 NumPy arrays of the per-sample shape.
+
+        ``std`` is clamped to ``min_std``.  Elements whose std is 0 (possible only with
+        ``min_std=0``) are constant, carry no information, and are marked inactive (their
+        std is set to 1 to keep the arithmetic finite).  ``config``: the settings to use
+        (default: the live ones).
+        """
+        config = self.config if config is None else config
+        if not self.has_statistics():
+            raise RuntimeError(
+                "the bottleneck has no feature statistics: call estimate() on some data "
+                "first, or pass feature_mean and feature_std"
+            )
+        est = self.estimator
+        mean = self.feature_mean if self.feature_mean is not None else est.mean()
+        std = self.feature_std if self.feature_std is not None else est.std()
+        if mean.shape != std.shape:
+            raise ValueError(f"feature mean {mean.shape} and std {std.shape} differ in shape")
+        if est.n > 0 and est.shape == mean.shape:
+            active = est.active_mask(config.active_neurons_threshold)
+        else:
+            active = np.ones_like(mean)
+        std = np.maximum(std, config.min_std)
+        constant = std <= 0
+        if np.any(constant):
+            active = np.where(constant, 0.0, active)
+            std = np.where(constant, 1.0, std)
+        return mean, std, active
+
+    def _stats_like(self, features: Any, backend: Backend, config: IBAConfig | None = None
+                    ) -> tuple[Any, Any, Any]:
+        config = self.config if config is None else config
+        # Every change of the estimate (its version), of the given statistics or of the
+        # settings they depend on refreshes the cache.
+        version = (id(self.estimator), self.estimator.version, self._given_version,
+                   config.min_std, config.active_neurons_threshold)
+        if version != self._stats_version:
+            self._stats_cache.clear()
+            self._stats_version = version
+        key = (type(features), str(getattr(features, "device", "")), str(features.dtype))
+        cached = self._stats_cache.get(key)
+        if cached is None:
+            mean, std, active = self.statistics(config)
+            sample_shape = tuple(int(n) for n in features.shape[1:])
+            if sample_shape != mean.shape:
+                raise ValueError(
+                    f"the layer outputs features of shape {sample_shape} per sample "
+                    f"(channels first) but the statistics have shape {mean.shape}; estimate() "
+                    "again on this layer (or pass feature_mean/feature_std of the right shape)"
+                )
+            cached = tuple(backend.from_numpy(a.astype(np.float64), like=features)
+                           for a in (mean, std, active))
+            self._stats_cache[key] = cached
+        return cached
+
+    def copies_per_input(self, batch_size: int | None = None) -> int:
+        """Noisy copies of each input per step: ``batch_size`` if given, else the setting."""
+        if batch_size is None:
+            return self.config.batch_size
+        return self.config.replace(batch_size=batch_size).batch_size
+
+    def reset_estimate(self) -> None:
+        """Forget the estimate (the given ``feature_mean``/``feature_std`` too)."""
+        self.estimator.reset()
+        self.feature_mean = self.feature_std = None
+
+    # -- the hook ------------------------------------------------------------------
+    def __call__(self, features: Any) -> Any:
+        """Layer hook: features ``(N, C, ...)`` channels-first; returns replacement or ``None``."""
+        if self._mode == "pass":
+            return None
+        if self._mode == "record":
+            assert self.backend is not None
+            self._recorded.append(self.backend.stop_gradient(features))
+            if self._interrupt:
+                raise _StopForward
+            return None
+        # restrict
+        backend = self.backend
+        assert backend is not None
+        self._calls += 1
+        # One forward pass per optimisation step; restrict_flow() may run the model often.
+        if self._calls > 1 and self._mask is not None:
+            raise RuntimeError(
+                "the bottleneck layer ran more than once in one forward pass; put the "
+                "bottleneck on a layer that the model calls exactly once"
+            )
+        if self._mask is not None:
+            return self._noisy_copies(features, self._noise)
+        # restrict_flow() and the readout: the same injection with a given mask.
+        config = self.last_config or self.config
+        mean, std, active = self._stats_like(features, backend, config)
+        alpha = self._active_alpha
+        n = int(features.shape[0])
+        if int(alpha.shape[0]) not in (1, n):
+            raise ValueError(
+                f"the mask holds {alpha.shape[0]} inputs but the batch has {n};"
+                " restrict_flow() needs a batch of the explained inputs or one mask to broadcast"
+            )
+        noise = self._noise
+        if noise is None or tuple(noise.shape) != tuple(features.shape):
+            noise, _ = backend.draw(tuple(features.shape), features)
+        xp = backend.namespace()
+        if int(alpha.shape[0]) != n:
+            alpha = xp.broadcast_to(alpha, tuple(features.shape))
+        fns = _step_functions(backend, config.sigma, config.relu, False)
+        operands = smoothing_operands(features, config.sigma, features.ndim - 2)
+        mask = fns.mask(alpha, active, mean * active, std * active, operands)
+        return self._inject(features, noise, (*mask, fns.inject))
+
+    def _noisy_copies(self, features: Any, noise: Any) -> Any:
+        """The optimisation loop's injection: ``batch_size`` noisy copies of each input."""
+        assert self._mask is not None
+        return self._inject(features, noise, self._mask)
+
+    def _inject(self, features: Any, noise: Any, mask: tuple[Any, ...]) -> Any:
+        """Noisy features: the one injection path of the optimiser, restrict_flow and readout.
+
+        ``mask = (lambda_a, mu_a, sigma_a, inject)``: the mask terms are shaped
+        ``(N, 1, C, ...)`` and the standard noise ``(N * copies, C, ...)``.  ``features``
+        hold the N inputs either once each (the copies are made here) or already repeated
+        ``copies`` times.  With ``mu_a = (1 - lambda) * mean * active`` and
+        ``sigma_a = (1 - lambda) * std * active``, ``Z = lambda * R + mu_a + sigma_a * eps``
+        equals ``active * (lambda * R + (1 - lambda) * (mean + std * eps))`` with two
+        full-size operations instead of six.
+        """
+        assert self.backend is not None
+        xp = self.backend.namespace()
+        lam, shift, scale, inject = mask
+        n_in = int(lam.shape[0])
+        rows, sample = int(features.shape[0]), tuple(int(s) for s in features.shape[1:])
+        total = int(noise.shape[0])
+        if rows not in (n_in, total):
+            raise ValueError(
+                f"the bottleneck layer saw a batch of {rows} for {n_in} inputs with "
+                f"{total // n_in} noise copies each; the model must keep the batch axis first"
+            )
+        grouped = xp.reshape(features, (n_in, rows // n_in, *sample))
+        eps = xp.reshape(noise, (n_in, total // n_in, *sample))
+        z = inject(grouped, lam, shift, scale, eps)
+        return xp.reshape(z, (total, *sample))
+
+    @contextlib.contextmanager
+    def _state(self, mode: str, *, interrupt: bool = False, alpha: Any = None,
+               mask: tuple[Any, ...] | None = None, noise: Any = None) -> Iterator[None]:
+        saved = (self._mode, self._interrupt, self._active_alpha, self._mask, self._noise,
+                 self._calls, self._recorded)
+        self._mode, self._interrupt = mode, interrupt
+        self._active_alpha, self._mask, self._noise, self._calls = alpha, mask, noise, 0
+        self._recorded = []
+        try:
+            yield
+        finally:
+            (self._mode, self._interrupt, self._active_alpha, self._mask, self._noise,
+             self._calls, self._recorded) = saved
+
+    def recording(self, *, interrupt: bool = False) -> contextlib.AbstractContextManager[None]:
+        """Context: the hook records the features it sees (in ``recorded``).
+
+        With ``interrupt=True`` it also ends the forward pass right after the layer;
+        wrap the model call in :meth:`interruptible` to swallow that.
+        """
+        return self._state("record", interrupt=interrupt)
+
+    @property
+    def expected_rows(self) -> int | None:
+        """Inside an optimisation step: the rows every model output must have (all noisy
+        copies of all inputs); ``None`` elsewhere."""
+        if self._mask is None or self._noise is None:
+            return None
+        return int(self._noise.shape[0])
+
+    @property
+    def recorded(self) -> list[Any]:
+        """Features recorded by the hook in the current :meth:`recording` context."""
+        return self._recorded
+
+    def restricting(self, alpha: Any | None = None, noise: Any = None
+                    ) -> contextlib.AbstractContextManager[None]:
+        """Context: the hook injects noise with mask logits ``alpha`` (default: the last),
+        with the settings of the last explanation."""
+        alpha = self.alpha if alpha is None else alpha
+        if alpha is None:
+            raise RuntimeError("no mask to restrict the flow with: call analyze() first")
+        return self._state("restrict", alpha=alpha, noise=noise)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def interruptible() -> Iterator[None]:
+        """Swallow the early end of a forward pass requested by ``recording(interrupt=True)``."""
+        try:
+            yield
+        except _StopForward:
+            pass
+
+    def capacity(self, features: Any = None, alpha: Any = None) -> Any:
+        """Capacity in nats per element for ``features`` under mask ``alpha``.
+
+        Defaults: the features and mask of the last explanation, with the settings that
+        explanation was made with.
+        """
+        backend = self._require_backend()
+        features = self._last_features if features is None else features
+        alpha = self.alpha if alpha is None else alpha
+        if features is None or alpha is None:
+            raise RuntimeError("nothing to compute the capacity of: call analyze() first")
+        config = self.last_config or self.config
+        mean, std, active = self._stats_like(features, backend, config)
+        return capacity_fn(features, alpha, mean, std, active=active, sigma=config.sigma)
+
+    def _require_backend(self) -> Backend:
+        if self.backend is None:
+            raise RuntimeError("the bottleneck is not attached to a model's backend yet")
+        return self.backend
+
+    # -- estimation ----------------------------------------------------------------
+    def record(self, run: Callable[[], Any]) -> Any:
+        """Run ``run()`` (a model pass) up to the layer; return the layer's features."""
+        with self.recording(interrupt=True):
+            with self.interruptible():
+                run()
+            if not self._recorded:
+                raise RuntimeError(
+                    "the model ran without calling the bottleneck layer; check that the "
+                    "layer belongs to the model that is run"
+                )
+            return self._recorded[0]
+
+    def estimate(
+        self,
+        run_batch: Callable[[Any], Any],
+        batches: Iterable[Any],
+        *,
+        n_samples: int = 10000,
+        progbar: bool | None = None,
+        reset: bool = True,
+    ) -> Estimator:
+        """Estimate the feature statistics over ``batches``.
+
+        ``run_batch(batch)`` runs the model on one batch (moving it to the device as
+        needed); the hook records the layer's features and ends the pass right after the
+        layer.  Stops after ``n_samples`` samples.  Warns (:class:`FewSamplesWarning`)
+        below 1,000 samples.
+        """
+        backend = self._require_backend()
+        if reset:
+            self.estimator.reset()
+
+        def record(batch: Any) -> list[Any]:
+            return [self.record(lambda: run_batch(batch))]
+
+        estimate_loop(backend, batches, record, [self.estimator], n_samples=n_samples,
+                      progbar=self.config.progbar if progbar is None else progbar)
+        return self.estimator
+
+    # -- the per-sample optimisation -------------------------------------------------
+    def optimize(
+        self,
+        model_loss: Callable[..., Any],
+        x: Any,
+        *,
+        targets: np.ndarray | None = None,
+        config: IBAConfig | None = None,
+        seed: int | Sequence[int] | None = None,
+        noise: str = "backend",
+        copies: str = "input",
+        compile_step: bool = False,
+        check_path: bool = False,
+        **overrides: Any,
+    ) -> Any:
+        """Optimise one mask per input and return its capacity ``(N, C, ...)`` in nats.
+
+        ``x`` is a batch of ``N`` inputs in the backend's type.  ``model_loss(batch)``
+        (or ``model_loss(batch, target_rows)`` when ``targets`` are given) runs the model
+        on a batch and returns the *mean* model loss over the model's
+        ``N * batch_size`` output rows as a scalar, each input's ``batch_size`` noisy
+        copies in a row.  ``targets``: per-input arrays ``(N, ...)`` (NumPy), e.g. the
+        class distribution each input is explained for; each is repeated for the copies
+        and given to ``model_loss`` as a tensor like the features: an explicit operand
+        of the step.  The loss optimised is ``sum_i [mean model loss of input i + beta *
+        mean capacity of input i]``, so every input gets exactly the mask it would get
+        alone.
+
+        The step ``(alpha, noise, batch, statistics, targets) -> loss`` is a pure function
+        of its operands; with ``compile_step=True`` the backend may compile it whole
+        (:meth:`Backend.compile_step`), model forward included, once per shape.
+        ``check_path=True`` (for losses the engine did not write) differentiates the first
+        step's model term on its own, so a loss without a gradient path to the mask
+        raises instead of giving a map that ignores the model.
+
+        ``copies`` says where the ``batch_size`` copies of each input are made.
+        ``"input"`` (the reference library's contract): ``model_loss`` is called with
+        ``N * batch_size`` samples, each input repeated.  ``"layer"``: ``model_loss`` is
+        called with the ``N`` inputs and the bottleneck layer turns its ``N`` feature maps
+        into ``N * batch_size`` noisy copies, so the layers before it run once per input;
+        ``model_loss`` must then raise if the model returns another number of rows (see
+        :func:`check_output_rows`).  If the first step fails that way, or because the
+        model cannot carry the larger batch, the optimisation goes on with ``"input"`` and
+        the same noise.
+
+        ``seed`` makes the noise reproducible: input ``i`` draws from a stream seeded with
+        ``seed + i`` (or ``seed[i]`` for a sequence), so it gets the same mask alone as
+        in a batch.  A framework generator (e.g. a ``torch.Generator``) is used as it is,
+        one stream for all inputs.  ``noise`` picks the generator: ``"backend"`` (on the
+        device) or ``"numpy"`` (the same numbers on every backend).  ``config`` (default:
+        the live settings) and ``**overrides`` (settings, validated) set the settings of
+        this optimisation.  The returned capacity is that of the final mask (the
+        reference library reported the one before the last update).
+        """
+        backend = self._require_backend()
+        cfg = (self.config if config is None else config).override(**overrides)
+        if copies not in ("input", "layer"):
+            raise ValueError(f"copies must be 'input' or 'layer', got {copies!r}")
+        xp = backend.namespace()
+        n = int(x.shape[0])
+        if n < 1:
+            raise ValueError("analyze() needs at least one input")
+        bs, steps = cfg.batch_size, cfg.optimization_steps
+
+        # One short pass (ended after the layer) gives the features and validates the setup.
+        with self.recording(interrupt=True):
+            with self.interruptible():
+                if targets is None:
+                    model_loss(x)
+                else:
+                    model_loss(x, None)
+            if not self._recorded:
+                raise RuntimeError(
+                    "the model loss function never ran the bottleneck layer; it must run "
+                    "the model that contains the layer on the batch it is given"
+                )
+            features = self._recorded[0]
+        if int(features.shape[0]) != n:
+            raise ValueError(f"the layer saw a batch of {features.shape[0]} for {n} inputs; "
+                             "the model must keep the batch axis first")
+        mean, std, active = self._stats_like(features, backend, cfg)
+        sample_shape = tuple(int(s) for s in features.shape[1:])
+
+        batch = x if copies == "layer" else repeat_inputs(xp, x, bs)
+        r = (features - mean) / std  # normalised features, constant across steps
+        alpha = xp.full(tuple(features.shape), cfg.initial_alpha, dtype=features.dtype,
+                        device=getattr(features, "device", None))
+        state = adam_init(alpha)
+        source = _Noise(backend, features, n, bs, seed, noise)
+        operands = smoothing_operands(features, cfg.sigma, features.ndim - 2)
+        target_rows = () if targets is None else (
+            backend.from_numpy(np.repeat(np.asarray(targets), bs, axis=0), like=features),)
+        step = self._step(backend, model_loss, cfg, compile_step, targets is not None)
+        first_step = self._checked_step(backend, model_loss, cfg) if check_path else step
+        adam = _step_functions(backend, cfg.sigma, cfg.relu,
+                               backend.compile_by_default if cfg.compile is None
+                               else cfg.compile).adam
+        mean_a, std_a = mean * active, std * active
+
+        bar = _progress(cfg.progbar, total=steps, desc="analyze", unit="step")
+        for i in range(steps):
+            eps = source.draw(sample_shape)
+            args = (eps, batch, r, active, mean_a, std_a, operands, *target_rows)
+            try:
+                value, grad = (first_step if i == 0 else step)(alpha, *args)
+            except Exception:
+                if i > 0 or copies != "layer":
+                    raise
+                # The model cannot take the copies at the layer: make them at the input.
+                copies, batch = "input", repeat_inputs(xp, x, bs)
+                args = (eps, batch, r, active, mean_a, std_a, operands, *target_rows)
+                value, grad = first_step(alpha, *args)
+            value = float(value)
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"the loss became {value} at step {i}; check the model loss function "
+                    "(it must be finite for the given inputs) and the feature statistics"
+                )
+            alpha, state = adam_update(alpha, grad, state, lr=cfg.lr, kernel=adam)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        self.copies_made_at = copies
+        self.alpha = backend.stop_gradient(alpha)
+        self._last_features = features
+        self.last_config = cfg
+        return capacity_fn(features, self.alpha, mean, std, active=active, sigma=cfg.sigma)
+
+    def _step(self, backend: Backend, model_loss: Callable[..., Any], cfg: IBAConfig,
+              compile_step: bool, with_targets: bool) -> Callable[..., tuple[Any, Any]]:
+        """``(alpha, eps, batch, r, active, mean_a, std_a, smoothing, *targets) -> (loss,
+        grad)``: the optimisation step, a pure function of its operands (compiled once per
+        loss and settings when ``compile_step`` and the backend can)."""
+        key = (model_loss, cfg.beta, cfg.sigma, cfg.relu, with_targets, compile_step)
+        cached = self._compiled_steps.get(key)
+        if cached is not None:
+            return cached
+        fns = _step_functions(backend, cfg.sigma, cfg.relu, False)
+        beta = cfg.beta
+
+        def loss(a: Any, eps: Any, batch: Any, r: Any, active: Any, mean_a: Any, std_a: Any,
+                 smoothing: Any, *targets: Any) -> Any:
+            mask, cap_term = fns.terms(a, r, active, mean_a, std_a, smoothing)
+            with self._state("restrict", mask=(*mask, fns.inject), noise=eps):
+                model_term = model_loss(batch, *targets)
+                if self._calls == 0:
+                    raise RuntimeError("the model loss function never ran the bottleneck layer")
+            if getattr(model_term, "ndim", 0) != 0:
+                raise ValueError(
+                    "the model loss function must return a scalar (the mean loss over the "
+                    f"batch), got shape {tuple(model_term.shape)}"
+                )
+            return model_term * int(a.shape[0]) + beta * cap_term
+
+        compiled = backend.compile_step(loss) if compile_step else None
+        if compiled is None:
+            def compiled(a: Any, *args: Any) -> tuple[Any, Any]:
+                return backend.value_and_grad(loss, a, *args)
+        if len(self._compiled_steps) > 16:
+            self._compiled_steps.clear()
+        self._compiled_steps[key] = compiled
+        return compiled
+
+    def _checked_step(self, backend: Backend, model_loss: Callable[..., Any], cfg: IBAConfig
+                      ) -> Callable[..., tuple[Any, Any]]:
+        """The first step of a user's loss, with the model term differentiated on its own:
+        a loss with no gradient path to the mask (detached, a Python number) makes the
+        backend's ``value_and_grad`` raise instead of giving a map that ignores the model.
+        The sum of the two gradients is the step's gradient, for no extra model pass."""
+        fns = _step_functions(backend, cfg.sigma, cfg.relu, False)
+
+        def model_part(a: Any, eps: Any, batch: Any, r: Any, active: Any, mean_a: Any,
+                       std_a: Any, smoothing: Any, *targets: Any) -> Any:
+            mask = fns.mask(a, active, mean_a, std_a, smoothing)
+            with self._state("restrict", mask=(*mask, fns.inject), noise=eps):
+                model_term = model_loss(batch, *targets)
+                if self._calls == 0:
+                    raise RuntimeError("the model loss function never ran the bottleneck layer")
+            if not hasattr(model_term, "shape"):
+                raise ValueError(
+                    f"the model loss function returned a {type(model_term).__name__}; it must "
+                    "return a scalar tensor computed from the model's output (the mean loss)")
+            if getattr(model_term, "ndim", 0) != 0:
+                raise ValueError(
+                    "the model loss function must return a scalar (the mean loss over the "
+                    f"batch), got shape {tuple(model_term.shape)}"
+                )
+            return model_term * int(a.shape[0])
+
+        def capacity_part(a: Any, r: Any, active: Any, smoothing: Any) -> Any:
+            return cfg.beta * fns.terms(a, r, active, r, r, smoothing)[1]
+
+        def step(a: Any, eps: Any, batch: Any, r: Any, active: Any, mean_a: Any, std_a: Any,
+                 smoothing: Any, *targets: Any) -> tuple[Any, Any]:
+            v1, g1 = backend.value_and_grad(model_part, a, eps, batch, r, active, mean_a, std_a,
+                                            smoothing, *targets)
+            v2, g2 = backend.value_and_grad(capacity_part, a, r, active, smoothing)
+            return float(v1) + float(v2), g1 + g2
+
+        return step
+
+    def explain(
+        self,
+        loss_for: Callable[[int, int], Callable[..., Any]],
+        x: Any,
+        *,
+        targets: np.ndarray | None = None,
+        inputs_per_pass: int | None = None,
+        seed: Any = None,
+        config: IBAConfig | None = None,
+        **optimize_kwargs: Any,
+    ) -> Any:
+        """:meth:`optimize` for many inputs, in passes of ``inputs_per_pass`` inputs.
+
+        ``loss_for(start, stop)`` returns the model loss function for inputs
+        ``x[start:stop]`` (see :meth:`optimize`); ``targets`` are sliced the same way.
+        Inputs are independent problems, so splitting them changes nothing but speed:
+        input ``i`` still draws from the noise stream ``seed + i``.  By default a pass
+        holds as many inputs as fit in the backend's :meth:`~iba_core.Backend.pass_size`
+        (all of them on accelerators).  Returns the capacity ``(N, C, ...)`` in nats;
+        :attr:`alpha` holds all masks.
+        """
+        backend = self._require_backend()
+        cfg = (self.config if config is None else config).override(
+            **{k: optimize_kwargs.pop(k) for k in list(optimize_kwargs) if k in FIELDS})
+        n = int(x.shape[0])
+        if inputs_per_pass is None:
+            limit = backend.pass_size(x)
+            inputs_per_pass = n if limit is None else max(1, limit // cfg.batch_size)
+        if isinstance(inputs_per_pass, bool) or int(inputs_per_pass) != inputs_per_pass \
+                or int(inputs_per_pass) < 1:
+            raise ValueError(f"inputs_per_pass must be an integer >= 1, got {inputs_per_pass!r}")
+        k = int(inputs_per_pass)
+        if k >= n:
+            return self.optimize(loss_for(0, n), x, targets=targets, seed=seed, config=cfg,
+                                 **optimize_kwargs)
+        if seed is not None and not isinstance(seed, (int, np.integer)) and isinstance(seed, Sequence):
+            if len(seed) != n:
+                raise ValueError(f"got {len(seed)} seeds for {n} inputs")
+        xp = backend.namespace()
+        caps, alphas, features = [], [], []
+        for start in range(0, n, k):
+            stop = min(n, start + k)
+            caps.append(self.optimize(
+                loss_for(start, stop), x[start:stop, ...], config=cfg,
+                targets=None if targets is None else targets[start:stop],
+                seed=_seeds_for(seed, start, stop), **optimize_kwargs))
+            alphas.append(self.alpha)
+            features.append(self._last_features)
+        self.alpha = xp.concat(alphas, axis=0)
+        self._last_features = xp.concat(features, axis=0)
+        return xp.concat(caps, axis=0)
+
+
+def estimate_loop(backend: Backend, batches: Iterable[Any], record: Callable[[Any], list[Any]],
+                  estimators: Sequence[Estimator], *, n_samples: int, progbar: bool) -> None:
+    """The estimation loop of every engine: record features, update the estimates.
+
+    ``record(batch)`` returns one feature array per estimator (the first one sets the
+    batch's sample count).  Stops after ``n_samples`` samples of the first estimator;
+    warns (:class:`FewSamplesWarning`) below 1,000.
+    """
+    if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
+        raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    first = estimators[0]
+    bar = _progress(progbar, total=n_samples, desc="estimate", unit="sample")
+    try:
+        for batch in batches:
+            features = record(batch)
+            take = min(int(features[0].shape[0]), int(n_samples) - first.n)
+            for est, f in zip(estimators, features):
+                est.update(backend.to_numpy(f[:take, ...]))
+            if bar is not None:
+                bar.update(take)
+            if first.n >= n_samples:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if first.n == 0:
+        raise ValueError("the data yielded no batches; nothing was estimated")
+    if first.n < MIN_RECOMMENDED_SAMPLES:
+        warnings.warn(
+            f"the statistics rest on {first.n} samples; the reference uses about "
+            f"10,000 and at least {MIN_RECOMMENDED_SAMPLES} are recommended",
+            FewSamplesWarning,
+            stacklevel=3,
+        )
+
+
+class _StepFunctions(NamedTuple):
+    terms: Callable[..., tuple[tuple[Any, Any, Any], Any]]
+    mask: Callable[..., tuple[Any, Any, Any]]
+    inject: Callable[..., Any]
+    adam: Callable[..., tuple[Any, Any, Any]]
+
+
+_STEP_FUNCTIONS: dict[tuple[Any, ...], _StepFunctions] = {}
+
+
+def _step_functions(backend: Backend, sigma: float | None, relu: bool,
+                    compiled: bool) -> _StepFunctions:
+    """The pure array parts of an optimisation step, compiled by the backend if asked.
+
+    ``mask(alpha, active, mean * active, std * active, smoothing_operands)`` returns the
+    mask terms ``(lambda * active, (1 - lambda) * mean * active, (1 - lambda) * std *
+    active)`` shaped ``(N, 1, C, ...)`` to meet the noisy copies of each input;
+    ``terms(alpha, r, active, mean * active, std * active, smoothing_operands)`` returns
+    them and the sum over inputs of each one's mean capacity.  The mask depends on alpha
+    only and all copies of an input share it, so it (and the capacity, from the recorded
+    features) is computed once per input.  ``inject(features, lambda_a, mu_a, sigma_a,
+    eps)`` makes the noisy copies (see :meth:`Bottleneck._inject`) and ``adam`` is
+    :func:`iba_core.math.adam_kernel`.  They close over nothing but settings, so one
+    compiled set serves every bottleneck.
+    """
+    key = (type(backend), backend.name, sigma, relu, compiled)
+    cached = _STEP_FUNCTIONS.get(key)
+    if cached is not None:
+        return cached
+
+    def grouped_mask(lam: Any, one_minus: Any, active: Any, mean_a: Any, std_a: Any
+                     ) -> tuple[Any, Any, Any]:
+        xp = namespace(lam)
+        mask = (lam * active, one_minus * mean_a, one_minus * std_a)
+        return tuple(xp.expand_dims(m, axis=1) for m in mask)  # type: ignore[return-value]
+
+    def mask(a: Any, active: Any, mean_a: Any, std_a: Any,
+             operands: tuple[Any, ...] | None) -> tuple[Any, Any, Any]:
+        lam, one_minus = restriction_mask(a, sigma, operands)
+        return grouped_mask(lam, one_minus, active, mean_a, std_a)
+
+    def terms(a: Any, r: Any, active: Any, mean_a: Any, std_a: Any,
+              operands: tuple[Any, ...] | None) -> tuple[tuple[Any, Any, Any], Any]:
+        xp = namespace(a)
+        lam, one_minus = restriction_mask(a, sigma, operands)
+        cap = capacity_from_mask(r, a, lam, one_minus, active, sigma, clip=False)
+        # The sum over inputs of each input's mean capacity (no sizes: a compiled
+        # function may see them as unknown).
+        per_input = xp.mean(cap, axis=tuple(range(1, cap.ndim)))
+        return grouped_mask(lam, one_minus, active, mean_a, std_a), xp.sum(per_input)
+
+    def inject(grouped: Any, lam: Any, shift: Any, scale: Any, eps: Any) -> Any:
+        z = (lam * grouped + shift) + scale * eps
+        if relu:
+            xp = namespace(z)
+            z = xp.maximum(z, xp.zeros_like(z))
+        return z
+
+    fns = _StepFunctions(terms, mask, inject, adam_kernel())
+    if compiled:
+        fns = _StepFunctions(*(backend.compile(f) for f in fns))
+    _STEP_FUNCTIONS[key] = fns
+    return fns
+
+
+def check_output_rows(rows: int, n_inputs: int, copies: int) -> None:
+    """Raise unless a model output holds ``copies`` rows for each of ``n_inputs`` inputs.
+
+    Loss functions given to :meth:`Bottleneck.optimize` with ``copies="layer"`` call this
+    on the model's output, so a model that reshapes by its input's batch size is caught
+    (and the optimisation falls back to copies of the input) instead of giving wrong maps.
+    """
+    if rows != n_inputs * copies:
+        raise ValueError(
+            f"the model returned {rows} output rows for {n_inputs} input(s) with {copies} noisy "
+            f"copies each (expected {n_inputs * copies}); the model must keep the batch axis "
+            "first and return one row per sample"
+        )
+
+
+def _seeds_for(seed: Any, start: int, stop: int) -> Any:
+    """The noise seeds of inputs ``start:stop`` (a generator object is shared)."""
+    if seed is None:
+        return None
+    if isinstance(seed, (int, np.integer)):
+        return [int(seed) + i for i in range(start, stop)]
+    if isinstance(seed, Sequence):
+        return list(seed)[start:stop]
+    return seed
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _float_array(a: Any) -> np.ndarray:
+    from ..math._xp import to_numpy
+
+    arr = np.asarray(to_numpy(a), dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("feature_mean/feature_std contain NaN or inf")
+    return arr

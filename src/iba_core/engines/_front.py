@@ -1,0 +1,209 @@
+"""What every per-sample front shares, and the front for any registered backend.
+
+A front adapts names and data types to its framework's habits and delegates to a
+:class:`PerSampleBottleneck`; :class:`PerSampleFront` holds everything that is the same
+in every front (the reference library's settings as live attributes, statistics,
+capacity, ``restrict_flow``, NumPy maps).  :class:`IBA` is that front for any backend,
+so a plugin backend gets the whole workflow with no framework glue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from ..math._estimator import Estimator
+from ._bottleneck import Bottleneck
+from ._config import FIELDS, IBAConfig
+from ._per_sample import PerSampleBottleneck
+
+
+def _front_setting(name: str) -> property:
+    def get(self: PerSampleFront) -> Any:
+        return getattr(self._engine.config, name)
+
+    def set_(self: PerSampleFront, value: Any) -> None:
+        self._engine.configure(**{name: value})
+
+    return property(get, set_, doc=f"The ``{name}`` setting (see :class:`iba_core.IBAConfig`); "
+                                   "read and written live, validated like the constructor.")
+
+
+def input_batches(data: Any, batch_size: int = 32) -> Iterator[Any]:
+    """Model-input batches from ``data``.
+
+    ``data`` is an array or tensor of inputs ``(N, ...)`` (cut into ``batch_size``), or
+    any iterable of batches ``x`` or ``(x, y, ...)`` (a ``DataLoader``, a
+    ``tf.data.Dataset``, a generator, a list), or a sequence with ``len`` and indexing
+    (a Keras ``PyDataset``).  Yields the ``x`` of each batch.
+    """
+    if hasattr(data, "shape") and hasattr(data, "__getitem__"):
+        shape = tuple(data.shape)
+        if len(shape) < 1 or shape[0] == 0:
+            raise ValueError(f"expected a batch of inputs (N, ...), got shape {shape}")
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        for start in range(0, int(shape[0]), int(batch_size)):
+            yield data[start:start + int(batch_size)]
+        return
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not hasattr(data, "__iter__"):
+        elements: Iterable[Any] = (data[i] for i in range(len(data)))
+    elif isinstance(data, Iterable):
+        elements = data
+    else:
+        raise TypeError(f"cannot iterate over data of type {type(data).__name__}; give an "
+                        "array of inputs or an iterable of batches x or (x, y)")
+    for element in elements:
+        if isinstance(element, (tuple, list)):
+            if not element:
+                raise ValueError("the data yielded an empty tuple; expected x or (x, y)")
+            element = element[0]
+        if isinstance(element, dict):
+            raise TypeError("the data yielded a dict; multi-input models are not supported: "
+                            "give batches x or (x, y)")
+        yield element
+
+
+class PerSampleFront:
+    """The part of every per-sample front that is the same for every framework.
+
+    A front sets ``self._engine`` (a :class:`PerSampleBottleneck`) and adds its own
+    constructor, ``estimate`` and ``analyze`` signatures.
+    """
+
+    _engine: PerSampleBottleneck
+
+    sigma = _front_setting("sigma")
+    beta = _front_setting("beta")
+    min_std = _front_setting("min_std")
+    optimization_steps = _front_setting("optimization_steps")
+    lr = _front_setting("lr")
+    batch_size = _front_setting("batch_size")
+    initial_alpha = _front_setting("initial_alpha")
+    active_neurons_threshold = _front_setting("active_neurons_threshold")
+    relu = _front_setting("relu")
+    progbar = _front_setting("progbar")
+
+    @property
+    def engine(self) -> PerSampleBottleneck:
+        """The core :class:`iba_core.PerSampleBottleneck` doing the work."""
+        return self._engine
+
+    @property
+    def bottleneck(self) -> Bottleneck:
+        """The core :class:`iba_core.Bottleneck`: settings, statistics and the last mask."""
+        return self._engine.bottleneck
+
+    @property
+    def config(self) -> IBAConfig:
+        """The live settings, an :class:`iba_core.IBAConfig`."""
+        return self._engine.config
+
+    @config.setter
+    def config(self, value: IBAConfig) -> None:
+        self._engine.config = value
+
+    @property
+    def estimator(self) -> Estimator:
+        """The running estimate of the feature statistics (channels-first)."""
+        return self._engine.estimator
+
+    @estimator.setter
+    def estimator(self, value: Estimator) -> None:
+        self._engine.estimator = value
+
+    def reset_estimate(self) -> None:
+        """Forget the estimated (and given) feature mean and std."""
+        self._engine.bottleneck.reset_estimate()
+
+    def capacity(self) -> Any:
+        """Capacity of the last explanation, ``(N, C, ...)`` channels-first, nats per element
+        (with the settings that explanation was made with)."""
+        return self._engine.capacity()
+
+    @contextlib.contextmanager
+    def restrict_flow(self, alpha: Any = None) -> Iterator[Any]:
+        """Within the context, the layer's features pass the bottleneck with the mask of
+        the last ``analyze`` (or ``alpha``, channels-first logits), fresh noise on every
+        call and the settings of that analysis; the model is frozen inside."""
+        with self._engine.restrict_flow(alpha):
+            yield self
+
+    def _maps(self, x: Any, **kwargs: Any) -> np.ndarray:
+        """``engine.analyze`` as NumPy: ``(N, ...)``, or the single map for one input."""
+        maps = self._engine.backend.to_numpy(self._engine.analyze(x, **kwargs))
+        return maps[0] if maps.shape[0] == 1 else maps
+
+
+class IBA(PerSampleFront):
+    """The Per-Sample Bottleneck for a model of any registered backend.
+
+    ``IBA(model, "layer")`` finds the backend from the model's type (or give
+    ``backend="name"``).  Data are the backend's tensors or NumPy arrays; maps come back
+    as NumPy, bits per pixel.  Example with any backend::
+
+        iba = IBA(model, "features.relu3")
+        iba.estimate(train_images)                       # array (N, ...) or batches
+        maps = iba.analyze(images, target=labels)        # (N, H, W), bits per pixel
+        iba.plot(maps[0], images[0])
+
+    Settings (``beta``, ``sigma``, ``optimization_steps``, ...) are those of
+    :class:`iba_core.IBAConfig`; ``layout`` is the layer's feature layout
+    (``"channels_first"`` or ``"channels_last"``; default: what the backend knows).
+    """
+
+    def __init__(self, model: Any, layer: Any, *, backend: Any = None,
+                 layout: str | None = None, on_input: bool = False, **settings: Any) -> None:
+        unknown = sorted(set(settings) - set(FIELDS) - {"config", "feature_mean", "feature_std",
+                                                         "estimator"})
+        if unknown:
+            raise TypeError(f"unknown argument(s) {unknown}; the settings are: {list(FIELDS)}")
+        self._engine = PerSampleBottleneck(backend, model, layer, layout=layout,
+                                           on_input=on_input, **settings)
+
+    @property
+    def model(self) -> Any:
+        """The explained model."""
+        return self._engine.model
+
+    def _tensor(self, x: Any) -> Any:
+        backend = self._engine.backend
+        if isinstance(x, np.ndarray) or not backend.owns(x):
+            a = np.asarray(x)
+            x = backend.from_numpy(a.astype(np.float32) if a.dtype == np.float64 else a)
+        return x
+
+    def estimate(self, data: Any, *, n_samples: int = 10000, batch_size: int = 32,
+                 progbar: bool | None = None, reset: bool = True) -> Estimator:
+        """Estimate the layer's feature mean and std over ``data`` (an array of inputs,
+        cut into ``batch_size``, or an iterable of ``x`` / ``(x, y)`` batches)."""
+        batches = (self._tensor(b) for b in input_batches(data, batch_size))
+        return self._engine.estimate(batches, n_samples=n_samples, progbar=progbar, reset=reset)
+
+    def analyze(self, x: Any, target: Any = None, *, loss: Callable[[Any], Any] | None = None,
+                output_loss: Callable[[Any], Any] | None = None, mode: str = "saliency",
+                seed: Any = None, noise: str = "backend", inputs_per_pass: int | None = None,
+                **overrides: Any) -> np.ndarray:
+        """Maps of a batch of inputs, NumPy, bits per pixel: ``(H, W)`` for one input, else
+        ``(N, H, W)``.  See :meth:`iba_core.PerSampleBottleneck.analyze` for ``target``,
+        ``loss``, ``output_loss``, ``mode``, ``seed``, ``noise`` and the overrides."""
+        return self._maps(self._tensor(x), target=target, loss=loss, output_loss=output_loss,
+                          mode=mode, seed=seed, noise=noise, inputs_per_pass=inputs_per_pass,
+                          **overrides)
+
+    @staticmethod
+    def plot(saliency_map: Any, img: Any = None, **kwargs: Any) -> Any:
+        """Draw a map (optionally over its image) with :func:`iba_core.apps.plotting.
+        plot_saliency_map`; returns the matplotlib axes."""
+        from ..apps.plotting import plot_saliency_map
+
+        return plot_saliency_map(saliency_map, img=img, **kwargs)
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        return (f"IBA(backend={self._engine.backend.name!r}, layer={self._engine.layer!r}, "
+                f"beta={cfg.beta}, sigma={cfg.sigma}, steps={cfg.optimization_steps}, "
+                f"estimated_samples={self.estimator.n})")
