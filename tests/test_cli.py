@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -486,3 +487,250 @@ def test_keras_bad_inputs(folders, keras_file, tmp_path, capsys):
     _bad(["explain", str(keras_file), "--layer", LAYER, "--device", "tpu:7", *images], capsys,
          "--device 'tpu:7' is not usable")
     assert not (tmp_path / "never").exists()
+
+
+# -- any registered backend: the array-api-strict test backend as a third-party plugin -------
+class _StrictModels:
+    """The models the test factory hands out, to check afterwards that no hook is left."""
+
+    made: ClassVar[list[Any]] = []
+
+
+def _strict_classes():
+    """A StrictBackend with the command-line methods, and its plugin (array-api-strict
+    is imported only by the tests that use them)."""
+    pytest.importorskip("array_api_strict")
+    import array_api_strict as xp
+
+    from iba_core import BackendSpec, UsageError, hookimpl
+    from iba_core.apps.loading import model_from_factory
+    from iba_core.contract import InputSpec
+    from strict_backend import StrictBackend, StrictModel
+
+    class CliStrictBackend(StrictBackend):
+        """What a third-party backend adds for the ``iba`` command."""
+
+        name = "strict-cli"
+
+        def claims_model(self, spec: str) -> bool:
+            return spec.endswith(":make_strict")
+
+        def load_model(self, spec, weights=None, device=None):
+            if weights is not None or device is not None:
+                raise UsageError("the strict test backend takes no --weights or --device")
+            return model_from_factory(spec, StrictModel, "StrictModel")
+
+        def describe_input(self, model):
+            return InputSpec(channels=3, size=(6, 6), channels_last=False)
+
+        def to_device(self, x, model):
+            return xp.astype(x, model.dtype)
+
+    class SecondBackend(CliStrictBackend):
+        name = "strict-cli-2"
+
+    class Plugin:
+        def __init__(self, spec):
+            self.spec = spec
+
+        @hookimpl
+        def iba_register_backends(self, register):
+            register(self.spec)
+
+    return CliStrictBackend, SecondBackend, Plugin, BackendSpec, StrictModel
+
+
+@pytest.fixture
+def strict_cli(tmp_path):
+    """Two command-line-capable strict backends registered in-process ('strict-cli', alias
+    'strictly', and 'strict-cli-2'), and a factory file that makes their models."""
+    import iba_core
+
+    first, second, plugin_cls, spec_cls, _ = _strict_classes()
+    plugins = [plugin_cls(spec_cls("strict-cli", modules=first.modules, loader=first,
+                                   aliases=("strictly",))),
+               plugin_cls(spec_cls("strict-cli-2", modules=first.modules, loader=second))]
+    pm = iba_core.plugin_manager()
+    for i, plugin in enumerate(plugins):
+        pm.register(plugin, name=f"cli-strict-test-{i}")
+    (tmp_path / "strict_factory.py").write_text(textwrap.dedent("""
+        import test_cli
+        from strict_backend import StrictModel
+
+        def make_strict():
+            model = StrictModel()
+            test_cli._StrictModels.made.append(model)
+            return model
+    """))
+    _StrictModels.made.clear()
+    try:
+        yield tmp_path / "strict_factory.py"
+    finally:
+        for plugin in plugins:
+            pm.unregister(plugin)
+
+
+def _no_hooks_left() -> bool:
+    return bool(_StrictModels.made) and all(
+        not hooks for model in _StrictModels.made for hooks in model.hooks.values())
+
+
+def _rgb_pngs(folder: Path, n: int, seed: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(
+            folder / f"img{i}.png")
+    return folder
+
+
+def test_registry_aliases(strict_cli):
+    """A backend is selected by its name, an alias (any case) or a module it handles; a
+    name that fits two backends equally is refused, naming both."""
+    import iba_core
+
+    backend = iba_core.get_backend("strict-cli")
+    assert iba_core.get_backend("strictly") is backend
+    assert iba_core.get_backend("STRICTLY") is backend
+    with pytest.raises(LookupError, match="fits several iba backends.*strict-cli, strict-cli-2"):
+        iba_core.get_backend("array_api_strict")  # both handle that module
+    with pytest.raises(LookupError, match="no iba backend named 'nope'"):
+        iba_core.get_backend("nope")
+    assert "strict-cli" in iba_core.available_backends()
+    assert "strictly" not in iba_core.available_backends()  # aliases are no extra backends
+
+
+def test_framework_names_select_the_built_in_backends():
+    import iba_core
+
+    installed = iba_core.available_backends()
+    if "tf" in installed:
+        assert iba_core.get_backend("tensorflow").name == "tf"
+        assert iba_core.get_backend("Keras").name == "tf"
+    if "torch" in installed:
+        assert iba_core.get_backend("torch").name == "torch"
+    if not {"tf", "torch"} & set(installed):
+        pytest.skip("no built-in backend installed")
+
+
+def test_a_third_party_backend_lists_layers(strict_cli, capsys):
+    """``iba layers`` through the contract only: a hook on every layer, one pass over zeros,
+    per-sample output shapes; every hook removed afterwards."""
+    spec = f"{strict_cli}:make_strict"
+    assert main(["layers", spec, "--backend", "strictly"]) == 0
+    out = capsys.readouterr().out
+    assert "input of shape (3, 6, 6)" in out  # what describe_input declares
+    table = {line.split()[0]: line.split(maxsplit=1)[1] for line in out.splitlines()[2:]}
+    assert table == {"conv": "(6, 6, 6)", "relu": "(6, 6, 6)", "pool": "(6, 3, 3)",
+                     "flatten": "(54,)", "fc": "(5,)"}
+    assert out.splitlines()[1].split() == ["layer", "output", "shape"]  # no layer types
+    assert _no_hooks_left()
+
+
+def test_a_third_party_backend_explains(strict_cli, tmp_path, capsys):
+    """``iba explain`` with a backend the command has never heard of: the core engine
+    explains, the backend only loads the model, describes its input and converts."""
+    images = _rgb_pngs(tmp_path / "images", 2, seed=1)
+    estimate_from = _rgb_pngs(tmp_path / "estimate", 4, seed=2)
+    out = tmp_path / "out"
+    spec = f"{strict_cli}:make_strict"
+    argv = ["explain", spec, "--backend", "strict-cli", "--layer", "relu", "--images",
+            str(images), "--estimate-from", str(estimate_from), "--steps", "2",
+            "--save-estimate", str(tmp_path / "est.npz"), "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "explained 2 images at layer relu" in captured.out
+    assert "iba: warning: the statistics rest on 4 samples" in captured.err
+    with np.load(out / "saliency_maps.npz") as f:
+        maps, predicted, targets = f["saliency_maps"], f["predicted"], f["targets"]
+    assert maps.shape == (2, 6, 6) and maps.dtype == np.float32
+    assert np.all(np.isfinite(maps)) and maps.min() >= 0.0 and maps.sum() > 0
+    assert set(predicted.tolist()) <= set(range(5))
+    np.testing.assert_array_equal(targets, predicted)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "img0_saliency.png", "img1_saliency.png", "saliency_maps.npz", "summary.csv"]
+    with np.load(tmp_path / "est.npz") as f:
+        assert f["mean"].shape == (6, 6, 6)
+    assert _no_hooks_left()
+    # Its mistakes are one line, like the built-in backends'.
+    _bad(["explain", spec, "--backend", "strict-cli", "--layer", "nope", "--images",
+          str(images), "--estimate-from", str(estimate_from), "--out", str(tmp_path / "x")],
+         capsys, "layer 'nope' not found", "conv, relu, pool, flatten, fc")
+    _bad(["explain", spec, "--backend", "strict-cli", "--layer", "relu", "--images",
+          str(images), "--estimate", str(tmp_path / "est.npz"), "--target", "7",
+          "--out", str(tmp_path / "x")], capsys, "--target 7 is out of range", "5 classes")
+    _bad(["layers", spec, "--backend", "strict-cli", "--device", "cuda"], capsys,
+         "takes no --weights or --device")
+    _bad(["layers", spec, "--backend", "strict-cli-3"], capsys,
+         "no iba backend named 'strict-cli-3'", "strict-cli", "strict-cli-2")
+    assert not (tmp_path / "x").exists()
+
+
+def test_auto_asks_every_backend(strict_cli, monkeypatch, capsys):
+    """``--backend auto``: exactly one installed backend must claim MODEL."""
+    spec = f"{strict_cli}:make_strict"
+    monkeypatch.setenv("IBA_BACKENDS", "strict-cli")
+    assert main(["layers", spec]) == 0
+    assert "(6, 3, 3)" in capsys.readouterr().out
+    monkeypatch.setenv("IBA_BACKENDS", "strict-cli,strict-cli-2")
+    _bad(["layers", spec], capsys, f"model '{spec}' is claimed by several backends",
+         "strict-cli, strict-cli-2", "--backend NAME")
+    _bad(["layers", "model.onnx"], capsys, "cannot tell what kind of model 'model.onnx'",
+         "installed: strict-cli, strict-cli-2", "--backend NAME")
+    monkeypatch.setenv("IBA_BACKENDS", "none-at-all")
+    _bad(["layers", spec], capsys, "cannot tell what kind of model", "installed: none")
+
+
+def test_layer_table_marks_unused_repeated_and_unhookable_layers(strict_cli):
+    """'-' for a layer that does not run, '(called again)' for one that runs twice, and
+    '(not a tensor)' for one whose output cannot be hooked; no hook is left behind."""
+    import iba_core
+    from iba_core.apps.cli import layer_table
+    from strict_backend import StrictModel
+
+    class OddModel(StrictModel):
+        def __init__(self):
+            super().__init__()
+            self.layers = {**self.layers, "pair": lambda x: (x, x), "spare": lambda x: x}
+            self.hooks = {name: [] for name in self.layers}
+
+        def _layer(self, name, x):
+            x = self.layers[name](x)
+            for hook in list(self.hooks[name]):
+                out = hook(x)
+                x = x if out is None else out
+            return x
+
+        def __call__(self, x):
+            x = self._layer("relu", self._layer("relu", self._layer("conv", x)))
+            x = self._layer("pair", self._layer("pool", x))[0]
+            return self._layer("fc", self._layer("flatten", x))
+
+    backend = iba_core.get_backend("strict-cli")
+    model = OddModel()
+    rows = dict(layer_table(backend, model, (3, 6, 6)))
+    assert rows == {"conv": "(6, 6, 6)", "relu": "(6, 6, 6) (called again)",
+                    "pool": "(6, 3, 3)", "flatten": "(54,)", "fc": "(5,)",
+                    "pair": "(not a tensor)", "spare": "-"}
+    assert all(not hooks for hooks in model.hooks.values())
+
+
+def test_the_command_names_no_framework():
+    """The command reaches backends through the registry only: no framework package is
+    named in its source, and importing it imports no framework."""
+    import iba_core.apps.cli as cli
+
+    source = Path(cli.__file__).read_text()
+    for name in ("iba_torch", "iba_tf"):
+        assert name not in source
+    code = textwrap.dedent("""
+        import sys
+        import iba_core.apps.cli
+        print([m for m in ("torch", "tensorflow", "keras", "iba_torch", "iba_tf")
+               if m in sys.modules])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

@@ -83,7 +83,12 @@ def select_backend(choice: str, model_spec: str) -> Backend:
         except UsageError as exc:
             broken.append(f"{name} ({exc})")
             continue
-        if backend.claims_model(model_spec):
+        try:
+            claims = bool(backend.claims_model(model_spec))
+        except Exception as exc:  # one faulty plugin must not stop the others
+            broken.append(f"{name} ({first_line(exc)})")
+            continue
+        if claims:
             claiming.append(backend)
     if len(claiming) == 1:
         return claiming[0]
@@ -92,7 +97,7 @@ def select_backend(choice: str, model_spec: str) -> Backend:
         raise UsageError(f"model {model_spec!r} is claimed by several backends "
                          f"({', '.join(b.name for b in claiming)}); choose one with "
                          "--backend NAME")
-    also = f"; could not load: {'; '.join(broken)}" if broken else ""
+    also = f"; could not ask: {'; '.join(broken)}" if broken else ""
     raise UsageError(
         f"cannot tell what kind of model {model_spec!r} is: no installed backend takes it "
         f"(installed: {listed}){also}. Give a Python factory as 'package.module:function' "
@@ -127,7 +132,7 @@ def quiet_native_stderr() -> Iterator[None]:
     try:
         sys.stderr.flush()
         saved = os.dup(2)
-    except (OSError, ValueError):
+    except (AttributeError, OSError, ValueError):
         yield
         return
     original = sys.stderr
@@ -147,9 +152,10 @@ def quiet_native_stderr() -> Iterator[None]:
         yield
     finally:
         if replaced:
+            # Flushed, not closed: a logging handler made meanwhile may still hold it, and
+            # it writes to the real stderr (a copy of the descriptor, closed when unused).
             with contextlib.suppress(Exception):
                 sys.stderr.flush()
-                sys.stderr.close()
             sys.stderr = original
         os.dup2(saved, 2)
         os.close(saved)

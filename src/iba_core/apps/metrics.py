@@ -90,7 +90,8 @@ class _Scorer:
 
     @property
     def channels_last(self) -> bool:
-        return bool(getattr(self.backend, "channels_last", False))
+        """The backend's declared image layout; plain callables take ``(N, C, H, W)``."""
+        return self.backend is not None and self.backend.channels_last
 
     @contextlib.contextmanager
     def session(self) -> Iterator[_Scorer]:

@@ -16,6 +16,7 @@ from ._bottleneck import (
 )
 from ._config import FIELDS, IBAConfig
 from ._front import IBA, PerSampleFront, input_batches
+from ._layout import in_layout, layer_layout
 from ._per_sample import (
     TARGET_MODES,
     PerSampleBottleneck,
@@ -49,7 +50,9 @@ __all__ = [
     "check_output_rows",
     "class_indices",
     "estimate_loop",
+    "in_layout",
     "input_batches",
+    "layer_layout",
     "model_lock",
     "model_logits",
     "one_hot_targets",

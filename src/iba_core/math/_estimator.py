@@ -25,12 +25,18 @@ class Estimator:
         shape: the per-sample feature shape ``(C, ...)``, or ``None`` before any update.
         version: a number that changes with every change of the estimate (update, merge,
             reset, load), so caches of statistics derived from it know when to refresh.
+        layer: name of the layer the features come from (saved with the estimate, so
+            an estimate is refused for another layer), or ``None``.
+        layout: ``"channels_first"``/``"channels_last"``: the layer's own layout (the
+            statistics themselves are always channels-first), or ``None``.
     """
 
     _versions = itertools.count(1)
 
     def __init__(self) -> None:
         self.version = next(Estimator._versions)
+        self.layer: str | None = getattr(self, "layer", None)
+        self.layout: str | None = getattr(self, "layout", None)
         self.n = 0
         self.shape: tuple[int, ...] | None = None
         self._mean: np.ndarray | None = None
@@ -65,6 +71,9 @@ class Estimator:
         """Fold another estimate (e.g. from another data shard) into this one, exactly."""
         if other.n == 0:
             return self
+        if self.layer is not None and other.layer is not None and self.layer != other.layer:
+            raise ValueError(f"cannot merge an estimate of layer {other.layer!r} into one of "
+                             f"layer {self.layer!r}")
         assert other._mean is not None and other._m2 is not None
         assert other._nonzero is not None and other.shape is not None
         self._merge(other.n, other.shape, other._mean, other._m2, other._nonzero)
@@ -128,22 +137,30 @@ class Estimator:
 
     # -- persistence ---------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Plain NumPy state: ``n``, ``mean``, ``m2``, ``nonzero``."""
+        """Plain NumPy state: ``n``, ``mean``, ``m2``, ``nonzero``, and ``layer`` and
+        ``layout`` when known."""
         self._require()
-        return {
+        state = {
             "n": np.asarray(self.n, dtype=np.int64),
             "mean": self._mean.copy(),
             "m2": self._m2.copy(),
             "nonzero": self._nonzero.copy(),
         }
+        if self.layer is not None:
+            state["layer"] = np.asarray(str(self.layer))
+        if self.layout is not None:
+            state["layout"] = np.asarray(str(self.layout))
+        return state
 
     def load_state_dict(
-        self, state: dict[str, Any], expected_shape: tuple[int, ...] | None = None
+        self, state: dict[str, Any], expected_shape: tuple[int, ...] | None = None,
+        expected_layer: str | None = None,
     ) -> None:
         """Restore from :meth:`state_dict`, validating keys and shapes.
 
-        ``expected_shape`` (the per-sample feature shape of the layer) is checked when
-        given, so an estimate from another layer or model is refused.
+        ``expected_shape`` (the per-sample feature shape of the layer) and
+        ``expected_layer`` (its name) are checked when given, so an estimate from another
+        layer or model is refused.
         """
         missing = {"n", "mean", "m2", "nonzero"} - set(state)
         if missing:
@@ -152,10 +169,15 @@ class Estimator:
         m2 = np.asarray(state["m2"], dtype=np.float64)
         nonzero = np.asarray(state["nonzero"], dtype=np.float64)
         n = int(np.asarray(state["n"]))
+        layer = str(np.asarray(state["layer"])) if "layer" in state else None
+        layout = str(np.asarray(state["layout"])) if "layout" in state else None
         if not (mean.shape == m2.shape == nonzero.shape):
             raise ValueError(
                 f"inconsistent estimate: mean {mean.shape}, m2 {m2.shape}, nonzero {nonzero.shape}"
             )
+        if expected_layer is not None and layer is not None and layer != expected_layer:
+            raise ValueError(f"the estimate was made for layer {layer!r}, not "
+                             f"{expected_layer!r}; estimate again for this layer")
         if expected_shape is not None and tuple(mean.shape) != tuple(expected_shape):
             raise ValueError(
                 f"the estimate has feature shape {mean.shape} but the layer produces "
@@ -165,6 +187,7 @@ class Estimator:
             raise ValueError("the estimate holds no samples")
         self.n, self.shape = n, tuple(mean.shape)
         self._mean, self._m2, self._nonzero = mean, m2, nonzero
+        self.layer, self.layout = layer, layout
         self.version = next(Estimator._versions)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -173,13 +196,14 @@ class Estimator:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, expected_shape: tuple[int, ...] | None = None
+        cls, path: str | os.PathLike, expected_shape: tuple[int, ...] | None = None,
+        expected_layer: str | None = None,
     ) -> Estimator:
         """Read an estimate written by :meth:`save`; see :meth:`load_state_dict`."""
         with np.load(path) as data:
             state = {k: data[k] for k in data.files}
         est = cls()
-        est.load_state_dict(state, expected_shape)
+        est.load_state_dict(state, expected_shape, expected_layer)
         return est
 
     def __repr__(self) -> str:

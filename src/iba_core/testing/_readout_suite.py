@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ..contract import Backend, attached, get_backend
+from ..contract import Backend, get_backend
+from ._suite import bottleneck_on
 from ..engines import (
     Bottleneck,
     FewSamplesWarning,
@@ -202,7 +203,7 @@ def per_sample_maps(backend: Backend, model: Any, bottleneck: Bottleneck, x: Any
         logits = backend.call(model, batch)
         return target_cross_entropy(logits, np.repeat(labels, int(logits.shape[0]) // n))
 
-    with attached(backend, model, BOTTLENECK_LAYER, bottleneck), backend.frozen(model):
+    with bottleneck_on(backend, model, BOTTLENECK_LAYER, bottleneck), backend.frozen(model):
         cap = bottleneck.optimize(loss, x, seed=0)
     return backend.to_numpy(saliency_map(cap, IMAGE_SIZE))
 

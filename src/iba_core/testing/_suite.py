@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ..contract import LAYOUTS, Backend, attached, get_backend
-from ..engines import Bottleneck, FewSamplesWarning, repeat_inputs
+from ..engines import Bottleneck, FewSamplesWarning, in_layout, layer_layout, repeat_inputs
 from ..math import (
     REQUIRED_FUNCTIONS,
     adam_init,
@@ -23,6 +23,13 @@ from ..math import (
     restrict,
     saliency_map,
 )
+
+
+def bottleneck_on(backend: Backend, model: Any, layer: Any, bottleneck: Bottleneck) -> Any:
+    """Context: ``bottleneck`` hooked on ``layer``, seeing channels-first features whatever
+    the layer's layout (as the engines hook it)."""
+    layout = layer_layout(backend, model, layer, None)
+    return attached(backend, model, layer, in_layout(backend, bottleneck, layout))
 
 
 @dataclasses.dataclass
@@ -310,7 +317,7 @@ def _estimated(case: ConformanceCase, backend: Backend, model: Any, layer: Any,
     bn = Bottleneck(**kwargs)
     bn.backend = backend
     batches = [case.make_inputs(16, dtype, 100 + i) for i in range(4)]
-    with attached(backend, model, layer, bn), backend.frozen(model):
+    with bottleneck_on(backend, model, layer, bn), backend.frozen(model):
         with pytest.warns(FewSamplesWarning):
             bn.estimate(lambda b: backend.call(model, b), batches)
     return bn
@@ -338,7 +345,7 @@ class EstimationTests(_Base):
         bn = Bottleneck()
         bn.backend = backend
         batches = [case.make_inputs(4, "float32", i) for i in range(5)]
-        with attached(backend, model, layer, bn), pytest.warns(FewSamplesWarning):
+        with bottleneck_on(backend, model, layer, bn), pytest.warns(FewSamplesWarning):
             bn.estimate(lambda b: backend.call(model, b), batches, n_samples=10)
         assert bn.estimator.n == 10
 
@@ -432,7 +439,7 @@ class HookTests(_Base):
         like = backend.from_numpy(feats)
         closed = xp.full(tuple(feats.shape), -10.0, dtype=like.dtype)
         opened = xp.full(tuple(feats.shape), 30.0, dtype=like.dtype)
-        with attached(backend, model, layer, bn):
+        with bottleneck_on(backend, model, layer, bn):
             with bn.restricting(closed):
                 noisy = backend.to_numpy(backend.call(model, x))
             with bn.restricting(opened):
@@ -458,7 +465,7 @@ class PerSampleTests(_Base):
             onehot = np.eye(case.n_classes)[np.repeat(targets, reps)]
             return cross_entropy(logits, backend.from_numpy(onehot, like=logits))
 
-        with attached(backend, model, layer, bn), backend.frozen(model):
+        with bottleneck_on(backend, model, layer, bn), backend.frozen(model):
             cap = bn.optimize(loss, x, **kwargs)
         return cap, saliency_map(cap, case.input_size)
 
@@ -528,7 +535,7 @@ class PerSampleTests(_Base):
 
         caps, alphas = [], []
         for per_pass in (3, 2, 1):
-            with attached(backend, model, layer, bn), backend.frozen(model):
+            with bottleneck_on(backend, model, layer, bn), backend.frozen(model):
                 caps.append(backend.to_numpy(bn.explain(loss_for, x, inputs_per_pass=per_pass,
                                                         seed=7, optimization_steps=4)))
             alphas.append(backend.to_numpy(bn.alpha))
@@ -603,7 +610,7 @@ class PerSampleTests(_Base):
             return cross_entropy(logits, backend.from_numpy(onehot, like=logits))
 
         caps = {}
-        with attached(backend, model, layer, bn), backend.frozen(model):
+        with bottleneck_on(backend, model, layer, bn), backend.frozen(model):
             for where in ("layer", "input"):
                 caps[where] = backend.to_numpy(bn.optimize(
                     loss, x, copies=where, batch_size=copies, seed=6, optimization_steps=3))
@@ -622,14 +629,14 @@ class PerSampleTests(_Base):
         bn = _estimated(case, backend, model, layer)
         x = case.make_inputs(1, "float32", 0)
         xp = backend.namespace()
-        with attached(backend, model, layer, bn), pytest.raises(RuntimeError, match="never ran"):
+        with bottleneck_on(backend, model, layer, bn), pytest.raises(RuntimeError, match="never ran"):
             bn.optimize(lambda b: xp.sum(b), x)
 
     def test_non_scalar_loss_is_refused(self, case: ConformanceCase, backend: Backend) -> None:
         model, layer = case.make_model("float32")
         bn = _estimated(case, backend, model, layer)
         x = case.make_inputs(1, "float32", 0)
-        with attached(backend, model, layer, bn), pytest.raises(ValueError, match="scalar"):
+        with bottleneck_on(backend, model, layer, bn), pytest.raises(ValueError, match="scalar"):
             bn.optimize(lambda b: backend.call(model, b), x)
 
 
