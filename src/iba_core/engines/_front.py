@@ -86,6 +86,7 @@ class PerSampleFront:
     active_neurons_threshold = _front_setting("active_neurons_threshold")
     relu = _front_setting("relu")
     progbar = _front_setting("progbar")
+    compile = _front_setting("compile")
 
     @property
     def engine(self) -> PerSampleBottleneck:
