@@ -7,8 +7,9 @@ Attributes are loaded on first access, so the plugin registry can import this pa
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from iba_core.contract import lazy_exports
 
 __all__ = [
     "IBACopy",
@@ -28,7 +29,7 @@ _LAZY = {
     "IBAReadout": "iba_tf._readout",
     "TFBackend": "iba_tf._backend",
     "model_wo_softmax": "iba_tf._copy",
-    "namespace": "iba_tf._namespace",
+    "namespace": "iba_tf._namespace:",
     "plot_saliency_map": "iba_core.apps.plotting",
 }
 
@@ -42,15 +43,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._readout import IBAReadout
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'iba_tf' has no attribute {name!r}")
-    imported = importlib.import_module(module)
-    value = imported if name == "namespace" else getattr(imported, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports("iba_tf", _LAZY)

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from iba_core import contract
 from iba_core.contract import Backend, FeatureHook, Handle
 
 from . import _namespace
@@ -67,19 +68,14 @@ def all_layers(model: Any) -> list[keras.layers.Layer]:
 
 def resolve_layer(model: Any, layer: Any) -> keras.layers.Layer:
     """A Keras layer given directly, or found by name anywhere in ``model``."""
-    if isinstance(layer, keras.layers.Layer):
-        return layer
-    if not isinstance(layer, str):
-        raise TypeError(f"layer must be a keras Layer or a layer name, got {type(layer).__name__}")
-    if model is None:
-        raise ValueError(f"layer {layer!r} is given by name, so the model is needed to find it")
-    layers = all_layers(model)
-    for candidate in layers:
-        if candidate.name == layer:
-            return candidate
-    names = [candidate.name for candidate in layers]
-    raise LookupError(f"layer {layer!r} not found in model {getattr(model, 'name', '?')!r}; "
-                      f"its layers are: {names}")
+    def named(m: Any) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for candidate in all_layers(m):
+            found.setdefault(candidate.name, candidate)
+        return found
+
+    return contract.resolve_layer(model, layer, keras.layers.Layer, named,
+                                  where=f"model {getattr(model, 'name', '?')!r}")
 
 
 # -- hooks -------------------------------------------------------------------------------

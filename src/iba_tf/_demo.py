@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iba_core.apps.demo import DEMO_LAYER
+from iba_core.apps.demo import DEMO_LAYER, demo_weights
 
 __all__ = ["DEMO_LAYER", "INPUT_SHAPE", "build_demo_cnn", "demo_cnn", "keras_weights_from_torch",
            "weights_path"]
@@ -65,14 +65,8 @@ def keras_weights_from_torch(state: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
 def demo_cnn(weights: str | Path | None = None) -> object:
     """The trained Keras demo CNN (``weights``: another ``.npz`` in Keras layout)."""
-    path = Path(weights) if weights is not None else weights_path()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"the demo CNN's weights are missing ({path}); reinstall iba or run "
-            "scripts/train_demo_models.py"
-        )
+    data = demo_weights(weights if weights is not None else weights_path())
     model = build_demo_cnn()
-    with np.load(path) as data:
-        for name in [n for n, _ in _CONVS] + ["classifier.fc"]:
-            model.get_layer(name).set_weights([data[f"{name}/kernel"], data[f"{name}/bias"]])
+    for name in [n for n, _ in _CONVS] + ["classifier.fc"]:
+        model.get_layer(name).set_weights([data[f"{name}/kernel"], data[f"{name}/bias"]])
     return model

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from iba_core.engines import PerSampleBottleneck, PerSampleFront, input_batches
+from iba_core.engines import PerSampleBottleneck, PerSampleFront, input_batches, settings_of
 from iba_core.math import Estimator
 
 from ._backend import TFBackend, is_channels_last
@@ -64,17 +64,11 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
 
     def __init__(
         self,
-        sigma: float | None = 1.0,
-        beta: float = 10.0,
-        min_std: float = 0.01,
-        optimization_steps: int = 10,
-        lr: float = 1.0,
-        batch_size: int = 10,
-        initial_alpha: float = 5.0,
-        active_neurons_threshold: float = 0.01,
+        sigma: float | None = 1.0, beta: float = 10.0, min_std: float = 0.01,
+        optimization_steps: int = 10, lr: float = 1.0, batch_size: int = 10,
+        initial_alpha: float = 5.0, active_neurons_threshold: float = 0.01,
         relu: bool = False,
-        feature_mean: Any = None,
-        feature_std: Any = None,
+        feature_mean: Any = None, feature_std: Any = None,
         feature_mean_std: tuple[Any, Any] | None = None,
         estimator: Estimator | None = None,
         progbar: bool = False,
@@ -93,11 +87,9 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
         self._engine = PerSampleBottleneck(
             BACKEND, None, None, estimate_hint="estimate(model, data)",
             layout="channels_last" if self.channels_last else "channels_first",
-            sigma=sigma, beta=beta, min_std=min_std, optimization_steps=optimization_steps,
-            lr=lr, batch_size=batch_size, initial_alpha=initial_alpha,
-            active_neurons_threshold=active_neurons_threshold, relu=relu, progbar=progbar,
             feature_mean=self._channels_first_stat(feature_mean),
             feature_std=self._channels_first_stat(feature_std), estimator=estimator,
+            **settings_of(locals()),
         )
         self.supports_masking = True
 

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from iba_core.engines import Bottleneck, ReadoutBottleneck, ReadoutFront, input_batches
+from iba_core.engines import ReadoutFront, input_batches
 from iba_core.math import Estimator
 
 from ._backend import all_layers, is_channels_last, resolve_layer
@@ -126,13 +126,9 @@ class IBAReadout(ReadoutFront):
         attach_layer: keras.layers.Layer | str,
         readout_layers: Sequence[keras.layers.Layer | str],
         model: keras.Model,
-        sigma: float | None = 1.0,
-        beta: float = 10.0,
-        min_std: float = 0.01,
-        active_neurons_threshold: float = 0.01,
-        relu: bool = False,
-        seed: int | None = 0,
-        progbar: bool = False,
+        sigma: float | None = 1.0, beta: float = 10.0, min_std: float = 0.01,
+        active_neurons_threshold: float = 0.01, relu: bool = False,
+        seed: int | None = 0, progbar: bool = False,
     ) -> None:
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
@@ -140,15 +136,10 @@ class IBAReadout(ReadoutFront):
             readout_layers = [readout_layers]
         layer = _resolve(model, attach_layer, "attach layer")
         layers = [_resolve(model, r, "readout layer") for r in readout_layers]
-        self.layer_name = layer.name
         self._channels_last = is_channels_last(layer)
-        self.readout_names = [r.name for r in layers]
-        bottleneck = Bottleneck(sigma=sigma, beta=beta, min_std=min_std,
-                                active_neurons_threshold=active_neurons_threshold, relu=relu,
-                                progbar=progbar)
-        self._readout = ReadoutBottleneck(
-            BACKEND, model, layer, layers, bottleneck=bottleneck, seed=seed,
-            labels=[repr(n) for n in self.readout_names], progbar=progbar)
+        self._build(BACKEND, model, layer, layer.name, layers, [r.name for r in layers],
+                    seed=seed, progbar=progbar, sigma=sigma, beta=beta, min_std=min_std,
+                    relu=relu, active_neurons_threshold=active_neurons_threshold)
 
     # -- statistics and training -----------------------------------------------------
     def estimate(self, data: Any, n_samples: int = 10000, batch_size: int = 32,

@@ -6,17 +6,11 @@ access, so the plugin registry can import this package without importing torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from iba_core.contract import lazy_exports
 
 __all__ = ["IBA", "IBAReadout", "TorchBackend", "plot_saliency_map"]
-
-_LAZY = {
-    "IBA": "iba_torch._iba",
-    "IBAReadout": "iba_torch._readout",
-    "TorchBackend": "iba_torch._backend",
-    "plot_saliency_map": "iba_core.apps.plotting",
-}
 
 if TYPE_CHECKING:  # pragma: no cover
     from iba_core.apps.plotting import plot_saliency_map
@@ -25,15 +19,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._iba import IBA
     from ._readout import IBAReadout
 
+#: Public name -> the module it is loaded from on first access.
+_LAZY = {
+    "IBA": "iba_torch._iba",
+    "IBAReadout": "iba_torch._readout",
+    "TorchBackend": "iba_torch._backend",
+    "plot_saliency_map": "iba_core.apps.plotting",
+}
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'iba_torch' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports("iba_torch", _LAZY)

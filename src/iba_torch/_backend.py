@@ -11,6 +11,7 @@ import array_api_compat.torch as torch_xp
 import numpy as np
 import torch
 
+from iba_core import contract
 from iba_core.contract import Backend, FeatureHook, Handle
 
 from ._cli import TorchCliMixin
@@ -21,17 +22,8 @@ CPU_PASS_SIZE = 32
 
 def resolve_layer(model: torch.nn.Module | None, layer: Any) -> torch.nn.Module:
     """A module given directly, or looked up by its dotted name in ``model``."""
-    if isinstance(layer, torch.nn.Module):
-        return layer
-    if not isinstance(layer, str):
-        raise TypeError(f"layer must be a torch.nn.Module or a name, got {type(layer).__name__}")
-    if model is None:
-        raise ValueError(f"layer {layer!r} is given by name, so the model is needed to find it")
-    modules = dict(model.named_modules())
-    if layer not in modules or layer == "":
-        names = [n for n in modules if n]
-        raise LookupError(f"layer {layer!r} not found in the model; its layers are: {names}")
-    return modules[layer]
+    return contract.resolve_layer(
+        model, layer, torch.nn.Module, lambda m: {n: x for n, x in m.named_modules() if n})
 
 
 class _HookHandle:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from iba_core.apps.demo import DEMO_LAYER
+from iba_core.apps.demo import DEMO_LAYER, demo_weights
 
 __all__ = ["DEMO_LAYER", "INPUT_SHAPE", "build_demo_cnn", "demo_cnn", "weights_path"]
 #: Input shape per image, channels first.
@@ -57,14 +57,8 @@ def state_dict_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
 
 def demo_cnn(weights: str | Path | None = None) -> nn.Sequential:
     """The trained demo CNN in eval mode (``weights``: another ``.npz`` to load instead)."""
-    path = Path(weights) if weights is not None else weights_path()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"the demo CNN's weights are missing ({path}); reinstall iba or run "
-            "scripts/train_demo_models.py"
-        )
+    arrays = demo_weights(weights if weights is not None else weights_path())
     model = build_demo_cnn()
-    with np.load(path) as data:
-        state = {k: torch.from_numpy(np.array(data[k])) for k in data.files}
+    state = {k: torch.from_numpy(v) for k, v in arrays.items()}
     model.load_state_dict(state)
     return model.eval()

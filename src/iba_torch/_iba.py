@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from iba_core.engines import PerSampleBottleneck, PerSampleFront, input_batches
+from iba_core.engines import PerSampleBottleneck, PerSampleFront, input_batches, settings_of
 from iba_core.math import Estimator
 
 from ._backend import TorchBackend, model_device, resolve_layer
@@ -73,10 +73,8 @@ class IBA(torch.nn.Module, PerSampleFront):
         self.__dict__["_engine"] = PerSampleBottleneck(
             _BACKEND, model, layer, layout=layout, on_input=input_or_output == "input",
             estimate_hint="estimate(model, dataloader)",
-            sigma=sigma, beta=beta, min_std=min_std, optimization_steps=optimization_steps,
-            lr=lr, batch_size=batch_size, initial_alpha=initial_alpha,
-            active_neurons_threshold=active_neurons_threshold, relu=relu, progbar=progbar,
             feature_mean=feature_mean, feature_std=feature_std, estimator=estimator,
+            **settings_of(locals()),
         )
 
     # -- placement -----------------------------------------------------------------

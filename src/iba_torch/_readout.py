@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from iba_core.engines import Bottleneck, ReadoutBottleneck, ReadoutFront
+from iba_core.engines import ReadoutFront
 from iba_core.math import Estimator
 
 from ._backend import TorchBackend, model_device, resolve_layer
@@ -52,15 +52,13 @@ class IBAReadout(ReadoutFront):
     were.  Weights are plain NumPy arrays (:meth:`state_dict`, :meth:`save`): a readout
     trained here loads in ``iba_tf.IBAReadout`` for the same network, and vice versa.
 
-    Args:
-        attach_layer: where the bottleneck goes.
-        readout_layers: layers the readout network reads (vectors such as logits are
-            broadcast over the bottleneck's positions).
-        model: the model that contains these layers.
-        sigma, min_std, active_neurons_threshold, relu: as for :class:`iba_torch.IBA`.
-        beta: default weight of the mean capacity in the training loss.
-        seed: seed of the readout network's initial weights.
-        progbar: show progress bars.
+    The bottleneck goes at ``attach_layer``; the readout network reads the features of
+    ``readout_layers`` (vectors such as logits are broadcast over the bottleneck's
+    positions); all are modules of ``model`` (objects or dotted names).  ``sigma``,
+    ``min_std``, ``active_neurons_threshold`` and ``relu`` are as for
+    :class:`iba_torch.IBA`; ``beta`` is the default weight of the mean capacity in the
+    training loss, ``seed`` seeds the readout network's initial weights, and ``progbar``
+    shows progress bars.
     """
 
     def __init__(
@@ -82,14 +80,10 @@ class IBAReadout(ReadoutFront):
             readout_layers = [readout_layers]
         layer, layer_name = _resolve(model, attach_layer, "attach layer")
         resolved = [_resolve(model, r, "readout layer") for r in readout_layers]
-        self.layer_name = layer_name
-        self.readout_names = [name for _, name in resolved]
-        bottleneck = Bottleneck(sigma=sigma, beta=beta, min_std=min_std,
-                                active_neurons_threshold=active_neurons_threshold, relu=relu,
-                                progbar=progbar)
-        self._readout = ReadoutBottleneck(
-            _BACKEND, model, layer, [m for m, _ in resolved], bottleneck=bottleneck, seed=seed,
-            labels=[repr(n) for n in self.readout_names], progbar=progbar)
+        self._build(_BACKEND, model, layer, layer_name, [m for m, _ in resolved],
+                    [name for _, name in resolved], seed=seed, progbar=progbar, sigma=sigma,
+                    beta=beta, min_std=min_std, relu=relu,
+                    active_neurons_threshold=active_neurons_threshold)
         self._detached = False
 
     def detach(self) -> None:

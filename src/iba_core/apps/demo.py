@@ -17,6 +17,20 @@ import numpy as np
 DEMO_LAYER = "features.relu3"
 
 
+def demo_weights(path: Any) -> dict[str, np.ndarray]:
+    """The demo CNN's weights from an ``.npz`` file (each backend ships its own layout)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the demo CNN's weights are missing ({path}); reinstall iba or run "
+            "scripts/train_demo_models.py"
+        )
+    with np.load(path) as data:
+        return {k: np.array(data[k]) for k in data.files}
+
+
 def top_n_in_box(saliency: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """Fraction of the ``n`` highest-attributed pixels that lie inside the box (reference).
 

@@ -18,6 +18,7 @@ from ._backend import (
     UsageError,
     attached,
 )
+from ._helpers import lazy_exports, resolve_layer
 from ._registry import (
     ENTRY_POINT_GROUP,
     BackendSpec,
@@ -46,5 +47,7 @@ __all__ = [
     "find_backend",
     "get_backend",
     "hookimpl",
+    "lazy_exports",
     "plugin_manager",
+    "resolve_layer",
 ]

@@ -15,7 +15,7 @@ from ._bottleneck import (
     repeat_inputs,
 )
 from ._config import FIELDS, IBAConfig
-from ._front import IBA, PerSampleFront, input_batches
+from ._front import IBA, PerSampleFront, input_batches, settings_of
 from ._layout import in_layout, layer_layout
 from ._per_sample import (
     TARGET_MODES,
@@ -59,5 +59,6 @@ __all__ = [
     "prepared_inputs",
     "readout_input",
     "repeat_inputs",
+    "settings_of",
     "target_cross_entropy",
 ]

@@ -10,7 +10,7 @@ so a plugin backend gets the whole workflow with no framework glue.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,11 @@ def _front_setting(name: str) -> property:
 
     return property(get, set_, doc=f"The ``{name}`` setting (see :class:`iba_core.IBAConfig`); "
                                    "read and written live, validated like the constructor.")
+
+
+def settings_of(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`IBAConfig` fields among a front constructor's ``locals()``."""
+    return {k: arguments[k] for k in FIELDS if k in arguments}
 
 
 def input_batches(data: Any, batch_size: int = 32) -> Iterator[Any]:

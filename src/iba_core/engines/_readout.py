@@ -806,6 +806,16 @@ class ReadoutFront:
     layer_name: str
     readout_names: list[str]
 
+    def _build(self, backend: Backend, model: Any, layer: Any, layer_name: str,
+               layers: Sequence[Any], names: Sequence[str], *, seed: int | None,
+               progbar: bool, **settings: Any) -> None:
+        """Make the core readout: ``settings`` are the bottleneck's (sigma, beta, ...)."""
+        self.layer_name = layer_name
+        self.readout_names = list(names)
+        self._readout = ReadoutBottleneck(
+            backend, model, layer, list(layers), bottleneck=Bottleneck(progbar=progbar, **settings),
+            seed=seed, labels=[repr(n) for n in self.readout_names], progbar=progbar)
+
     @property
     def model(self) -> Any:
         """The explained model."""
