@@ -21,9 +21,10 @@ import tensorflow as tf
 from iba_core.apps.loading import first_line
 from iba_core.contract import InputSpec, UsageError
 
+from . import _plugin
+
 __all__ = ["TFCliMixin"]
 
-_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 #: The device each model loaded for ``--device`` lives on; inputs are copied there.
 _devices: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
@@ -52,7 +53,7 @@ class TFCliMixin:
 
     def claims_model(self, spec: str) -> bool:
         """Keras model files: ``.keras``, ``.h5``, ``.hdf5``."""
-        return spec.lower().endswith(_SUFFIXES)
+        return _plugin.claims_model(spec)
 
     def load_model(self, spec: str, weights: str | None = None, device: str | None = None
                    ) -> keras.Model:

@@ -18,10 +18,11 @@ import torch
 from iba_core.apps.loading import first_line, model_from_factory
 from iba_core.contract import InputSpec, UsageError
 
+from . import _plugin
+
 __all__ = ["TorchCliMixin"]
 
 #: Suffixes of model files that are Keras' rather than a Python factory with a colon.
-_KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
 def _device(device: str | None) -> torch.device | None:
@@ -75,7 +76,7 @@ class TorchCliMixin:
 
     def claims_model(self, spec: str) -> bool:
         """A ``module:factory`` spec (with a colon), unless it names a Keras file."""
-        return ":" in spec and not spec.lower().endswith(_KERAS_SUFFIXES)
+        return _plugin.claims_model(spec)
 
     def load_model(self, spec: str, weights: str | None = None, device: str | None = None
                    ) -> torch.nn.Module:

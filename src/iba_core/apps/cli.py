@@ -37,7 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from ..contract import Backend, InputSpec, RunFailure, UsageError, available_backends, get_backend
+from ..contract import (
+    Backend,
+    InputSpec,
+    RunFailure,
+    UsageError,
+    available_backends,
+    backend_specs,
+    get_backend,
+)
 from .loading import first_line
 
 __all__ = ["CliError", "CliFailure", "build_parser", "layer_table", "main", "select_backend"]
@@ -74,28 +82,31 @@ def select_backend(choice: str, model_spec: str) -> Backend:
     claims ``model_spec`` (:meth:`Backend.claims_model`)."""
     if choice != "auto":
         return load_backend(choice)
-    installed = available_backends()
-    claiming: list[Backend] = []
+    specs = backend_specs()
+    installed = sorted(specs)
+    claiming: list[str] = []
     broken: list[str] = []
     for name in installed:
         try:
-            backend = load_backend(name)
+            cheap = specs[name].claims  # answered without importing the framework
+            if cheap is not None:
+                claims = bool(cheap(model_spec))
+            else:
+                claims = bool(load_backend(name).claims_model(model_spec))
         except UsageError as exc:
             broken.append(f"{name} ({exc})")
             continue
-        try:
-            claims = bool(backend.claims_model(model_spec))
         except Exception as exc:  # one faulty plugin must not stop the others
             broken.append(f"{name} ({first_line(exc)})")
             continue
         if claims:
-            claiming.append(backend)
+            claiming.append(name)
     if len(claiming) == 1:
-        return claiming[0]
+        return load_backend(claiming[0])
     listed = ", ".join(installed) or "none"
     if claiming:
         raise UsageError(f"model {model_spec!r} is claimed by several backends "
-                         f"({', '.join(b.name for b in claiming)}); choose one with "
+                         f"({', '.join(claiming)}); choose one with "
                          "--backend NAME")
     also = f"; could not ask: {'; '.join(broken)}" if broken else ""
     raise UsageError(
@@ -265,13 +276,9 @@ def layer_table(backend: Backend, model: Any, input_shape: tuple[int, ...]
 
 
 def _layer_kind(backend: Backend, model: Any, name: str) -> str | None:
-    # Optional: a backend may say what kind of layer a name is (a class name).
-    kind = getattr(backend, "layer_kind", None)
-    if kind is None:
-        return None
     try:
-        return kind(model, name)
-    except Exception:
+        return backend.layer_kind(model, name)
+    except Exception:  # an optional description; never a reason to fail
         return None
 
 

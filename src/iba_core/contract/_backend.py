@@ -152,17 +152,17 @@ class Backend(abc.ABC):
         """Optionally compile a pure array function; default: unchanged."""
         return fn
 
-    def cross_entropy(self, logits: Any, labels: np.ndarray) -> Any:
-        """Mean over rows of ``-log_softmax(logits)[i, labels[i]]`` for class indices ``labels``.
+    def cross_entropy(self, logits: Any, probabilities: Any) -> Any:
+        """Mean over rows of ``-sum_k probabilities[i, k] * log_softmax(logits)[i, k]``.
 
-        The engine's target loss.  The default is the core's Array API formula; a backend
-        may use its framework's fused kernel.
+        The engine's target loss: ``probabilities`` ``(B, K)`` (a tensor like ``logits``)
+        holds one-hot rows for class targets, or each input's class distribution for
+        ``target="all"``.  The default is the core's Array API formula; a backend may use
+        its framework's fused kernel.
         """
         from ..math import cross_entropy
 
-        k = int(logits.shape[-1])
-        onehot = np.eye(k, dtype=np.float64)[np.asarray(labels, dtype=np.int64)]
-        return cross_entropy(logits, self.from_numpy(onehot, like=logits))
+        return cross_entropy(logits, probabilities)
 
     # -- models --------------------------------------------------------------------
     @abc.abstractmethod
@@ -216,7 +216,8 @@ class Backend(abc.ABC):
     # -- the iba command (optional) ------------------------------------------------------
     def claims_model(self, spec: str) -> bool:
         """Whether the ``iba`` command's MODEL argument ``spec`` names this backend's kind
-        of model (e.g. a ``.keras`` file), so ``--backend auto`` can pick it."""
+        of model (e.g. a ``.keras`` file), so ``--backend auto`` can pick it.  A plugin
+        can answer without importing its framework: :attr:`BackendSpec.claims`."""
         return False
 
     def load_model(self, spec: str, weights: str | None = None, device: str | None = None
@@ -228,6 +229,10 @@ class Backend(abc.ABC):
     def demo_model(self, device: str | None = None) -> Any:
         """The pretrained demo CNN of ``iba demo`` (1x64x64 cluttered digits, 10 classes)."""
         raise UsageError(f"the {self.name} backend has no demo model")
+
+    def layer_kind(self, model: Any, layer: str) -> str | None:
+        """What kind of layer ``layer`` is (e.g. its class name), for ``iba layers``."""
+        return None
 
     def describe_input(self, model: Any) -> InputSpec:
         """What ``model`` declares about its image input (channels, size, layout)."""

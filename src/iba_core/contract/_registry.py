@@ -30,12 +30,17 @@ class BackendSpec:
             :class:`Backend`; only called on first use.
         aliases: other names users may select it by (``get_backend("pytorch")``), e.g.
             the framework's own name; matched without regard to case.
+        claims: ``spec -> bool``: whether the ``iba`` command's MODEL argument is this
+            backend's kind of model, answered without importing the framework (so
+            ``--backend auto`` loads only the backend it picks).  ``None``: the backend is
+            loaded and asked (:meth:`Backend.claims_model`).
     """
 
     name: str
     modules: tuple[str, ...]
     loader: str | Callable[[], Backend]
     aliases: tuple[str, ...] = ()
+    claims: Callable[[str], bool] | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -119,6 +124,11 @@ def _find_spec(specs: dict[str, BackendSpec], name: str) -> BackendSpec | None:
                               f"({', '.join(sorted(s.name for s in matches))}); select one "
                               "by its name")
     return None
+
+
+def backend_specs() -> dict[str, BackendSpec]:
+    """The registered (and not pinned away) backends' specs by name; imports no framework."""
+    return dict(_specs())
 
 
 def available_backends() -> list[str]:

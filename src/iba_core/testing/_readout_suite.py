@@ -30,7 +30,6 @@ import numpy as np
 import pytest
 
 from ..contract import Backend, get_backend
-from ._suite import bottleneck_on
 from ..engines import (
     Bottleneck,
     FewSamplesWarning,
@@ -40,6 +39,7 @@ from ..engines import (
     target_cross_entropy,
 )
 from ..math import saliency_map
+from ._suite import bottleneck_on
 
 #: Colours of the five classes (unit RGB vectors).
 BLOB_COLOURS = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=np.float64)
