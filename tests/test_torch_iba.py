@@ -262,7 +262,7 @@ class TestBadInput:
     def test_layer_outside_the_model(self, model):
         other = make_model()
         iba = IBA(other.conv2)
-        with pytest.raises(RuntimeError, match="without calling the bottleneck layer"):
+        with pytest.raises(RuntimeError, match="never ran in the forward pass"):
             iba.estimate(model, loader())
 
     def test_non_scalar_loss(self, model, iba):

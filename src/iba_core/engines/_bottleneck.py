@@ -30,6 +30,50 @@ class _StopForward(Exception):
     """Raised by the hook to end a forward pass early (see ``interrupt``)."""
 
 
+class FeatureRecorder:
+    """The one feature recorder: a layer hook that keeps the features it sees while active.
+
+    Used by the bottleneck (estimation, the first pass of an explanation) and by the
+    readout's layers.  Features are cut from any gradient graph; with ``interrupt`` the
+    forward pass ends right after the layer (see :meth:`Bottleneck.interruptible`).
+    """
+
+    def __init__(self, label: str = "the bottleneck layer") -> None:
+        self.label = label
+        self.backend: Backend | None = None
+        self.active = False
+        self.interrupt = False
+        self.features: list[Any] = []
+
+    def start(self, backend: Backend, *, interrupt: bool = False) -> None:
+        self.backend, self.active, self.interrupt, self.features = backend, True, interrupt, []
+
+    def stop(self) -> None:
+        self.active = self.interrupt = False
+
+    def __call__(self, features: Any) -> None:
+        if self.active:
+            assert self.backend is not None
+            self.features.append(self.backend.stop_gradient(features))
+            if self.interrupt:
+                raise _StopForward
+        return None
+
+    def take(self) -> Any:
+        """The features of the one call of the layer; a clear error for none or several."""
+        if not self.features:
+            raise RuntimeError(
+                f"{self.label} never ran in the forward pass; choose a layer that the model "
+                "computes on every input (and that belongs to the model that is run)"
+            )
+        if len(self.features) > 1:
+            raise RuntimeError(
+                f"{self.label} ran {len(self.features)} times in one forward pass; choose a "
+                "layer that the model calls exactly once"
+            )
+        return self.features[0]
+
+
 def repeat_inputs(xp: Any, x: Any, times: int) -> Any:
     """``(N, ...) -> (N * times, ...)`` with each input repeated ``times`` times in a row."""
     n = x.shape[0]
@@ -165,8 +209,7 @@ class Bottleneck:
         #: (``"input"`` also when ``copies="layer"`` was asked for but the model fell back).
         self.copies_made_at: str | None = None
         self._mode = "pass"
-        self._interrupt = False
-        self._recorded: list[Any] = []
+        self._recorder = FeatureRecorder()
         self._active_alpha: Any = None
         self._mask: tuple[Any, ...] | None = None
         self._noise: Any = None
@@ -296,11 +339,7 @@ class Bottleneck:
         if self._mode == "pass":
             return None
         if self._mode == "record":
-            assert self.backend is not None
-            self._recorded.append(self.backend.stop_gradient(features))
-            if self._interrupt:
-                raise _StopForward
-            return None
+            return self._recorder(features)
         # restrict
         backend = self.backend
         assert backend is not None
@@ -369,16 +408,19 @@ class Bottleneck:
     @contextlib.contextmanager
     def _state(self, mode: str, *, interrupt: bool = False, alpha: Any = None,
                mask: tuple[Any, ...] | None = None, noise: Any = None) -> Iterator[None]:
-        saved = (self._mode, self._interrupt, self._active_alpha, self._mask, self._noise,
-                 self._calls, self._recorded)
-        self._mode, self._interrupt = mode, interrupt
+        saved = (self._mode, self._active_alpha, self._mask, self._noise, self._calls,
+                 self._recorder)
+        self._mode = mode
         self._active_alpha, self._mask, self._noise, self._calls = alpha, mask, noise, 0
-        self._recorded = []
+        self._recorder = FeatureRecorder()
+        if mode == "record":
+            self._recorder.start(self._require_backend(), interrupt=interrupt)
         try:
             yield
         finally:
-            (self._mode, self._interrupt, self._active_alpha, self._mask, self._noise,
-             self._calls, self._recorded) = saved
+            self._recorder.stop()
+            (self._mode, self._active_alpha, self._mask, self._noise, self._calls,
+             self._recorder) = saved
 
     def recording(self, *, interrupt: bool = False) -> contextlib.AbstractContextManager[None]:
         """Context: the hook records the features it sees (in ``recorded``).
@@ -396,10 +438,15 @@ class Bottleneck:
             return None
         return int(self._noise.shape[0])
 
+    def take_recorded(self) -> Any:
+        """Inside :meth:`recording`: the features of the layer's one call in the pass
+        (a clear error when it ran never or several times)."""
+        return self._recorder.take()
+
     @property
     def recorded(self) -> list[Any]:
         """Features recorded by the hook in the current :meth:`recording` context."""
-        return self._recorded
+        return self._recorder.features
 
     def restricting(self, alpha: Any | None = None, noise: Any = None
                     ) -> contextlib.AbstractContextManager[None]:
@@ -445,12 +492,7 @@ class Bottleneck:
         with self.recording(interrupt=True):
             with self.interruptible():
                 run()
-            if not self._recorded:
-                raise RuntimeError(
-                    "the model ran without calling the bottleneck layer; check that the "
-                    "layer belongs to the model that is run"
-                )
-            return self._recorded[0]
+            return self.take_recorded()
 
     def estimate(
         self,
@@ -550,12 +592,12 @@ class Bottleneck:
                     model_loss(x)
                 else:
                     model_loss(x, None)
-            if not self._recorded:
+            if not self._recorder.features:
                 raise RuntimeError(
                     "the model loss function never ran the bottleneck layer; it must run "
                     "the model that contains the layer on the batch it is given"
                 )
-            features = self._recorded[0]
+            features = self._recorder.features[0]
         if int(features.shape[0]) != n:
             raise ValueError(f"the layer saw a batch of {features.shape[0]} for {n} inputs; "
                              "the model must keep the batch axis first")

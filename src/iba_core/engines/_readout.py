@@ -37,7 +37,7 @@ from ..math._capacity import cross_entropy, explanation_maps
 from ..math._estimator import Estimator
 from ..math._linear_ops import resize_bilinear
 from ..math._xp import device, namespace, to_numpy
-from ._bottleneck import Bottleneck, _progress, estimate_loop
+from ._bottleneck import Bottleneck, FeatureRecorder, _progress, estimate_loop
 from ._layout import in_layout, layer_layout
 from ._per_sample import prepared_inputs
 
@@ -255,33 +255,6 @@ def _describe(layer: Any) -> str:
     return repr(name) if isinstance(name, str) else type(layer).__name__
 
 
-class _Recorder:
-    """Hook on one readout layer: records its features during a first pass."""
-
-    def __init__(self, backend: Backend, label: str) -> None:
-        self.backend, self.label = backend, label
-        self.active = False
-        self.features: list[Any] = []
-
-    def __call__(self, features: Any) -> None:
-        if self.active:
-            self.features.append(self.backend.stop_gradient(features))
-        return None
-
-    def take(self) -> Any:
-        if not self.features:
-            raise RuntimeError(
-                f"readout layer {self.label} never ran in the forward pass; choose layers "
-                "that the model computes on every input"
-            )
-        if len(self.features) > 1:
-            raise RuntimeError(
-                f"readout layer {self.label} ran {len(self.features)} times in one forward "
-                "pass; choose layers that the model calls exactly once"
-            )
-        return self.features[0]
-
-
 TrainBatch = tuple[Any, Any]
 """One training batch for the core: inputs in the backend's type and layout, and the
 targets (one class index per sample, NumPy) or ``None`` for the model's predicted class."""
@@ -345,7 +318,7 @@ class ReadoutBottleneck:
         self._last_features: Any = None
         self._params: Any = None  # flat parameters: NumPy, or the backend's after first use
         self._adam: AdamState | None = None
-        self._recorders = [_Recorder(backend, lbl) for lbl in labels]
+        self._recorders = [FeatureRecorder(f"readout layer {lbl}") for lbl in labels]
         self._stats_cache: dict[Any, list[tuple[Any, Any]]] = {}
 
     # -- hooks and the first pass ----------------------------------------------------
@@ -367,29 +340,23 @@ class ReadoutBottleneck:
         features)``, all cut from any gradient graph."""
         bn = self.bottleneck
         for r in self._recorders:
-            r.features, r.active = [], True
+            r.start(self.backend)
         try:
             with bn.recording():
                 output = self.backend.call(self.model, x)
-                seen = list(bn.recorded)
+                bn_features = bn.take_recorded()
         finally:
             for r in self._recorders:
-                r.active = False
-        if not seen:
-            raise RuntimeError("the bottleneck layer never ran in the forward pass; choose a "
-                               "layer that the model computes on every input")
-        if len(seen) > 1:
-            raise RuntimeError(f"the bottleneck layer ran {len(seen)} times in one forward pass; "
-                               "choose a layer that the model calls exactly once")
+                r.stop()
         features = [r.take() for r in self._recorders]
         for r in self._recorders:
             r.features = []
-        n = int(seen[0].shape[0])
+        n = int(bn_features.shape[0])
         for label, f in zip(self.labels, features):
             if int(f.shape[0]) != n:
                 raise ValueError(f"readout layer {label} gave a batch of {f.shape[0]}, the "
                                  f"bottleneck layer {n}; the model must keep the batch axis first")
-        return self.backend.stop_gradient(output), features, seen[0]
+        return self.backend.stop_gradient(output), features, bn_features
 
     # -- statistics ------------------------------------------------------------------
     def has_statistics(self) -> bool:
