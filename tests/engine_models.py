@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import OrderedDict
 
 import torch
@@ -27,6 +28,23 @@ class Tripwire(nn.Module):
             if self.countdown <= 0:
                 self.countdown = None
                 raise RuntimeError("tripwire")
+        return x
+
+
+class Pause(nn.Module):
+    """The identity, after a short sleep that lets other threads run (or after calling
+    ``gate()``, when set)."""
+
+    def __init__(self, seconds: float = 0.002) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.gate = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            self.gate()
+        else:
+            time.sleep(self.seconds)
         return x
 
 
@@ -83,9 +101,10 @@ class TupleOutput(nn.Module):
 WRAPPERS = {"object": ObjectOutput, "dict": DictOutput, "tuple": TupleOutput}
 
 
-def classifier(seed: int = 0, train: bool = False, tripwire: bool = False) -> nn.Sequential:
+def classifier(seed: int = 0, train: bool = False, tripwire: bool = False,
+               pause: bool = False) -> nn.Sequential:
     """3x8x8 -> conv1 -> bn -> relu1 -> conv2 (stride 2: 6x4x4) -> relu2 -> drop -> pool
-    (2x2) -> flat -> fc (5 logits) [-> trip].
+    (2x2) -> flat -> fc (5 logits) [-> trip] [-> pause].
 
     ``train=True``: training mode with mixed flags (``fc`` in eval mode, ``conv1.bias``
     not trainable), so a test sees whether each flag is restored, not just reset.
@@ -104,6 +123,8 @@ def classifier(seed: int = 0, train: bool = False, tripwire: bool = False) -> nn
     ]
     if tripwire:
         layers.append(("trip", Tripwire()))
+    if pause:
+        layers.append(("pause", Pause()))
     model = nn.Sequential(OrderedDict(layers))
     with torch.no_grad():  # non-trivial running statistics: train and eval mode differ
         model.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, 4))

@@ -374,7 +374,11 @@ def test_every_bad_input_is_one_clear_line(folders, tmp_path, capsys, monkeypatc
     capsys.readouterr()
     _bad(["explain", MODEL, "--layer", "features.relu2", "--images", "images",
           "--estimate", str(tmp_path / "e.npz"), "--out", str(tmp_path / "never2")], capsys,
-         "does not fit", "(64, 16, 16)", "(32, 32, 32)")
+         "does not fit", f"made for layer {LAYER!r}, not 'features.relu2'")
+    # ... even when the shapes agree (conv3 feeds relu3: both 64x16x16)
+    _bad(["explain", MODEL, "--layer", "features.conv3", "--images", "images",
+          "--estimate", str(tmp_path / "e.npz"), "--out", str(tmp_path / "never2")], capsys,
+         "does not fit", f"made for layer {LAYER!r}, not 'features.conv3'")
     # the output folder is a file
     _bad(["explain", MODEL, *est, "--layer", LAYER, "--images", "images", "--out",
           "notes.txt"], capsys, "--out notes.txt exists and is not a folder")

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from iba_core.engines import input_batches
+from iba_core.engines import PerSampleFront, input_batches
 from iba_core.math import Estimator
 
 from ._layer import BACKEND, IBALayer, as_input
@@ -144,7 +142,7 @@ def model_wo_softmax(model: keras.Model) -> keras.Model:
 
 
 # -- IBACopy -------------------------------------------------------------------------------
-class IBACopy:
+class IBACopy(PerSampleFront):
     """Per-Sample Bottleneck in a copy of a Functional or Sequential Keras model.
 
     ``IBACopy(model, "conv3")`` builds a new Functional model (:attr:`model`) that runs
@@ -155,7 +153,8 @@ class IBACopy:
     Subclassed models cannot be copied: put an :class:`IBALayer` into them instead.
 
     Works for any task: :meth:`analyze` takes a loss function of the model's output.
-    Keyword arguments are the :class:`IBALayer`'s (``beta``, ``sigma``, ``batch_size``...).
+    Keyword arguments are the :class:`IBALayer`'s (``beta``, ``sigma``, ``batch_size``...),
+    and so are the live attributes (``iba.beta = 1``).
     """
 
     def __init__(self, model: keras.Model, layer_name: str, **iba_kwargs: Any) -> None:
@@ -172,20 +171,12 @@ class IBACopy:
         self.iba_layer = IBALayer(**iba_kwargs)
         #: The copy of the model, with :attr:`iba_layer` after the chosen layer.
         self.model = _insert_after(model, self._layer, self.iba_layer)
-        self.iba_layer.engine.model = self.model
-        self.iba_layer.engine.estimate_hint = "estimate(data)"
+        self._engine = self.iba_layer.engine
+        self._engine.model = self.model
+        self._engine.layer_name = layer_name
+        self._engine.estimate_hint = "estimate(data)"
 
     # -- statistics ----------------------------------------------------------------------
-    @property
-    def bottleneck(self) -> Any:
-        """The core :class:`iba_core.Bottleneck`."""
-        return self.iba_layer.bottleneck
-
-    @property
-    def estimator(self) -> Estimator:
-        """The running estimate of the feature statistics (channels-first)."""
-        return self.iba_layer.estimator
-
     @property
     def feature_shape(self) -> tuple[int, ...]:
         """Channels-first per-sample shape of the features at the bottleneck."""
@@ -193,10 +184,6 @@ class IBACopy:
         if self.iba_layer.channels_last and len(shape) >= 2:
             shape = (shape[-1], *shape[:-1])
         return shape
-
-    def reset_estimate(self) -> None:
-        """Forget the estimated (and given) feature mean and std."""
-        self.iba_layer.reset_estimate()
 
     def estimate(self, data: Any, n_samples: int = 10000, batch_size: int = 32,
                  progbar: bool | None = None, reset: bool = True) -> Estimator:
@@ -226,18 +213,8 @@ class IBACopy:
         ``active_neurons_threshold``, ``seed``, ``noise``, ``progbar``,
         ``inputs_per_pass``) as in :meth:`IBALayer.analyze`.
         """
-        return self.iba_layer._maps(as_input(x, self.model), target=target,
-                                    output_loss=loss_fn, mode=mode, **kwargs)
-
-    def capacity(self) -> tf.Tensor:
-        """Capacity of the last explanation, ``(N, C, ...)`` channels-first, nats per element."""
-        return self.iba_layer.capacity()
-
-    @contextlib.contextmanager
-    def restrict_flow(self, alpha: Any = None) -> Iterator[IBACopy]:
-        """Within the context, :attr:`model` runs with the bottleneck of the last analysis."""
-        with self.iba_layer.restrict_flow(alpha):
-            yield self
+        return self._maps(as_input(x, self.model), target=target, output_loss=loss_fn,
+                          mode=mode, **kwargs)
 
     def predict(self, x: Any, batch_size: int = 32) -> np.ndarray:
         """The copy's output on ``x`` without the bottleneck (equal to the original's)."""

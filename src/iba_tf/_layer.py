@@ -84,9 +84,10 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
             if feature_mean is not None or feature_std is not None:
                 raise ValueError("give feature_mean_std or feature_mean/feature_std, not both")
             feature_mean, feature_std = feature_mean_std
+        layout = "channels_last" if self.channels_last else "channels_first"
         self._engine = PerSampleBottleneck(
-            BACKEND, None, None, estimate_hint="estimate(model, data)",
-            layout="channels_last" if self.channels_last else "channels_first",
+            BACKEND, None, None, estimate_hint="estimate(model, data)", layer_name=self.name,
+            layout=layout, input_layout=layout,  # a model is built in one layout
             feature_mean=self._channels_first_stat(feature_mean),
             feature_std=self._channels_first_stat(feature_std), estimator=estimator,
             **settings_of(locals()),

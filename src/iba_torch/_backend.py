@@ -132,6 +132,11 @@ class TorchBackend(TorchCliMixin, Backend):
             for p, flag in flags:
                 p.requires_grad_(flag)
 
+    def layer_name(self, model: Any, layer: Any) -> str | None:
+        if isinstance(layer, str) or model is None:
+            return layer if isinstance(layer, str) else None
+        return next((n for n, m in model.named_modules() if m is layer and n), None)
+
     def layer_names(self, model: Any) -> list[str]:
         return [n for n, _ in model.named_modules() if n]
 

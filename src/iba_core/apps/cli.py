@@ -730,7 +730,7 @@ def _load_estimate(path: Path, feature_shape: tuple[int, ...], layer: str) -> An
                          "--save-estimate") from None
     estimator = Estimator()
     try:
-        estimator.load_state_dict(state, expected_shape=feature_shape)
+        estimator.load_state_dict(state, expected_shape=feature_shape, expected_layer=layer)
     except ValueError as exc:
         raise UsageError(f"the estimate {path} does not fit layer {layer!r}: {exc}") from None
     return estimator

@@ -195,6 +195,14 @@ class Backend(abc.ABC):
         """Names of the layers of ``model`` that :meth:`attach` accepts."""
         return []
 
+    def layer_name(self, model: Any, layer: Any) -> str | None:
+        """The name of ``layer`` (a name is returned as it is), saved with estimates;
+        ``None`` if unknown.  The default reads a ``name`` attribute."""
+        if isinstance(layer, str):
+            return layer
+        name = getattr(layer, "name", None)
+        return name if isinstance(name, str) else None
+
     def layer_layout(self, model: Any, layer: Any) -> str | None:
         """The layout of ``layer``'s features where the framework says it for sure:
         ``"channels_first"``, ``"channels_last"``, or ``None`` (not known).

@@ -655,11 +655,15 @@ class Bottleneck:
         """``(alpha, eps, batch, r, active, mean_a, std_a, smoothing, *targets) -> (loss,
         grad)``: the optimisation step, a pure function of its operands (compiled once per
         loss and settings when ``compile_step`` and the backend can)."""
-        key = (model_loss, cfg.beta, cfg.sigma, cfg.relu, with_targets, compile_step)
+        # Without a whole-step compile, the step's array parts may still be compiled
+        # (worth it where eager operations are expensive).
+        parts = not compile_step and (backend.compile_by_default if cfg.compile is None
+                                      else cfg.compile)
+        key = (model_loss, cfg.beta, cfg.sigma, cfg.relu, with_targets, compile_step, parts)
         cached = self._compiled_steps.get(key)
         if cached is not None:
             return cached
-        fns = _step_functions(backend, cfg.sigma, cfg.relu, False)
+        fns = _step_functions(backend, cfg.sigma, cfg.relu, bool(parts))
         beta = cfg.beta
 
         def loss(a: Any, eps: Any, batch: Any, r: Any, active: Any, mean_a: Any, std_a: Any,

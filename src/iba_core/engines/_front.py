@@ -51,8 +51,9 @@ def input_batches(data: Any, batch_size: int = 32) -> Iterator[Any]:
             raise ValueError(f"expected a batch of inputs (N, ...), got shape {shape}")
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        for start in range(0, int(shape[0]), int(batch_size)):
-            yield data[start:start + int(batch_size)]
+        n = int(shape[0])
+        for start in range(0, n, int(batch_size)):
+            yield data[start:min(n, start + int(batch_size)), ...]
         return
     if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not hasattr(data, "__iter__"):
         elements: Iterable[Any] = (data[i] for i in range(len(data)))

@@ -163,6 +163,8 @@ class PerSampleBottleneck:
         input_layout: layout of the model's inputs, for the size of saliency maps;
             default: the backend's (:attr:`Backend.channels_last`).
         bottleneck: a :class:`Bottleneck` to use (statistics, settings), else a new one.
+        layer_name: the layer's name for saved estimates (default: the backend's
+            :meth:`~Backend.layer_name`).
         estimate_hint: how the user estimates, for error messages (e.g. ``"estimate()"``).
         **settings: :class:`IBAConfig` fields, and ``config``, ``feature_mean``,
             ``feature_std``, ``estimator`` as for :class:`Bottleneck`.
@@ -179,6 +181,7 @@ class PerSampleBottleneck:
         on_input: bool = False,
         bottleneck: Bottleneck | None = None,
         estimate_hint: str = "estimate()",
+        layer_name: str | None = None,
         **settings: Any,
     ) -> None:
         if backend is None:
@@ -202,14 +205,26 @@ class PerSampleBottleneck:
         if layout is None and layer is not None:
             layout = backend.layer_layout(model, layer)
         self.layout = check_layout(layout or "channels_first")
-        # The inputs' layout (for the size of saliency maps): as given, else the layer's
-        # (a model is built in one layout), else the framework's.
-        default_input = layout or ("channels_last" if backend.channels_last else "channels_first")
+        # The inputs' layout (for the size of saliency maps): as given, else the framework's.
+        default_input = "channels_last" if backend.channels_last else "channels_first"
         self.input_layout = check_layout(input_layout or default_input, "input_layout")
+        self._layer_name = layer_name
         self._hook = in_layout(backend, bottleneck, self.layout)
         if layer is not None:  # unknown layer names fail now, listing the model's layers
             backend.attach(model, layer, lambda f: None, on_input=self.on_input).remove()
         self._loss_cache: dict[Any, Callable[..., Any]] = {}
+
+    @property
+    def layer_name(self) -> str | None:
+        """The layer's name, saved with estimates (an estimate is refused for another
+        layer); ``None`` when neither given nor known to the backend."""
+        if self._layer_name is not None or self.layer is None:
+            return self._layer_name
+        return self.backend.layer_name(self.model, self.layer)
+
+    @layer_name.setter
+    def layer_name(self, value: str | None) -> None:
+        self._layer_name = value
 
     # -- settings and statistics ---------------------------------------------------------
     @property
@@ -237,6 +252,9 @@ class PerSampleBottleneck:
     def estimator(self, value: Estimator) -> None:
         if not isinstance(value, Estimator):
             raise TypeError(f"estimator must be an iba_core.Estimator, got {type(value).__name__}")
+        if value.layer is not None and self.layer_name is not None and value.layer != self.layer_name:
+            raise ValueError(f"the estimate was made for layer {value.layer!r}, not "
+                             f"{self.layer_name!r}; estimate again for this layer")
         self.bottleneck.estimator = value
 
     # -- the hook and the session -----------------------------------------------------
@@ -270,14 +288,16 @@ class PerSampleBottleneck:
     @contextlib.contextmanager
     def using(self, model: Any) -> Iterator[PerSampleBottleneck]:
         """Context: explain with ``model`` instead of the engine's own (``None``: no change)."""
-        if model is None or model is self.model:
+        if model is None:
             yield self
             return
-        saved, self.model = self.model, model
-        try:
-            yield self
-        finally:
-            self.model = saved
+        # Under the model's lock: another thread may be swapping the same model in and out.
+        with model_lock(model):
+            saved, self.model = self.model, model
+            try:
+                yield self
+            finally:
+                self.model = saved
 
     def _run(self, x: Any) -> Any:
         return self.backend.call(self.model, x)
@@ -305,8 +325,10 @@ class PerSampleBottleneck:
             raise ValueError("estimate() needs the model that contains the layer")
         run = run if run is not None else self._run
         with self.session():
-            return self.bottleneck.estimate(run, batches, n_samples=n_samples,
-                                            progbar=progbar, reset=reset)
+            estimator = self.bottleneck.estimate(run, batches, n_samples=n_samples,
+                                                 progbar=progbar, reset=reset)
+        estimator.layer, estimator.layout = self.layer_name, self.layout
+        return estimator
 
     # -- explanation ----------------------------------------------------------------
     def analyze(
@@ -374,7 +396,8 @@ class PerSampleBottleneck:
                 soft = self._soft_targets(x, target, n)
                 loss_fn, copies, compile_step = self._target_loss(), "layer", cfg.compile
             elif output_loss is not None:
-                loss_fn, copies, compile_step = self._output_loss(output_loss), "layer", cfg.compile
+                loss_fn, copies = self._output_loss(output_loss), "layer"
+                compile_step = bool(cfg.compile)  # a user's loss is traced only when asked
             else:
                 loss_fn, copies, compile_step = loss, "input", bool(cfg.compile)
             if compile_step is None:
