@@ -343,12 +343,12 @@ class TestCopiesAtTheLayer:
         smaps = iba.analyze(images(2), target=[1, 3], model=model, seed=4,
                             optimization_steps=3)
         assert iba.bottleneck.copies_made_at == "layer"
-        # The clean pass (logits), the probe pass and three steps: one row per input.
-        assert rows == [2] * 5
+        # The clean pass (logits and the layer's features) and three steps: one row per input.
+        assert rows == [2] * 4
         rows.clear()
         expected = analyze_with_copies_at_the_input(iba, images(2), target=[1, 3],
                                                     model=model, seed=4, optimization_steps=3)
-        assert rows == [2, 2, 20, 20, 20]  # clean pass, probe pass, three steps
+        assert rows == [2, 20, 20, 20]  # the clean pass, three steps
         # float32: the layers before run on 2 instead of 20 rows (round-off only),
         # amplified a little by three Adam steps.
         np.testing.assert_allclose(smaps, expected, rtol=1e-4, atol=1e-6)

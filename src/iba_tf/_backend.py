@@ -221,12 +221,15 @@ class TFBackend(TFCliMixin, Backend):
         value, grad = _value_and_grad(fn, tf.convert_to_tensor(param), *operands)
         return float(value), grad
 
-    def compile_step(self, fn: Callable[..., Any]) -> Callable[..., tuple[Any, Any]] | None:
-        """The whole step as one ``tf.function`` (no AutoGraph: the step is straight-line
-        code); traced once per operand shape."""
+    def compile_step(self, fn: Callable[..., Any], update: Callable[..., Any]
+                     ) -> Callable[..., Any] | None:
+        """The whole step, gradient and Adam update included, as one ``tf.function`` (no
+        AutoGraph: the step is straight-line code); traced once per operand shape."""
 
-        def step(param: Any, *operands: Any) -> tuple[Any, Any]:
-            return _value_and_grad(fn, param, *operands)
+        def step(param: Any, state: tuple[Any, ...], operands: tuple[Any, ...]) -> Any:
+            value, grad = _value_and_grad(fn, param, *operands)
+            new_param, *new_state = update(param, grad, *state)
+            return value, new_param, tuple(new_state)
 
         return tf.function(step, autograph=False)
 

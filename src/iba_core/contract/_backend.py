@@ -137,14 +137,19 @@ class Backend(abc.ABC):
         ``param``.  ``fn`` reads nothing but its arguments and the (frozen) model.
         """
 
-    def compile_step(self, fn: Callable[..., Any]) -> Callable[..., tuple[Any, Any]] | None:
-        """A compiled ``(param, *operands) -> (value, grad)`` for a pure ``fn``, or ``None``.
+    def compile_step(self, fn: Callable[..., Any], update: Callable[..., Any]
+                     ) -> Callable[..., Any] | None:
+        """One whole optimisation step, compiled: or ``None`` (the default: not compiled).
 
-        The engine's optimisation step is such an ``fn``: it reads nothing but its
-        operands (mask parameters, standard noise, inputs, labels) and the frozen model,
-        and it may be traced once and called many times with new operands of the same
-        shapes (``tf.function``, ``torch.compile``, ``jax.jit``).  ``value`` may be a
-        0-d tensor.  ``None`` (the default): the step runs through :meth:`value_and_grad`.
+        Returns ``step(param, state, operands) -> (value, new_param, new_state)`` where
+        ``value, grad`` are ``fn(param, *operands)`` and its gradient with respect to
+        ``param`` only, and ``(new_param, *new_state) = update(param, grad, *state)``
+        (the optimiser: Adam's moments and step scalars in ``state``, a tuple of arrays).
+        ``fn`` and ``update`` read nothing but their arguments and the frozen model, so
+        ``step`` may be traced once and called many times with new operands of the same
+        shapes (``tf.function``, ``torch.compile``, ``jax.jit``); ``value`` may be a 0-d
+        tensor.  The engine's loss is such an ``fn``: its operands are the standard noise,
+        the inputs, the normalised features and statistics, and the targets.
         """
         return None
 

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..contract._backend import Backend
-from ..math._adam import adam_init, adam_kernel, adam_update
+from ..math._adam import adam_init, adam_kernel, adam_scalars
 from ..math._capacity import capacity as capacity_fn
 from ..math._capacity import capacity_from_mask, restriction_mask
 from ..math._estimator import Estimator
@@ -534,6 +534,7 @@ class Bottleneck:
         copies: str = "input",
         compile_step: bool = False,
         check_path: bool = False,
+        features: Any = None,
         **overrides: Any,
     ) -> Any:
         """Optimise one mask per input and return its capacity ``(N, C, ...)`` in nats.
@@ -552,6 +553,8 @@ class Bottleneck:
         The step ``(alpha, noise, batch, statistics, targets) -> loss`` is a pure function
         of its operands; with ``compile_step=True`` the backend may compile it whole
         (:meth:`Backend.compile_step`), model forward included, once per shape.
+        ``features``: the layer's features for ``x`` (channels-first), when a pass over
+        the inputs already recorded them; else one short pass records them.
         ``check_path=True`` (for losses the engine did not write) differentiates the first
         step's model term on its own, so a loss without a gradient path to the mask
         raises instead of giving a map that ignores the model.
@@ -585,19 +588,21 @@ class Bottleneck:
             raise ValueError("analyze() needs at least one input")
         bs, steps = cfg.batch_size, cfg.optimization_steps
 
-        # One short pass (ended after the layer) gives the features and validates the setup.
-        with self.recording(interrupt=True):
-            with self.interruptible():
-                if targets is None:
-                    model_loss(x)
-                else:
-                    model_loss(x, None)
-            if not self._recorder.features:
-                raise RuntimeError(
-                    "the model loss function never ran the bottleneck layer; it must run "
-                    "the model that contains the layer on the batch it is given"
-                )
-            features = self._recorder.features[0]
+        if features is None:
+            # One short pass (ended after the layer) gives the features and validates the
+            # setup.
+            with self.recording(interrupt=True):
+                with self.interruptible():
+                    if targets is None:
+                        model_loss(x)
+                    else:
+                        model_loss(x, None)
+                if not self._recorder.features:
+                    raise RuntimeError(
+                        "the model loss function never ran the bottleneck layer; it must run "
+                        "the model that contains the layer on the batch it is given"
+                    )
+                features = self._recorder.features[0]
         if int(features.shape[0]) != n:
             raise ValueError(f"the layer saw a batch of {features.shape[0]} for {n} inputs; "
                              "the model must keep the batch axis first")
@@ -608,38 +613,36 @@ class Bottleneck:
         r = (features - mean) / std  # normalised features, constant across steps
         alpha = xp.full(tuple(features.shape), cfg.initial_alpha, dtype=features.dtype,
                         device=getattr(features, "device", None))
-        state = adam_init(alpha)
+        m, v = adam_init(alpha)[1:]
         source = _Noise(backend, features, n, bs, seed, noise)
         operands = smoothing_operands(features, cfg.sigma, features.ndim - 2)
         target_rows = () if targets is None else (
             backend.from_numpy(np.repeat(np.asarray(targets), bs, axis=0), like=features),)
         step = self._step(backend, model_loss, cfg, compile_step, targets is not None)
         first_step = self._checked_step(backend, model_loss, cfg) if check_path else step
-        adam = _step_functions(backend, cfg.sigma, cfg.relu,
-                               backend.compile_by_default if cfg.compile is None
-                               else cfg.compile).adam
         mean_a, std_a = mean * active, std * active
 
         bar = _progress(cfg.progbar, total=steps, desc="analyze", unit="step")
         for i in range(steps):
             eps = source.draw(sample_shape)
             args = (eps, batch, r, active, mean_a, std_a, operands, *target_rows)
+            adam = (m, v, *adam_scalars(i + 1, cfg.lr, like=alpha))
             try:
-                value, grad = (first_step if i == 0 else step)(alpha, *args)
+                value, new_alpha, (m, v) = (first_step if i == 0 else step)(alpha, adam, args)
             except Exception:
                 if i > 0 or copies != "layer":
                     raise
                 # The model cannot take the copies at the layer: make them at the input.
                 copies, batch = "input", repeat_inputs(xp, x, bs)
                 args = (eps, batch, r, active, mean_a, std_a, operands, *target_rows)
-                value, grad = first_step(alpha, *args)
+                value, new_alpha, (m, v) = first_step(alpha, adam, args)
             value = float(value)
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"the loss became {value} at step {i}; check the model loss function "
                     "(it must be finite for the given inputs) and the feature statistics"
                 )
-            alpha, state = adam_update(alpha, grad, state, lr=cfg.lr, kernel=adam)
+            alpha = new_alpha
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -651,10 +654,11 @@ class Bottleneck:
         return capacity_fn(features, self.alpha, mean, std, active=active, sigma=cfg.sigma)
 
     def _step(self, backend: Backend, model_loss: Callable[..., Any], cfg: IBAConfig,
-              compile_step: bool, with_targets: bool) -> Callable[..., tuple[Any, Any]]:
-        """``(alpha, eps, batch, r, active, mean_a, std_a, smoothing, *targets) -> (loss,
-        grad)``: the optimisation step, a pure function of its operands (compiled once per
-        loss and settings when ``compile_step`` and the backend can)."""
+              compile_step: bool, with_targets: bool) -> Callable[..., Any]:
+        """``(alpha, (m, v, step_size, bias2_sqrt), (eps, batch, r, active, mean_a, std_a,
+        smoothing, *targets)) -> (loss, new alpha, (m, v))``: one optimisation step with
+        its Adam update, a pure function of its operands (compiled whole, once per loss and
+        settings, when ``compile_step`` and the backend can)."""
         # Without a whole-step compile, the step's array parts may still be compiled
         # (worth it where eager operations are expensive).
         parts = not compile_step and (backend.compile_by_default if cfg.compile is None
@@ -680,10 +684,14 @@ class Bottleneck:
                 )
             return model_term * int(a.shape[0]) + beta * cap_term
 
-        compiled = backend.compile_step(loss) if compile_step else None
+        update = fns.adam
+        compiled = backend.compile_step(loss, update) if compile_step else None
         if compiled is None:
-            def compiled(a: Any, *args: Any) -> tuple[Any, Any]:
-                return backend.value_and_grad(loss, a, *args)
+            def compiled(a: Any, adam: tuple[Any, ...], args: tuple[Any, ...]
+                         ) -> tuple[Any, Any, tuple[Any, Any]]:
+                value, grad = backend.value_and_grad(loss, a, *args)
+                new_a, m, v = update(a, grad, *adam)
+                return value, new_a, (m, v)
         if len(self._compiled_steps) > 16:
             self._compiled_steps.clear()
         self._compiled_steps[key] = compiled
@@ -718,12 +726,14 @@ class Bottleneck:
         def capacity_part(a: Any, r: Any, active: Any, smoothing: Any) -> Any:
             return cfg.beta * fns.terms(a, r, active, r, r, smoothing)[1]
 
-        def step(a: Any, eps: Any, batch: Any, r: Any, active: Any, mean_a: Any, std_a: Any,
-                 smoothing: Any, *targets: Any) -> tuple[Any, Any]:
+        def step(a: Any, adam: tuple[Any, ...], args: tuple[Any, ...]
+                 ) -> tuple[float, Any, tuple[Any, Any]]:
+            eps, batch, r, active, mean_a, std_a, smoothing, *targets = args
             v1, g1 = backend.value_and_grad(model_part, a, eps, batch, r, active, mean_a, std_a,
                                             smoothing, *targets)
             v2, g2 = backend.value_and_grad(capacity_part, a, r, active, smoothing)
-            return float(v1) + float(v2), g1 + g2
+            new_a, m, v = fns.adam(a, g1 + g2, *adam)
+            return float(v1) + float(v2), new_a, (m, v)
 
         return step
 
@@ -759,9 +769,10 @@ class Bottleneck:
                 or int(inputs_per_pass) < 1:
             raise ValueError(f"inputs_per_pass must be an integer >= 1, got {inputs_per_pass!r}")
         k = int(inputs_per_pass)
+        recorded = optimize_kwargs.pop("features", None)
         if k >= n:
             return self.optimize(loss_for(0, n), x, targets=targets, seed=seed, config=cfg,
-                                 **optimize_kwargs)
+                                 features=recorded, **optimize_kwargs)
         if seed is not None and not isinstance(seed, (int, np.integer)) and isinstance(seed, Sequence):
             if len(seed) != n:
                 raise ValueError(f"got {len(seed)} seeds for {n} inputs")
@@ -772,6 +783,7 @@ class Bottleneck:
             caps.append(self.optimize(
                 loss_for(start, stop), x[start:stop, ...], config=cfg,
                 targets=None if targets is None else targets[start:stop],
+                features=None if recorded is None else recorded[start:stop, ...],
                 seed=_seeds_for(seed, start, stop), **optimize_kwargs))
             alphas.append(self.alpha)
             features.append(self._last_features)

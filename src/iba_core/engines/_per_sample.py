@@ -392,8 +392,9 @@ class PerSampleBottleneck:
         n = int(x.shape[0])
         with self.session():
             soft: np.ndarray | None = None
+            features = None
             if target is not None:
-                soft = self._soft_targets(x, target, n)
+                soft, features = self._soft_targets(x, target, n)
                 loss_fn, copies, compile_step = self._target_loss(), "layer", cfg.compile
             elif output_loss is not None:
                 loss_fn, copies = self._output_loss(output_loss), "layer"
@@ -405,18 +406,21 @@ class PerSampleBottleneck:
             cap = self.bottleneck.explain(
                 lambda start, stop: loss_fn, x, targets=soft, inputs_per_pass=inputs_per_pass,
                 seed=seed, config=cfg, noise=noise, copies=copies,
-                compile_step=bool(compile_step), check_path=target is None)
+                compile_step=bool(compile_step), check_path=target is None, features=features)
         return explanation_maps(cap, tuple(int(s) for s in x.shape), mode,
                                 channels_last=self.input_layout == "channels_last")
 
-    def _soft_targets(self, x: Any, target: Any, n: int) -> np.ndarray:
+    def _soft_targets(self, x: Any, target: Any, n: int) -> tuple[np.ndarray, Any]:
         """The class distribution ``(N, K)`` each input is explained for (one-hot for class
-        indices and ``"predicted"``), from one clean pass over the inputs."""
-        backend = self.backend
+        indices and ``"predicted"``), and the layer's features ``(N, C, ...)``, from one
+        clean pass over the inputs."""
+        backend, bn = self.backend, self.bottleneck
         limit = backend.pass_size(x) or n
-        logits = []
+        logits, features = [], []
         for start in range(0, n, limit):
-            out = model_logits(self._run(x[start:start + limit, ...]))
+            with bn.recording():
+                out = model_logits(self._run(x[start:min(n, start + limit), ...]))
+                features.append(bn.take_recorded())
             if len(tuple(out.shape)) != 2:
                 raise ValueError(f"target= needs a classifier returning logits (B, K), got shape "
                                  f"{tuple(out.shape)}; give a loss function instead")
@@ -426,16 +430,17 @@ class PerSampleBottleneck:
             raise ValueError(f"the model returned {z.shape[0]} rows of logits for {n} inputs; "
                              "it must keep the batch axis first")
         k = z.shape[1]
+        f = features[0] if len(features) == 1 else backend.namespace().concat(features, axis=0)
         if isinstance(target, str) and target == "all":
             z = z - z.max(axis=1, keepdims=True)
             p = np.exp(z)
-            return p / p.sum(axis=1, keepdims=True)
+            return p / p.sum(axis=1, keepdims=True), f
         if isinstance(target, str):  # "predicted"
             indices = z.argmax(axis=1)
         else:
             indices = class_indices(target, n)
             _check_in_range(indices, k)
-        return np.eye(k, dtype=np.float64)[indices]
+        return np.eye(k, dtype=np.float64)[indices], f
 
     def _target_loss(self) -> Callable[..., Any]:
         """``(batch, target_rows) -> mean cross-entropy``: one function per engine, so a

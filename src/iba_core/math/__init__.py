@@ -6,7 +6,7 @@ given (``array_api_compat``, or a backend's own namespace for TensorFlow tensors
 nothing here imports a framework, the plugin registry, an engine or an application.
 """
 
-from ._adam import AdamState, adam_init, adam_kernel, adam_update
+from ._adam import AdamState, adam_init, adam_kernel, adam_scalars, adam_update
 from ._capacity import (
     capacity,
     capacity_from_mask,
@@ -36,6 +36,7 @@ __all__ = [
     "Estimator",
     "adam_init",
     "adam_kernel",
+    "adam_scalars",
     "adam_update",
     "bilinear_matrix",
     "capacity",

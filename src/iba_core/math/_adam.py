@@ -46,19 +46,28 @@ def adam_update(
     ``eps``, possibly compiled; its step-dependent scalars arrive as 0-d arrays, so a
     compiled kernel is traced once rather than once per step.
     """
-    b1, b2 = betas
     step = state.step + 1
-    step_size = lr / (1.0 - b1**step)
-    bias2_sqrt = math.sqrt(1.0 - b2**step)
     if kernel is None:
-        new_param, m, v = adam_kernel(betas, eps)(param, grad, state.m, state.v, step_size,
-                                                  bias2_sqrt)
+        new_param, m, v = adam_kernel(betas, eps)(param, grad, state.m, state.v,
+                                                  *adam_scalars(step, lr, betas))
     else:
-        xp = namespace(param)
-        scalars = (xp.asarray(step_size, dtype=param.dtype, device=device(param)),
-                   xp.asarray(bias2_sqrt, dtype=param.dtype, device=device(param)))
-        new_param, m, v = kernel(param, grad, state.m, state.v, *scalars)
+        new_param, m, v = kernel(param, grad, state.m, state.v,
+                                 *adam_scalars(step, lr, betas, like=param))
     return new_param, AdamState(step, m, v)
+
+
+def adam_scalars(step: int, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
+                 like: Any = None) -> tuple[Any, Any]:
+    """The step-dependent scalars of :func:`adam_kernel` for step ``step`` (from 1):
+    ``(lr / (1 - b1^t), sqrt(1 - b2^t))``; 0-d arrays like ``like`` if given (so a
+    compiled kernel is traced once rather than once per step), else Python floats."""
+    b1, b2 = betas
+    step_size, bias2_sqrt = lr / (1.0 - b1**step), math.sqrt(1.0 - b2**step)
+    if like is None:
+        return step_size, bias2_sqrt
+    xp = namespace(like)
+    return (xp.asarray(step_size, dtype=like.dtype, device=device(like)),
+            xp.asarray(bias2_sqrt, dtype=like.dtype, device=device(like)))
 
 
 def adam_kernel(betas: tuple[float, float] = (0.9, 0.999),
