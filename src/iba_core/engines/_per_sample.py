@@ -212,7 +212,8 @@ class PerSampleBottleneck:
         self._hook = in_layout(backend, bottleneck, self.layout)
         if layer is not None:  # unknown layer names fail now, listing the model's layers
             backend.attach(model, layer, lambda f: None, on_input=self.on_input).remove()
-        self._loss_cache: dict[Any, Callable[..., Any]] = {}
+        # Stable functions (so compiled steps are reused), by kind and model.
+        self._loss_cache: dict[tuple[Any, int], tuple[Any, Callable[..., Any]]] = {}
 
     @property
     def layer_name(self) -> str | None:
@@ -394,8 +395,10 @@ class PerSampleBottleneck:
             soft: np.ndarray | None = None
             features = None
             if target is not None:
-                soft, features = self._soft_targets(x, target, n)
-                loss_fn, copies, compile_step = self._target_loss(), "layer", cfg.compile
+                compile_step = (self.backend.compile_by_default if cfg.compile is None
+                                else cfg.compile)
+                soft, features = self._soft_targets(x, target, n, compile_step)
+                loss_fn, copies = self._target_loss(), "layer"
             elif output_loss is not None:
                 loss_fn, copies = self._output_loss(output_loss), "layer"
                 compile_step = bool(cfg.compile)  # a user's loss is traced only when asked
@@ -410,17 +413,45 @@ class PerSampleBottleneck:
         return explanation_maps(cap, tuple(int(s) for s in x.shape), mode,
                                 channels_last=self.input_layout == "channels_last")
 
-    def _soft_targets(self, x: Any, target: Any, n: int) -> tuple[np.ndarray, Any]:
+    def _clean_pass(self, compiled: bool) -> Callable[[Any], tuple[Any, Any]]:
+        """``x -> (logits, the layer's features)``: one pass without noise, compiled (once
+        per engine and input shape) when the step is."""
+        cached = self._cached(("clean", compiled))
+        if cached is not None:
+            return cached
+        bn, backend, model = self.bottleneck, self.backend, self.model
+
+        def clean(x: Any) -> tuple[Any, Any]:
+            with bn.recording():
+                out = model_logits(backend.call(model, x))
+                return out, bn.take_recorded()
+
+        return self._cache(("clean", compiled), backend.compile(clean) if compiled else clean)
+
+    def _cached(self, kind: Any) -> Callable[..., Any] | None:
+        """A function made for this engine's current model (a compiled function keeps the
+        model it was traced with, so each model gets its own)."""
+        entry = self._loss_cache.get((kind, id(self.model)))
+        return entry[1] if entry is not None and entry[0] is self.model else None
+
+    def _cache(self, kind: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if len(self._loss_cache) > 32:
+            self._loss_cache.clear()
+        self._loss_cache[(kind, id(self.model))] = (self.model, fn)
+        return fn
+
+    def _soft_targets(self, x: Any, target: Any, n: int, compiled: bool = False
+                      ) -> tuple[np.ndarray, Any]:
         """The class distribution ``(N, K)`` each input is explained for (one-hot for class
         indices and ``"predicted"``), and the layer's features ``(N, C, ...)``, from one
         clean pass over the inputs."""
-        backend, bn = self.backend, self.bottleneck
+        backend = self.backend
         limit = backend.pass_size(x) or n
+        clean = self._clean_pass(compiled)
         logits, features = [], []
         for start in range(0, n, limit):
-            with bn.recording():
-                out = model_logits(self._run(x[start:min(n, start + limit), ...]))
-                features.append(bn.take_recorded())
+            out, f = clean(x[start:min(n, start + limit), ...])
+            features.append(f)
             if len(tuple(out.shape)) != 2:
                 raise ValueError(f"target= needs a classifier returning logits (B, K), got shape "
                                  f"{tuple(out.shape)}; give a loss function instead")
@@ -445,13 +476,13 @@ class PerSampleBottleneck:
     def _target_loss(self) -> Callable[..., Any]:
         """``(batch, target_rows) -> mean cross-entropy``: one function per engine, so a
         compiled step is reused from call to call."""
-        cached = self._loss_cache.get("target")
+        cached = self._cached("target")
         if cached is not None:
             return cached
-        backend, run = self.backend, self._run
+        backend, model = self.backend, self.model
 
         def target_loss(batch: Any, target_rows: Any) -> Any:
-            logits = model_logits(run(batch))
+            logits = model_logits(backend.call(model, batch))
             if target_rows is None:  # the first, recording pass never gets here
                 return logits
             if len(tuple(logits.shape)) != 2:
@@ -463,8 +494,7 @@ class PerSampleBottleneck:
                                  "samples; the model must keep the batch axis first")
             return backend.cross_entropy(logits, target_rows)
 
-        self._loss_cache["target"] = target_loss
-        return target_loss
+        return self._cache("target", target_loss)
 
     def _output_loss(self, output_loss: Callable[[Any], Any]) -> Callable[..., Any]:
         run = self.backend.call
