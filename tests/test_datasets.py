@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from iba_core.apps.demo import top_n_in_box
 from iba_core.apps.datasets import cluttered_digits, load_digits_split
+from iba_core.apps.demo import top_n_in_box
 
 
 @pytest.fixture(scope="module")

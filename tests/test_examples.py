@@ -56,3 +56,14 @@ def test_keras_iba_layer(tmp_path):
     out = run("keras_iba_layer.py", "--epochs", "1", "--n-train", "500", cwd=tmp_path)
     assert "test accuracy" in out
     assert len(re.findall(r"digit \d: +[\d.]+ bits", out)) == 4
+
+
+@pytest.mark.torch
+def test_any_backend(tmp_path):
+    pytest.importorskip("torch")
+    out = run("any_backend.py", "--n-estimate", "300", cwd=tmp_path)
+    assert "IBA(backend='torch', layer='features.relu3'" in out
+    rows = re.findall(r"digit (\d): +([\d.]+) bits \(its label\), +([\d.]+) \(predicted", out)
+    assert len(rows) == 3 and all(float(b) > 0 for _, b, _ in rows)
+    before, after = map(float, re.search(r"beta 10 -> 100: ([\d.]+) -> ([\d.]+) bits", out).groups())
+    assert after < before  # a higher beta lets less information through

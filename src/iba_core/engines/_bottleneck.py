@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -824,8 +825,17 @@ def estimate_loop(backend: Backend, batches: Iterable[Any], record: Callable[[An
             f"the statistics rest on {first.n} samples; the reference uses about "
             f"10,000 and at least {MIN_RECOMMENDED_SAMPLES} are recommended",
             FewSamplesWarning,
-            stacklevel=3,
+            stacklevel=_caller_level(),
         )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first caller outside iba's packages (the user's line)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
+            "iba_core", "iba_torch", "iba_tf"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class _StepFunctions(NamedTuple):
