@@ -88,7 +88,7 @@ def test_console_script_is_declared():
 def test_usage_errors_are_one_line():
     bare = iba()  # no command: the help, and a non-zero exit
     assert bare.returncode == 2 and "usage: iba" in bare.stdout and not bare.stderr
-    assert_one_line_error(iba("demo", "--n", "many"), 2, "invalid int value: 'many'")
+    assert_one_line_error(iba("demo", "--n", "many"), 2, "argument --n: must be an integer, got 'many'")
     assert_one_line_error(iba("explain", "m:f", "--images", "x.png"), 2,
                           "the following arguments are required: --layer")
 
@@ -196,7 +196,8 @@ def test_demo_is_deterministic_and_batch_independent(demo_run, tmp_path):
 @torch_only
 def test_demo_rejects_bad_options(tmp_path, capsys):
     assert main(["demo", "--n", "0", "--out", str(tmp_path / "x")]) == 2
-    assert_one_line_error(capsys.readouterr().err, 2, "--n must be between 1 and 64")
+    assert_one_line_error(capsys.readouterr().err, 2,
+                          "argument --n: must be an integer between 1 and 64, got '0'")
     assert not (tmp_path / "x").exists()
 
 
@@ -363,10 +364,12 @@ def test_every_bad_input_is_one_clear_line(folders, tmp_path, capsys, monkeypatc
          "--target 10 is out of range: the model has 10 classes (0..9)")
     _bad(["explain", MODEL, *ok, *est, "--mean", "0.1", "0.2"], capsys,
          "--mean takes 1 value (the model's input has 1 channel), got 2")
-    _bad(["explain", MODEL, *ok, *est, "--std", "0"], capsys, "--std values must be > 0")
+    _bad(["explain", MODEL, *ok, *est, "--std", "0"], capsys,
+         "argument --std: must be a finite number > 0, got '0'")
     _bad(["explain", MODEL, *ok, *est, "--channels", "3"], capsys, "the model failed on input")
     _bad(["explain", MODEL, *ok, *est, "--device", "tpu9"], capsys, "--device 'tpu9'")
-    _bad(["explain", MODEL, *ok, *est, "--batch-size", "0"], capsys, "--batch-size must be")
+    _bad(["explain", MODEL, *ok, *est, "--batch-size", "0"], capsys,
+         "argument --batch-size: must be an integer >= 1")
     # an estimate of another layer does not fit this one
     assert main(["explain", MODEL, "--layer", LAYER, "--images", "images", *est,
                  "--save-estimate", str(tmp_path / "e.npz"), "--n-samples", "20",

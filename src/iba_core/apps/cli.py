@@ -12,9 +12,12 @@ framework.
 
 Every foreseeable bad input ends in one line on stderr (``iba: error: ...``) and exit
 status 2 (1 for failures while running): :class:`~iba_core.UsageError` and
-:class:`~iba_core.RunFailure`, raised here or by a backend.  Set ``IBA_DEBUG=1`` to see
-the traceback.  Output files are written to a temporary name and renamed into place, and
-only after all results are computed, so a failed run leaves no half-written files behind.
+:class:`~iba_core.RunFailure`, raised here or by a backend.  Numbers are checked while
+the command line is read (argparse ``type=`` functions) and output paths before any model
+is loaded.  Set ``IBA_DEBUG=1`` to see the traceback.  The output files of a run are an
+:class:`OutputSet`: written to temporary names only after all results are computed, then
+renamed together, so a failed or interrupted run leaves all old files (or none).  Python
+warnings are shown as one ``iba: warning: ...`` line each (:func:`one_line_warnings`).
 While a command runs, what native libraries write straight to file descriptor 2 (C/C++
 start-up logging) is kept off the terminal; Python's own stderr (warnings, progress
 bars, these messages) is not affected.
@@ -48,7 +51,8 @@ from ..contract import (
 )
 from .loading import first_line
 
-__all__ = ["CliError", "CliFailure", "build_parser", "layer_table", "main", "select_backend"]
+__all__ = ["CliError", "CliFailure", "OutputSet", "build_parser", "layer_table", "main",
+           "select_backend"]
 
 PROG = "iba"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
@@ -312,7 +316,13 @@ def open_bottleneck(backend: Backend, model: Any, layer: str, inputs: InputSpec,
     except (RuntimeError, TypeError, ValueError) as exc:
         raise UsageError(f"cannot put a bottleneck at layer {layer!r}: {_one_line(str(exc))}; "
                          "choose another (see 'iba layers MODEL')") from None
-    return engine, tuple(int(s) for s in feature_shape)
+    shape = tuple(int(s) for s in feature_shape)
+    if len(shape) < 2:
+        raise UsageError(f"layer {layer!r} has no spatial axes (features (N, "
+                         f"{', '.join(map(str, shape)) or 'C'})): a saliency map needs a "
+                         "layer with height and width; choose a convolutional layer (see "
+                         "'iba layers MODEL')")
+    return engine, shape
 
 
 def explain_batch(backend: Backend, engine: Any, model: Any, x: np.ndarray,
@@ -328,38 +338,138 @@ def explain_batch(backend: Backend, engine: Any, model: Any, x: np.ndarray,
 
 
 def estimate(engine: Any, batches: Any, n_samples: int, progbar: bool) -> None:
-    """Estimate the feature statistics; each distinct warning (e.g. too few samples) is
-    printed as one line."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        engine.estimate(batches, n_samples=n_samples, progbar=progbar and sys.stderr.isatty())
-    for message in dict.fromkeys(_one_line(str(w.message)) for w in caught):
-        _warn(message)
+    """Estimate the feature statistics (warnings, e.g. too few samples, are shown by
+    :func:`one_line_warnings`)."""
+    engine.estimate(batches, n_samples=n_samples, progbar=progbar and sys.stderr.isatty())
 
 
 # -- files ------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
-    """A temporary path next to ``path``, renamed onto ``path`` if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix,
-                               dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
+def _replace(src: Path, dst: Path) -> None:
+    """``os.replace``; one name, so that tests can interrupt a run between two renames."""
+    os.replace(src, dst)
+
+
+class OutputSet:
+    """The files of one run, written as a set: all new, or (after any failure) all old.
+
+    :meth:`stage` writes each file to a temporary name next to its final path (creating
+    missing folders); :meth:`commit` then moves every existing file aside, renames the new
+    ones into place and only then deletes the old ones.  If anything fails, a
+    :class:`KeyboardInterrupt` included, the files renamed so far are taken back out, the
+    old ones are put back, and temporaries and folders this run created are removed.
+    Used as a context manager, an exception leaving the block discards what was staged.
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []
+        self._made_dirs: list[Path] = []
+
+    def __enter__(self) -> OutputSet:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.discard()
+
+    def _mkdirs(self, folder: Path) -> None:
+        missing = []
+        while not folder.exists() and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        for d in reversed(missing):
+            d.mkdir()
+            self._made_dirs.append(d)
+
+    def stage(self, path: Path, write: Callable[[Path], None]) -> None:
+        """Write ``path``'s new content (``write(tmp)``) to a temporary file beside it."""
+        self._mkdirs(path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp",
+                                    dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        self._staged.append((path, tmp))
+        write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+
+    def commit(self) -> list[Path]:
+        """Put every staged file in place together; returns the final paths."""
+        done: list[tuple[Path, Path | None]] = []  # (final path, its old file moved aside)
+        try:
+            for path, tmp in self._staged:
+                backup = None
+                if path.exists() or path.is_symlink():
+                    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".old",
+                                                dir=path.parent)
+                    os.close(fd)
+                    backup = Path(name)
+                    try:
+                        _replace(path, backup)
+                    except BaseException:
+                        backup.unlink()
+                        raise
+                done.append((path, backup))
+                _replace(tmp, path)
+        except BaseException:
+            self._roll_back(done)
+            raise
+        for _, backup in done:
+            if backup is not None:
+                with contextlib.suppress(OSError):
+                    backup.unlink()
+        self._staged, self._made_dirs = [], []
+        return [path for path, _ in done]
+
+    def _roll_back(self, done: list[tuple[Path, Path | None]]) -> None:
+        staged = dict(self._staged)
+        for path, backup in reversed(done):
+            with contextlib.suppress(OSError):
+                if not staged[path].exists():  # the new file is already in place
+                    path.unlink()
+                if backup is not None:
+                    os.replace(backup, path)
+        self.discard()
+
+    def discard(self) -> None:
+        """Remove the temporaries and the folders made for them; old files stay."""
+        for _, tmp in self._staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        for d in reversed(self._made_dirs):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty: never what others put there meanwhile
+        self._staged, self._made_dirs = [], []
+
+
+def check_writable(path: Path, option: str, folder: bool) -> Path:
+    """Refuse, before any work is done, an output ``path`` that cannot be written.
+
+    ``folder``: ``path`` is a folder to write into (``--out``), else a file.  The nearest
+    existing folder on the way must be a folder in which a file can be created (tried).
+    """
+    if path.exists():
+        if folder and not path.is_dir():
+            raise UsageError(f"{option} {path} exists and is not a folder")
+        if not folder and path.is_dir():
+            raise UsageError(f"{option} {path} is a folder; give a file name")
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{option} {path} cannot be written: {existing} is a file, not a "
+                         "folder; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".iba-write-test.", dir=existing)
+    except OSError as exc:
+        raise UsageError(f"{option} {path} cannot be written: no new files can be made in "
+                         f"{existing} ({exc.strerror or exc}); choose another path") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
 
 
 def check_out(out: Path) -> Path:
     """Refuse an ``--out`` that cannot become a folder, before any work is done."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
-    return out
+    return check_writable(out, "--out", folder=True)
 
 
 def _umask() -> int:
@@ -368,24 +478,25 @@ def _umask() -> int:
     return mask
 
 
-def write_outputs(out: Path, files: dict[str, bytes]) -> list[Path]:
-    """Write ``{name: content}`` into ``out``, each file atomically; returns the paths."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunFailure(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
-    if not out.is_dir():
-        raise UsageError(f"--out {out} is not a folder")
-    written = []
-    for name, content in files.items():
-        path = out / name
+def write_outputs(out: Path, files: dict[str, bytes],
+                  extra: dict[Path, Callable[[Path], None]] | None = None) -> list[Path]:
+    """Write ``{name: content}`` into the folder ``out`` and ``{path: write(tmp)}`` of
+    ``extra``, as one :class:`OutputSet`; returns the paths."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    with OutputSet() as outputs:
+        current = out
         try:
-            with atomic_path(path) as tmp:
-                tmp.write_bytes(content)
+            for name, content in files.items():
+                current = out / name
+                outputs.stage(current, lambda tmp, c=content: tmp.write_bytes(c))
+            for current, write in (extra or {}).items():
+                outputs.stage(current, write)
+            current = out
+            return outputs.commit()
         except OSError as exc:
-            raise RunFailure(f"cannot write {path}: {exc.strerror or exc}") from None
-        written.append(path)
-    return written
+            raise RunFailure(f"cannot write {exc.filename or current}: "
+                             f"{exc.strerror or exc}") from None
 
 
 def npz_bytes(**arrays: Any) -> bytes:
@@ -500,10 +611,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .metrics import bounding_box_score
 
     t0 = time.perf_counter()
-    if not 1 <= args.n <= 64:
-        raise UsageError(f"--n must be between 1 and 64, got {args.n}")
-    if args.estimate_samples < 1:
-        raise UsageError(f"--estimate-samples must be >= 1, got {args.estimate_samples}")
     out = check_out(Path(args.out))
     backend = demo_backend(args.backend)
     model = backend.demo_model()
@@ -626,12 +733,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
                          "(images like the ones to explain) or --estimate FILE.npz")
     if args.estimate is not None and args.estimate_from is not None:
         raise UsageError("give either --estimate-from or --estimate, not both")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.n_samples < 1:
-        raise UsageError(f"--n-samples must be >= 1, got {args.n_samples}")
     size = _size(args.size)
     out = check_out(Path(args.out))
+    if args.save_estimate is not None:
+        check_writable(Path(args.save_estimate), "--save-estimate", folder=False)
     image_paths = find_images(args.images, "--images")
     estimate_paths = (find_images(args.estimate_from, "--estimate-from")
                       if args.estimate_from else [])
@@ -699,14 +804,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
         writer.writerow([str(path), int(t), int(p), f"{b:.4f}", f"{float(m.max()):.6f}",
                          f"{name}_saliency.png"])
     files["summary.csv"] = table.getvalue().encode()
+    extra: dict[Path, Callable[[Path], None]] = {}
     if args.save_estimate is not None:
-        try:
-            with atomic_path(Path(args.save_estimate), suffix=".npz") as tmp:
-                engine.estimator.save(tmp)
-        except OSError as exc:
-            raise RunFailure(f"cannot write --save-estimate {args.save_estimate}: "
-                             f"{exc.strerror or exc}") from None
-    write_outputs(out, files)
+        state = engine.estimator.state_dict()
+
+        def save_estimate(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:  # a file object: np.savez adds no suffix
+                np.savez(fh, **state)
+
+        extra[Path(args.save_estimate)] = save_estimate
+    write_outputs(out, files, extra)
     print(f"explained {len(x)} images at layer {args.layer}: mean {bits.mean():.1f} bits "
           f"per image; wrote {len(files)} files to {out}")
     return 0
@@ -737,6 +844,56 @@ def _load_estimate(path: Path, feature_shape: tuple[int, ...], layer: str) -> An
 
 
 # -- argument parsing ---------------------------------------------------------------------
+#: Most images ``iba demo --estimate-samples`` takes: they are made in memory in one call
+#: (16 KiB each, so about 330 MB), and the reference uses about 10,000.
+DEMO_MAX_ESTIMATE = 20_000
+
+
+def _integer(text: str) -> int:
+    """An integer, also written as ``1e3`` or ``1000.0``."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not np.isfinite(value) or not value.is_integer():
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}")
+    return int(value)
+
+
+def int_in(low: int, high: int | None = None, why: str = "") -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[low, high]``, else a one-line error."""
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if value < low or (high is not None and value > high):
+            wanted = f">= {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be an integer {wanted}{why}, got {text!r}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def real(low: float | None = None, *, strict: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number (``>= low``, or ``> low`` if ``strict``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        bad = not np.isfinite(value)
+        if low is not None and not bad:
+            bad = value <= low if strict else value < low
+        if bad:
+            bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text!r}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (plus the exit status 2)."""
 
@@ -765,12 +922,15 @@ def build_parser() -> argparse.ArgumentParser:
                            f"{DEMO_BACKEND} if installed, else the first installed)")
     demo.add_argument("--out", default="iba-demo-out", metavar="DIR",
                       help="output folder (default: iba-demo-out)")
-    demo.add_argument("--n", type=int, default=8, metavar="N",
+    demo.add_argument("--n", type=int_in(1, 64), default=8, metavar="N",
                       help="number of test images to explain (default: 8)")
-    demo.add_argument("--seed", type=int, default=0, metavar="S",
+    demo.add_argument("--seed", type=int_in(0), default=0, metavar="S",
                       help="seed of the images and the noise (default: 0)")
-    demo.add_argument("--estimate-samples", type=int, default=1000, metavar="M",
-                      help="images to estimate the feature statistics on (default: 1000)")
+    demo.add_argument("--estimate-samples", default=1000, metavar="M",
+                      type=int_in(1, DEMO_MAX_ESTIMATE,
+                                  " (the demo makes these images in memory, 16 KiB each)"),
+                      help="images to estimate the feature statistics on (default: 1000, "
+                           f"at most {DEMO_MAX_ESTIMATE:,})")
     demo.set_defaults(func=cmd_demo)
 
     common = _Parser(add_help=False)
@@ -787,7 +947,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", metavar="DEV",
                         help="device to run on, e.g. cpu, cuda, cuda:1, gpu:0 (default: the "
                              "model's)")
-    common.add_argument("--size", type=int, nargs="+", metavar="PX",
+    common.add_argument("--size", type=int_in(1), nargs="+", metavar="PX",
                         help="resize inputs to H W pixels (one value: square)")
     common.add_argument("--channels", type=int, metavar="C",
                         help="1 (greyscale) or 3 (RGB); default: from the model's first layer")
@@ -816,23 +976,23 @@ def build_parser() -> argparse.ArgumentParser:
                          help="statistics saved earlier with --save-estimate")
     explain.add_argument("--save-estimate", metavar="FILE.npz",
                          help="save the statistics to reuse them with --estimate")
-    explain.add_argument("--n-samples", type=int, default=10000, metavar="M",
+    explain.add_argument("--n-samples", type=int_in(1), default=10000, metavar="M",
                          help="use at most M images of --estimate-from (default: 10000)")
-    explain.add_argument("--mean", type=float, nargs="+", metavar="M",
+    explain.add_argument("--mean", type=real(), nargs="+", metavar="M",
                          help="per-channel mean subtracted from pixels in [0, 1] (default 0)")
-    explain.add_argument("--std", type=float, nargs="+", metavar="S",
+    explain.add_argument("--std", type=real(0, strict=True), nargs="+", metavar="S",
                          help="per-channel std the pixels are divided by (default 1)")
-    explain.add_argument("--target", type=int, metavar="CLASS",
+    explain.add_argument("--target", type=int_in(0), metavar="CLASS",
                          help="class to explain (default: each image's predicted class)")
     explain.add_argument("--out", default="iba-explain-out", metavar="DIR",
                          help="output folder (default: iba-explain-out)")
-    explain.add_argument("--batch-size", type=int, default=8, metavar="B",
+    explain.add_argument("--batch-size", type=int_in(1), default=8, metavar="B",
                          help="images explained per batched call (default: 8)")
-    explain.add_argument("--beta", type=float, default=10.0,
+    explain.add_argument("--beta", type=real(0), default=10.0,
                          help="weight of the information term (default: 10)")
-    explain.add_argument("--steps", type=int, default=10,
+    explain.add_argument("--steps", type=int_in(0), default=10,
                          help="optimisation steps per batch (default: 10)")
-    explain.add_argument("--seed", type=int, default=0,
+    explain.add_argument("--seed", type=int_in(0), default=0,
                          help="noise seed; image k draws from stream seed + k (default: 0)")
     explain.add_argument("--noise", choices=["backend", "numpy"], default="backend",
                          help="noise generator: the backend's, on the device (default), or "
@@ -844,13 +1004,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``iba`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else 2
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
     prog = f"{PROG} {args.command}"
     try:
-        with quiet_native_stderr():
+        with one_line_warnings(), quiet_native_stderr():
             return int(args.func(args))
     except UsageError as exc:
         print(f"{prog}: error: {_one_line(str(exc))}", file=sys.stderr)
@@ -864,6 +1027,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {type(exc).__name__}: {_one_line(str(exc))} "
               "(set IBA_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Show each Python warning as one ``iba: warning: ...`` line on stderr, once per
+    distinct message.
+
+    Warnings Python hides by default (deprecations, imports, resources) stay hidden; with
+    ``-W``/``PYTHONWARNINGS`` the user's filters apply, and with ``IBA_DEBUG`` warnings
+    are shown as Python shows them.
+    """
+    if os.environ.get("IBA_DEBUG"):
+        yield
+        return
+    seen: set[str] = set()
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        text = _one_line(str(message)) or category.__name__
+        if text not in seen:
+            seen.add(text)
+            _warn(text)
+
+    with warnings.catch_warnings():
+        if not sys.warnoptions:
+            warnings.simplefilter("always")  # every message; repeats are dropped in show()
+            for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
+                           ResourceWarning):
+                warnings.simplefilter("ignore", hidden)
+        warnings.showwarning = show
+        yield
 
 
 def _one_line(text: str) -> str:

@@ -27,6 +27,11 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def _exit_call(exc: SystemExit) -> str:
+    """How ``exc`` was raised, as code: ``sys.exit(3)``, ``sys.exit('bye')``, ``sys.exit()``."""
+    return "sys.exit()" if exc.code is None else f"sys.exit({exc.code!r})"
+
+
 def import_factory(spec: str) -> Any:
     """The object named by ``module:attr`` (``attr`` may be dotted; ``module`` may be a
     ``.py`` file).  The current folder is importable, as with ``python -m``.
@@ -49,6 +54,10 @@ def import_factory(spec: str) -> Any:
     except ModuleNotFoundError as exc:
         raise UsageError(f"model spec {spec!r}: cannot import {module_name!r} "
                          f"({first_line(exc)})") from None
+    except SystemExit as exc:  # a script's sys.exit() must not end the caller silently
+        raise UsageError(f"model spec {spec!r}: importing {module_name!r} called "
+                         f"{_exit_call(exc)}; a model file must not exit when imported (put "
+                         "script code under 'if __name__ == \"__main__\":')") from None
     except Exception as exc:
         raise UsageError(f"model spec {spec!r}: importing {module_name!r} failed with "
                          f"{first_line(exc)}") from None
@@ -68,7 +77,12 @@ def _import_file(path: Path, spec: str) -> Any:
         raise UsageError(f"model spec {spec!r}: cannot load {path} as a Python module")
     module = importlib.util.module_from_spec(mod_spec)
     sys.modules[path.stem] = module
-    mod_spec.loader.exec_module(module)
+    try:
+        mod_spec.loader.exec_module(module)
+    except BaseException:
+        if sys.modules.get(path.stem) is module:  # no half-run module is left importable
+            del sys.modules[path.stem]
+        raise
     return module
 
 
@@ -87,6 +101,9 @@ def model_from_factory(spec: str, model_type: type | tuple[type, ...], kind: str
                          "callable returning the model")
     try:
         model = factory()
+    except SystemExit as exc:
+        raise UsageError(f"model spec {spec!r}: calling the factory called "
+                         f"{_exit_call(exc)}; it must return the model") from None
     except Exception as exc:
         raise UsageError(f"model spec {spec!r}: calling the factory failed with "
                          f"{first_line(exc)}") from None
