@@ -97,7 +97,8 @@ def bench_torch(args: argparse.Namespace) -> list[tuple[str, ...]]:
 
     readout = IBAReadout(BOTTLENECK, READOUT_LAYERS, model)
     readout.estimate(model, loader)
-    readout.train(model, loader[:1], epochs=1, lr=1e-5)  # warm-up; the maps' quality is irrelevant
+    # Warm-up; the maps' quality is irrelevant.
+    readout.train(model, loader[:1], epochs=1, lr=1e-5, validation=None, warn=False)
     iba = IBA(model, BOTTLENECK)
     iba.estimate(model, loader)
 
@@ -107,7 +108,8 @@ def bench_torch(args: argparse.Namespace) -> list[tuple[str, ...]]:
                              max(1, args.repeats // 2), sync) / n_ps
     t_ps_one = median_time(lambda: iba.analyze(x[:1], target=targets[:1], model=model),
                            max(1, args.repeats // 2), sync)
-    t_train = median_time(lambda: readout.train(model, loader, epochs=1, lr=1e-5),
+    t_train = median_time(lambda: readout.train(model, loader, epochs=1, lr=1e-5,
+                                                validation=None, warn=False),
                           max(1, args.repeats // 3), sync)
     return _rows(f"torch ({device.type})", t_readout, t_ps_batch, n_ps, t_ps_one,
                  len(data) / t_train)
@@ -144,7 +146,8 @@ def bench_tf(args: argparse.Namespace) -> list[tuple[str, ...]]:
 
     readout = IBAReadout(BOTTLENECK, READOUT_LAYERS, model)
     readout.estimate(data)
-    readout.fit(data[:32], labels[:32], epochs=1, lr=1e-5, compile=False)  # warm-up
+    readout.fit(data[:32], labels[:32], epochs=1, lr=1e-5, compile=False, validation=None,
+                warn=False)  # warm-up
     iba = IBACopy(model, BOTTLENECK)
     iba.estimate(data)
 
@@ -159,10 +162,10 @@ def bench_tf(args: argparse.Namespace) -> list[tuple[str, ...]]:
                            max(1, args.repeats // 2), sync)
     # One fit() call traces the compiled loss once; time two epochs and subtract one.
     t0 = time.perf_counter()
-    readout.fit(data, labels, epochs=1, lr=1e-5, seed=0)
+    readout.fit(data, labels, epochs=1, lr=1e-5, seed=0, validation=None, warn=False)
     one = time.perf_counter() - t0
     t0 = time.perf_counter()
-    readout.fit(data, labels, epochs=3, lr=1e-5, seed=0)
+    readout.fit(data, labels, epochs=3, lr=1e-5, seed=0, validation=None, warn=False)
     three = time.perf_counter() - t0
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     return _rows(f"tf ({device})", t_readout, t_ps_batch, n_ps, t_ps_one,

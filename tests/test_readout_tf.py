@@ -120,7 +120,7 @@ class TestIBAReadoutKeras:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FewSamplesWarning)
             readout.estimate(x)
-        readout.fit(x, y, epochs=1, lr=1e-2)  # compiled: the model is untouched all the same
+        readout.fit(x, y, epochs=1, lr=1e-2, warn=False)  # compiled: the model is untouched all the same
         readout.analyze(x[:4])
         assert _patched(model) == []
         assert [(layer.name, layer.trainable) for layer in model.layers] == flags

@@ -81,7 +81,7 @@ def trained_front() -> tuple[Any, torch.nn.Module]:
     loader = _loader(128, 1)
     with pytest.warns(FewSamplesWarning):
         readout.estimate(model, loader)
-    readout.train(model, loader, epochs=3, lr=3e-2, seed=0)
+    readout.train(model, loader, epochs=3, lr=3e-2, seed=0, warn=False)
     return readout, model
 
 
@@ -117,7 +117,7 @@ class TestIBAReadoutFront:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FewSamplesWarning)
             readout.estimate(model, loader)
-        readout.train(model, loader, epochs=1, lr=1e-2)
+        readout.train(model, loader, epochs=1, lr=1e-2, warn=False)
         readout.analyze(x)
         assert _hooks(model) == 0
         assert [(m.training, [p.requires_grad for p in m.parameters(recurse=False)])

@@ -264,7 +264,7 @@ def test_non_finite_features_are_refused():
     model = keras.Model(inputs, keras.layers.Dense(2)(iba(blown_up)))
     x = np.ones((2, 4), np.float32)
     with pytest.raises(FloatingPointError, match="loss became"):
-        iba.analyze(x, model=model, target=0)
+        iba.analyze(x, model=model, target=0, mode="capacity")
     with pytest.raises(ValueError, match="NaN/inf"):
         iba.estimate(model, x)
 

@@ -105,6 +105,8 @@ class _Patch:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         hooks = list(self.hooks)
         if any(on_input for _, on_input in hooks):
+            if args and isinstance(args[0], np.ndarray):  # e.g. model(numpy_batch)
+                args = (tf.convert_to_tensor(args[0]), *args[1:])
             if not args or not tf.is_tensor(args[0]):
                 raise TypeError(f"the first input of layer {self.layer.name!r} is not a tensor")
             x = args[0]

@@ -14,6 +14,13 @@ import numpy as np
 
 from iba_core.engines import PerSampleFront, input_batches
 from iba_core.math import Estimator
+from iba_core.math._estimator import (
+    SavedStateError,
+    check_format,
+    file_name,
+    read_npz,
+    save_target,
+)
 
 from ._layer import BACKEND, IBALayer, as_input
 
@@ -212,9 +219,26 @@ class IBACopy(PerSampleFront):
         arguments (``beta``, ``optimization_steps``, ``lr``, ``batch_size``, ``min_std``,
         ``active_neurons_threshold``, ``seed``, ``noise``, ``progbar``,
         ``inputs_per_pass``) as in :meth:`IBALayer.analyze`.
+
+        ``target=`` is refused (``ValueError``) for a model ending in a softmax: the
+        cross-entropy would treat probabilities as logits.  Copy
+        :func:`model_wo_softmax` of it instead, or pass a ``loss_fn`` of the outputs.
         """
+        if target is not None and self._ends_in_softmax():
+            raise ValueError(
+                f"model {self._original.name!r} ends in a softmax, so target= would explain "
+                "its probabilities as if they were logits. Build the copy from "
+                "model_wo_softmax(model) (iba_tf.model_wo_softmax strips the softmax), or pass "
+                "a loss_fn of the outputs instead of target=."
+            )
         return self._maps(as_input(x, self.model), target=target, output_loss=loss_fn,
                           mode=mode, **kwargs)
+
+    def _ends_in_softmax(self) -> bool:
+        try:
+            return ends_in_softmax(self._original)
+        except ValueError:  # several outputs: target= fails later with its own message
+            return False
 
     def predict(self, x: Any, batch_size: int = 32) -> np.ndarray:
         """The copy's output on ``x`` without the bottleneck (equal to the original's)."""
@@ -225,6 +249,8 @@ class IBACopy(PerSampleFront):
 
 # -- IBACopyInnvestigate -------------------------------------------------------------------
 _MODES = ("max_activation", "index", "all")
+#: Format mark of :meth:`IBACopyInnvestigate.save_npz` files (version 1 had none).
+_COPY_FORMAT = "iba.copy_innvestigate/2"
 
 
 class IBACopyInnvestigate(IBACopy):
@@ -331,9 +357,14 @@ class IBACopyInnvestigate(IBACopy):
 
     # -- persistence ---------------------------------------------------------------------------
     def save_npz(self, fname: str | os.PathLike) -> None:
-        """Write the estimate (or the given mean/std) and the settings to an ``.npz`` file."""
+        """Write the estimate (or the given mean/std) and the settings to an ``.npz`` file.
+
+        ``.npz`` is appended to a name without it, as ``np.savez`` does; :meth:`load_npz`
+        finds the file under either name.  The file carries a format mark.
+        """
         bn = self.bottleneck
         state: dict[str, Any] = {
+            "format": np.asarray(_COPY_FORMAT),
             "class_name": np.asarray(type(self).__name__),
             "feature_name": np.asarray(self.layer_name),
             "neuron_selection_mode": np.asarray(self.neuron_selection_mode),
@@ -345,29 +376,53 @@ class IBACopyInnvestigate(IBACopy):
             state["feature_mean"] = bn.feature_mean
         if bn.feature_std is not None:
             state["feature_std"] = bn.feature_std
-        if len(state) == 4:
+        if len(state) == 5:
             raise RuntimeError("nothing to save: call fit(X) or fit_generator() first")
-        np.savez(fname, **state)
+        np.savez(save_target(fname), **state)
 
     def load_npz(self, fname: str | os.PathLike) -> IBACopyInnvestigate:
-        """Load an estimate written by :meth:`save_npz` for the same layer; returns self."""
-        with np.load(fname, allow_pickle=False) as data:
-            state = {k: data[k] for k in data.files}
+        """Load an estimate written by :meth:`save_npz` for the same layer; returns self.
+
+        Files without the current format mark (older versions), damaged files and files
+        of another layer or shape raise :class:`iba_core.math._estimator.SavedStateError`
+        (a ``ValueError``) naming the file; the analyzer is then left as it was.
+        """
+        file, state = read_npz(fname, "IBACopyInnvestigate estimate", "save_npz()")
+        where = file_name(file)
+        remedy = "fit() the analyzer again and save_npz() a new file"
+        try:
+            check_format(state, (_COPY_FORMAT,), "IBACopyInnvestigate file", remedy)
+        except SavedStateError as exc:
+            raise SavedStateError(f"cannot use {where!r}: {exc}") from None
         saved_layer = str(state.get("feature_name", ""))
         if saved_layer != self.layer_name:
-            raise ValueError(f"{os.fspath(fname)!r} holds an estimate for layer {saved_layer!r}, "
-                             f"not {self.layer_name!r}")
-        bn = self.bottleneck
+            raise SavedStateError(f"{where!r} holds an estimate for layer {saved_layer!r}, not "
+                                  f"{self.layer_name!r}; {remedy} for this layer")
         est = {k[len("estimator_"):]: v for k, v in state.items() if k.startswith("estimator_")}
         shape = self.feature_shape
+        estimator = Estimator()
+        given: dict[str, np.ndarray | None] = {}
+        try:
+            if est:
+                estimator.load_state_dict(est, expected_shape=shape)
+            for key in ("feature_mean", "feature_std"):
+                value = state.get(key)
+                if value is not None:
+                    if value.dtype.kind not in "iuf" or tuple(value.shape) != shape:
+                        raise SavedStateError(f"{key} has {value.dtype} values of shape "
+                                              f"{value.shape}; the layer needs numbers of shape "
+                                              f"{shape}")
+                    value = np.asarray(value, dtype=np.float64)
+                    if not np.all(np.isfinite(value)):
+                        raise SavedStateError(f"{key} holds NaN/inf values")
+                given[key] = value
+        except ValueError as exc:
+            raise SavedStateError(f"cannot use {where!r}: {exc}") from None
+        bn = self.bottleneck
         if est:
             bn.estimator.load_state_dict(est, expected_shape=shape)
         else:
             bn.estimator.reset()
-        for key in ("feature_mean", "feature_std"):
-            value = state.get(key)
-            if value is not None and tuple(value.shape) != shape:
-                raise ValueError(f"{key} in the file has shape {value.shape}, the layer {shape}")
-            setattr(bn, key, None if value is None else np.asarray(value, dtype=np.float64))
+        bn.feature_mean, bn.feature_std = given["feature_mean"], given["feature_std"]
         return self
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
@@ -11,23 +11,41 @@ import numpy as np
 import tensorflow as tf
 
 from iba_core.engines import PerSampleBottleneck, PerSampleFront, input_batches, settings_of
+from iba_core.engines._bottleneck import _step_functions
+from iba_core.engines._front import MULTI_INPUT, refuse_multi_input
 from iba_core.math import Estimator
+from iba_core.math._linear_ops import smoothing_operands
 
-from ._backend import TFBackend, is_channels_last
+from ._backend import TFBackend, is_channels_last, to_channels_first, to_channels_last
 
 BACKEND = TFBackend()
 
 
+def _model_inputs(model: Any) -> Any:
+    """``model.inputs``, or ``None`` when the model does not declare them."""
+    try:
+        return model.inputs if model is not None else None
+    except (AttributeError, ValueError):  # e.g. a Sequential model that is not built
+        return None
+
+
 def as_input(x: Any, model: Any = None) -> tf.Tensor:
-    """``x`` as a tensor; floating NumPy data takes the model's (single) input dtype."""
+    """``x`` as a tensor; floating NumPy data takes the model's (single) input dtype.
+
+    Several inputs (a list/tuple/dict of arrays, or a model with several inputs) are
+    refused: multi-input models are not supported yet.
+    """
+    refuse_multi_input(x)
+    n_inputs = len(_model_inputs(model) or ())
+    if n_inputs > 1:
+        raise ValueError(f"{MULTI_INPUT}; model {getattr(model, 'name', '?')!r} has {n_inputs} "
+                         "inputs. Wrap it in a model that takes one tensor (e.g. split one "
+                         "concatenated input inside the wrapper) and explain that")
     if isinstance(x, (tf.Tensor, tf.Variable)):
         return tf.convert_to_tensor(x)
     arr = np.asarray(x)
     dtype = None
-    try:
-        inputs = model.inputs if model is not None else None
-    except (AttributeError, ValueError):  # e.g. a Sequential model that is not built
-        inputs = None
+    inputs = _model_inputs(model)
     if arr.dtype.kind == "f" and inputs and len(inputs) == 1:
         dtype = tf.as_dtype(inputs[0].dtype)
     return tf.convert_to_tensor(arr, dtype=dtype)
@@ -41,7 +59,11 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
     It is the identity (also while the model trains, and inside ``model.fit``/``predict``)
     unless a bottleneck is active: while :meth:`estimate` runs it records its input, while
     :meth:`analyze` runs or inside :meth:`restrict_flow` it replaces part of the signal
-    by noise.  Example::
+    by noise.  Inside :meth:`restrict_flow` *every* call is restricted, in inference and
+    in training alike (``model(x)``, ``predict``, ``evaluate``, ``fit`` and a user's
+    ``tf.function``): the restriction is held in ``tf.Variable``s that traced functions
+    read when they run, so a function traced outside the block is restricted inside it,
+    and one traced inside is clean again after it.  Example::
 
         inputs = keras.Input((32, 32, 3))
         x = keras.layers.Conv2D(32, 3, activation="relu")(inputs)
@@ -93,6 +115,9 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
             **settings_of(locals()),
         )
         self.supports_masking = True
+        # Not a Keras weight (the layer has none): a plain object the tracker ignores.
+        self.__dict__["_flow"] = _FlowState()
+        self._engine.flow_restrictor = self._restricting
 
     @property
     def channels_last(self) -> bool:
@@ -107,9 +132,96 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
 
     # -- the Keras layer ---------------------------------------------------------------
     def call(self, inputs: Any) -> Any:
-        """Identity unless a bottleneck is active."""
-        out = self._engine.hook(inputs)
-        return inputs if out is None else out
+        """Identity unless a bottleneck is active.
+
+        The engine's own passes (estimation, the optimisation) run eagerly or in the
+        engine's compiled step and go through its Python hook; every other call reads the
+        restriction flag, a ``tf.Variable``, when it runs (see :meth:`restrict_flow`).
+        """
+        if self._engine.bottleneck.busy:
+            out = self._engine.hook(inputs)
+            return inputs if out is None else out
+        flow = self.__dict__["_flow"]
+        # The mask terms are read outside the branch: constants of it, not variables whose
+        # (unknown) shape a gradient through the branch would have to know.
+        terms = tuple(tf.stop_gradient(v.read_value()) for v in flow.terms(inputs.shape.rank))
+        return tf.cond(flow.on, lambda: self._restricted(inputs, flow, *terms), lambda: inputs)
+
+    def _restricted(self, inputs: Any, flow: _FlowState, lam: Any, shift: Any,
+                    scale: Any) -> Any:
+        """``inputs`` through the bottleneck with the mask terms held in ``flow`` and
+        fresh noise drawn in the graph; computed in float32, returned in the input's
+        dtype and shape."""
+        x = tf.cast(inputs, tf.float32)
+        channels_last = self.channels_last and inputs.shape.rank is not None \
+            and inputs.shape.rank >= 3
+        if channels_last:
+            x = to_channels_first(x)
+        rows, n = tf.shape(lam)[0], tf.shape(x)[0]
+        check = tf.debugging.Assert(
+            tf.logical_or(tf.equal(rows, 1), tf.equal(rows, n)),
+            ["restrict_flow(): the mask holds", rows, "inputs but the batch has", n,
+             "; run the model on the explained inputs, or give one mask to broadcast"])
+        with tf.control_dependencies([check]):
+            eps = flow.generator.normal(tf.shape(x), dtype=tf.float32)
+        z = lam * x + shift + scale * eps
+        z = tf.where(flow.relu, tf.maximum(z, 0.0), z)
+        if channels_last:
+            z = to_channels_last(z)
+        return tf.ensure_shape(tf.cast(z, inputs.dtype), inputs.shape)
+
+    @contextlib.contextmanager
+    def _restricting(self, alpha: Any = None) -> Iterator[None]:
+        """Context: the restriction variables hold the mask terms of ``alpha`` (default:
+        the last explanation's), with that explanation's settings; the flag is on."""
+        bn = self._engine.bottleneck
+        alpha = bn.alpha if alpha is None else alpha
+        if alpha is None:
+            raise RuntimeError("no mask to restrict the flow with: call analyze() first (or "
+                               "give alpha, channels-first mask logits (N, C, ...))")
+        if len(getattr(self, "_inbound_nodes", ())) > 1:
+            raise RuntimeError(
+                f"the bottleneck layer {self.name!r} is called {len(self._inbound_nodes)} "
+                "times in the model, so restrict_flow() would add noise several times per "
+                "forward pass; use one IBALayer per place in the model")
+        config = bn.last_config or bn.config
+        alpha = tf.cast(tf.convert_to_tensor(BACKEND.to_numpy(alpha)), tf.float32)
+        if alpha.shape.rank < 2:
+            raise ValueError(f"alpha must be mask logits (N, C, ...), got shape "
+                             f"{tuple(alpha.shape)}")
+        mean, std, active = bn._stats_like(alpha, BACKEND, config)
+        fns = _step_functions(BACKEND, config.sigma, config.relu, False)
+        operands = smoothing_operands(alpha, config.sigma, alpha.shape.rank - 2)
+        terms = [tf.squeeze(t, axis=1) for t in
+                 fns.mask(alpha, active, mean * active, std * active, operands)]
+        flow = self.__dict__["_flow"]
+        if flow.rank is None:
+            flow.terms(alpha.shape.rank)
+        if alpha.shape.rank != flow.rank:
+            raise ValueError(f"alpha has shape {tuple(alpha.shape)} but the layer's features "
+                             f"have rank {flow.rank}; give channels-first logits (N, C, ...)")
+        saved = flow.values()
+        try:
+            flow.assign(*terms, relu=config.relu, on=True)
+            yield
+        finally:
+            flow.assign(*saved)
+
+    @contextlib.contextmanager
+    def restrict_flow(self, alpha: Any = None) -> Any:
+        """Within the context, every call of the layer adds noise with the mask of the last
+        ``analyze`` (or ``alpha``, channels-first ``(N, C, ...)`` logits) and the settings
+        of that analysis: fresh noise on every call.
+
+        The restriction is read at run time, so it holds for ``model(x)``,
+        ``model.predict``, ``evaluate``, ``fit`` (training too: the layer is restricted
+        inside the block whatever ``training`` is) and any ``tf.function``, whenever they
+        were traced; after the block all of them are clean again.  The model is not
+        frozen by the layer: ``fit`` inside the block trains it on restricted features.  A
+        layer the model calls more than once is refused.
+        """
+        with self._engine.restrict_flow(alpha):
+            yield self
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
@@ -182,14 +294,45 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
                               seed=seed, noise=noise, inputs_per_pass=inputs_per_pass,
                               **overrides)
 
-    @contextlib.contextmanager
-    def restrict_flow(self, alpha: Any = None) -> Any:
-        """Within the context, the layer adds noise with the mask of the last ``analyze``
-        (or ``alpha``, channels-first ``(N, C, ...)`` logits): fresh noise on every call,
-        also inside a ``tf.function`` traced within the context.
 
-        Call the model directly (``model(x)``): ``model.predict`` reuses a function Keras
-        traced before, which keeps whatever the layer did when it was traced.
-        """
-        with self._engine.restrict_flow(alpha):
-            yield self
+class _FlowState:
+    """What a traced function reads to restrict an :class:`IBALayer`: the flag, the mask
+    terms ``lambda * active``, ``(1 - lambda) * mean * active`` and ``(1 - lambda) * std *
+    active`` (channels-first ``(N, C, ...)``, float32, any shape), the ReLU setting, and
+    the noise generator."""
+
+    def __init__(self) -> None:
+        with tf.init_scope():  # eager variables even if the layer is made while tracing
+            self.on = tf.Variable(False, trainable=False, name="iba_restrict")
+            self.relu = tf.Variable(False, trainable=False, name="iba_relu")
+            self.generator = tf.random.Generator.from_non_deterministic_state()
+        self.rank: int | None = None
+
+    def terms(self, rank: int | None) -> tuple[Any, Any, Any]:
+        """The mask variables, made on first use with the features' rank (any sizes: the
+        mask's batch and the feature map's size may change, the rank may not)."""
+        if rank is None:
+            raise ValueError("the IBALayer's input has an unknown rank")
+        if self.rank is None:
+            with tf.init_scope():
+                self.lam, self.shift, self.scale = (
+                    tf.Variable(tf.zeros((1,) * rank), trainable=False,
+                                shape=tf.TensorShape([None] * rank), name=f"iba_{n}")
+                    for n in ("lambda", "shift", "scale"))
+            self.rank = rank
+        elif rank != self.rank:
+            raise ValueError(f"the IBALayer saw inputs of rank {self.rank} before and now of "
+                             f"rank {rank}; use one IBALayer per place in a model")
+        return self.lam, self.shift, self.scale
+
+    def values(self) -> tuple[Any, ...]:
+        return (*(tf.identity(v) for v in self.terms(self.rank)),
+                bool(self.relu.numpy()), bool(self.on.numpy()))
+
+    def assign(self, lam: Any, shift: Any, scale: Any, relu: bool, on: bool) -> None:
+        self.terms(len(lam.shape))
+        self.lam.assign(lam)
+        self.shift.assign(shift)
+        self.scale.assign(scale)
+        self.relu.assign(bool(relu))
+        self.on.assign(bool(on))

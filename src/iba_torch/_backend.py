@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,10 +21,66 @@ from ._cli import TorchCliMixin
 CPU_PASS_SIZE = 32
 
 
+#: How many layer names an error message lists before it shortens the list.
+MAX_LISTED = 20
+
+
+def unwrapped(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
+    """``(prefix, inner model)`` of a model in wrappers that prefix its layer names:
+    ``torch.compile``'s ``OptimizedModule`` (``"_orig_mod."``) and ``nn.DataParallel`` /
+    ``DistributedDataParallel`` (``"module."``), nested in any order; ``("", model)``
+    for a plain model."""
+    parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    prefix = ""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, torch.nn.Module) and type(model).__name__ == "OptimizedModule":
+            prefix, model = prefix + "_orig_mod.", inner
+        elif isinstance(model, parallel) and isinstance(model.module, torch.nn.Module):
+            prefix, model = prefix + "module.", model.module
+        else:
+            return prefix, model
+
+
+def named_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every named module of ``model`` by its full dotted name."""
+    return {n: m for n, m in model.named_modules() if n}
+
+
+def listed_names(names: list[str], wanted: str) -> str:
+    """``names`` for an error message: all of them when few, else the closest to
+    ``wanted`` and how many there are."""
+    if len(names) <= MAX_LISTED:
+        return f"its layers are: {names}"
+    close = difflib.get_close_matches(wanted, names, n=8, cutoff=0.3)
+    shown = close or names[:MAX_LISTED // 2]
+    what = "the closest names" if close else "the first"
+    return (f"it has {len(names)} layers ({what}: {shown}); list them all with "
+            "[n for n, _ in model.named_modules()]")
+
+
 def resolve_layer(model: torch.nn.Module | None, layer: Any) -> torch.nn.Module:
-    """A module given directly, or looked up by its dotted name in ``model``."""
-    return contract.resolve_layer(
-        model, layer, torch.nn.Module, lambda m: {n: x for n, x in m.named_modules() if n})
+    """A module given directly, or looked up by its dotted name in ``model``.
+
+    In a wrapped model (``torch.compile``, ``nn.DataParallel``) the name is tried as
+    given and then with the wrapper's prefix, so ``"layer3"`` finds
+    ``"_orig_mod.layer3"`` or ``"module.layer3"``.
+    """
+    if isinstance(layer, torch.nn.Module) or not isinstance(layer, str) or model is None:
+        return contract.resolve_layer(model, layer, torch.nn.Module, named_layers)
+    layers = named_layers(model)
+    found = layers.get(layer)
+    prefix, inner = unwrapped(model)
+    if found is None and prefix:
+        found = layers.get(prefix + layer)
+    if found is None:
+        names = [n[len(prefix):] if n.startswith(prefix) else n for n in layers
+                 if n.startswith(prefix) and n != prefix.rstrip(".")]
+        wrapped = (f" (a {type(model).__name__} wrapping {type(inner).__name__}; names "
+                   f"are given without its prefix {prefix!r})") if prefix else ""
+        raise LookupError(f"layer {layer!r} not found in the model{wrapped}; "
+                          f"{listed_names(names or list(layers), layer)}")
+    return found
 
 
 class _HookHandle:
@@ -44,7 +101,10 @@ class TorchBackend(TorchCliMixin, Backend):
         return torch_xp
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        return x.detach().cpu().numpy()
+        x = x.detach()
+        if x.dtype == torch.bfloat16:  # NumPy has no bfloat16: float32 holds it exactly
+            x = x.float()
+        return x.cpu().numpy()
 
     def from_numpy(self, a: np.ndarray, like: Any = None) -> torch.Tensor:
         if like is None:
@@ -133,9 +193,16 @@ class TorchBackend(TorchCliMixin, Backend):
                 p.requires_grad_(flag)
 
     def layer_name(self, model: Any, layer: Any) -> str | None:
-        if isinstance(layer, str) or model is None:
+        """The layer's dotted name, without a wrapper's prefix (``torch.compile``,
+        ``nn.DataParallel``): estimates are shared by the model and its wrappers."""
+        if model is None:
             return layer if isinstance(layer, str) else None
-        return next((n for n, m in model.named_modules() if m is layer and n), None)
+        prefix, inner = unwrapped(model)
+        if isinstance(layer, str):
+            if prefix and layer.startswith(prefix) and layer not in named_layers(inner):
+                return layer[len(prefix):]
+            return layer
+        return next((n for n, m in inner.named_modules() if m is layer and n), None)
 
     def layer_names(self, model: Any) -> list[str]:
         return [n for n, _ in model.named_modules() if n]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from iba_core.engines import PerSampleBottleneck, PerSampleFront, input_batches, settings_of
+from iba_core.engines._front import refuse_multi_input
 from iba_core.math import Estimator
 
 from ._backend import TorchBackend, model_device, resolve_layer
@@ -157,6 +159,7 @@ class IBA(torch.nn.Module, PerSampleFront):
         in bits at feature-map resolution.
         """
         self._check_attached()
+        refuse_multi_input(input_t, "input_t")
         if not isinstance(input_t, torch.Tensor):
             raise TypeError(f"input_t must be a torch.Tensor, got {type(input_t).__name__}")
         with self._engine.using(model):
@@ -170,11 +173,19 @@ class IBA(torch.nn.Module, PerSampleFront):
     def restrict_flow(self, alpha: torch.Tensor | None = None) -> Iterator[IBA]:
         """Within the context, the layer's output passes the bottleneck (fresh noise per call).
 
-        Uses the mask and settings of the last ``analyze`` unless ``alpha`` is given.
+        Uses the mask and settings of the last ``analyze`` unless ``alpha`` is given.  A
+        layer the model runs more than once per forward pass is refused (the noise would be
+        added several times).
         """
         self._check_attached()
-        with self._engine.restrict_flow(alpha):
-            yield self
+        engine = self._engine
+        with engine.restrict_flow(alpha):
+            if engine.model is not None or engine.layer is None:
+                yield self  # the engine counts per pass of the model
+                return
+            # Only the layer is known: a pass begins when a module runs outside any other.
+            with _passes_of_any_model(engine.bottleneck):
+                yield self
 
     @contextlib.contextmanager
     def interrupt_execution(self) -> Iterator[IBA]:
@@ -191,3 +202,32 @@ class IBA(torch.nn.Module, PerSampleFront):
         cfg = self.config
         return (f"beta={cfg.beta}, sigma={cfg.sigma}, steps={cfg.optimization_steps}, "
                 f"batch_size={cfg.batch_size}, estimated_samples={self.estimator.n}")
+
+
+@contextlib.contextmanager
+def _passes_of_any_model(bottleneck: Any) -> Iterator[None]:
+    """Within the context (and the bottleneck's ``restricting``), tell the bottleneck when
+    a forward pass of whatever model runs in this thread begins: when a module starts
+    while no other runs, or when that outermost module starts again."""
+    thread = threading.get_ident()
+    state: dict[str, Any] = {"depth": 0, "root": None}
+    with bottleneck.counting_passes() as new_pass:
+        def pre(module: torch.nn.Module, _args: Any) -> None:
+            if threading.get_ident() != thread:
+                return
+            if state["depth"] == 0 or module is state["root"]:
+                state["depth"], state["root"] = 0, module
+                new_pass()
+            state["depth"] += 1
+
+        def post(module: torch.nn.Module, _args: Any, _out: Any) -> None:
+            if threading.get_ident() == thread and state["depth"] > 0:
+                state["depth"] -= 1
+
+        hooks = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
+                 torch.nn.modules.module.register_module_forward_hook(post, always_call=True)]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from iba_core.engines import ReadoutFront
+from iba_core.engines._readout import DEFAULT_LR, TrainHistory
 from iba_core.math import Estimator
 
 from ._backend import TorchBackend, model_device, resolve_layer
@@ -114,6 +115,9 @@ class IBAReadout(ReadoutFront):
         outer = self
 
         class Batches:
+            def __len__(self) -> int:
+                return len(dataloader)  # type: ignore[arg-type]  (TypeError: no length)
+
             def __iter__(self) -> Iterator[tuple[Any, Any]]:
                 for batch in dataloader:
                     x = outer._inputs(batch, device)
@@ -154,28 +158,50 @@ class IBAReadout(ReadoutFront):
         dataloader: Iterable[Any],
         epochs: int = 10,
         beta: float | None = None,
-        lr: float = 1e-5,
+        lr: float = DEFAULT_LR,
         progbar: bool | None = None,
         device: Any = None,
         model_loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
         seed: int | None = None,
-    ) -> list[float]:
-        """Train the readout network (the model stays frozen); returns each epoch's mean loss.
+        validation: float | Iterable[Any] | None = 0.1,
+        schedule: str = "cosine",
+        warn: bool = True,
+    ) -> TrainHistory:
+        """Train the readout network (the model stays frozen); returns each epoch's mean
+        training loss, a list whose ``history`` attribute holds one dict per epoch (also
+        kept as :attr:`history`).
 
         ``dataloader`` yields ``(x, y)`` with ``y`` the class index of each sample (or
         ``x`` alone: each input's predicted class is used).  The loss per batch is the
         target-class cross-entropy of the bottlenecked model plus ``beta`` times the mean
-        capacity, minimised with Adam (``lr``, reference 1e-5, batches of 32, about 10
-        epochs).  ``model_loss_fn(output, y) -> scalar`` replaces the cross-entropy.
-        ``seed`` makes the noise reproducible.  The loader is iterated once per epoch.
+        capacity, minimised with Adam.  ``model_loss_fn(output, y) -> scalar`` replaces the
+        cross-entropy.  ``seed`` makes the noise reproducible.  The loader is iterated
+        once per epoch.
+
+        ``lr`` is the peak of a warm-up + cosine ``schedule`` (``"constant"``: none).  The
+        default 1e-3 replaces the reference's constant 1e-5 (batches of 32, about 10
+        epochs over ImageNet), which on a few thousand images leaves the masks almost
+        where they started; the decay keeps 1e-3 stable on large data sets too.
+
+        ``validation``: a held-out loader of ``(x, y)`` batches, or a fraction (default
+        0.1: every 10th batch of ``dataloader`` is held out of training, none with fewer
+        than 10 batches; with a shuffling loader these differ between epochs) or ``None``.
+        The held-out loss and mean
+        capacity are shown in the progress bar and recorded in the history.  A
+        :class:`iba_core.engines._readout.NotConvergedWarning` says when training has
+        clearly not converged (``warn=False`` silences it).
         """
         model = self._check(model)
         device = torch.device(device) if device is not None else model_device(model)
         beta = self.bottleneck.beta if beta is None else float(beta)
+        if validation is not None and not isinstance(validation, (int, float)):
+            validation = self._train_batches(validation, device)
         with _BACKEND.frozen(model):
-            return self._readout.train(self._train_batches(dataloader, device), epochs=epochs,
-                                       beta=beta, lr=lr, model_loss=model_loss_fn, seed=seed,
-                                       progbar=progbar)
+            history = self._readout.train(
+                self._train_batches(dataloader, device), epochs=epochs, beta=beta, lr=lr,
+                model_loss=model_loss_fn, seed=seed, progbar=progbar, validation=validation,
+                schedule=schedule, warn=warn)
+        return history
 
     def evaluate(self, model: torch.nn.Module | None, dataloader: Iterable[Any],
                  beta: float | None = None, seed: int | None = 0, device: Any = None) -> float:

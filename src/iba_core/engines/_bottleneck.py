@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -73,6 +74,22 @@ class FeatureRecorder:
                 "layer that the model calls exactly once"
             )
         return self.features[0]
+
+
+def is_half(dtype: Any) -> bool:
+    """Whether ``dtype`` (any framework's) is a 16-bit float: ``float16`` or ``bfloat16``."""
+    return re.search(r"\b(b?float16|half)\b", str(dtype)) is not None
+
+
+def working_precision(xp: Any, x: Any) -> Any:
+    """``x`` in the precision the bottleneck computes in: 16-bit floats become float32.
+
+    Statistics, the mask (alpha and its Adam state) and the capacity are kept in float32
+    for models that run in float16 or bfloat16 (their range and resolution are too small
+    for the capacity's logarithms and Adam's second moments); the noisy features handed
+    back to the model are cast to the model's dtype again (see :meth:`Bottleneck._inject`).
+    """
+    return xp.astype(x, xp.float32) if is_half(x.dtype) else x
 
 
 def repeat_inputs(xp: Any, x: Any, times: int) -> Any:
@@ -215,6 +232,7 @@ class Bottleneck:
         self._mask: tuple[Any, ...] | None = None
         self._noise: Any = None
         self._calls = 0
+        self._per_pass = False
         self._last_features: Any = None
         self._stats_cache: dict[Any, tuple[Any, Any, Any]] = {}
         self._stats_version: Any = None
@@ -335,6 +353,27 @@ class Bottleneck:
         self.feature_mean = self.feature_std = None
 
     # -- the hook ------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """Whether the hook is recording or restricting (not just passing features on)."""
+        return self._mode != "pass"
+
+    @contextlib.contextmanager
+    def counting_passes(self) -> Iterator[Callable[[], None]]:
+        """Context of :meth:`restricting` for a model run many times: yields
+        ``new_pass()``, to be called when a forward pass of the model begins; the hook then
+        refuses a layer that runs more than once in one pass."""
+        saved = self._per_pass
+
+        def new_pass() -> None:
+            self._calls = 0
+
+        self._per_pass, self._calls = True, 0
+        try:
+            yield new_pass
+        finally:
+            self._per_pass = saved
+
     def __call__(self, features: Any) -> Any:
         """Layer hook: features ``(N, C, ...)`` channels-first; returns replacement or ``None``."""
         if self._mode == "pass":
@@ -345,18 +384,24 @@ class Bottleneck:
         backend = self.backend
         assert backend is not None
         self._calls += 1
-        # One forward pass per optimisation step; restrict_flow() may run the model often.
-        if self._calls > 1 and self._mask is not None:
+        # One forward pass per optimisation step; restrict_flow() may run the model often
+        # and counts per pass where the engine knows where passes begin.
+        if self._calls > 1 and (self._mask is not None or self._per_pass):
             raise RuntimeError(
-                "the bottleneck layer ran more than once in one forward pass; put the "
-                "bottleneck on a layer that the model calls exactly once"
+                "the bottleneck layer ran more than once in one forward pass, so the noise "
+                "would be added several times; put the bottleneck on a layer that the model "
+                "calls exactly once"
             )
         if self._mask is not None:
             return self._noisy_copies(features, self._noise)
         # restrict_flow() and the readout: the same injection with a given mask.
         config = self.last_config or self.config
+        xp = backend.namespace()
+        model_features, features = features, working_precision(xp, features)
         mean, std, active = self._stats_like(features, backend, config)
         alpha = self._active_alpha
+        if str(alpha.dtype) != str(features.dtype):
+            alpha = xp.astype(alpha, features.dtype)
         n = int(features.shape[0])
         if int(alpha.shape[0]) not in (1, n):
             raise ValueError(
@@ -366,13 +411,12 @@ class Bottleneck:
         noise = self._noise
         if noise is None or tuple(noise.shape) != tuple(features.shape):
             noise, _ = backend.draw(tuple(features.shape), features)
-        xp = backend.namespace()
         if int(alpha.shape[0]) != n:
             alpha = xp.broadcast_to(alpha, tuple(features.shape))
         fns = _step_functions(backend, config.sigma, config.relu, False)
         operands = smoothing_operands(features, config.sigma, features.ndim - 2)
         mask = fns.mask(alpha, active, mean * active, std * active, operands)
-        return self._inject(features, noise, (*mask, fns.inject))
+        return self._inject(model_features, noise, (*mask, fns.inject))
 
     def _noisy_copies(self, features: Any, noise: Any) -> Any:
         """The optimisation loop's injection: ``batch_size`` noisy copies of each input."""
@@ -388,11 +432,17 @@ class Bottleneck:
         ``copies`` times.  With ``mu_a = (1 - lambda) * mean * active`` and
         ``sigma_a = (1 - lambda) * std * active``, ``Z = lambda * R + mu_a + sigma_a * eps``
         equals ``active * (lambda * R + (1 - lambda) * (mean + std * eps))`` with two
-        full-size operations instead of six.
+        full-size operations instead of six.  The mask terms set the precision of the
+        arithmetic (float32 for 16-bit models); the result has the features' dtype.
         """
         assert self.backend is not None
         xp = self.backend.namespace()
         lam, shift, scale, inject = mask
+        dtype = features.dtype
+        if str(dtype) != str(lam.dtype):
+            features = xp.astype(features, lam.dtype)
+        if str(noise.dtype) != str(lam.dtype):
+            noise = xp.astype(noise, lam.dtype)
         n_in = int(lam.shape[0])
         rows, sample = int(features.shape[0]), tuple(int(s) for s in features.shape[1:])
         total = int(noise.shape[0])
@@ -403,8 +453,8 @@ class Bottleneck:
             )
         grouped = xp.reshape(features, (n_in, rows // n_in, *sample))
         eps = xp.reshape(noise, (n_in, total // n_in, *sample))
-        z = inject(grouped, lam, shift, scale, eps)
-        return xp.reshape(z, (total, *sample))
+        z = xp.reshape(inject(grouped, lam, shift, scale, eps), (total, *sample))
+        return z if str(z.dtype) == str(dtype) else xp.astype(z, dtype)
 
     @contextlib.contextmanager
     def _state(self, mode: str, *, interrupt: bool = False, alpha: Any = None,
@@ -479,6 +529,10 @@ class Bottleneck:
         if features is None or alpha is None:
             raise RuntimeError("nothing to compute the capacity of: call analyze() first")
         config = self.last_config or self.config
+        xp = backend.namespace()
+        features = working_precision(xp, features)
+        if str(alpha.dtype) != str(features.dtype):
+            alpha = xp.astype(alpha, features.dtype)
         mean, std, active = self._stats_like(features, backend, config)
         return capacity_fn(features, alpha, mean, std, active=active, sigma=config.sigma)
 
@@ -607,6 +661,9 @@ class Bottleneck:
         if int(features.shape[0]) != n:
             raise ValueError(f"the layer saw a batch of {features.shape[0]} for {n} inputs; "
                              "the model must keep the batch axis first")
+        # The mask, its Adam state, the statistics and the noise in float32 for 16-bit
+        # models; the noisy features go back to the model in its own dtype.
+        features = working_precision(xp, features)
         mean, std, active = self._stats_like(features, backend, cfg)
         sample_shape = tuple(int(s) for s in features.shape[1:])
 
@@ -683,6 +740,8 @@ class Bottleneck:
                     "the model loss function must return a scalar (the mean loss over the "
                     f"batch), got shape {tuple(model_term.shape)}"
                 )
+            if str(getattr(model_term, "dtype", a.dtype)) != str(a.dtype):
+                model_term = backend.namespace().astype(model_term, a.dtype)
             return model_term * int(a.shape[0]) + beta * cap_term
 
         update = fns.adam
@@ -722,6 +781,8 @@ class Bottleneck:
                     "the model loss function must return a scalar (the mean loss over the "
                     f"batch), got shape {tuple(model_term.shape)}"
                 )
+            if str(model_term.dtype) != str(a.dtype):
+                model_term = backend.namespace().astype(model_term, a.dtype)
             return model_term * int(a.shape[0])
 
         def capacity_part(a: Any, r: Any, active: Any, smoothing: Any) -> Any:

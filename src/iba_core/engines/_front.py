@@ -37,14 +37,43 @@ def settings_of(arguments: Mapping[str, Any]) -> dict[str, Any]:
     return {k: arguments[k] for k in FIELDS if k in arguments}
 
 
+MULTI_INPUT = ("multi-input models are not supported yet: the bottleneck explains a model "
+               "that takes one input tensor (N, ...)")
+
+
+def is_multi_input(x: Any) -> bool:
+    """Whether ``x`` looks like the inputs of a multi-input model: a mapping, or a list or
+    tuple of arrays/tensors (a nested list of numbers is one input)."""
+    if isinstance(x, Mapping):
+        return True
+    if not isinstance(x, (list, tuple)):
+        return False
+    return any(len(tuple(getattr(e, "shape", ()))) > 0  # arrays, not 0-d scalars
+               or (isinstance(e, (list, tuple, Mapping)) and is_multi_input(e)) for e in x)
+
+
+def refuse_multi_input(x: Any, what: str = "the model input") -> None:
+    """Raise a clear ``ValueError`` when ``x`` is several model inputs (see
+    :func:`is_multi_input`)."""
+    if is_multi_input(x):
+        kind = "a dict" if isinstance(x, Mapping) else f"a {type(x).__name__} of {len(x)} arrays"
+        raise ValueError(f"{MULTI_INPUT}; {what} is {kind}. Wrap the model so that it takes "
+                         "one tensor (e.g. concatenate or stack the inputs inside a wrapper "
+                         "model) and explain that")
+
+
 def input_batches(data: Any, batch_size: int = 32) -> Iterator[Any]:
     """Model-input batches from ``data``.
 
     ``data`` is an array or tensor of inputs ``(N, ...)`` (cut into ``batch_size``), or
     any iterable of batches ``x`` or ``(x, y, ...)`` (a ``DataLoader``, a
     ``tf.data.Dataset``, a generator, a list), or a sequence with ``len`` and indexing
-    (a Keras ``PyDataset``).  Yields the ``x`` of each batch.
+    (a Keras ``PyDataset``).  Yields the ``x`` of each batch.  Several inputs per batch
+    (a dict, or an ``x`` that is itself a list/tuple/dict of arrays) are refused:
+    multi-input models are not supported yet.
     """
+    if isinstance(data, Mapping):
+        refuse_multi_input(data, "the data")
     if hasattr(data, "shape") and hasattr(data, "__getitem__"):
         shape = tuple(data.shape)
         if len(shape) < 1 or shape[0] == 0:
@@ -67,9 +96,7 @@ def input_batches(data: Any, batch_size: int = 32) -> Iterator[Any]:
             if not element:
                 raise ValueError("the data yielded an empty tuple; expected x or (x, y)")
             element = element[0]
-        if isinstance(element, dict):
-            raise TypeError("the data yielded a dict; multi-input models are not supported: "
-                            "give batches x or (x, y)")
+        refuse_multi_input(element, "a batch's x")
         yield element
 
 
@@ -177,6 +204,7 @@ class IBA(PerSampleFront):
         return self._engine.model
 
     def _tensor(self, x: Any) -> Any:
+        refuse_multi_input(x)
         backend = self._engine.backend
         if isinstance(x, np.ndarray) or not backend.owns(x):
             a = np.asarray(x)

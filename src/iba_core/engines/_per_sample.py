@@ -110,6 +110,9 @@ def _check_in_range(targets: np.ndarray, n_classes: int) -> None:
 def prepared_inputs(backend: Backend, x: Any, model: Any = None) -> Any:
     """``x`` checked (a non-empty batch ``(N, ...)`` of finite values) and on ``model``'s
     device: what every engine does with the inputs it explains."""
+    from ._front import refuse_multi_input
+
+    refuse_multi_input(x)
     if not hasattr(x, "shape") or len(tuple(x.shape)) < 2:
         shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
         raise ValueError(f"inputs must be a batch (N, ...), e.g. one image as (1, C, H, W) or "
@@ -212,6 +215,10 @@ class PerSampleBottleneck:
         self._hook = in_layout(backend, bottleneck, self.layout)
         if layer is not None:  # unknown layer names fail now, listing the model's layers
             backend.attach(model, layer, lambda f: None, on_input=self.on_input).remove()
+        #: A front's own ``restrict_flow`` machinery (a context manager taking ``alpha``)
+        #: for a bottleneck that is a layer of the model (Keras' ``IBALayer`` keeps the
+        #: restriction in variables that traced functions read); ``None``: the hook's.
+        self.flow_restrictor: Callable[[Any], Any] | None = None
         # Stable functions (so compiled steps are reused), by kind and model.
         self._loss_cache: dict[tuple[Any, int], tuple[Any, Callable[..., Any]]] = {}
 
@@ -389,6 +396,8 @@ class PerSampleBottleneck:
                                "feature_mean and feature_std)")
         if isinstance(target, str) and target not in TARGET_MODES:
             class_indices(target, 1)  # raises with the list of what is accepted
+        if mode == "saliency":
+            self._check_spatial()
         x = self._prepare(x)
         n = int(x.shape[0])
         with self.session():
@@ -412,6 +421,18 @@ class PerSampleBottleneck:
                 compile_step=bool(compile_step), check_path=target is None, features=features)
         return explanation_maps(cap, tuple(int(s) for s in x.shape), mode,
                                 channels_last=self.input_layout == "channels_last")
+
+    def _check_spatial(self) -> None:
+        """Refuse saliency maps for a layer whose features have no spatial or sequence
+        axis (``(N, C)``, e.g. after ``Flatten`` or a dense layer)."""
+        shape = tuple(self.bottleneck.statistics()[0].shape)
+        if len(shape) < 2:
+            raise ValueError(
+                f"the layer's features have no spatial or sequence axis (per-sample shape "
+                f"{shape}, e.g. the output of Flatten or a dense/linear layer), so there is no "
+                "saliency map over the input to make; use mode='capacity' (the capacity of "
+                "each feature, in bits) or put the bottleneck on a convolutional or sequence "
+                "layer")
 
     def _clean_pass(self, compiled: bool) -> Callable[[Any], tuple[Any, Any]]:
         """``x -> (logits, the layer's features)``: one pass without noise, compiled (once
@@ -492,6 +513,8 @@ class PerSampleBottleneck:
             if rows != expected:
                 raise ValueError(f"the model returned {rows} output rows for {expected} noisy "
                                  "samples; the model must keep the batch axis first")
+            if str(logits.dtype) != str(target_rows.dtype):  # a 16-bit model: float32 loss
+                logits = backend.namespace().astype(logits, target_rows.dtype)
             return backend.cross_entropy(logits, target_rows)
 
         return self._cache("target", target_loss)
@@ -524,5 +547,32 @@ class PerSampleBottleneck:
         """Context: the layer's features pass the bottleneck with the last mask (or
         ``alpha``, channels-first logits) and fresh noise on every call, with the settings
         of the last explanation.  The model is frozen inside."""
-        with self.session(), self.bottleneck.restricting(alpha):
-            yield self
+        with self.session():
+            if self.flow_restrictor is not None:
+                with self.flow_restrictor(alpha):
+                    yield self
+                return
+            with self.bottleneck.restricting(alpha), self._passes_counted():
+                yield self
+
+    @contextlib.contextmanager
+    def _passes_counted(self) -> Iterator[None]:
+        """Context: the hook refuses a layer that runs twice in one forward pass of the
+        model, where the backend can hook the model's own input (every pass begins there);
+        elsewhere (no model known, or a backend that hooks layer outputs only) nothing."""
+        if self.model is None or self.layer is None:
+            yield
+            return
+        with self.bottleneck.counting_passes() as new_pass:
+            try:
+                handle = self.backend.attach(self.model, self.model, lambda _x: new_pass(),
+                                             on_input=True)
+            except (NotImplementedError, LookupError, TypeError, ValueError):
+                handle = None
+            if handle is None:
+                self.bottleneck._per_pass = False
+            try:
+                yield
+            finally:
+                if handle is not None:
+                    handle.remove()

@@ -4,11 +4,114 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ._xp import namespace, to_numpy
+
+#: Format mark of an estimate's state (``Estimator.state_dict``, ``.npz`` files).  Version 1
+#: (no mark) held the same arrays; it is refused because nothing vouched for its values.
+ESTIMATE_FORMAT = "iba.estimate/2"
+
+
+class SavedStateError(ValueError):
+    """A saved state (an ``.npz`` file or a state dict) that this version of iba cannot use:
+    not written by iba, damaged, of another format version, or holding invalid values.
+    The message names the file (when there is one) and what to do instead."""
+
+
+def npz_path(path: str | os.PathLike) -> Path:
+    """The file ``np.savez(path)`` writes: ``path`` with ``.npz`` appended unless it has it."""
+    p = Path(os.fspath(path))
+    return p if p.name.endswith(".npz") else p.with_name(p.name + ".npz")
+
+
+def file_name(file: Any) -> str:
+    """How messages name ``file``: a path, or an open file's ``name`` (else its repr)."""
+    if isinstance(file, (str, os.PathLike)):
+        return os.fspath(file)
+    return str(getattr(file, "name", None) or repr(file))
+
+
+def save_target(path: Any) -> Any:
+    """Where ``np.savez`` should write: :func:`npz_path` of a path; an open file as it is."""
+    return npz_path(path) if isinstance(path, (str, os.PathLike)) else path
+
+
+def read_npz(path: Any, what: str, writer: str) -> tuple[Any, dict[str, np.ndarray]]:
+    """``(file, arrays)`` of an ``.npz`` file written by ``writer`` (a method name);
+    ``path`` is a path or an open binary file.
+
+    The file is ``path`` with ``.npz`` appended when that suffix is missing (as the
+    writers save it); a file at exactly ``path`` is read when no such ``.npz`` exists.
+    Pickles are never loaded.  A missing or unreadable file raises the usual ``OSError``;
+    anything that is not a plain ``.npz`` archive of arrays (empty, truncated, another
+    format, object arrays) raises :class:`SavedStateError` naming the file.
+    """
+    if isinstance(path, (str, os.PathLike)):
+        given = Path(os.fspath(path))
+        file: Any = npz_path(given)
+        if not file.exists() and given.exists():
+            file = given
+        if not file.exists():
+            raise FileNotFoundError(f"no {what} at {os.fspath(given)!r}"
+                                    + (f" (nor {os.fspath(file)!r})" if file != given else "")
+                                    + f"; write one with {writer}")
+    else:  # an open binary file
+        file = path
+    name = file_name(file)
+    reason = None
+    try:
+        data = np.load(file, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                state = {k: data[k] for k in data.files}
+        else:
+            reason = "a single .npy array, not an .npz archive"
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as exc:  # BadZipFile, EOFError, zlib.error, pickles, ...
+        text = str(exc)
+        reason = ("it holds object arrays, which would need pickles" if "Object arrays" in text
+                  else "not a zip archive of arrays; pickled data is never loaded"
+                  if "pickle" in text else
+                  f"empty or cut short ({type(exc).__name__})" if isinstance(exc, EOFError) else
+                  f"a damaged or truncated archive ({type(exc).__name__})")
+    if reason is not None:
+        raise SavedStateError(
+            f"cannot read the {what} {name!r}: not an .npz file written by "
+            f"{writer} ({reason}); the file is damaged or of another kind, write it again "
+            f"with {writer}") from None
+    return file, state
+
+
+def check_format(state: Mapping[str, Any], accepted: Iterable[str], what: str,
+                 remedy: str) -> str:
+    """The state's ``format`` mark, or :class:`SavedStateError` when it is missing or not
+    one of ``accepted``; ``remedy`` says how to make a new state."""
+    accepted = tuple(accepted)
+    reads = " or ".join(repr(a) for a in accepted)
+    if "format" not in state:
+        raise SavedStateError(
+            f"the {what} has no format mark: it was written by an older iba (or is not an iba "
+            f"{what}); this version reads {reads}; {remedy}")
+    mark = np.asarray(state["format"])
+    got = str(mark) if mark.dtype.kind == "U" and mark.ndim == 0 else None
+    if got in accepted:
+        return got
+    age = "an unknown"
+    match = re.fullmatch(r"(.+)/(\d+)", got or "")
+    known = [re.fullmatch(r"(.+)/(\d+)", a) for a in accepted]
+    for k in known:
+        if match and k and match.group(1) == k.group(1):
+            age = "an older" if int(match.group(2)) < int(k.group(2)) else "a newer"
+    raise SavedStateError(
+        f"the {what} has {age} format {got if got is not None else mark!r}; this version of "
+        f"iba reads {reads}; {remedy}")
 
 
 class Estimator:
@@ -137,10 +240,11 @@ class Estimator:
 
     # -- persistence ---------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Plain NumPy state: ``n``, ``mean``, ``m2``, ``nonzero``, and ``layer`` and
-        ``layout`` when known."""
+        """Plain NumPy state: ``format`` (:data:`ESTIMATE_FORMAT`), ``n``, ``mean``, ``m2``,
+        ``nonzero``, and ``layer`` and ``layout`` when known."""
         self._require()
         state = {
+            "format": np.asarray(ESTIMATE_FORMAT),
             "n": np.asarray(self.n, dtype=np.int64),
             "mean": self._mean.copy(),
             "m2": self._m2.copy(),
@@ -153,57 +257,104 @@ class Estimator:
         return state
 
     def load_state_dict(
-        self, state: dict[str, Any], expected_shape: tuple[int, ...] | None = None,
+        self, state: Mapping[str, Any], expected_shape: tuple[int, ...] | None = None,
         expected_layer: str | None = None,
     ) -> None:
-        """Restore from :meth:`state_dict`, validating keys and shapes.
+        """Restore from :meth:`state_dict` (in memory or read from a file), validating it.
 
+        The state must carry the format mark :data:`ESTIMATE_FORMAT` (estimates of older
+        versions are refused: estimate again) and sound values: finite statistics of one
+        shape, ``m2 >= 0``, ``0 <= nonzero <= n`` and a whole ``n >= 1``.
         ``expected_shape`` (the per-sample feature shape of the layer) and
         ``expected_layer`` (its name) are checked when given, so an estimate from another
-        layer or model is refused.
+        layer or model is refused.  Problems raise :class:`SavedStateError` (a
+        ``ValueError``); the estimator is left as it was.
         """
+        remedy = "make a new estimate with estimate() (or update()) and save()"
         missing = {"n", "mean", "m2", "nonzero"} - set(state)
         if missing:
-            raise ValueError(f"estimate state lacks {sorted(missing)}; was it saved by iba?")
-        mean = np.asarray(state["mean"], dtype=np.float64)
-        m2 = np.asarray(state["m2"], dtype=np.float64)
-        nonzero = np.asarray(state["nonzero"], dtype=np.float64)
-        n = int(np.asarray(state["n"]))
-        layer = str(np.asarray(state["layer"])) if "layer" in state else None
-        layout = str(np.asarray(state["layout"])) if "layout" in state else None
+            raise SavedStateError(f"the estimate state lacks {sorted(missing)}; it was not "
+                                  f"written by Estimator.save()/state_dict(); {remedy}")
+        check_format(state, (ESTIMATE_FORMAT,), "estimate", remedy)
+        arrays = {}
+        for key in ("mean", "m2", "nonzero"):
+            a = np.asarray(state[key])
+            if a.dtype.kind not in "iuf":
+                raise SavedStateError(f"the estimate's {key!r} holds {a.dtype} values, not "
+                                      f"numbers; {remedy}")
+            a = a.astype(np.float64)
+            if not np.all(np.isfinite(a)):
+                raise SavedStateError(f"the estimate's {key!r} holds NaN/inf values; {remedy}")
+            arrays[key] = a
+        mean, m2, nonzero = arrays["mean"], arrays["m2"], arrays["nonzero"]
+        n_arr = np.asarray(state["n"])
+        if (n_arr.size != 1 or n_arr.dtype.kind not in "iuf"
+                or not np.isfinite(n_arr).all() or n_arr.reshape(()) != np.round(n_arr)):
+            raise SavedStateError(f"the estimate's sample count 'n' must be one whole number, "
+                                  f"got {n_arr!r}; {remedy}")
+        n = int(n_arr.reshape(()))
+        if n < 1:
+            raise SavedStateError(f"the estimate holds no samples (n = {n}); {remedy}")
+        text = {}
+        for key in ("layer", "layout"):
+            if key in state:
+                v = np.asarray(state[key])
+                if v.dtype.kind != "U" or v.ndim != 0:
+                    raise SavedStateError(f"the estimate's {key!r} must be a string, got "
+                                          f"{v.dtype} {v.shape}; {remedy}")
+                text[key] = str(v)
         if not (mean.shape == m2.shape == nonzero.shape):
-            raise ValueError(
-                f"inconsistent estimate: mean {mean.shape}, m2 {m2.shape}, nonzero {nonzero.shape}"
-            )
+            raise SavedStateError(
+                f"inconsistent estimate: mean {mean.shape}, m2 {m2.shape}, nonzero "
+                f"{nonzero.shape} (they must have one shape); {remedy}")
+        if np.any(m2 < 0):
+            raise SavedStateError(f"the estimate's 'm2' (sums of squared deviations) holds "
+                                  f"negative values; {remedy}")
+        if np.any(nonzero < 0) or np.any(nonzero > n):
+            raise SavedStateError(f"the estimate's 'nonzero' counts must lie in [0, n = {n}], "
+                                  f"got [{nonzero.min():g}, {nonzero.max():g}]; {remedy}")
+        layer, layout = text.get("layer"), text.get("layout")
         if expected_layer is not None and layer is not None and layer != expected_layer:
-            raise ValueError(f"the estimate was made for layer {layer!r}, not "
-                             f"{expected_layer!r}; estimate again for this layer")
+            raise SavedStateError(f"the estimate was made for layer {layer!r}, not "
+                                  f"{expected_layer!r}; estimate again for this layer")
         if expected_shape is not None and tuple(mean.shape) != tuple(expected_shape):
-            raise ValueError(
+            raise SavedStateError(
                 f"the estimate has feature shape {mean.shape} but the layer produces "
                 f"{tuple(expected_shape)}; estimate again for this layer"
             )
-        if n < 1:
-            raise ValueError("the estimate holds no samples")
         self.n, self.shape = n, tuple(mean.shape)
         self._mean, self._m2, self._nonzero = mean, m2, nonzero
         self.layer, self.layout = layer, layout
         self.version = next(Estimator._versions)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the estimate to an ``.npz`` file."""
-        np.savez(path, **self.state_dict())
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the estimate to an ``.npz`` file (a path or an open binary file); returns
+        the file written.
+
+        As with ``np.savez``, ``.npz`` is appended to a path without that suffix
+        (``save("stats")`` writes ``stats.npz``); :meth:`load` finds it under either name.
+        """
+        file = save_target(path)
+        np.savez(file, **self.state_dict())
+        return file
 
     @classmethod
     def load(
         cls, path: str | os.PathLike, expected_shape: tuple[int, ...] | None = None,
         expected_layer: str | None = None,
     ) -> Estimator:
-        """Read an estimate written by :meth:`save`; see :meth:`load_state_dict`."""
-        with np.load(path) as data:
-            state = {k: data[k] for k in data.files}
+        """Read an estimate written by :meth:`save`; see :meth:`load_state_dict`.
+
+        ``path`` may omit the ``.npz`` suffix, as :meth:`save` adds it.  A file that is
+        not such an estimate (damaged, another format version, invalid values) raises
+        :class:`SavedStateError` naming the file; pickles are never loaded.
+        """
+        file, state = read_npz(path, "estimate", "Estimator.save()")
         est = cls()
-        est.load_state_dict(state, expected_shape, expected_layer)
+        try:
+            est.load_state_dict(state, expected_shape, expected_layer)
+        except ValueError as exc:
+            raise SavedStateError(f"cannot use the estimate {file_name(file)!r}: {exc}") from None
         return est
 
     def __repr__(self) -> str:

@@ -30,35 +30,91 @@ def gaussian_kernel_1d(sigma: float) -> np.ndarray:
     return kernel / kernel.sum()
 
 
-def _reflect_index(i: int, n: int) -> int:
-    """Mirror ``i`` into ``[0, n)`` without repeating the edge (NumPy's 'reflect').
+def _reflect_index(i: Any, n: int) -> Any:
+    """Mirror ``i`` (an int or an integer array) into ``[0, n)`` without repeating the
+    edge (NumPy's 'reflect').
 
     Reflection is repeated as often as needed, so offsets larger than the axis work;
     an axis of length 1 maps everything onto its single element.
     """
     if n == 1:
-        return 0
+        return i * 0
     period = 2 * (n - 1)
     i = i % period
-    return i if i < n else period - i
+    return np.where(i < n, i, period - i) if isinstance(i, np.ndarray) else \
+        (i if i < n else period - i)
+
+
+#: Above this many taps (and for kernels much wider than the reflection period) the
+#: folded kernel is summed in closed form instead of tap by tap.
+_MAX_TAPS = 1 << 20
+
+
+def _folded_kernel(period: int, sigma: float, closed_form: bool | None = None) -> np.ndarray:
+    """The kernel of :func:`gaussian_kernel_1d` wrapped onto ``period`` positions.
+
+    Entry ``s`` is the total weight of the taps at offsets ``d`` with ``d % period == s``
+    (``d`` in ``[-r, r]``, ``r = round(2 sigma)``); the entries sum to 1.  Up to
+    :data:`_MAX_TAPS` taps they are added exactly (one ``bincount``); for wider kernels
+    each sum of Gaussian samples ``period`` apart is evaluated with the Euler-Maclaurin
+    formula (an integral by ``erf`` plus end corrections), exact to float64 round-off
+    when ``sigma`` is many periods wide, so the cost does not grow with ``sigma``.
+    """
+    radius = int(round(2 * sigma))
+    if closed_form is None:
+        closed_form = 2 * radius + 1 > _MAX_TAPS and sigma > 50 * period
+    if not closed_form:
+        offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+        weights = np.exp(-0.5 * (offsets / sigma) ** 2)
+        weights /= weights.sum()
+        idx = np.arange(-radius, radius + 1) % period
+        return np.bincount(idx, weights=weights, minlength=period)
+
+    def sums(start: np.ndarray, step: int) -> np.ndarray:
+        # sum over m = a..b of f(m) = exp(-x^2 / 2), x = (start + m * step) / sigma, for the
+        # m that keep |start + m * step| <= radius.
+        a = np.ceil((-radius - start) / step)
+        b = np.floor((radius - start) / step)
+        h = step / sigma
+        xa, xb = (start + a * step) / sigma, (start + b * step) / sigma
+        erf = np.frompyfunc(math.erf, 1, 1)
+        integral = (np.sqrt(np.pi / 2) / h) * (erf(xb / np.sqrt(2)) - erf(xa / np.sqrt(2))
+                                              ).astype(np.float64)
+        fa, fb = np.exp(-0.5 * xa**2), np.exp(-0.5 * xb**2)
+        d1 = lambda x, f: -x * f * h
+        d3 = lambda x, f: (3 * x - x**3) * f * h**3
+        return (integral + (fa + fb) / 2 + (d1(xb, fb) - d1(xa, fa)) / 12
+                - (d3(xb, fb) - d3(xa, fa)) / 720)
+
+    total = sums(np.zeros(1), 1)[0]
+    return sums(np.arange(period, dtype=np.float64), period) / total
 
 
 @functools.lru_cache(maxsize=64)
 def smoothing_matrix(n: int, sigma: float) -> np.ndarray:
     """``(n, n)`` matrix that smooths a length-``n`` axis with a Gaussian.
 
-    Row ``i`` holds the kernel centred on ``i`` with reflect borders folded in, so every
-    row sums to 1 and the operator is defined for every ``n >= 1`` (the kernel may be
-    wider than the axis).  Returned read-only; it is cached.
+    Row ``i`` holds the kernel of :func:`gaussian_kernel_1d` centred on ``i`` with
+    reflect borders folded in, so every row sums to 1 and the operator is defined for
+    every ``n >= 1``.  A kernel wider than the axis folds onto it again and again; it is
+    first wrapped onto one reflection period (``2 (n - 1)`` positions), so building the
+    matrix costs ``O(n^2)`` whatever ``sigma`` (a very wide kernel gives the uniform
+    limit: every row ``[1, 2, ..., 2, 1] / (2 (n - 1))``).  Returned read-only; cached.
     """
     if n < 1:
         raise ValueError(f"axis length must be at least 1, got {n}")
-    kernel = gaussian_kernel_1d(sigma)
-    radius = len(kernel) // 2
-    mat = np.zeros((n, n), dtype=np.float64)
-    for i in range(n):
-        for k, w in enumerate(kernel):
-            mat[i, _reflect_index(i + k - radius, n)] += w
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma!r}")
+    if n == 1:
+        mat = np.ones((1, 1), dtype=np.float64)
+    else:
+        period = 2 * (n - 1)
+        kernel = _folded_kernel(period, float(sigma))
+        # Row i, position q of the period: the kernel's weight at offset q - i.
+        q = np.arange(period)
+        wrapped = kernel[(q[None, :] - np.arange(n)[:, None]) % period]  # (n, period)
+        mat = np.zeros((n, n), dtype=np.float64)
+        np.add.at(mat.T, _reflect_index(q, n), wrapped.T)
     mat.setflags(write=False)
     return mat
 
