@@ -38,7 +38,7 @@ import torch
 
 from iba_core import FewSamplesWarning
 from iba_core.apps.datasets import cluttered_digits
-from iba_core.engines._readout import DEFAULT_LR, NotConvergedWarning
+from iba_core.engines import READOUT_BETA, READOUT_LR, NotConvergedWarning
 from iba_torch import IBA, IBAReadout
 from iba_torch._demo import demo_cnn
 
@@ -101,8 +101,9 @@ def main() -> None:
                            for i in range(len(x_test))]).reshape(len(x_test), *x_test.shape[2:])
     settings: list[tuple[str, dict[str, Any]]] = [
         ("reference: lr 1e-5 constant, beta 10",
-         {"lr": 1e-5, "schedule": "constant", "validation": 0.1}),
-        (f"defaults: lr {DEFAULT_LR:g} cosine, beta 10", {}),
+         {"lr": 1e-5, "schedule": "constant", "validation": 0.1, "beta": 10.0}),
+        (f"lr {READOUT_LR:g} cosine, beta 10", {"beta": 10.0}),
+        (f"defaults: lr {READOUT_LR:g} cosine, beta {READOUT_BETA:g}", {}),
     ]
     for spec in args.extra:
         lr, schedule, beta = spec.split(":")

@@ -473,3 +473,43 @@ def test_generic_front_restrict_flow_counts_passes_of_a_keras_model() -> None:
         noisy = [np.asarray(model(x[:2])) for _ in range(2)]  # one pass each: allowed
     assert not np.allclose(noisy[0], before["output"]) and not np.allclose(*noisy)
     assert_keras_intact(model, x[:2], before)
+
+
+def test_torch_layer_names_through_a_real_compile_wrapper() -> None:
+    # Building the wrapper imports torch's compiler (a few seconds); it is never run here.
+    model = TorchNet()
+    wrapped = torch.compile(model)
+    assert IBA(wrapped, "conv1").engine.layer is model.conv1
+    with pytest.raises(LookupError, match=r"'conv9' not found.*conv1"):
+        IBA(wrapped, "conv9")
+
+
+def test_torch_iba_module_inserted_twice_is_refused_by_restrict_flow() -> None:
+    iba = IBA()
+
+    class Net(torch.nn.Module):
+        def __init__(self, twice: bool) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.iba, self.fc, self.twice = iba, torch.nn.Linear(4, 2), twice
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.iba(torch.relu(self.conv(x)))
+            if self.twice:
+                h = self.iba(h)
+            return self.fc(h.mean(dim=(2, 3)))
+
+    once, twice = Net(False), Net(True)
+    twice.load_state_dict(once.state_dict())
+    x = torch_images(16)
+    with pytest.warns(iba_core.FewSamplesWarning):
+        iba.estimate(once, [x])
+    iba.analyze(x[:1], target=1, model=once, optimization_steps=1)
+    with iba.restrict_flow():  # many passes of a model that calls it once: fine
+        once(x[:1])
+        once(x[:1])
+    before = torch_state(twice)
+    with pytest.raises(RuntimeError, match="more than once in one forward pass"), \
+            iba.restrict_flow():
+        twice(x[:1])
+    assert_torch_intact(twice, before)

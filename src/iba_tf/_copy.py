@@ -13,8 +13,8 @@ import keras
 import numpy as np
 
 from iba_core.engines import PerSampleFront, input_batches
-from iba_core.math import Estimator
-from iba_core.math._estimator import (
+from iba_core.math import (
+    Estimator,
     SavedStateError,
     check_format,
     file_name,
@@ -384,7 +384,7 @@ class IBACopyInnvestigate(IBACopy):
         """Load an estimate written by :meth:`save_npz` for the same layer; returns self.
 
         Files without the current format mark (older versions), damaged files and files
-        of another layer or shape raise :class:`iba_core.math._estimator.SavedStateError`
+        of another layer or shape raise :class:`iba_core.math.SavedStateError`
         (a ``ValueError``) naming the file; the analyzer is then left as it was.
         """
         file, state = read_npz(fname, "IBACopyInnvestigate estimate", "save_npz()")

@@ -10,11 +10,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from iba_core.engines import PerSampleBottleneck, PerSampleFront, input_batches, settings_of
-from iba_core.engines._bottleneck import _step_functions
-from iba_core.engines._front import MULTI_INPUT, refuse_multi_input
+from iba_core.engines import (
+    MULTI_INPUT,
+    PerSampleBottleneck,
+    PerSampleFront,
+    input_batches,
+    refuse_multi_input,
+    settings_of,
+)
 from iba_core.math import Estimator
-from iba_core.math._linear_ops import smoothing_operands
 
 from ._backend import TFBackend, is_channels_last, to_channels_first, to_channels_last
 
@@ -189,11 +193,7 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
         if alpha.shape.rank < 2:
             raise ValueError(f"alpha must be mask logits (N, C, ...), got shape "
                              f"{tuple(alpha.shape)}")
-        mean, std, active = bn._stats_like(alpha, BACKEND, config)
-        fns = _step_functions(BACKEND, config.sigma, config.relu, False)
-        operands = smoothing_operands(alpha, config.sigma, alpha.shape.rank - 2)
-        terms = [tf.squeeze(t, axis=1) for t in
-                 fns.mask(alpha, active, mean * active, std * active, operands)]
+        terms = list(bn.mask_terms(alpha))
         flow = self.__dict__["_flow"]
         if flow.rank is None:
             flow.terms(alpha.shape.rank)

@@ -9,8 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from iba_core.engines import ReadoutFront, input_batches
-from iba_core.engines._readout import DEFAULT_LR
+from iba_core.engines import READOUT_BETA, READOUT_LR, ReadoutFront, input_batches
 from iba_core.math import Estimator
 
 from ._backend import all_layers, is_channels_last, resolve_layer
@@ -134,7 +133,7 @@ class IBAReadout(ReadoutFront):
         attach_layer: keras.layers.Layer | str,
         readout_layers: Sequence[keras.layers.Layer | str],
         model: keras.Model,
-        sigma: float | None = 1.0, beta: float = 10.0, min_std: float = 0.01,
+        sigma: float | None = 1.0, beta: float = READOUT_BETA, min_std: float = 0.01,
         active_neurons_threshold: float = 0.01, relu: bool = False,
         seed: int | None = 0, progbar: bool = False,
     ) -> None:
@@ -171,7 +170,7 @@ class IBAReadout(ReadoutFront):
         batch_size: int = 32,
         epochs: int = 10,
         beta: float | None = None,
-        lr: float = DEFAULT_LR,
+        lr: float = READOUT_LR,
         verbose: int | bool = 0,
         shuffle: bool = True,
         seed: int | None = None,
@@ -195,14 +194,14 @@ class IBAReadout(ReadoutFront):
         cross-entropy; ``seed`` fixes the shuffling and the noise.
 
         ``lr`` is the peak of a warm-up + cosine ``schedule`` (``"constant"``: none).  The
-        default 1e-3 replaces the reference's constant 1e-5 (batches of 32, about 10
+        default 1e-2 replaces the reference's constant 1e-5 (batches of 32, about 10
         epochs over ImageNet), which on a few thousand images leaves the masks almost
-        where they started; the decay keeps 1e-3 stable on large data sets too.
+        where they started; the decay keeps 1e-2 stable on large data sets too.
 
         ``validation``: a fraction (default 0.1: the last 10% of array inputs, taken
         before shuffling, as Keras' ``validation_split``; every 10th batch of a dataset),
         held-out data (``(x_val, y_val)`` arrays or a dataset of batches), or ``None``.
-        A :class:`iba_core.engines._readout.NotConvergedWarning` says when training has
+        A :class:`iba_core.engines.NotConvergedWarning` says when training has
         clearly not converged (``warn=False`` silences it).
 
         ``compile``: run the bottlenecked pass and its gradient as a ``tf.function``

@@ -10,8 +10,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from iba_core.engines import PerSampleBottleneck, PerSampleFront, input_batches, settings_of
-from iba_core.engines._front import refuse_multi_input
+from iba_core.engines import (
+    PerSampleBottleneck,
+    PerSampleFront,
+    input_batches,
+    refuse_multi_input,
+    settings_of,
+)
 from iba_core.math import Estimator
 
 from ._backend import TorchBackend, model_device, resolve_layer
@@ -180,10 +185,11 @@ class IBA(torch.nn.Module, PerSampleFront):
         self._check_attached()
         engine = self._engine
         with engine.restrict_flow(alpha):
-            if engine.model is not None or engine.layer is None:
+            if engine.model is not None and engine.layer is not None:
                 yield self  # the engine counts per pass of the model
                 return
-            # Only the layer is known: a pass begins when a module runs outside any other.
+            # Only the layer is known, or IBA is itself a module of the model: a pass begins
+            # when a module runs outside any other.
             with _passes_of_any_model(engine.bottleneck):
                 yield self
 

@@ -8,8 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from iba_core.engines import ReadoutFront
-from iba_core.engines._readout import DEFAULT_LR, TrainHistory
+from iba_core.engines import READOUT_BETA, READOUT_LR, ReadoutFront, TrainHistory
 from iba_core.math import Estimator
 
 from ._backend import TorchBackend, model_device, resolve_layer
@@ -68,7 +67,7 @@ class IBAReadout(ReadoutFront):
         readout_layers: Sequence[torch.nn.Module | str],
         model: torch.nn.Module,
         sigma: float | None = 1.0,
-        beta: float = 10.0,
+        beta: float = READOUT_BETA,
         min_std: float = 0.01,
         active_neurons_threshold: float = 0.01,
         relu: bool = False,
@@ -158,7 +157,7 @@ class IBAReadout(ReadoutFront):
         dataloader: Iterable[Any],
         epochs: int = 10,
         beta: float | None = None,
-        lr: float = DEFAULT_LR,
+        lr: float = READOUT_LR,
         progbar: bool | None = None,
         device: Any = None,
         model_loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
@@ -179,16 +178,16 @@ class IBAReadout(ReadoutFront):
         once per epoch.
 
         ``lr`` is the peak of a warm-up + cosine ``schedule`` (``"constant"``: none).  The
-        default 1e-3 replaces the reference's constant 1e-5 (batches of 32, about 10
+        default 1e-2 replaces the reference's constant 1e-5 (batches of 32, about 10
         epochs over ImageNet), which on a few thousand images leaves the masks almost
-        where they started; the decay keeps 1e-3 stable on large data sets too.
+        where they started; the decay keeps 1e-2 stable on large data sets too.
 
         ``validation``: a held-out loader of ``(x, y)`` batches, or a fraction (default
         0.1: every 10th batch of ``dataloader`` is held out of training, none with fewer
         than 10 batches; with a shuffling loader these differ between epochs) or ``None``.
         The held-out loss and mean
         capacity are shown in the progress bar and recorded in the history.  A
-        :class:`iba_core.engines._readout.NotConvergedWarning` says when training has
+        :class:`iba_core.engines.NotConvergedWarning` says when training has
         clearly not converged (``warn=False`` silences it).
         """
         model = self._check(model)

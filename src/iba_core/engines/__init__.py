@@ -15,7 +15,14 @@ from ._bottleneck import (
     repeat_inputs,
 )
 from ._config import FIELDS, IBAConfig
-from ._front import IBA, PerSampleFront, input_batches, settings_of
+from ._front import (
+    IBA,
+    MULTI_INPUT,
+    PerSampleFront,
+    input_batches,
+    refuse_multi_input,
+    settings_of,
+)
 from ._layout import in_layout, layer_layout
 from ._per_sample import (
     TARGET_MODES,
@@ -26,9 +33,13 @@ from ._per_sample import (
     prepared_inputs,
 )
 from ._readout import (
+    READOUT_BETA,
+    READOUT_LR,
+    NotConvergedWarning,
     ReadoutBottleneck,
     ReadoutFront,
     ReadoutHead,
+    TrainHistory,
     one_hot_targets,
     readout_input,
     target_cross_entropy,
@@ -38,15 +49,20 @@ __all__ = [
     "FIELDS",
     "IBA",
     "MIN_RECOMMENDED_SAMPLES",
+    "MULTI_INPUT",
+    "READOUT_BETA",
+    "READOUT_LR",
     "TARGET_MODES",
     "Bottleneck",
     "FewSamplesWarning",
     "IBAConfig",
+    "NotConvergedWarning",
     "PerSampleBottleneck",
     "PerSampleFront",
     "ReadoutBottleneck",
     "ReadoutFront",
     "ReadoutHead",
+    "TrainHistory",
     "check_output_rows",
     "class_indices",
     "estimate_loop",
@@ -58,6 +74,7 @@ __all__ = [
     "one_hot_targets",
     "prepared_inputs",
     "readout_input",
+    "refuse_multi_input",
     "repeat_inputs",
     "settings_of",
     "target_cross_entropy",

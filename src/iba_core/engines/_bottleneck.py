@@ -517,6 +517,21 @@ class Bottleneck:
         except _StopForward:
             pass
 
+    def mask_terms(self, alpha: Any) -> tuple[Any, Any, Any]:
+        """``(lambda * active, (1 - lambda) * mean * active, (1 - lambda) * std * active)``
+        for mask logits ``alpha`` ``(N, C, ...)``, each shaped like ``alpha``, with the
+        settings of the last explanation: the terms of the injection ``Z = lambda_a * R +
+        mu_a + sigma_a * eps``, for a front that injects noise in its own traced code."""
+        backend = self._require_backend()
+        config = self.last_config or self.config
+        mean, std, active = self._stats_like(alpha, backend, config)
+        fns = _step_functions(backend, config.sigma, config.relu, False)
+        operands = smoothing_operands(alpha, config.sigma, alpha.ndim - 2)
+        xp = backend.namespace()
+        shape = tuple(int(n) for n in alpha.shape)
+        return tuple(xp.reshape(t, shape)  # type: ignore[return-value]
+                     for t in fns.mask(alpha, active, mean * active, std * active, operands))
+
     def capacity(self, features: Any = None, alpha: Any = None) -> Any:
         """Capacity in nats per element for ``features`` under mask ``alpha``.
 

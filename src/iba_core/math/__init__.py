@@ -18,7 +18,15 @@ from ._capacity import (
     restriction_mask,
     saliency_map,
 )
-from ._estimator import Estimator
+from ._estimator import (
+    ESTIMATE_FORMAT,
+    Estimator,
+    SavedStateError,
+    check_format,
+    file_name,
+    read_npz,
+    save_target,
+)
 from ._linear_ops import (
     bilinear_matrix,
     gaussian_kernel_1d,
@@ -31,9 +39,11 @@ from ._linear_ops import (
 from ._xp import REQUIRED_FUNCTIONS, device, namespace, sigmoid_pair, to_numpy
 
 __all__ = [
+    "ESTIMATE_FORMAT",
     "REQUIRED_FUNCTIONS",
     "AdamState",
     "Estimator",
+    "SavedStateError",
     "adam_init",
     "adam_kernel",
     "adam_scalars",
@@ -41,19 +51,23 @@ __all__ = [
     "bilinear_matrix",
     "capacity",
     "capacity_from_mask",
+    "check_format",
     "cross_entropy",
     "device",
     "explanation_maps",
+    "file_name",
     "gaussian_kernel_1d",
     "gaussian_smooth",
     "inject_noise",
     "input_spatial_size",
     "mass_preserving_matrix",
+    "read_npz",
     "namespace",
     "resize_bilinear",
     "restrict",
     "restriction_mask",
     "saliency_map",
+    "save_target",
     "sigmoid_pair",
     "smoothing_matrix",
     "smoothing_operands",
