@@ -170,8 +170,10 @@ def _progress(enabled: bool, **kwargs: Any) -> Any:
     return tqdm(**kwargs)
 
 
-def _setting(name: str) -> property:
-    """A live, validated view of one :class:`IBAConfig` field on an object with ``config``."""
+def setting_property(name: str) -> property:
+    """A live, validated view of one :class:`IBAConfig` field on an object with a
+    ``config`` attribute (the bottleneck, every front): assigning replaces the whole
+    configuration through :meth:`IBAConfig.replace`, so the constructor's checks apply."""
 
     def get(self: Any) -> Any:
         return getattr(self.config, name)
@@ -238,17 +240,17 @@ class Bottleneck:
         self._stats_version: Any = None
         self._compiled_steps: dict[Any, Any] = {}
 
-    sigma = _setting("sigma")
-    beta = _setting("beta")
-    min_std = _setting("min_std")
-    optimization_steps = _setting("optimization_steps")
-    lr = _setting("lr")
-    batch_size = _setting("batch_size")
-    initial_alpha = _setting("initial_alpha")
-    active_neurons_threshold = _setting("active_neurons_threshold")
-    relu = _setting("relu")
-    progbar = _setting("progbar")
-    compile = _setting("compile")
+    sigma = setting_property("sigma")
+    beta = setting_property("beta")
+    min_std = setting_property("min_std")
+    optimization_steps = setting_property("optimization_steps")
+    lr = setting_property("lr")
+    batch_size = setting_property("batch_size")
+    initial_alpha = setting_property("initial_alpha")
+    active_neurons_threshold = setting_property("active_neurons_threshold")
+    relu = setting_property("relu")
+    progbar = setting_property("progbar")
+    compile = setting_property("compile")
 
     @property
     def feature_mean(self) -> np.ndarray | None:

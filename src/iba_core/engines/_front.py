@@ -16,20 +16,9 @@ from typing import Any
 import numpy as np
 
 from ..math._estimator import Estimator
-from ._bottleneck import Bottleneck
+from ._bottleneck import Bottleneck, setting_property
 from ._config import FIELDS, IBAConfig
 from ._per_sample import PerSampleBottleneck
-
-
-def _front_setting(name: str) -> property:
-    def get(self: PerSampleFront) -> Any:
-        return getattr(self._engine.config, name)
-
-    def set_(self: PerSampleFront, value: Any) -> None:
-        self._engine.configure(**{name: value})
-
-    return property(get, set_, doc=f"The ``{name}`` setting (see :class:`iba_core.IBAConfig`); "
-                                   "read and written live, validated like the constructor.")
 
 
 def settings_of(arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -109,17 +98,17 @@ class PerSampleFront:
 
     _engine: PerSampleBottleneck
 
-    sigma = _front_setting("sigma")
-    beta = _front_setting("beta")
-    min_std = _front_setting("min_std")
-    optimization_steps = _front_setting("optimization_steps")
-    lr = _front_setting("lr")
-    batch_size = _front_setting("batch_size")
-    initial_alpha = _front_setting("initial_alpha")
-    active_neurons_threshold = _front_setting("active_neurons_threshold")
-    relu = _front_setting("relu")
-    progbar = _front_setting("progbar")
-    compile = _front_setting("compile")
+    sigma = setting_property("sigma")
+    beta = setting_property("beta")
+    min_std = setting_property("min_std")
+    optimization_steps = setting_property("optimization_steps")
+    lr = setting_property("lr")
+    batch_size = setting_property("batch_size")
+    initial_alpha = setting_property("initial_alpha")
+    active_neurons_threshold = setting_property("active_neurons_threshold")
+    relu = setting_property("relu")
+    progbar = setting_property("progbar")
+    compile = setting_property("compile")
 
     @property
     def engine(self) -> PerSampleBottleneck:
