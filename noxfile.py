@@ -1,4 +1,4 @@
-"""nox sessions: tests per backend, lint, demo, benchmarks.
+"""nox sessions: tests per backend, lint, typecheck, demo, benchmarks.
 
 ``nox -s tests`` runs the suite once per backend (``numpy``: the core alone, with the
 array-api-strict test backend; ``torch``; ``tf``).  PyTorch is pinned to the CPU build
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["tests", "lint"]
+nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.default_venv_backend = "venv"
 
 CONSTRAINTS = ("-c", "constraints.txt")
 EXTRAS = {"numpy": "test", "torch": "torch,test", "tf": "tf,test"}
+LINT_PATHS = ("src", "tests", "benchmarks", "examples", "scripts", "noxfile.py")
 MARKERS = {"numpy": "not torch and not tf", "torch": "not tf", "tf": "not torch"}
 
 
@@ -29,7 +30,15 @@ def tests(session: nox.Session, backend: str) -> None:
 def lint(session: nox.Session) -> None:
     """ruff lint and format check."""
     session.install("ruff>=0.5")
-    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", *LINT_PATHS)
+    session.run("ruff", "format", "--check", *LINT_PATHS)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy on the three packages (configuration in ``[tool.mypy]`` of pyproject.toml)."""
+    session.install(*CONSTRAINTS, ".[torch,test]", "mypy")
+    session.run("mypy", *session.posargs)
 
 
 @nox.session

@@ -77,12 +77,10 @@ def print_header(title: str, command: Sequence[str] | None = None) -> dict[str, 
 
 
 # -- tables and CSV ----------------------------------------------------------------------
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
-                 markdown: bool = False) -> str:
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], markdown: bool = False) -> str:
     """A fixed-width text table (or a Markdown table); first column left-aligned."""
     rows = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
         parts = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
@@ -90,8 +88,11 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
 
     out = [line(headers)]
     if markdown:
-        out.append("|" + "|".join(("-" * (w + 1) + ":") if i else (":" + "-" * (w + 1))
-                                  for i, w in enumerate(widths)) + "|")
+        out.append(
+            "|"
+            + "|".join(("-" * (w + 1) + ":") if i else (":" + "-" * (w + 1)) for i, w in enumerate(widths))
+            + "|"
+        )
     else:
         out.append("  ".join("-" * w for w in widths))
     out += [line(r) for r in rows]

@@ -75,16 +75,36 @@ class Settings:
     estimate_samples: int
     readout_train: int
     readout_epochs: int
-    steps: int            # points on the degradation / insertion curves
-    subsets: int          # sensitivity-n subsets per n
+    steps: int  # points on the degradation / insertion curves
+    subsets: int  # sensitivity-n subsets per n
     ig_steps: int
     smooth_samples: int
 
 
-QUICK = Settings(seeds=2, images=8, sanity_images=4, estimate_samples=1000, readout_train=1000,
-                 readout_epochs=2, steps=8, subsets=12, ig_steps=16, smooth_samples=8)
-FULL = Settings(seeds=3, images=48, sanity_images=8, estimate_samples=5000, readout_train=2000,
-                readout_epochs=3, steps=16, subsets=24, ig_steps=32, smooth_samples=16)
+QUICK = Settings(
+    seeds=2,
+    images=8,
+    sanity_images=4,
+    estimate_samples=1000,
+    readout_train=1000,
+    readout_epochs=2,
+    steps=8,
+    subsets=12,
+    ig_steps=16,
+    smooth_samples=8,
+)
+FULL = Settings(
+    seeds=3,
+    images=48,
+    sanity_images=8,
+    estimate_samples=5000,
+    readout_train=2000,
+    readout_epochs=3,
+    steps=16,
+    subsets=24,
+    ig_steps=32,
+    smooth_samples=16,
+)
 
 
 # -- model and data ----------------------------------------------------------------------
@@ -105,7 +125,7 @@ def load_model(train_if_missing: bool = True) -> tuple[nn.Module, str]:
     for _ in range(3):
         order = torch.randperm(len(x))
         for i in range(0, len(x), 128):
-            idx = order[i:i + 128]
+            idx = order[i : i + 128]
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
@@ -113,7 +133,7 @@ def load_model(train_if_missing: bool = True) -> tuple[nn.Module, str]:
 
 
 def batches(x: np.ndarray, size: int = 100) -> list[torch.Tensor]:
-    return [torch.from_numpy(x[i:i + size]) for i in range(0, len(x), size)]
+    return [torch.from_numpy(x[i : i + size]) for i in range(0, len(x), size)]
 
 
 def channel_sum(a: torch.Tensor) -> np.ndarray:
@@ -140,16 +160,24 @@ class PerSampleIBA:
     def method(self, beta: float) -> Explain:
         def explain(model: nn.Module, x: np.ndarray, t: np.ndarray, seed: int) -> np.ndarray:
             iba = self.iba_for(model)
-            maps = [iba.analyze(torch.from_numpy(x[i:i + self.chunk]), target=t[i:i + self.chunk],
-                                model=model, beta=beta, seed=seed + i)
-                    for i in range(0, len(x), self.chunk)]
+            maps = [
+                iba.analyze(
+                    torch.from_numpy(x[i : i + self.chunk]),
+                    target=t[i : i + self.chunk],
+                    model=model,
+                    beta=beta,
+                    seed=seed + i,
+                )
+                for i in range(0, len(x), self.chunk)
+            ]
             return np.concatenate([m.reshape(-1, *x.shape[2:]) for m in maps])
 
         return explain
 
 
-def readout_method(model: nn.Module, settings: Settings, beta: float,
-                   log: Callable[[str], None]) -> Explain | None:
+def readout_method(
+    model: nn.Module, settings: Settings, beta: float, log: Callable[[str], None]
+) -> Explain | None:
     try:
         from iba_torch import IBAReadout
     except (ImportError, AttributeError):
@@ -157,22 +185,26 @@ def readout_method(model: nn.Module, settings: Settings, beta: float,
         return None
     train = cluttered_digits(settings.readout_train, split="train", seed=7)
     readout = IBAReadout(LAYER, READOUT_LAYERS, model, seed=0)
-    readout.estimate(model, batches(cluttered_digits(settings.estimate_samples, split="train",
-                                                     seed=0).images))
-    pairs = [(torch.from_numpy(train.images[i:i + 32]), torch.from_numpy(train.labels[i:i + 32]))
-             for i in range(0, len(train.labels), 32)]
+    readout.estimate(
+        model, batches(cluttered_digits(settings.estimate_samples, split="train", seed=0).images)
+    )
+    pairs = [
+        (torch.from_numpy(train.images[i : i + 32]), torch.from_numpy(train.labels[i : i + 32]))
+        for i in range(0, len(train.labels), 32)
+    ]
     t0 = time.perf_counter()
     # lr 1e-3 instead of the reference 1e-5: this data set is small and training short.
     losses = readout.train(model, pairs, epochs=settings.readout_epochs, lr=1e-3, beta=beta, seed=0)
-    log(f"Readout IBA: trained {settings.readout_epochs} epoch(s) on {len(train.labels)} images "
+    log(
+        f"Readout IBA: trained {settings.readout_epochs} epoch(s) on {len(train.labels)} images "
         f"(beta {beta:g}, lr 1e-3) in {time.perf_counter() - t0:.0f} s; loss per epoch "
-        f"{[round(v, 3) for v in losses]}")
+        f"{[round(v, 3) for v in losses]}"
+    )
 
     def explain(m: nn.Module, x: np.ndarray, t: np.ndarray, seed: int) -> np.ndarray:
         if m is not model:
             raise NotImplementedError("the readout is trained for the original model only")
-        return np.concatenate([readout.analyze(b).reshape(-1, *x.shape[2:])
-                               for b in batches(x, 64)])
+        return np.concatenate([readout.analyze(b).reshape(-1, *x.shape[2:]) for b in batches(x, 64)])
 
     return explain
 
@@ -199,28 +231,49 @@ def captum_methods(settings: Settings) -> dict[str, Explain]:
 
     def integrated_gradients(model, x, t, seed):
         ig = IntegratedGradients(model)
-        return channel_sum(ig.attribute(prepared(x), baselines=0.0, target=torch.from_numpy(t),
-                                        n_steps=settings.ig_steps, internal_batch_size=256))
+        return channel_sum(
+            ig.attribute(
+                prepared(x),
+                baselines=0.0,
+                target=torch.from_numpy(t),
+                n_steps=settings.ig_steps,
+                internal_batch_size=256,
+            )
+        )
 
     def smoothgrad(model, x, t, seed):
         torch.manual_seed(seed)
         nt = NoiseTunnel(Saliency(model))
-        return channel_sum(nt.attribute(prepared(x), nt_type="smoothgrad",
-                                        nt_samples=settings.smooth_samples, stdevs=0.15,
-                                        target=torch.from_numpy(t)))
+        return channel_sum(
+            nt.attribute(
+                prepared(x),
+                nt_type="smoothgrad",
+                nt_samples=settings.smooth_samples,
+                stdevs=0.15,
+                target=torch.from_numpy(t),
+            )
+        )
 
     def gradcam(model, x, t, seed):
         layer = model.get_submodule(GRADCAM_LAYER)
-        cam = LayerGradCam(model, layer).attribute(prepared(x), target=torch.from_numpy(t),
-                                                   relu_attributions=True)
+        cam = LayerGradCam(model, layer).attribute(
+            prepared(x), target=torch.from_numpy(t), relu_attributions=True
+        )
         up = LayerAttribution.interpolate(cam, tuple(x.shape[2:]), interpolate_mode="bilinear")
         return channel_sum(up)
 
     def occlusion(model, x, t, seed):
         occ = Occlusion(model)
-        return channel_sum(occ.attribute(torch.from_numpy(x), sliding_window_shapes=(x.shape[1], 8, 8),
-                                         strides=(x.shape[1], 4, 4), baselines=0.0,
-                                         target=torch.from_numpy(t), perturbations_per_eval=128))
+        return channel_sum(
+            occ.attribute(
+                torch.from_numpy(x),
+                sliding_window_shapes=(x.shape[1], 8, 8),
+                strides=(x.shape[1], 4, 4),
+                baselines=0.0,
+                target=torch.from_numpy(t),
+                perturbations_per_eval=128,
+            )
+        )
 
     return {
         "Gradient": gradient,
@@ -247,12 +300,23 @@ def randomize_prefix(model: nn.Module, prefix: str) -> None:
 
 # -- evaluation --------------------------------------------------------------------------
 METRICS = ["deg8", "deg4", "bbox", "point", "ins", "del", "sens-n", "rho top", "rho all", "s/img"]
-BETTER = {"deg8": "+", "deg4": "+", "bbox": "+", "point": "+", "ins": "+", "del": "-",
-          "sens-n": "+", "rho top": "-", "rho all": "-", "s/img": "-"}
+BETTER = {
+    "deg8": "+",
+    "deg4": "+",
+    "bbox": "+",
+    "point": "+",
+    "ins": "+",
+    "del": "-",
+    "sens-n": "+",
+    "rho top": "-",
+    "rho all": "-",
+    "s/img": "-",
+}
 
 
-def evaluate(model: nn.Module, name: str, explain: Explain, data: Any, seed: int,
-             settings: Settings, sanity: bool) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, name: str, explain: Explain, data: Any, seed: int, settings: Settings, sanity: bool
+) -> dict[str, float]:
     x, t = data.images, data.labels
     t0 = time.perf_counter()
     maps = explain(model, x, t, seed)
@@ -264,18 +328,21 @@ def evaluate(model: nn.Module, name: str, explain: Explain, data: Any, seed: int
         row[f"deg{tile}"] = float(deg.score.mean())
     row["bbox"] = float(metrics.bounding_box_score(maps, data.boxes).mean())
     row["point"] = float(metrics.pointing_game(maps, data.boxes, tolerance=4).mean())
-    ind = metrics.insertion_deletion(model, x, maps, t, n_steps=settings.steps,
-                                     blur_sigma=INSERTION_BLUR, **kw)
+    ind = metrics.insertion_deletion(
+        model, x, maps, t, n_steps=settings.steps, blur_sigma=INSERTION_BLUR, **kw
+    )
     row["ins"], row["del"] = float(ind.insertion_auc.mean()), float(ind.deletion_auc.mean())
-    sens = metrics.sensitivity_n(model, x, maps, t, ns=(4, 16, 64), n_subsets=settings.subsets,
-                                 tile_size=4, seed=seed, **kw)
+    sens = metrics.sensitivity_n(
+        model, x, maps, t, ns=(4, 16, 64), n_subsets=settings.subsets, tile_size=4, seed=seed, **kw
+    )
     row["sens-n"] = float(np.nanmean(sens.mean))
     row["rho top"] = row["rho all"] = float("nan")
     if sanity:
         k = settings.sanity_images
         stages = metrics.cascading_randomization(model, ["classifier", "features"], randomize_prefix)
-        res = metrics.model_randomization(lambda m, xx, tt: explain(m, xx, tt, seed), model, stages,
-                                          x[:k], t[:k])
+        res = metrics.model_randomization(
+            lambda m, xx, tt: explain(m, xx, tt, seed), model, stages, x[:k], t[:k]
+        )
         row["rho top"], row["rho all"] = (float(np.nanmean(r)) for r in res.spearman_abs)
     return row
 
@@ -285,12 +352,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small run (minutes)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds")
     parser.add_argument("--images", type=int, default=None, help="test images per seed")
-    parser.add_argument("--methods", default=None,
-                        help="comma-separated subset of method names (case-insensitive prefix)")
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated subset of method names (case-insensitive prefix)"
+    )
     parser.add_argument("--no-readout", action="store_true", help="skip Readout IBA")
-    parser.add_argument("--readout-beta", type=float, default=1.0,
-                        help="beta of the readout's training (default 1: with 10, short "
-                             "training collapses to a mask that passes nothing)")
+    parser.add_argument(
+        "--readout-beta",
+        type=float,
+        default=1.0,
+        help="beta of the readout's training (default 1: with 10, short "
+        "training collapses to a mask that passes nothing)",
+    )
     parser.add_argument("--csv-dir", type=Path, default=DEFAULT_CSV_DIR)
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args()
@@ -313,7 +385,8 @@ def main() -> None:
     per_sample = PerSampleIBA(estimate_data)
     per_sample.iba_for(model)  # estimate now, so that it is not timed as part of a method
     methods: dict[str, tuple[Explain, bool]] = {
-        f"IBA beta={b:g}": (per_sample.method(b), True) for b in (1, 10, 100)}
+        f"IBA beta={b:g}": (per_sample.method(b), True) for b in (1, 10, 100)
+    }
     if not args.no_readout:
         ro = readout_method(model, settings, args.readout_beta, log)
         if ro is not None:
@@ -351,12 +424,16 @@ def main() -> None:
         summary.append(srow)
     headers = ["method"] + [f"{m} {BETTER[m]}" for m in METRICS]
     print()
-    print(f"{settings.seeds} seeds x {settings.images} images; mean ± sd over seeds; "
-          "+ higher is better, - lower is better")
+    print(
+        f"{settings.seeds} seeds x {settings.images} images; mean ± sd over seeds; "
+        "+ higher is better, - lower is better"
+    )
     print(format_table(headers, table, markdown=args.markdown))
     per_seed = write_csv(args.csv_dir / "quality_per_seed.csv", rows)
-    summ = write_csv(args.csv_dir / "quality_summary.csv",
-                     [{**s, "date": info["date"], "command": info["command"]} for s in summary])
+    summ = write_csv(
+        args.csv_dir / "quality_summary.csv",
+        [{**s, "date": info["date"], "command": info["command"]} for s in summary],
+    )
     print(f"\nCSV: {per_seed}, {summ}")
 
 

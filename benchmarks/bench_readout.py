@@ -84,12 +84,11 @@ def bench_torch(args: argparse.Namespace) -> list[tuple[str, ...]]:
 
     rng = np.random.default_rng(0)
     size = args.size
-    data = torch.as_tensor(rng.standard_normal((args.train_images, 3, size, size)),
-                           dtype=torch.float32)
+    data = torch.as_tensor(rng.standard_normal((args.train_images, 3, size, size)), dtype=torch.float32)
     labels = torch.as_tensor(rng.integers(0, N_CLASSES, args.train_images))
-    loader = [(data[i:i + 32], labels[i:i + 32]) for i in range(0, len(data), 32)]
-    x = data[:args.batch].to(device)
-    targets = labels[:args.batch]
+    loader = [(data[i : i + 32], labels[i : i + 32]) for i in range(0, len(data), 32)]
+    x = data[: args.batch].to(device)
+    targets = labels[: args.batch]
 
     def sync() -> None:
         if device.type == "cuda":
@@ -104,15 +103,21 @@ def bench_torch(args: argparse.Namespace) -> list[tuple[str, ...]]:
 
     t_readout = median_time(lambda: readout.analyze(x), args.repeats, sync) / len(x)
     n_ps = min(args.batch, args.per_sample_batch)
-    t_ps_batch = median_time(lambda: iba.analyze(x[:n_ps], target=targets[:n_ps], model=model),
-                             max(1, args.repeats // 2), sync) / n_ps
-    t_ps_one = median_time(lambda: iba.analyze(x[:1], target=targets[:1], model=model),
-                           max(1, args.repeats // 2), sync)
-    t_train = median_time(lambda: readout.train(model, loader, epochs=1, lr=1e-5,
-                                                validation=None, warn=False),
-                          max(1, args.repeats // 3), sync)
-    return _rows(f"torch ({device.type})", t_readout, t_ps_batch, n_ps, t_ps_one,
-                 len(data) / t_train)
+    t_ps_batch = (
+        median_time(
+            lambda: iba.analyze(x[:n_ps], target=targets[:n_ps], model=model), max(1, args.repeats // 2), sync
+        )
+        / n_ps
+    )
+    t_ps_one = median_time(
+        lambda: iba.analyze(x[:1], target=targets[:1], model=model), max(1, args.repeats // 2), sync
+    )
+    t_train = median_time(
+        lambda: readout.train(model, loader, epochs=1, lr=1e-5, validation=None, warn=False),
+        max(1, args.repeats // 3),
+        sync,
+    )
+    return _rows(f"torch ({device.type})", t_readout, t_ps_batch, n_ps, t_ps_one, len(data) / t_train)
 
 
 # -- TensorFlow -----------------------------------------------------------------------------
@@ -128,26 +133,30 @@ def bench_tf(args: argparse.Namespace) -> list[tuple[str, ...]]:
     for i, c in enumerate(CHANNELS, 1):
         if i > 1:
             stack.append(keras.layers.ZeroPadding2D(1, name=f"pad{i}"))
-        stack.append(keras.layers.Conv2D(c, 3, strides=1 if i == 1 else 2,
-                                         padding="same" if i == 1 else "valid", name=f"conv{i}"))
+        stack.append(
+            keras.layers.Conv2D(
+                c, 3, strides=1 if i == 1 else 2, padding="same" if i == 1 else "valid", name=f"conv{i}"
+            )
+        )
         stack.append(keras.layers.ReLU(name=f"relu{i}"))
-    stack += [keras.layers.GlobalAveragePooling2D(name="pool"),
-              keras.layers.Dense(N_CLASSES, name="logits")]
+    stack += [keras.layers.GlobalAveragePooling2D(name="pool"), keras.layers.Dense(N_CLASSES, name="logits")]
     model = keras.Sequential(stack)
     for i in range(1, len(CHANNELS) + 1):
         model.get_layer(f"conv{i}").set_weights(
-            [np.transpose(w[f"conv{i}.weight"], (2, 3, 1, 0)), w[f"conv{i}.bias"]])
+            [np.transpose(w[f"conv{i}.weight"], (2, 3, 1, 0)), w[f"conv{i}.bias"]]
+        )
     model.get_layer("logits").set_weights([w["logits.weight"].T, w["logits.bias"]])
 
     rng = np.random.default_rng(0)
     data = rng.standard_normal((args.train_images, size, size, 3)).astype(np.float32)
     labels = rng.integers(0, N_CLASSES, args.train_images)
-    x = tf.constant(data[:args.batch])
+    x = tf.constant(data[: args.batch])
 
     readout = IBAReadout(BOTTLENECK, READOUT_LAYERS, model)
     readout.estimate(data)
-    readout.fit(data[:32], labels[:32], epochs=1, lr=1e-5, compile=False, validation=None,
-                warn=False)  # warm-up
+    readout.fit(
+        data[:32], labels[:32], epochs=1, lr=1e-5, compile=False, validation=None, warn=False
+    )  # warm-up
     iba = IBACopy(model, BOTTLENECK)
     iba.estimate(data)
 
@@ -156,10 +165,11 @@ def bench_tf(args: argparse.Namespace) -> list[tuple[str, ...]]:
 
     t_readout = median_time(lambda: readout.analyze(x), args.repeats, sync) / args.batch
     n_ps = min(args.batch, args.per_sample_batch)
-    t_ps_batch = median_time(lambda: iba.analyze(x[:n_ps], target=labels[:n_ps]),
-                             max(1, args.repeats // 2), sync) / n_ps
-    t_ps_one = median_time(lambda: iba.analyze(x[:1], target=labels[:1]),
-                           max(1, args.repeats // 2), sync)
+    t_ps_batch = (
+        median_time(lambda: iba.analyze(x[:n_ps], target=labels[:n_ps]), max(1, args.repeats // 2), sync)
+        / n_ps
+    )
+    t_ps_one = median_time(lambda: iba.analyze(x[:1], target=labels[:1]), max(1, args.repeats // 2), sync)
     # One fit() call traces the compiled loss once; time two epochs and subtract one.
     t0 = time.perf_counter()
     readout.fit(data, labels, epochs=1, lr=1e-5, seed=0, validation=None, warn=False)
@@ -168,15 +178,27 @@ def bench_tf(args: argparse.Namespace) -> list[tuple[str, ...]]:
     readout.fit(data, labels, epochs=3, lr=1e-5, seed=0, validation=None, warn=False)
     three = time.perf_counter() - t0
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
-    return _rows(f"tf ({device})", t_readout, t_ps_batch, n_ps, t_ps_one,
-                 2 * len(data) / max(three - one, 1e-9))
+    return _rows(
+        f"tf ({device})", t_readout, t_ps_batch, n_ps, t_ps_one, 2 * len(data) / max(three - one, 1e-9)
+    )
 
 
-def _rows(name: str, t_readout: float, t_ps_batch: float, n_ps: int, t_ps_one: float,
-          train_rate: float) -> list[tuple[str, ...]]:
+def _rows(
+    name: str, t_readout: float, t_ps_batch: float, n_ps: int, t_ps_one: float, train_rate: float
+) -> list[tuple[str, ...]]:
     ms = lambda t: f"{t * 1000:.2f}"
-    return [(name, ms(t_readout), ms(t_ps_batch), f"{t_ps_batch / t_readout:.0f}x",
-             ms(t_ps_one), f"{t_ps_one / t_readout:.0f}x", f"{train_rate:.0f}", str(n_ps))]
+    return [
+        (
+            name,
+            ms(t_readout),
+            ms(t_ps_batch),
+            f"{t_ps_batch / t_readout:.0f}x",
+            ms(t_ps_one),
+            f"{t_ps_one / t_readout:.0f}x",
+            f"{train_rate:.0f}",
+            str(n_ps),
+        )
+    ]
 
 
 def main() -> None:
@@ -185,17 +207,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     parser.add_argument("--size", type=int, default=64, help="image size (square)")
     parser.add_argument("--batch", type=int, default=32, help="images per readout analyze()")
-    parser.add_argument("--per-sample-batch", type=int, default=8,
-                        help="images per per-sample analyze() call")
+    parser.add_argument(
+        "--per-sample-batch", type=int, default=8, help="images per per-sample analyze() call"
+    )
     parser.add_argument("--train-images", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     print("== Readout Bottleneck vs Per-Sample Bottleneck ==")
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} logical cores, load "
-          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
-    print(f"model: 3x{args.size}x{args.size} -> conv {CHANNELS} -> {N_CLASSES} logits; "
-          f"bottleneck {BOTTLENECK!r}, readout layers {READOUT_LAYERS}")
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} logical cores, load "
+        f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}"
+    )
+    print(
+        f"model: 3x{args.size}x{args.size} -> conv {CHANNELS} -> {N_CLASSES} logits; "
+        f"bottleneck {BOTTLENECK!r}, readout layers {READOUT_LAYERS}"
+    )
     rows = []
     if args.backend in ("torch", "both"):
         import torch
@@ -207,17 +234,26 @@ def main() -> None:
 
         print(f"tensorflow {tf.__version__}")
         rows += bench_tf(args)
-    headers = ("backend", "readout ms/img", "per-sample ms/img (batched)", "speed-up",
-               "per-sample ms (1 img)", "speed-up", "train img/s", "per-sample batch")
+    headers = (
+        "backend",
+        "readout ms/img",
+        "per-sample ms/img (batched)",
+        "speed-up",
+        "per-sample ms (1 img)",
+        "speed-up",
+        "train img/s",
+        "per-sample batch",
+    )
     table = [headers, *rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
     for k, r in enumerate(table):
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
-                        enumerate(zip(r, widths))))
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
         if k == 0:
             print("  ".join("-" * w for w in widths))
-    print(f"\nreadout: one forward pass per batch of {args.batch}; per-sample: 10 steps x 10 "
-          "noisy copies (reference settings); training: batches of 32, lr 1e-5, images/s.")
+    print(
+        f"\nreadout: one forward pass per batch of {args.batch}; per-sample: 10 steps x 10 "
+        "noisy copies (reference settings); training: batches of 32, lr 1e-5, images/s."
+    )
 
 
 if __name__ == "__main__":

@@ -48,16 +48,22 @@ TRAIN_IMAGES, EPOCHS, BATCH, ESTIMATE_IMAGES = 1400, 3, 32, 1000
 
 
 def chunks(images: np.ndarray, size: int) -> list[torch.Tensor]:
-    return [torch.from_numpy(images[i:i + size]) for i in range(0, len(images), size)]
+    return [torch.from_numpy(images[i : i + size]) for i in range(0, len(images), size)]
 
 
 def correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.array([np.corrcoef(u.ravel(), v.ravel())[0, 1] for u, v in zip(a, b)])
 
 
-def run(model: torch.nn.Module, estimation: list[torch.Tensor], pairs: list[Any],
-        x_test: torch.Tensor, per_sample: np.ndarray, label: str,
-        **train: Any) -> dict[str, Any]:
+def run(
+    model: torch.nn.Module,
+    estimation: list[torch.Tensor],
+    pairs: list[Any],
+    x_test: torch.Tensor,
+    per_sample: np.ndarray,
+    label: str,
+    **train: Any,
+) -> dict[str, Any]:
     readout = IBAReadout(LAYER, READOUT_LAYERS, model, seed=0)
     readout.estimate(model, estimation)
     t0 = time.perf_counter()
@@ -68,21 +74,25 @@ def run(model: torch.nn.Module, estimation: list[torch.Tensor], pairs: list[Any]
     maps = readout.analyze(x_test)
     corr = correlations(maps, per_sample)
     last = losses.history[-1]
-    return {"setting": label, "corr mean": f"{corr.mean():.3f}", "corr min": f"{corr.min():.3f}",
-            "loss per epoch": " ".join(f"{v:.3g}" for v in losses),
-            "held-out capacity": f"{last['val_capacity']:.3g}" if "val_capacity" in last else "-",
-            "held-out alpha": f"{last['val_alpha']:.2f}" if "val_alpha" in last else "-",
-            "warned": "yes" if any(issubclass(w.category, NotConvergedWarning)
-                                   for w in caught) else "no",
-            "train s": f"{seconds:.0f}"}
+    return {
+        "setting": label,
+        "corr mean": f"{corr.mean():.3f}",
+        "corr min": f"{corr.min():.3f}",
+        "loss per epoch": " ".join(f"{v:.3g}" for v in losses),
+        "held-out capacity": f"{last['val_capacity']:.3g}" if "val_capacity" in last else "-",
+        "held-out alpha": f"{last['val_alpha']:.2f}" if "val_alpha" in last else "-",
+        "warned": "yes" if any(issubclass(w.category, NotConvergedWarning) for w in caught) else "no",
+        "train s": f"{seconds:.0f}",
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=32, help="held-out test images")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    parser.add_argument("--extra", nargs="*", default=[], metavar="LR:SCHEDULE:BETA",
-                        help="further settings to compare")
+    parser.add_argument(
+        "--extra", nargs="*", default=[], metavar="LR:SCHEDULE:BETA", help="further settings to compare"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,31 +102,45 @@ def main() -> None:
     train = cluttered_digits(TRAIN_IMAGES, split="train", seed=7)
     estimation = chunks(cluttered_digits(ESTIMATE_IMAGES, split="train", seed=0).images, 64)
     test = cluttered_digits(args.images, split="test", seed=3)
-    pairs = [(torch.from_numpy(train.images[i:i + BATCH]),
-              torch.from_numpy(train.labels[i:i + BATCH])) for i in range(0, TRAIN_IMAGES, BATCH)]
+    pairs = [
+        (torch.from_numpy(train.images[i : i + BATCH]), torch.from_numpy(train.labels[i : i + BATCH]))
+        for i in range(0, TRAIN_IMAGES, BATCH)
+    ]
     x_test = torch.from_numpy(test.images)
     iba = IBA(model, LAYER)
     iba.estimate(model, estimation)
-    per_sample = np.stack([iba.analyze(x_test[i:i + 1], target=test.labels[i:i + 1], model=model)
-                           for i in range(len(x_test))]).reshape(len(x_test), *x_test.shape[2:])
+    per_sample = np.stack(
+        [
+            iba.analyze(x_test[i : i + 1], target=test.labels[i : i + 1], model=model)
+            for i in range(len(x_test))
+        ]
+    ).reshape(len(x_test), *x_test.shape[2:])
     settings: list[tuple[str, dict[str, Any]]] = [
-        ("reference: lr 1e-5 constant, beta 10",
-         {"lr": 1e-5, "schedule": "constant", "validation": 0.1, "beta": 10.0}),
+        (
+            "reference: lr 1e-5 constant, beta 10",
+            {"lr": 1e-5, "schedule": "constant", "validation": 0.1, "beta": 10.0},
+        ),
         (f"lr {READOUT_LR:g} cosine, beta 10", {"beta": 10.0}),
         (f"defaults: lr {READOUT_LR:g} cosine, beta {READOUT_BETA:g}", {}),
     ]
     for spec in args.extra:
         lr, schedule, beta = spec.split(":")
-        settings.append((f"lr {float(lr):g} {schedule}, beta {float(beta):g}",
-                         {"lr": float(lr), "schedule": schedule, "beta": float(beta)}))
+        settings.append(
+            (
+                f"lr {float(lr):g} {schedule}, beta {float(beta):g}",
+                {"lr": float(lr), "schedule": schedule, "beta": float(beta)},
+            )
+        )
     rows = []
     for label, train_args in settings:
         rows.append(run(model, estimation, pairs, x_test, per_sample, label, **train_args))
         print(f"done: {label}", flush=True)
     keys = list(rows[0])
     widths = [max(len(k), *(len(r[k]) for r in rows)) for k in keys]
-    print(f"\nreadout maps vs Per-Sample IBA maps on {len(x_test)} test images "
-          f"({TRAIN_IMAGES} training images, {EPOCHS} epochs, batches of {BATCH})")
+    print(
+        f"\nreadout maps vs Per-Sample IBA maps on {len(x_test)} test images "
+        f"({TRAIN_IMAGES} training images, {EPOCHS} epochs, batches of {BATCH})"
+    )
     print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
     for r in rows:
         print("  ".join(r[k].ljust(w) for k, w in zip(keys, widths)))

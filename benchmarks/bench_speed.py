@@ -56,17 +56,35 @@ HERE = Path(__file__).resolve().parent
 
 # -- the networks, as data ---------------------------------------------------------------
 CONFIGS: dict[str, dict[str, Any]] = {
-    "small": {"arch": "small", "input": (3, 64, 64), "layer": "relu3", "classes": 10,
-              "feature": (128, 16, 16), "readout": ["relu3", "relu4", "fc"], "n_est": 256},
-    "resnet": {"arch": "resnet18", "input": (3, 224, 224), "layer": "layer2", "classes": 1000,
-               "feature": (128, 28, 28), "readout": ["layer2", "layer3", "layer4", "fc"],
-               "n_est": 64},
-    "resnet56": {"arch": "resnet18", "input": (3, 224, 224), "layer": "layer1", "classes": 1000,
-                 "feature": (64, 56, 56), "readout": ["layer1", "layer2", "layer3", "fc"],
-                 "n_est": 64},
+    "small": {
+        "arch": "small",
+        "input": (3, 64, 64),
+        "layer": "relu3",
+        "classes": 10,
+        "feature": (128, 16, 16),
+        "readout": ["relu3", "relu4", "fc"],
+        "n_est": 256,
+    },
+    "resnet": {
+        "arch": "resnet18",
+        "input": (3, 224, 224),
+        "layer": "layer2",
+        "classes": 1000,
+        "feature": (128, 28, 28),
+        "readout": ["layer2", "layer3", "layer4", "fc"],
+        "n_est": 64,
+    },
+    "resnet56": {
+        "arch": "resnet18",
+        "input": (3, 224, 224),
+        "layer": "layer1",
+        "classes": 1000,
+        "feature": (64, 56, 56),
+        "readout": ["layer1", "layer2", "layer3", "fc"],
+        "n_est": 64,
+    },
 }
-SMALL_CONVS = [("conv1", 3, 32, 1), ("conv2", 32, 64, 2), ("conv3", 64, 128, 2),
-               ("conv4", 128, 128, 2)]
+SMALL_CONVS = [("conv1", 3, 32, 1), ("conv2", 32, 64, 2), ("conv3", 64, 128, 2), ("conv4", 128, 128, 2)]
 RESNET_STAGES = [64, 128, 256, 512]
 
 
@@ -165,13 +183,18 @@ def torch_model(cfg: dict[str, Any]) -> Any:
             y = self.conv2(self.relu(self.conv1(x)))
             return self.relu(y + (x if self.down is None else self.down(x)))
 
-    stages = [(f"layer{i}", nn.Sequential(Block(f"layer{i}.0"), Block(f"layer{i}.1")))
-              for i in range(1, 5)]
-    return nn.Sequential(OrderedDict([
-        ("stem", nn.Sequential(conv("stem"), nn.ReLU(), nn.MaxPool2d(3, 2, 1))),
-        *stages,
-        ("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc", fc),
-    ])).eval()
+    stages = [(f"layer{i}", nn.Sequential(Block(f"layer{i}.0"), Block(f"layer{i}.1"))) for i in range(1, 5)]
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("stem", nn.Sequential(conv("stem"), nn.ReLU(), nn.MaxPool2d(3, 2, 1))),
+                *stages,
+                ("pool", nn.AdaptiveAvgPool2d(1)),
+                ("flatten", nn.Flatten()),
+                ("fc", fc),
+            ]
+        )
+    ).eval()
 
 
 def torch_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -190,7 +213,7 @@ def torch_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     layer = model.get_submodule(cfg["layer"])
     rng = np.random.default_rng(1)
     data = rng.standard_normal((cfg["n_est"], *cfg["input"])).astype(np.float32)
-    est_batches = [torch.from_numpy(data[i:i + 32]).to(device) for i in range(0, len(data), 32)]
+    est_batches = [torch.from_numpy(data[i : i + 32]).to(device) for i in range(0, len(data), 32)]
     n = args.images
     x_n = torch.from_numpy(data[:n]).to(device)
     t_n = [i % cfg["classes"] for i in range(n)]
@@ -338,8 +361,7 @@ def tf_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         def masked_call(*a: Any, **k: Any) -> Any:
             out = original(*a, **k)
             m = current[0]
-            return tf.reshape(tf.reshape(out, (m.shape[0], samples, *out.shape[1:])) * m,
-                              tf.shape(out))
+            return tf.reshape(tf.reshape(out, (m.shape[0], samples, *out.shape[1:])) * m, tf.shape(out))
 
         layer.call = masked_call
         try:
@@ -356,7 +378,7 @@ def tf_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
     def forward_all() -> None:
         for i in range(0, len(data), 32):
-            model(data[i:i + 32], training=False)
+            model(data[i : i + 32], training=False)
 
     iba = IBACopy(model, cfg["layer"])
     iba.estimate(data, n_samples=len(data), batch_size=32)
@@ -364,8 +386,10 @@ def tf_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     readout.estimate(data, n_samples=len(data), batch_size=32)
     readout.fit(data[:2], np.asarray(t_n[:2]), batch_size=2, epochs=1, compile=False)
 
-    results: dict[str, Any] = {"device": "GPU" if gpu else "CPU",
-                               "threads": tf.config.threading.get_intra_op_parallelism_threads()}
+    results: dict[str, Any] = {
+        "device": "GPU" if gpu else "CPU",
+        "threads": tf.config.threading.get_intra_op_parallelism_threads(),
+    }
     results["logits"] = np.asarray(model(data[:1], training=False)).ravel()[:10].tolist()
 
     tf_device = "GPU:0" if gpu else "CPU:0"
@@ -407,8 +431,20 @@ BACKEND_NAMES = {"torch": "PyTorch", "tf": "TensorFlow"}
 
 # -- driver ------------------------------------------------------------------------------
 def run_worker(backend: str, config: str, args: argparse.Namespace) -> dict[str, Any] | str:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", backend, "--configs", config,
-           "--repeats", str(args.repeats), "--images", str(args.images), "--device", args.device]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        backend,
+        "--configs",
+        config,
+        "--repeats",
+        str(args.repeats),
+        "--images",
+        str(args.images),
+        "--device",
+        args.device,
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = _worker_json(cmd, env)
     if backend == "torch" and not isinstance(result, str) and result.get("device") == "cpu":
@@ -474,9 +510,17 @@ def report(config: str, results: dict[str, dict[str, Any]], n: int, markdown: bo
             r = results[b]
             v, base = r.get(key), r.get(ref) if ref else None
             cells += [fmt_s(v), fmt_x(v, base) if ref else "", fmt_mib(r.get(key + " peak MiB"))]
-            csv_rows.append({"config": config, "backend": b, "measurement": label, "seconds": v,
-                             "reference": ref or "", "ratio": (v / base) if v and base else "",
-                             "peak_mib": r.get(key + " peak MiB")})
+            csv_rows.append(
+                {
+                    "config": config,
+                    "backend": b,
+                    "measurement": label,
+                    "seconds": v,
+                    "reference": ref or "",
+                    "ratio": (v / base) if v and base else "",
+                    "peak_mib": r.get(key + " peak MiB"),
+                }
+            )
         if len(backends) == 2:
             a, c = results[backends[0]].get(key), results[backends[1]].get(key)
             cells.append(fmt_x(c, a))
@@ -486,8 +530,7 @@ def report(config: str, results: dict[str, dict[str, Any]], n: int, markdown: bo
     for b in backends:
         r = results[b]
         fw, es = r.get("forward"), r.get("estimate")
-        cells += [f"{r['n_est'] / es:.0f}" if es else "n/a",
-                  f"fwd {r['n_est'] / fw:.0f}" if fw else "", ""]
+        cells += [f"{r['n_est'] / es:.0f}" if es else "n/a", f"fwd {r['n_est'] / fw:.0f}" if fw else "", ""]
     if len(backends) == 2:
         cells.append("")
     rows.append(cells)
@@ -499,17 +542,23 @@ def report(config: str, results: dict[str, dict[str, Any]], n: int, markdown: bo
         headers.append(f"{BACKEND_NAMES[backends[1]]}/{BACKEND_NAMES[backends[0]]}")
     c, h, w = cfg["input"]
     fc, fh, fw_ = cfg["feature"]
-    print(f"-- {config}: {c}x{h}x{w} input, bottleneck '{cfg['layer']}' {fc}x{fh}x{fw_}, "
-          f"{cfg['classes']} classes; 10 steps x 10 samples; "
-          + ", ".join(f"{BACKEND_NAMES[b]} on {results[b].get('device', '?')} "
-                      f"({results[b].get('threads', '?')} threads)" for b in backends))
-    print("ratio: IBA / bare work, Readout / per-sample IBA, estimate / bare forward; "
-          "peak MiB: extra resident (or GPU) memory of that measurement")
+    print(
+        f"-- {config}: {c}x{h}x{w} input, bottleneck '{cfg['layer']}' {fc}x{fh}x{fw_}, "
+        f"{cfg['classes']} classes; 10 steps x 10 samples; "
+        + ", ".join(
+            f"{BACKEND_NAMES[b]} on {results[b].get('device', '?')} "
+            f"({results[b].get('threads', '?')} threads)"
+            for b in backends
+        )
+    )
+    print(
+        "ratio: IBA / bare work, Readout / per-sample IBA, estimate / bare forward; "
+        "peak MiB: extra resident (or GPU) memory of that measurement"
+    )
     print(format_table(headers, rows, markdown=markdown))
     if len(backends) == 2:
         la, lb = (np.asarray(results[b]["logits"]) for b in backends)
-        print(f"same function check: max |logit difference| between backends "
-              f"{np.max(np.abs(la - lb)):.2e}")
+        print(f"same function check: max |logit difference| between backends {np.max(np.abs(la - lb)):.2e}")
     print()
     return csv_rows
 
@@ -517,11 +566,14 @@ def report(config: str, results: dict[str, dict[str, Any]], n: int, markdown: bo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (small network)")
-    parser.add_argument("--full", action="store_true",
-                        help="add the ResNet-style 224x224 network (slow on a CPU)")
-    parser.add_argument("--configs", default=None,
-                        help=f"comma-separated networks among {list(CONFIGS)} (default: small; "
-                             "with --full: small,resnet)")
+    parser.add_argument(
+        "--full", action="store_true", help="add the ResNet-style 224x224 network (slow on a CPU)"
+    )
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help=f"comma-separated networks among {list(CONFIGS)} (default: small; with --full: small,resnet)",
+    )
     parser.add_argument("--backends", default="torch,tf")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--images", type=int, default=16, help="images of the batched measurement")
@@ -533,8 +585,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
 
-    configs = (args.configs.split(",") if args.configs
-               else ["small", "resnet"] if args.full else ["small"])
+    configs = args.configs.split(",") if args.configs else ["small", "resnet"] if args.full else ["small"]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         sys.exit(f"unknown network(s) {unknown}; choose among {list(CONFIGS)}")

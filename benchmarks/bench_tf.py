@@ -58,16 +58,24 @@ def make_keras_model(seed: int = 0) -> keras.Model:
         conv = keras.layers.Conv2D(c_out, 3, strides=stride, name=f"conv{i}")
         x = conv(x)
         bound = 1 / np.sqrt(9 * c_in)
-        conv.set_weights([rng.uniform(-bound, bound, (3, 3, c_in, c_out)).astype("float32"),
-                          rng.uniform(-bound, bound, c_out).astype("float32")])
+        conv.set_weights(
+            [
+                rng.uniform(-bound, bound, (3, 3, c_in, c_out)).astype("float32"),
+                rng.uniform(-bound, bound, c_out).astype("float32"),
+            ]
+        )
         x = keras.layers.ReLU(name=f"relu{i}")(x)
         c_in = c_out
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     fc = keras.layers.Dense(10, name="fc")
     outputs = fc(x)
     bound = 1 / np.sqrt(c_in)
-    fc.set_weights([rng.uniform(-bound, bound, (c_in, 10)).astype("float32"),
-                    rng.uniform(-bound, bound, 10).astype("float32")])
+    fc.set_weights(
+        [
+            rng.uniform(-bound, bound, (c_in, 10)).astype("float32"),
+            rng.uniform(-bound, bound, 10).astype("float32"),
+        ]
+    )
     return keras.Model(inputs, outputs, name="bench")
 
 
@@ -100,8 +108,7 @@ def keras_weights(model: keras.Model) -> dict[str, np.ndarray]:
     return out
 
 
-def bare_work(model: keras.Model, x: tf.Tensor, target: int, steps: int = 10,
-              batch_size: int = 10) -> None:
+def bare_work(model: keras.Model, x: tf.Tensor, target: int, steps: int = 10, batch_size: int = 10) -> None:
     """Forward + backward to a mask on the feature map, ``steps`` times, batch ``batch_size``."""
     layer = model.get_layer(LAYER)
     xb = tf.repeat(x, batch_size, axis=0)
@@ -116,8 +123,7 @@ def bare_work(model: keras.Model, x: tf.Tensor, target: int, steps: int = 10,
                 tape.watch(mask)
                 mask_now[0] = mask
                 logits = model(xb, training=False)
-                loss = tf.reduce_mean(
-                    tf.nn.softmax_cross_entropy_with_logits(onehot, logits))
+                loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(onehot, logits))
             grad = tape.gradient(loss, mask)
             mask = mask - 0.0 * grad
     finally:
@@ -164,11 +170,15 @@ def torch_child(path: str, repeats: int) -> None:
     net, layer = torch_twin(arrays)
     data, x1 = arrays["data"], arrays["x1"]
     iba_t = IBA(layer)
-    iba_t.estimate(net, [torch.from_numpy(data[i:i + 50].transpose(0, 3, 1, 2).copy())
-                         for i in range(0, len(data), 50)])
+    iba_t.estimate(
+        net,
+        [torch.from_numpy(data[i : i + 50].transpose(0, 3, 1, 2).copy()) for i in range(0, len(data), 50)],
+    )
     xt = torch.from_numpy(x1.transpose(0, 3, 1, 2).copy())
-    jobs = {"torch bare": lambda: torch_bare_work(net, layer, xt, 3),
-            "torch analyze": lambda: iba_t.analyze(xt, target=3, model=net)}
+    jobs = {
+        "torch bare": lambda: torch_bare_work(net, layer, xt, 3),
+        "torch analyze": lambda: iba_t.analyze(xt, target=3, model=net),
+    }
     result: dict[str, float] = dict(interleaved(jobs, repeats))
     result["threads"] = torch.get_num_threads()
     print(json.dumps(result))
@@ -203,34 +213,41 @@ def main() -> None:
     iba.estimate(data, batch_size=50)
     x1 = rng.standard_normal((1, 64, 64, 3)).astype("float32")
     x1_t = tf.constant(x1)
-    jobs = {"tf bare": lambda: bare_work(model, x1_t, 3),
-            "tf analyze": lambda: iba.analyze(x1_t, target=3)}
+    jobs = {"tf bare": lambda: bare_work(model, x1_t, 3), "tf analyze": lambda: iba.analyze(x1_t, target=3)}
     t = interleaved(jobs, args.repeats)
 
     if not args.no_torch:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "twin.npz")
             np.savez(path, data=data, x1=x1, **keras_weights(model))
-            out = subprocess.run([sys.executable, __file__, "--torch-child", path,
-                                  "--repeats", str(args.repeats)],
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--torch-child", path, "--repeats", str(args.repeats)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
         t.update(json.loads(out.strip().splitlines()[-1]))
 
-    print(f"tensorflow {tf.__version__}  keras {keras.__version__}  "
-          f"devices {[d.device_type for d in tf.config.list_logical_devices()]}  "
-          f"median of {args.repeats}")
+    print(
+        f"tensorflow {tf.__version__}  keras {keras.__version__}  "
+        f"devices {[d.device_type for d in tf.config.list_logical_devices()]}  "
+        f"median of {args.repeats}"
+    )
     print("model: 3x64x64 input, bottleneck on 128x16x16, defaults (10 steps, batch 10)")
     print(f"{'measurement':<46}{'seconds':>10}{'ratio':>10}")
     print(f"{'TF bare forward+backward work (1 image)':<46}{t['tf bare']:>10.4f}")
-    print(f"{'TF IBA analyze (1 image)':<46}{t['tf analyze']:>10.4f}"
-          f"{t['tf analyze'] / t['tf bare']:>10.3f}  (analyze / bare; target <= 1.20)")
+    print(
+        f"{'TF IBA analyze (1 image)':<46}{t['tf analyze']:>10.4f}"
+        f"{t['tf analyze'] / t['tf bare']:>10.3f}  (analyze / bare; target <= 1.20)"
+    )
     if "torch analyze" in t:
         print(f"{'PyTorch bare work (same model and weights)':<46}{t['torch bare']:>10.4f}")
-        print(f"{'PyTorch IBA analyze (same model and weights)':<46}{t['torch analyze']:>10.4f}"
-              f"{t['torch analyze'] / t['torch bare']:>10.3f}  (analyze / bare; "
-              f"{t['threads']} threads, own process)")
-        print(f"{'TF analyze / PyTorch analyze':<46}{'':>10}"
-              f"{t['tf analyze'] / t['torch analyze']:>10.3f}")
+        print(
+            f"{'PyTorch IBA analyze (same model and weights)':<46}{t['torch analyze']:>10.4f}"
+            f"{t['torch analyze'] / t['torch bare']:>10.3f}  (analyze / bare; "
+            f"{t['threads']} threads, own process)"
+        )
+        print(f"{'TF analyze / PyTorch analyze':<46}{'':>10}{t['tf analyze'] / t['torch analyze']:>10.3f}")
 
 
 if __name__ == "__main__":

@@ -33,11 +33,17 @@ def make_model() -> nn.Sequential:
     """3x64x64 -> ... -> 128x16x16 (the bottleneck, layer 'conv3') -> 10 logits."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Conv2d(64, 128, 3, padding=1, stride=2), nn.ReLU(),   # index 4: 128x16x16
-        nn.Conv2d(128, 128, 3, padding=1, stride=2), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(64, 128, 3, padding=1, stride=2),
+        nn.ReLU(),  # index 4: 128x16x16
+        nn.Conv2d(128, 128, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, 10),
     ).eval()
 
 
@@ -46,8 +52,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bare_work(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: int,
-              steps: int = 10, batch_size: int = 10) -> None:
+def bare_work(
+    model: nn.Module, layer: nn.Module, x: torch.Tensor, target: int, steps: int = 10, batch_size: int = 10
+) -> None:
     """Forward + backward to a mask on the feature map, ``steps`` times, batch ``batch_size``."""
     params = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in params:
@@ -103,8 +110,7 @@ def main() -> None:
     layer = model[4]
     iba = IBA(layer)
     gen = torch.Generator().manual_seed(0)
-    iba.estimate(model, [torch.randn(50, 3, 64, 64, generator=gen) for _ in range(4)],
-                 device=device)
+    iba.estimate(model, [torch.randn(50, 3, 64, 64, generator=gen) for _ in range(4)], device=device)
     x1 = torch.randn(1, 3, 64, 64, generator=gen).to(device)
     xn = torch.randn(args.batch_images, 3, 64, 64, generator=gen).to(device)
     targets = list(range(args.batch_images))
@@ -117,7 +123,7 @@ def main() -> None:
     labels = torch.full((10,), 3, device=device)
 
     def closure(batch: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(model(batch), labels[:len(batch)])
+        return nn.functional.cross_entropy(model(batch), labels[: len(batch)])
 
     iba.analyze(x1, closure)
     bare, ana, ana_closure = [], [], []
@@ -132,8 +138,14 @@ def main() -> None:
     batched, singles = [], []
     for _ in range(reps):
         batched.append(timed(lambda: iba.analyze(xn, target=targets, model=model), device))
-        singles.append(timed(lambda: [iba.analyze(xn[i:i + 1], target=targets[i], model=model)
-                                      for i in range(len(targets))], device))
+        singles.append(
+            timed(
+                lambda: [
+                    iba.analyze(xn[i : i + 1], target=targets[i], model=model) for i in range(len(targets))
+                ],
+                device,
+            )
+        )
     t_batched, t_singles = statistics.median(batched), statistics.median(singles)
 
     n = args.batch_images
@@ -141,13 +153,16 @@ def main() -> None:
     print("model: 3x64x64 input, bottleneck on 128x16x16, defaults (10 steps, batch 10)")
     print(f"{'measurement':<46}{'seconds':>10}{'ratio':>10}")
     print(f"{'bare forward+backward work (1 image)':<46}{t_bare:>10.4f}{'':>10}")
-    print(f"{'IBA analyze (1 image, target=)':<46}{t_ana:>10.4f}{t_ana / t_bare:>10.3f}"
-          "  (target <= 1.10)")
-    print(f"{'IBA analyze (1 image, model_loss_fn closure)':<46}{t_closure:>10.4f}"
-          f"{t_closure / t_bare:>10.3f}  (copies made at the input)")
+    print(f"{'IBA analyze (1 image, target=)':<46}{t_ana:>10.4f}{t_ana / t_bare:>10.3f}  (target <= 1.10)")
+    print(
+        f"{'IBA analyze (1 image, model_loss_fn closure)':<46}{t_closure:>10.4f}"
+        f"{t_closure / t_bare:>10.3f}  (copies made at the input)"
+    )
     print(f"{f'{n} single analyze calls':<46}{t_singles:>10.4f}{'':>10}")
-    print(f"{f'one analyze call with {n} images':<46}{t_batched:>10.4f}"
-          f"{t_batched / t_singles:>10.3f}  (batched / singles)")
+    print(
+        f"{f'one analyze call with {n} images':<46}{t_batched:>10.4f}"
+        f"{t_batched / t_singles:>10.3f}  (batched / singles)"
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ def accepted(script: Path, option: str) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
-    parser.add_argument("--only", default=None,
-                        help="comma-separated names (e.g. quality,speed or bench_speed)")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated names (e.g. quality,speed or bench_speed)"
+    )
     args, rest = parser.parse_known_args()
     scripts = discover()
     if args.only:

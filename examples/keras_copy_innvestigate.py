@@ -23,21 +23,21 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    model = demo_cnn()                                     # Functional, returns logits
+    model = demo_cnn()  # Functional, returns logits
     train = cluttered_digits(args.n_estimate, split="train", seed=0)
     test = cluttered_digits(4, split="test", seed=1)
-    to_nhwc = lambda a: np.moveaxis(a, 1, -1)              # the data set is channels-first
+    to_nhwc = lambda a: np.moveaxis(a, 1, -1)  # the data set is channels-first
 
-    iba = IBACopyInnvestigate(model, neuron_selection_mode="index",
-                              feature_name="features.relu3")
+    iba = IBACopyInnvestigate(model, neuron_selection_mode="index", feature_name="features.relu3")
     iba.fit(to_nhwc(train.images))
     estimate = args.out / "keras_relu3_estimate.npz"
     iba.save_npz(estimate)
 
     # A second wrapper reuses the saved estimate; "max_activation" explains the prediction.
-    again = IBACopyInnvestigate(model, neuron_selection_mode="max_activation",
-                                feature_name="features.relu3").load_npz(estimate)
-    maps = again.analyze(to_nhwc(test.images), seed=0)        # (4, 64, 64), bits/pixel
+    again = IBACopyInnvestigate(
+        model, neuron_selection_mode="max_activation", feature_name="features.relu3"
+    ).load_npz(estimate)
+    maps = again.analyze(to_nhwc(test.images), seed=0)  # (4, 64, 64), bits/pixel
     predicted = again.predict(to_nhwc(test.images)).argmax(axis=1)
     for label, pred, smap in zip(test.labels, predicted, maps):
         print(f"digit {label} (predicted {pred}): {smap.sum():8.1f} bits")

@@ -21,11 +21,11 @@ def build(iba: IBALayer) -> keras.Model:
     x = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
     x = keras.layers.MaxPooling2D(2)(x)
     x = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(x)
-    x = keras.layers.MaxPooling2D(2)(x)                      # 16x16x32
-    x = iba(x)                                              # the bottleneck goes here
+    x = keras.layers.MaxPooling2D(2)(x)  # 16x16x32
+    x = iba(x)  # the bottleneck goes here
     x = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(x)
     x = keras.layers.GlobalMaxPooling2D()(x)
-    return keras.Model(inputs, keras.layers.Dense(10)(x))   # logits
+    return keras.Model(inputs, keras.layers.Dense(10)(x))  # logits
 
 
 def main() -> None:
@@ -37,22 +37,24 @@ def main() -> None:
 
     train = cluttered_digits(args.n_train, split="train", seed=0)
     test = cluttered_digits(200, split="test", seed=1)
-    x_train = np.moveaxis(train.images, 1, -1)              # channels-last for Keras
+    x_train = np.moveaxis(train.images, 1, -1)  # channels-last for Keras
     x_test = np.moveaxis(test.images, 1, -1)
 
     iba = IBALayer(name="iba")
     model = build(iba)
-    model.compile(optimizer="adam",
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     model.fit(x_train, train.labels, epochs=args.epochs, batch_size=64, verbose=0)
     accuracy = float(np.mean(model.predict(x_test, verbose=0).argmax(1) == test.labels))
     print(f"test accuracy on {len(test.labels)} images: {accuracy:.2f}")
 
-    iba.estimate(model, x_train)                            # mean/std of the layer's input
+    iba.estimate(model, x_train)  # mean/std of the layer's input
     x, labels = x_test[:4], test.labels[:4]
-    maps = iba.analyze(x, model=model, target=labels, seed=0)          # (4, 64, 64)
-    with iba.restrict_flow():                               # the model with the last masks
+    maps = iba.analyze(x, model=model, target=labels, seed=0)  # (4, 64, 64)
+    with iba.restrict_flow():  # the model with the last masks
         restricted = model(x).numpy().argmax(1)
     for label, pred, smap in zip(labels, restricted, maps):
         print(f"digit {label}: {smap.sum():7.1f} bits; restricted model predicts {pred}")

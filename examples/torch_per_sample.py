@@ -24,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    model = demo_cnn()                                    # 1x64x64 -> 10 logits
+    model = demo_cnn()  # 1x64x64 -> 10 logits
     train = cluttered_digits(args.n_estimate, split="train", seed=0)
     test = cluttered_digits(4, split="test", seed=1)
 
@@ -35,7 +35,7 @@ def main() -> None:
 
     x = torch.as_tensor(test.images)
     target = torch.as_tensor(test.labels)
-    maps = iba.analyze(x, target=target, model=model, seed=0)     # (4, 64, 64), bits/pixel
+    maps = iba.analyze(x, target=target, model=model, seed=0)  # (4, 64, 64), bits/pixel
 
     fig, axes = plt.subplots(1, len(maps), figsize=(4 * len(maps), 3.5))
     for ax, smap, img, label in zip(axes, maps, test.images, test.labels):

@@ -41,14 +41,15 @@ def train_torch(out: Path, epochs: int, seed: int) -> float:
     model = build_demo_cnn()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=3e-3, total_steps=epochs * ((N_TRAIN + 127) // 128))
+        opt, max_lr=3e-3, total_steps=epochs * ((N_TRAIN + 127) // 128)
+    )
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)
 
     def accuracy() -> float:
         model.eval()
         with torch.no_grad():
-            pred = torch.cat([model(x_test[i:i + 500]).argmax(1) for i in range(0, N_TEST, 500)])
+            pred = torch.cat([model(x_test[i : i + 500]).argmax(1) for i in range(0, N_TEST, 500)])
         model.train()
         return float((pred == y_test).float().mean())
 
@@ -58,20 +59,21 @@ def train_torch(out: Path, epochs: int, seed: int) -> float:
         order = torch.randperm(N_TRAIN, generator=gen)
         total = 0.0
         for i in range(0, N_TRAIN, 128):
-            idx = order[i:i + 128]
+            idx = order[i : i + 128]
             opt.zero_grad()
             loss = loss_fn(model(x_train[idx]), y_train[idx])
             loss.backward()
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(idx)
-        print(f"epoch {epoch + 1}/{epochs}: loss {total / N_TRAIN:.4f}, "
-              f"test accuracy {accuracy():.4f} ({time.perf_counter() - t0:.0f} s)")
+        print(
+            f"epoch {epoch + 1}/{epochs}: loss {total / N_TRAIN:.4f}, "
+            f"test accuracy {accuracy():.4f} ({time.perf_counter() - t0:.0f} s)"
+        )
     acc = accuracy()
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **state_dict_to_numpy(model))
-    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB); test accuracy {acc:.4f} "
-          f"on {N_TEST} images")
+    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB); test accuracy {acc:.4f} on {N_TEST} images")
     return acc
 
 
@@ -89,8 +91,10 @@ def convert_to_keras(torch_weights: Path, out: Path) -> float:
     x = np.ascontiguousarray(np.moveaxis(test.images, 1, -1))
     logits = np.asarray(model.predict(x, batch_size=500, verbose=0))
     acc = float((logits.argmax(axis=1) == test.labels).mean())
-    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB); Keras {keras.__version__} test "
-          f"accuracy {acc:.4f} on {N_TEST} images")
+    print(
+        f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB); Keras {keras.__version__} test "
+        f"accuracy {acc:.4f} on {N_TEST} images"
+    )
     return acc
 
 

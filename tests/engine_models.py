@@ -101,8 +101,9 @@ class TupleOutput(nn.Module):
 WRAPPERS = {"object": ObjectOutput, "dict": DictOutput, "tuple": TupleOutput}
 
 
-def classifier(seed: int = 0, train: bool = False, tripwire: bool = False,
-               pause: bool = False) -> nn.Sequential:
+def classifier(
+    seed: int = 0, train: bool = False, tripwire: bool = False, pause: bool = False
+) -> nn.Sequential:
     """3x8x8 -> conv1 -> bn -> relu1 -> conv2 (stride 2: 6x4x4) -> relu2 -> drop -> pool
     (2x2) -> flat -> fc (5 logits) [-> trip] [-> pause].
 

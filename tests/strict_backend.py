@@ -87,8 +87,7 @@ class StrictBackend(Backend):
     def make_generator(self, seed: int, like: Any) -> Any:
         return np.random.default_rng(seed)
 
-    def value_and_grad(self, fn: Callable[..., Any], param: Any, *operands: Any
-                       ) -> tuple[float, Any]:
+    def value_and_grad(self, fn: Callable[..., Any], param: Any, *operands: Any) -> tuple[float, Any]:
         """Central finite differences of ``fn(p, *operands)`` in ``p``, one pair of
         evaluations per parameter element; the operands are passed through unchanged."""
         base = self.to_numpy(param)

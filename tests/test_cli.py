@@ -42,12 +42,19 @@ def one_torch_thread():
 def iba(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     env.pop("IBA_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "iba_core.apps.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "iba_core.apps.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
 
 
-def assert_one_line_error(proc_or_err: subprocess.CompletedProcess[str] | str, code: int,
-                          *fragments: str) -> str:
+def assert_one_line_error(
+    proc_or_err: subprocess.CompletedProcess[str] | str, code: int, *fragments: str
+) -> str:
     err = proc_or_err if isinstance(proc_or_err, str) else proc_or_err.stderr
     if not isinstance(proc_or_err, str):
         assert proc_or_err.returncode == code, (proc_or_err.returncode, err)
@@ -72,8 +79,7 @@ def test_help_and_version_need_no_framework():
         build_parser()
         print([m for m in ("torch", "tensorflow", "keras") if m in sys.modules])
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
@@ -89,8 +95,9 @@ def test_usage_errors_are_one_line():
     bare = iba()  # no command: the help, and a non-zero exit
     assert bare.returncode == 2 and "usage: iba" in bare.stdout and not bare.stderr
     assert_one_line_error(iba("demo", "--n", "many"), 2, "argument --n: must be an integer, got 'many'")
-    assert_one_line_error(iba("explain", "m:f", "--images", "x.png"), 2,
-                          "the following arguments are required: --layer")
+    assert_one_line_error(
+        iba("explain", "m:f", "--images", "x.png"), 2, "the following arguments are required: --layer"
+    )
 
 
 def test_model_spec_that_is_neither_torch_nor_keras(capsys):
@@ -117,12 +124,12 @@ def folders(tmp_path_factory):
     for name, data in (("images", test), ("estimate", train)):
         (root / name).mkdir()
         for i, img in enumerate(data.images):
-            Image.fromarray(np.round(img[0] * 255).astype(np.uint8)).save(
-                root / name / f"digit{i:03d}.png")
+            Image.fromarray(np.round(img[0] * 255).astype(np.uint8)).save(root / name / f"digit{i:03d}.png")
     (root / "notes.txt").write_text("not an image\n")
     (root / "fake.png").write_text("not an image either\n")
     Image.fromarray(np.zeros((32, 48), np.uint8)).save(root / "small.png")
-    (root / "mymodel.py").write_text(textwrap.dedent("""
+    (root / "mymodel.py").write_text(
+        textwrap.dedent("""
         from iba_torch._demo import build_demo_cnn
 
         def make():
@@ -130,7 +137,8 @@ def folders(tmp_path_factory):
 
         def broken():
             raise RuntimeError("no GPU here")
-    """))
+    """)
+    )
     return {"root": root, "labels": test.labels, "boxes": test.boxes}
 
 
@@ -173,8 +181,9 @@ def test_demo_writes_figure_maps_and_table(demo_run):
     assert np.all(bits > 1.0)
     assert scores.mean() > 0.6 and scores.min() > 0.3
     # The table: one row per image with the same numbers, then the mean and the timings.
-    rows = [line.split() for line in proc.stdout.splitlines()
-            if line.split()[:1] in (["0"], ["1"], ["2"], ["3"])]
+    rows = [
+        line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["0"], ["1"], ["2"], ["3"])
+    ]
     assert len(rows) == 4
     for i, row in enumerate(rows):
         assert int(row[1]) == labels[i] and int(row[2]) == predicted[i]
@@ -189,15 +198,15 @@ def test_demo_is_deterministic_and_batch_independent(demo_run, tmp_path):
     _, out = demo_run
     assert main(["demo", "--n", "2", "--seed", "0", "--out", str(tmp_path)]) == 0
     with np.load(out / "saliency_maps.npz") as a, np.load(tmp_path / "saliency_maps.npz") as b:
-        np.testing.assert_allclose(b["saliency_maps"], a["saliency_maps"][:2], rtol=1e-4,
-                                   atol=1e-6)
+        np.testing.assert_allclose(b["saliency_maps"], a["saliency_maps"][:2], rtol=1e-4, atol=1e-6)
 
 
 @torch_only
 def test_demo_rejects_bad_options(tmp_path, capsys):
     assert main(["demo", "--n", "0", "--out", str(tmp_path / "x")]) == 2
-    assert_one_line_error(capsys.readouterr().err, 2,
-                          "argument --n: must be an integer between 1 and 64, got '0'")
+    assert_one_line_error(
+        capsys.readouterr().err, 2, "argument --n: must be an integer between 1 and 64, got '0'"
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -218,10 +227,25 @@ def explained(folders, tmp_path_factory):
     """``iba explain`` on the demo CNN, run once in a real process from the images' folder."""
     pytest.importorskip("torch")
     tmp = tmp_path_factory.mktemp("explained")
-    proc = iba("explain", MODEL, "--layer", LAYER, "--images", "images",
-               "--estimate-from", "estimate", "--save-estimate", str(tmp / "est.npz"),
-               "--out", str(tmp / "out"), "--batch-size", "3", "--noise", "numpy",
-               cwd=folders["root"])
+    proc = iba(
+        "explain",
+        MODEL,
+        "--layer",
+        LAYER,
+        "--images",
+        "images",
+        "--estimate-from",
+        "estimate",
+        "--save-estimate",
+        str(tmp / "est.npz"),
+        "--out",
+        str(tmp / "out"),
+        "--batch-size",
+        "3",
+        "--noise",
+        "numpy",
+        cwd=folders["root"],
+    )
     assert proc.returncode == 0, proc.stderr
     return proc, tmp / "out", tmp / "est.npz"
 
@@ -234,8 +258,9 @@ def test_explain_writes_overlays_maps_and_summary(folders, explained):
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "explained 5 images at layer features.relu3" in proc.stdout
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted([f"digit{i:03d}_saliency.png" for i in range(5)]
-                           + ["saliency_maps.npz", "summary.csv"])
+    assert names == sorted(
+        [f"digit{i:03d}_saliency.png" for i in range(5)] + ["saliency_maps.npz", "summary.csv"]
+    )
     with np.load(out / "saliency_maps.npz") as f:
         maps, predicted, targets = f["saliency_maps"], f["predicted"], f["targets"]
         files = [Path(p).name for p in f["files"]]
@@ -249,8 +274,9 @@ def test_explain_writes_overlays_maps_and_summary(folders, explained):
     with open(out / "summary.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["predicted"]) for r in rows] == predicted.tolist()
-    np.testing.assert_allclose([float(r["total_bits"]) for r in rows],
-                               maps.reshape(5, -1).sum(axis=1), rtol=1e-4)
+    np.testing.assert_allclose(
+        [float(r["total_bits"]) for r in rows], maps.reshape(5, -1).sum(axis=1), rtol=1e-4
+    )
 
 
 @torch_only
@@ -259,15 +285,47 @@ def test_explain_with_a_saved_estimate_and_a_fixed_target(folders, explained, tm
     matter) without the estimation images; ``--target`` explains that class for every image."""
     _, ref, est = explained
     images = str(folders["root"] / "images")
-    assert main(["explain", MODEL, "--layer", LAYER, "--images", images, "--estimate",
-                 str(est), "--out", str(tmp_path / "a"), "--noise", "numpy"]) == 0
-    with np.load(ref / "saliency_maps.npz") as a, np.load(tmp_path / "a" /
-                                                           "saliency_maps.npz") as b:
-        np.testing.assert_allclose(b["saliency_maps"], a["saliency_maps"], rtol=1e-4,
-                                   atol=1e-6)
+    assert (
+        main(
+            [
+                "explain",
+                MODEL,
+                "--layer",
+                LAYER,
+                "--images",
+                images,
+                "--estimate",
+                str(est),
+                "--out",
+                str(tmp_path / "a"),
+                "--noise",
+                "numpy",
+            ]
+        )
+        == 0
+    )
+    with np.load(ref / "saliency_maps.npz") as a, np.load(tmp_path / "a" / "saliency_maps.npz") as b:
+        np.testing.assert_allclose(b["saliency_maps"], a["saliency_maps"], rtol=1e-4, atol=1e-6)
         maps = a["saliency_maps"]
-    assert main(["explain", MODEL, "--layer", LAYER, "--images", images, "--estimate",
-                 str(est), "--out", str(tmp_path / "b"), "--target", "3"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                MODEL,
+                "--layer",
+                LAYER,
+                "--images",
+                images,
+                "--estimate",
+                str(est),
+                "--out",
+                str(tmp_path / "b"),
+                "--target",
+                "3",
+            ]
+        )
+        == 0
+    )
     with np.load(tmp_path / "b" / "saliency_maps.npz") as f:
         assert f["targets"].tolist() == [3] * 5
         assert not np.allclose(f["saliency_maps"], maps)
@@ -281,14 +339,26 @@ def test_explain_user_factory_file_with_weights(folders, explained, tmp_path):
 
     _, ref, est = explained
     torch.save(demo_cnn().state_dict(), tmp_path / "weights.pt")
-    proc = iba("explain", "mymodel:make", "--weights", str(tmp_path / "weights.pt"),
-               "--layer", LAYER, "--images", "images", "--estimate", str(est),
-               "--out", str(tmp_path / "mine"), "--noise", "numpy", cwd=folders["root"])
+    proc = iba(
+        "explain",
+        "mymodel:make",
+        "--weights",
+        str(tmp_path / "weights.pt"),
+        "--layer",
+        LAYER,
+        "--images",
+        "images",
+        "--estimate",
+        str(est),
+        "--out",
+        str(tmp_path / "mine"),
+        "--noise",
+        "numpy",
+        cwd=folders["root"],
+    )
     assert proc.returncode == 0, proc.stderr
-    with np.load(ref / "saliency_maps.npz") as a, \
-            np.load(tmp_path / "mine" / "saliency_maps.npz") as b:
-        np.testing.assert_allclose(b["saliency_maps"], a["saliency_maps"], rtol=1e-4,
-                                   atol=1e-6)
+    with np.load(ref / "saliency_maps.npz") as a, np.load(tmp_path / "mine" / "saliency_maps.npz") as b:
+        np.testing.assert_allclose(b["saliency_maps"], a["saliency_maps"], rtol=1e-4, atol=1e-6)
 
 
 @torch_only
@@ -298,14 +368,31 @@ def test_bad_inputs_in_a_real_process(folders, tmp_path):
     root = folders["root"]
     out = tmp_path / "never"
     base = ["explain", MODEL, "--estimate-from", "estimate", "--out", str(out)]
-    assert_one_line_error(iba(*base, "--layer", "features.conv9", "--images", "images",
-                              cwd=root), 2, "layer 'features.conv9' not found",
-                          "features.conv1", "features.relu3")
-    assert_one_line_error(iba(*base, "--layer", LAYER, "--images", "fake.png", cwd=root), 2,
-                          "fake.png is not an image")
-    assert_one_line_error(iba("explain", "no_such_module:make", "--layer", LAYER, "--images",
-                              "images", "--estimate-from", "estimate", cwd=root), 2,
-                          "cannot import 'no_such_module'")
+    assert_one_line_error(
+        iba(*base, "--layer", "features.conv9", "--images", "images", cwd=root),
+        2,
+        "layer 'features.conv9' not found",
+        "features.conv1",
+        "features.relu3",
+    )
+    assert_one_line_error(
+        iba(*base, "--layer", LAYER, "--images", "fake.png", cwd=root), 2, "fake.png is not an image"
+    )
+    assert_one_line_error(
+        iba(
+            "explain",
+            "no_such_module:make",
+            "--layer",
+            LAYER,
+            "--images",
+            "images",
+            "--estimate-from",
+            "estimate",
+            cwd=root,
+        ),
+        2,
+        "cannot import 'no_such_module'",
+    )
     assert not out.exists()
 
 
@@ -325,66 +412,155 @@ def test_every_bad_input_is_one_clear_line(folders, tmp_path, capsys, monkeypatc
     est = ["--estimate-from", "estimate"]
 
     # files
-    _bad(["explain", MODEL, *est, "--layer", LAYER, "--images", "missing.png"], capsys,
-         "no such file or folder: missing.png")
-    _bad(["explain", MODEL, *est, "--layer", LAYER, "--images", "notes.txt"], capsys,
-         "notes.txt is not an image")
-    _bad(["explain", MODEL, *est, "--layer", LAYER, "--images", "images", "small.png"], capsys,
-         "images differ in size", "--size")
-    _bad(["explain", MODEL, "--estimate-from", "nowhere", *ok], capsys,
-         "--estimate-from: no such file or folder: nowhere")
+    _bad(
+        ["explain", MODEL, *est, "--layer", LAYER, "--images", "missing.png"],
+        capsys,
+        "no such file or folder: missing.png",
+    )
+    _bad(
+        ["explain", MODEL, *est, "--layer", LAYER, "--images", "notes.txt"],
+        capsys,
+        "notes.txt is not an image",
+    )
+    _bad(
+        ["explain", MODEL, *est, "--layer", LAYER, "--images", "images", "small.png"],
+        capsys,
+        "images differ in size",
+        "--size",
+    )
+    _bad(
+        ["explain", MODEL, "--estimate-from", "nowhere", *ok],
+        capsys,
+        "--estimate-from: no such file or folder: nowhere",
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     _bad(["explain", MODEL, "--estimate-from", str(empty), *ok], capsys, "no images in folder")
     _bad(["explain", MODEL, *ok], capsys, "give --estimate-from FOLDER")
     _bad(["explain", MODEL, *ok, "--estimate", "est.npz", *est], capsys, "not both")
-    _bad(["explain", MODEL, *ok, "--estimate", "missing.npz"], capsys,
-         "--estimate: no such file: missing.npz")
-    _bad(["explain", MODEL, *ok, "--estimate", "notes.txt"], capsys,
-         "cannot read the estimate notes.txt")
+    _bad(
+        ["explain", MODEL, *ok, "--estimate", "missing.npz"], capsys, "--estimate: no such file: missing.npz"
+    )
+    _bad(["explain", MODEL, *ok, "--estimate", "notes.txt"], capsys, "cannot read the estimate notes.txt")
     # model specs
     _bad(["explain", "mymodel:nothing", *ok, *est], capsys, "'mymodel' has no attribute")
-    _bad(["explain", "mymodel:broken", *ok, *est], capsys,
-         "calling the factory failed with RuntimeError: no GPU here")
+    _bad(
+        ["explain", "mymodel:broken", *ok, *est],
+        capsys,
+        "calling the factory failed with RuntimeError: no GPU here",
+    )
     _bad(["explain", "missing.py:make", *ok, *est], capsys, "no such file: missing.py")
     _bad(["explain", "os:sep", *ok, *est], capsys, "not a callable")
-    _bad(["explain", "mymodel:make", "--weights", "missing.pt", *ok, *est], capsys,
-         "--weights: no such file: missing.pt")
-    _bad(["explain", "mymodel:make", "--weights", "notes.txt", *ok, *est], capsys,
-         "--weights notes.txt: not a PyTorch state_dict")
+    _bad(
+        ["explain", "mymodel:make", "--weights", "missing.pt", *ok, *est],
+        capsys,
+        "--weights: no such file: missing.pt",
+    )
+    _bad(
+        ["explain", "mymodel:make", "--weights", "notes.txt", *ok, *est],
+        capsys,
+        "--weights notes.txt: not a PyTorch state_dict",
+    )
     import torch
 
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
-    _bad(["explain", "mymodel:make", "--weights", str(tmp_path / "other.pt"), *ok, *est],
-         capsys, "does not fit the model")
+    _bad(
+        ["explain", "mymodel:make", "--weights", str(tmp_path / "other.pt"), *ok, *est],
+        capsys,
+        "does not fit the model",
+    )
     # layer, target, preprocessing, device
-    _bad(["explain", MODEL, *est, "--layer", "nope", "--images", "images"], capsys,
-         "layer 'nope' not found", "iba layers MODEL")
-    _bad(["explain", MODEL, *ok, *est, "--target", "10"], capsys,
-         "--target 10 is out of range: the model has 10 classes (0..9)")
-    _bad(["explain", MODEL, *ok, *est, "--mean", "0.1", "0.2"], capsys,
-         "--mean takes 1 value (the model's input has 1 channel), got 2")
-    _bad(["explain", MODEL, *ok, *est, "--std", "0"], capsys,
-         "argument --std: must be a finite number > 0, got '0'")
+    _bad(
+        ["explain", MODEL, *est, "--layer", "nope", "--images", "images"],
+        capsys,
+        "layer 'nope' not found",
+        "iba layers MODEL",
+    )
+    _bad(
+        ["explain", MODEL, *ok, *est, "--target", "10"],
+        capsys,
+        "--target 10 is out of range: the model has 10 classes (0..9)",
+    )
+    _bad(
+        ["explain", MODEL, *ok, *est, "--mean", "0.1", "0.2"],
+        capsys,
+        "--mean takes 1 value (the model's input has 1 channel), got 2",
+    )
+    _bad(
+        ["explain", MODEL, *ok, *est, "--std", "0"],
+        capsys,
+        "argument --std: must be a finite number > 0, got '0'",
+    )
     _bad(["explain", MODEL, *ok, *est, "--channels", "3"], capsys, "the model failed on input")
     _bad(["explain", MODEL, *ok, *est, "--device", "tpu9"], capsys, "--device 'tpu9'")
-    _bad(["explain", MODEL, *ok, *est, "--batch-size", "0"], capsys,
-         "argument --batch-size: must be an integer >= 1")
+    _bad(
+        ["explain", MODEL, *ok, *est, "--batch-size", "0"],
+        capsys,
+        "argument --batch-size: must be an integer >= 1",
+    )
     # an estimate of another layer does not fit this one
-    assert main(["explain", MODEL, "--layer", LAYER, "--images", "images", *est,
-                 "--save-estimate", str(tmp_path / "e.npz"), "--n-samples", "20",
-                 "--out", str(tmp_path / "fine")]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                MODEL,
+                "--layer",
+                LAYER,
+                "--images",
+                "images",
+                *est,
+                "--save-estimate",
+                str(tmp_path / "e.npz"),
+                "--n-samples",
+                "20",
+                "--out",
+                str(tmp_path / "fine"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    _bad(["explain", MODEL, "--layer", "features.relu2", "--images", "images",
-          "--estimate", str(tmp_path / "e.npz"), "--out", str(tmp_path / "never2")], capsys,
-         "does not fit", f"made for layer {LAYER!r}, not 'features.relu2'")
+    _bad(
+        [
+            "explain",
+            MODEL,
+            "--layer",
+            "features.relu2",
+            "--images",
+            "images",
+            "--estimate",
+            str(tmp_path / "e.npz"),
+            "--out",
+            str(tmp_path / "never2"),
+        ],
+        capsys,
+        "does not fit",
+        f"made for layer {LAYER!r}, not 'features.relu2'",
+    )
     # ... even when the shapes agree (conv3 feeds relu3: both 64x16x16)
-    _bad(["explain", MODEL, "--layer", "features.conv3", "--images", "images",
-          "--estimate", str(tmp_path / "e.npz"), "--out", str(tmp_path / "never2")], capsys,
-         "does not fit", f"made for layer {LAYER!r}, not 'features.conv3'")
+    _bad(
+        [
+            "explain",
+            MODEL,
+            "--layer",
+            "features.conv3",
+            "--images",
+            "images",
+            "--estimate",
+            str(tmp_path / "e.npz"),
+            "--out",
+            str(tmp_path / "never2"),
+        ],
+        capsys,
+        "does not fit",
+        f"made for layer {LAYER!r}, not 'features.conv3'",
+    )
     # the output folder is a file
-    _bad(["explain", MODEL, *est, "--layer", LAYER, "--images", "images", "--out",
-          "notes.txt"], capsys, "--out notes.txt exists and is not a folder")
+    _bad(
+        ["explain", MODEL, *est, "--layer", LAYER, "--images", "images", "--out", "notes.txt"],
+        capsys,
+        "--out notes.txt exists and is not a folder",
+    )
     assert not out.exists() and not (tmp_path / "never2").exists()
     # no temporary files left behind anywhere
     assert not [p for p in Path(root).rglob(".*") if p.is_file()]
@@ -396,8 +572,7 @@ def test_layers_bad_inputs(capsys):
     pytest.importorskip("torch")
     _bad(["layers", MODEL, "--size", "1", "2", "3"], capsys, "--size takes H W")
     _bad(["layers", "iba_torch._demo:DEMO_LAYER"], capsys, "not a callable")
-    _bad(["layers", "iba_torch._demo:weights_path"], capsys, "returned a PosixPath",
-         "not a torch.nn.Module")
+    _bad(["layers", "iba_torch._demo:weights_path"], capsys, "returned a PosixPath", "not a torch.nn.Module")
 
 
 # -- with TensorFlow / Keras ----------------------------------------------------------------
@@ -457,10 +632,27 @@ def test_explain_and_layers_for_a_keras_file(folders, keras_file, tmp_path, caps
     assert table["classifier.fc"] == ["Dense", "(10,)"]
 
     root = folders["root"]
-    assert main(["explain", str(keras_file), "--layer", LAYER, "--images", str(root / "images"),
-                 "--estimate-from", str(root / "estimate"), "--save-estimate",
-                 str(tmp_path / "est.npz"), "--out", str(tmp_path / "k"), "--noise",
-                 "numpy"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                str(keras_file),
+                "--layer",
+                LAYER,
+                "--images",
+                str(root / "images"),
+                "--estimate-from",
+                str(root / "estimate"),
+                "--save-estimate",
+                str(tmp_path / "est.npz"),
+                "--out",
+                str(tmp_path / "k"),
+                "--noise",
+                "numpy",
+            ]
+        )
+        == 0
+    )
     assert "rest on 120 samples" in capsys.readouterr().err
     with np.load(tmp_path / "k" / "saliency_maps.npz") as f:
         maps, predicted = f["saliency_maps"], f["predicted"]
@@ -481,18 +673,31 @@ def test_explain_and_layers_for_a_keras_file(folders, keras_file, tmp_path, caps
 @tf_only
 def test_keras_bad_inputs(folders, keras_file, tmp_path, capsys):
     pytest.importorskip("tensorflow")
-    images = ["--images", str(folders["root"] / "images"), "--estimate-from",
-              str(folders["root"] / "estimate"), "--out", str(tmp_path / "never")]
-    _bad(["explain", str(tmp_path / "missing.keras"), "--layer", LAYER, *images], capsys,
-         "no such model file")
+    images = [
+        "--images",
+        str(folders["root"] / "images"),
+        "--estimate-from",
+        str(folders["root"] / "estimate"),
+        "--out",
+        str(tmp_path / "never"),
+    ]
+    _bad(
+        ["explain", str(tmp_path / "missing.keras"), "--layer", LAYER, *images], capsys, "no such model file"
+    )
     broken = tmp_path / "broken.keras"
     broken.write_text("not a zip")
-    _bad(["explain", str(broken), "--layer", LAYER, *images], capsys,
-         "cannot load the Keras model")
-    _bad(["explain", str(keras_file), "--layer", "conv9", *images], capsys,
-         "layer 'conv9' not found", "features.relu3")
-    _bad(["explain", str(keras_file), "--layer", LAYER, "--device", "tpu:7", *images], capsys,
-         "--device 'tpu:7' is not usable")
+    _bad(["explain", str(broken), "--layer", LAYER, *images], capsys, "cannot load the Keras model")
+    _bad(
+        ["explain", str(keras_file), "--layer", "conv9", *images],
+        capsys,
+        "layer 'conv9' not found",
+        "features.relu3",
+    )
+    _bad(
+        ["explain", str(keras_file), "--layer", LAYER, "--device", "tpu:7", *images],
+        capsys,
+        "--device 'tpu:7' is not usable",
+    )
     assert not (tmp_path / "never").exists()
 
 
@@ -554,13 +759,15 @@ def strict_cli(tmp_path):
     import iba_core
 
     first, second, plugin_cls, spec_cls, _ = _strict_classes()
-    plugins = [plugin_cls(spec_cls("strict-cli", modules=first.modules, loader=first,
-                                   aliases=("strictly",))),
-               plugin_cls(spec_cls("strict-cli-2", modules=first.modules, loader=second))]
+    plugins = [
+        plugin_cls(spec_cls("strict-cli", modules=first.modules, loader=first, aliases=("strictly",))),
+        plugin_cls(spec_cls("strict-cli-2", modules=first.modules, loader=second)),
+    ]
     pm = iba_core.plugin_manager()
     for i, plugin in enumerate(plugins):
         pm.register(plugin, name=f"cli-strict-test-{i}")
-    (tmp_path / "strict_factory.py").write_text(textwrap.dedent("""
+    (tmp_path / "strict_factory.py").write_text(
+        textwrap.dedent("""
         import test_cli
         from strict_backend import StrictModel
 
@@ -568,7 +775,8 @@ def strict_cli(tmp_path):
             model = StrictModel()
             test_cli._StrictModels.made.append(model)
             return model
-    """))
+    """)
+    )
     _StrictModels.made.clear()
     try:
         yield tmp_path / "strict_factory.py"
@@ -579,7 +787,8 @@ def strict_cli(tmp_path):
 
 def _no_hooks_left() -> bool:
     return bool(_StrictModels.made) and all(
-        not hooks for model in _StrictModels.made for hooks in model.hooks.values())
+        not hooks for model in _StrictModels.made for hooks in model.hooks.values()
+    )
 
 
 def _rgb_pngs(folder: Path, n: int, seed: int) -> Path:
@@ -588,8 +797,7 @@ def _rgb_pngs(folder: Path, n: int, seed: int) -> Path:
     folder.mkdir()
     rng = np.random.default_rng(seed)
     for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(
-            folder / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
     return folder
 
 
@@ -630,8 +838,13 @@ def test_a_third_party_backend_lists_layers(strict_cli, capsys):
     out = capsys.readouterr().out
     assert "input of shape (3, 6, 6)" in out  # what describe_input declares
     table = {line.split()[0]: line.split(maxsplit=1)[1] for line in out.splitlines()[2:]}
-    assert table == {"conv": "(6, 6, 6)", "relu": "(6, 6, 6)", "pool": "(6, 3, 3)",
-                     "flatten": "(54,)", "fc": "(5,)"}
+    assert table == {
+        "conv": "(6, 6, 6)",
+        "relu": "(6, 6, 6)",
+        "pool": "(6, 3, 3)",
+        "flatten": "(54,)",
+        "fc": "(5,)",
+    }
     assert out.splitlines()[1].split() == ["layer", "output", "shape"]  # no layer types
     assert _no_hooks_left()
 
@@ -643,9 +856,24 @@ def test_a_third_party_backend_explains(strict_cli, tmp_path, capsys):
     estimate_from = _rgb_pngs(tmp_path / "estimate", 4, seed=2)
     out = tmp_path / "out"
     spec = f"{strict_cli}:make_strict"
-    argv = ["explain", spec, "--backend", "strict-cli", "--layer", "relu", "--images",
-            str(images), "--estimate-from", str(estimate_from), "--steps", "2",
-            "--save-estimate", str(tmp_path / "est.npz"), "--out", str(out)]
+    argv = [
+        "explain",
+        spec,
+        "--backend",
+        "strict-cli",
+        "--layer",
+        "relu",
+        "--images",
+        str(images),
+        "--estimate-from",
+        str(estimate_from),
+        "--steps",
+        "2",
+        "--save-estimate",
+        str(tmp_path / "est.npz"),
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     captured = capsys.readouterr()
     assert "explained 2 images at layer relu" in captured.out
@@ -657,21 +885,67 @@ def test_a_third_party_backend_explains(strict_cli, tmp_path, capsys):
     assert set(predicted.tolist()) <= set(range(5))
     np.testing.assert_array_equal(targets, predicted)
     assert sorted(p.name for p in out.iterdir()) == [
-        "img0_saliency.png", "img1_saliency.png", "saliency_maps.npz", "summary.csv"]
+        "img0_saliency.png",
+        "img1_saliency.png",
+        "saliency_maps.npz",
+        "summary.csv",
+    ]
     with np.load(tmp_path / "est.npz") as f:
         assert f["mean"].shape == (6, 6, 6)
     assert _no_hooks_left()
     # Its mistakes are one line, like the built-in backends'.
-    _bad(["explain", spec, "--backend", "strict-cli", "--layer", "nope", "--images",
-          str(images), "--estimate-from", str(estimate_from), "--out", str(tmp_path / "x")],
-         capsys, "layer 'nope' not found", "conv, relu, pool, flatten, fc")
-    _bad(["explain", spec, "--backend", "strict-cli", "--layer", "relu", "--images",
-          str(images), "--estimate", str(tmp_path / "est.npz"), "--target", "7",
-          "--out", str(tmp_path / "x")], capsys, "--target 7 is out of range", "5 classes")
-    _bad(["layers", spec, "--backend", "strict-cli", "--device", "cuda"], capsys,
-         "takes no --weights or --device")
-    _bad(["layers", spec, "--backend", "strict-cli-3"], capsys,
-         "no iba backend named 'strict-cli-3'", "strict-cli", "strict-cli-2")
+    _bad(
+        [
+            "explain",
+            spec,
+            "--backend",
+            "strict-cli",
+            "--layer",
+            "nope",
+            "--images",
+            str(images),
+            "--estimate-from",
+            str(estimate_from),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capsys,
+        "layer 'nope' not found",
+        "conv, relu, pool, flatten, fc",
+    )
+    _bad(
+        [
+            "explain",
+            spec,
+            "--backend",
+            "strict-cli",
+            "--layer",
+            "relu",
+            "--images",
+            str(images),
+            "--estimate",
+            str(tmp_path / "est.npz"),
+            "--target",
+            "7",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capsys,
+        "--target 7 is out of range",
+        "5 classes",
+    )
+    _bad(
+        ["layers", spec, "--backend", "strict-cli", "--device", "cuda"],
+        capsys,
+        "takes no --weights or --device",
+    )
+    _bad(
+        ["layers", spec, "--backend", "strict-cli-3"],
+        capsys,
+        "no iba backend named 'strict-cli-3'",
+        "strict-cli",
+        "strict-cli-2",
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -682,10 +956,20 @@ def test_auto_asks_every_backend(strict_cli, monkeypatch, capsys):
     assert main(["layers", spec]) == 0
     assert "(6, 3, 3)" in capsys.readouterr().out
     monkeypatch.setenv("IBA_BACKENDS", "strict-cli,strict-cli-2")
-    _bad(["layers", spec], capsys, f"model '{spec}' is claimed by several backends",
-         "strict-cli, strict-cli-2", "--backend NAME")
-    _bad(["layers", "model.onnx"], capsys, "cannot tell what kind of model 'model.onnx'",
-         "installed: strict-cli, strict-cli-2", "--backend NAME")
+    _bad(
+        ["layers", spec],
+        capsys,
+        f"model '{spec}' is claimed by several backends",
+        "strict-cli, strict-cli-2",
+        "--backend NAME",
+    )
+    _bad(
+        ["layers", "model.onnx"],
+        capsys,
+        "cannot tell what kind of model 'model.onnx'",
+        "installed: strict-cli, strict-cli-2",
+        "--backend NAME",
+    )
     monkeypatch.setenv("IBA_BACKENDS", "none-at-all")
     _bad(["layers", spec], capsys, "cannot tell what kind of model", "installed: none")
 
@@ -718,9 +1002,15 @@ def test_layer_table_marks_unused_repeated_and_unhookable_layers(strict_cli):
     backend = iba_core.get_backend("strict-cli")
     model = OddModel()
     rows = dict(layer_table(backend, model, (3, 6, 6)))
-    assert rows == {"conv": "(6, 6, 6)", "relu": "(6, 6, 6) (called again)",
-                    "pool": "(6, 3, 3)", "flatten": "(54,)", "fc": "(5,)",
-                    "pair": "(not a tensor)", "spare": "-"}
+    assert rows == {
+        "conv": "(6, 6, 6)",
+        "relu": "(6, 6, 6) (called again)",
+        "pool": "(6, 3, 3)",
+        "flatten": "(54,)",
+        "fc": "(5,)",
+        "pair": "(not a tensor)",
+        "spare": "-",
+    }
     assert all(not hooks for hooks in model.hooks.values())
 
 
@@ -738,6 +1028,5 @@ def test_the_command_names_no_framework():
         print([m for m in ("torch", "tensorflow", "keras", "iba_torch", "iba_tf")
                if m in sys.modules])
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

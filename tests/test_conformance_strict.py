@@ -22,6 +22,13 @@ def make_inputs(n: int, dtype: str, seed: int):
 class TestStrictConformance(BackendConformanceTests):
     @pytest.fixture
     def case(self, strict_plugin) -> ConformanceCase:
-        return ConformanceCase(backend="strict", make_model=make_model, make_inputs=make_inputs,
-                               input_size=(6, 6), feature_shape=(6, 3, 3), n_classes=5,
-                               exact_gradients=False, on_input=False)
+        return ConformanceCase(
+            backend="strict",
+            make_model=make_model,
+            make_inputs=make_inputs,
+            input_size=(6, 6),
+            feature_shape=(6, 3, 3),
+            n_classes=5,
+            exact_gradients=False,
+            on_input=False,
+        )

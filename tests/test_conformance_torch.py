@@ -34,13 +34,11 @@ def make_inputs(n: int, dtype: str, seed: int) -> torch.Tensor:
 
 
 def weight_gradients(model: torch.nn.Module) -> list[np.ndarray | None]:
-    return [None if p.grad is None else p.grad.detach().numpy().copy()
-            for p in model.parameters()]
+    return [None if p.grad is None else p.grad.detach().numpy().copy() for p in model.parameters()]
 
 
 def model_flags(model: torch.nn.Module) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
-    return (tuple(m.training for m in model.modules()),
-            tuple(p.requires_grad for p in model.parameters()))
+    return (tuple(m.training for m in model.modules()), tuple(p.requires_grad for p in model.parameters()))
 
 
 def mix_flags(model: torch.nn.Module) -> None:
@@ -51,14 +49,23 @@ def mix_flags(model: torch.nn.Module) -> None:
 
 
 def is_frozen(model: torch.nn.Module) -> bool:
-    return (not any(m.training for m in model.modules())
-            and not any(p.requires_grad for p in model.parameters()))
+    return not any(m.training for m in model.modules()) and not any(
+        p.requires_grad for p in model.parameters()
+    )
 
 
 class TestTorchConformance(BackendConformanceTests):
     @pytest.fixture
     def case(self) -> ConformanceCase:
-        return ConformanceCase(backend="torch", make_model=make_model, make_inputs=make_inputs,
-                               input_size=(12, 12), feature_shape=(8, 6, 6), n_classes=5,
-                               weight_gradients=weight_gradients, model_flags=model_flags,
-                               mix_flags=mix_flags, is_frozen=is_frozen)
+        return ConformanceCase(
+            backend="torch",
+            make_model=make_model,
+            make_inputs=make_inputs,
+            input_size=(12, 12),
+            feature_shape=(8, 6, 6),
+            n_classes=5,
+            weight_gradients=weight_gradients,
+            model_flags=model_flags,
+            mix_flags=mix_flags,
+            is_frozen=is_frozen,
+        )

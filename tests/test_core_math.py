@@ -46,8 +46,7 @@ class TestCapacity:
     def test_active_mask_zeroes_inactive_elements(self):
         r = np.ones((1, 2, 3))
         active = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
-        got = ic.capacity(r, np.zeros_like(r), np.zeros((2, 3)), np.ones((2, 3)),
-                          active=active, sigma=None)
+        got = ic.capacity(r, np.zeros_like(r), np.zeros((2, 3)), np.ones((2, 3)), active=active, sigma=None)
         assert np.all(got[0][active == 0] == 0) and np.all(got[0][active == 1] > 0)
 
     def test_float32_is_stable_at_the_initial_alpha_and_beyond(self):
@@ -56,16 +55,25 @@ class TestCapacity:
         r = np.full((1, 1, 1, 1), 0.7)
         for a in (5.0, 12.0, 40.0, 90.0):
             ref = _kl_reference(r, _sigmoid(np.float64(a)), _sigmoid(-np.float64(a)))
-            got = ic.capacity(r.astype(np.float32), np.full_like(r, a, dtype=np.float32),
-                              np.zeros((1, 1, 1), np.float32), np.ones((1, 1, 1), np.float32),
-                              sigma=None)
+            got = ic.capacity(
+                r.astype(np.float32),
+                np.full_like(r, a, dtype=np.float32),
+                np.zeros((1, 1, 1), np.float32),
+                np.ones((1, 1, 1), np.float32),
+                sigma=None,
+            )
             assert np.isfinite(got).all()
             np.testing.assert_allclose(got, ref, rtol=1e-5)
 
     def test_large_alpha_with_smoothing_stays_finite(self):
         r = np.ones((1, 1, 3, 3), dtype=np.float32)
-        got = ic.capacity(r, np.full_like(r, 200.0), np.zeros((1, 3, 3), np.float32),
-                          np.ones((1, 3, 3), np.float32), sigma=1.0)
+        got = ic.capacity(
+            r,
+            np.full_like(r, 200.0),
+            np.zeros((1, 3, 3), np.float32),
+            np.ones((1, 3, 3), np.float32),
+            sigma=1.0,
+        )
         assert np.isfinite(got).all() and np.all(got > 50)
 
     def test_capacity_is_zero_when_everything_is_noise(self):
@@ -131,16 +139,14 @@ class TestSmoothing:
 
 class TestSaliencyMap:
     def test_integer_upsampling_weights(self):
-        np.testing.assert_allclose(
-            ic.bilinear_matrix(4, 2), [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
+        np.testing.assert_allclose(ic.bilinear_matrix(4, 2), [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
 
     @pytest.mark.parametrize("size", [(16, 16), (13, 7), (5, 5), (3, 2)])
     def test_total_bits_are_kept(self, size):
         cap = np.random.default_rng(6).uniform(size=(2, 3, 5, 5))
         smap = ic.saliency_map(cap, size)
         assert smap.shape == (2, *size) and smap.min() >= 0
-        np.testing.assert_allclose(smap.sum(axis=(1, 2)), cap.sum(axis=(1, 2, 3)) / math.log(2),
-                                   rtol=1e-12)
+        np.testing.assert_allclose(smap.sum(axis=(1, 2)), cap.sum(axis=(1, 2, 3)) / math.log(2), rtol=1e-12)
 
     def test_constant_map_stays_constant(self):
         cap = np.full((1, 2, 4, 4), 0.5)

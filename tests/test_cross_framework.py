@@ -15,8 +15,11 @@ import pytest
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
-pytestmark = [pytest.mark.tf, pytest.mark.torch,
-              pytest.mark.filterwarnings("ignore::iba_core.FewSamplesWarning")]
+pytestmark = [
+    pytest.mark.tf,
+    pytest.mark.torch,
+    pytest.mark.filterwarnings("ignore::iba_core.FewSamplesWarning"),
+]
 
 from iba_tf import IBACopy  # noqa: E402
 from iba_torch import IBA  # noqa: E402
@@ -32,8 +35,7 @@ def weights(dtype: str) -> dict[str, np.ndarray]:
     draw, which keeps the agreement tests from passing on a trivial map.
     """
     rng = np.random.default_rng(42)
-    shapes = {"conv1": (6, 3, 3, 3), "conv2": (8, 6, 3, 3), "conv3": (8, 8, 3, 3),
-              "fc": (N_CLASSES, 8)}
+    shapes = {"conv1": (6, 3, 3, 3), "conv2": (8, 6, 3, 3), "conv3": (8, 8, 3, 3), "fc": (N_CLASSES, 8)}
     out = {}
     for name, shape in shapes.items():
         fan_in = int(np.prod(shape[1:]))
@@ -47,10 +49,16 @@ def torch_net(dtype: str) -> torch.nn.Module:
     -> ReLU -> global average -> 4 logits."""
     w = weights(dtype)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.AvgPool2d(2),
-        torch.nn.Conv2d(6, 8, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, N_CLASSES),
+        torch.nn.Conv2d(3, 6, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AvgPool2d(2),
+        torch.nn.Conv2d(6, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, N_CLASSES),
     ).to(getattr(torch, dtype))
     with torch.no_grad():
         for idx, name in [(0, "conv1"), (3, "conv2"), (5, "conv3"), (9, "fc")]:
@@ -83,8 +91,10 @@ def keras_net(dtype: str) -> keras.Model:
 def data(dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Estimation images and two images to explain, channels-first."""
     rng = np.random.default_rng(7)
-    return (rng.standard_normal((96, 3, 16, 16)).astype(dtype),
-            rng.standard_normal((2, 3, 16, 16)).astype(dtype))
+    return (
+        rng.standard_normal((96, 3, 16, 16)).astype(dtype),
+        rng.standard_normal((2, 3, 16, 16)).astype(dtype),
+    )
 
 
 def nhwc(a: np.ndarray) -> np.ndarray:
@@ -97,9 +107,10 @@ def explain_both(dtype: str, **kwargs):
 
     net = torch_net(dtype)
     iba_t = IBA(net[4])
-    iba_t.estimate(net, [torch.from_numpy(estimation[i:i + 32]) for i in range(0, 96, 32)])
-    map_t = iba_t.analyze(torch.from_numpy(images), target=targets, model=net, seed=3,
-                          noise="numpy", **kwargs)
+    iba_t.estimate(net, [torch.from_numpy(estimation[i : i + 32]) for i in range(0, 96, 32)])
+    map_t = iba_t.analyze(
+        torch.from_numpy(images), target=targets, model=net, seed=3, noise="numpy", **kwargs
+    )
     cap_t = iba_t.capacity().detach().numpy()
 
     iba_k = IBACopy(keras_net(dtype), "relu2")
@@ -156,8 +167,7 @@ def test_float32_agrees_to_float32_round_off():
     np.testing.assert_allclose(est_k.mean(), est_t.mean(), rtol=1e-5, atol=1e-6 * scale)
     np.testing.assert_allclose(est_k.std(), est_t.std(), rtol=1e-5, atol=1e-6 * scale)
     np.testing.assert_allclose(map_k, map_t, rtol=0, atol=1e-4 * np.abs(map_t).max())
-    np.testing.assert_allclose(map_k.reshape(2, -1).sum(axis=1), map_t.reshape(2, -1).sum(axis=1),
-                               rtol=1e-4)
+    np.testing.assert_allclose(map_k.reshape(2, -1).sum(axis=1), map_t.reshape(2, -1).sum(axis=1), rtol=1e-4)
 
 
 def test_a_different_seed_gives_a_different_map():

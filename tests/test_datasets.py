@@ -102,8 +102,7 @@ def test_missing_scikit_learn_is_one_clear_error():
         except ImportError as exc:
             print(exc)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "pip install scikit-learn" in out
 
 
@@ -111,11 +110,11 @@ def test_missing_scikit_learn_is_one_clear_error():
 def test_top_n_in_box_values():
     boxes = np.array([[2, 1, 5, 3], [0, 0, 2, 2], [6, 6, 8, 8]])  # areas 6, 4, 4
     maps = np.zeros((3, 8, 8))
-    maps[0, 1:3, 2:5] = 1.0                   # exactly the box: 1
-    maps[1, 0, 0:2] = 2.0                     # 2 of the top 4 in the box ...
-    maps[1, 7, 0:2] = 3.0                     # ... 2 outside (higher)
-    maps[2, 0:2, 0:2] = 5.0                   # all mass outside the box, rest zero:
-    scores = top_n_in_box(maps, boxes)        # ties at zero break row-major -> 0
+    maps[0, 1:3, 2:5] = 1.0  # exactly the box: 1
+    maps[1, 0, 0:2] = 2.0  # 2 of the top 4 in the box ...
+    maps[1, 7, 0:2] = 3.0  # ... 2 outside (higher)
+    maps[2, 0:2, 0:2] = 5.0  # all mass outside the box, rest zero:
+    scores = top_n_in_box(maps, boxes)  # ties at zero break row-major -> 0
     np.testing.assert_allclose(scores, [1.0, 0.5, 0.0])
 
 

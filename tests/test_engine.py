@@ -45,8 +45,13 @@ STRICT_FAST = dict(optimization_steps=2, batch_size=2, beta=0.1, initial_alpha=1
 N_CLASSES = 5
 
 BAD_SETTINGS = [
-    {"beta": -1}, {"lr": 0}, {"optimization_steps": -3}, {"optimization_steps": 2.5},
-    {"min_std": -1}, {"batch_size": 0}, {"active_neurons_threshold": 1.5},
+    {"beta": -1},
+    {"lr": 0},
+    {"optimization_steps": -3},
+    {"optimization_steps": 2.5},
+    {"min_std": -1},
+    {"batch_size": 0},
+    {"active_neurons_threshold": 1.5},
 ]
 
 
@@ -117,14 +122,23 @@ class TorchFront:
 
     framework = "torch"
 
-    def __init__(self, kind: str, layer: str = "conv2", model=None, train: bool = False,
-                 tripwire: bool = False, pause: bool = False, **settings):
+    def __init__(
+        self,
+        kind: str,
+        layer: str = "conv2",
+        model=None,
+        train: bool = False,
+        tripwire: bool = False,
+        pause: bool = False,
+        **settings,
+    ):
         self.torch = _torch()
         self.m = _models()
         self.kind, self.layer = kind, layer
         self.how, self.uses = kind.split("-", 1)[1].split("+")
-        self.model = model if model is not None else self.m.classifier(
-            train=train, tripwire=tripwire, pause=pause)
+        self.model = (
+            model if model is not None else self.m.classifier(train=train, tripwire=tripwire, pause=pause)
+        )
         self.settings = {**FAST, **settings}
         from iba_torch import IBA
 
@@ -152,7 +166,7 @@ class TorchFront:
     def estimate(self, data):
         if self.how == "generic":
             return self.iba.estimate(data, batch_size=16)
-        return self.iba.estimate(self.model, [data[i:i + 16] for i in range(0, len(data), 16)])
+        return self.iba.estimate(self.model, [data[i : i + 16] for i in range(0, len(data), 16)])
 
     def loss_ce(self, target):
         torch, model = self.torch, self.model
@@ -229,8 +243,7 @@ class TorchFront:
         seen = []
         with self.iba.restrict_flow(alpha):
             # Registered after the bottleneck's hook, so it sees the replaced output.
-            handle = self.module().register_forward_hook(
-                lambda m, i, o: seen.append(o.detach()))
+            handle = self.module().register_forward_hook(lambda m, i, o: seen.append(o.detach()))
             try:
                 with torch.no_grad():
                     self.model(x.repeat(draws, 1, 1, 1))
@@ -270,8 +283,7 @@ class KerasFront:
 
     framework = "tf"
 
-    def __init__(self, kind: str, layer: str = "conv2", layers=None, model=None,
-                 **settings):
+    def __init__(self, kind: str, layer: str = "conv2", layers=None, model=None, **settings):
         self.tf = _tf()
         import keras
 
@@ -290,14 +302,14 @@ class KerasFront:
             if self.how == "copy":
                 self.iba = IBACopy(self.model, layer, **self.settings)
             else:
-                self.iba = IBACopyInnvestigate(self.model, neuron_selection_mode=self.uses,
-                                               feature_name=layer, **self.settings)
+                self.iba = IBACopyInnvestigate(
+                    self.model, neuron_selection_mode=self.uses, feature_name=layer, **self.settings
+                )
 
     def fresh(self, **settings) -> KerasFront:
         """Another front of the same kind on the same layers (the same weights)."""
         model = None if self.how == "layer" else self.model
-        return KerasFront(self.kind, self.layer, self.layers, model,
-                          **{**self.settings, **settings})
+        return KerasFront(self.kind, self.layer, self.layers, model, **{**self.settings, **settings})
 
     @property
     def iba_layer(self):
@@ -322,8 +334,9 @@ class KerasFront:
 
         def ce(logits):
             labels = tf.fill([tf.shape(logits)[0]], int(target))
-            return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=labels, logits=logits))
+            return tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+            )
 
         if self.how == "layer":
             return lambda batch: ce(model(batch))
@@ -358,12 +371,15 @@ class KerasFront:
         if how == "python-float":
             return lambda b: float(ce(b))
         if self.how == "layer":
+
             def constant(b):
                 model(b)
                 return tf.constant(1.0)
         else:
+
             def constant(outputs):
                 return tf.constant(1.0)
+
         return constant
 
     def analyze_all_reference(self, x, probs, **kw):
@@ -372,8 +388,7 @@ class KerasFront:
 
         def ce(logits):
             rows = tf.repeat(tf.constant(p), int(logits.shape[0]) // p.shape[0], axis=0)
-            return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=rows,
-                                                                          logits=logits))
+            return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=rows, logits=logits))
 
         if self.how == "layer":
             return self.iba.analyze(x, lambda b: ce(model(b)), model=model, **kw)
@@ -447,10 +462,16 @@ def keras_layers():
 
     keras.utils.set_random_seed(0)
     L = keras.layers
-    layers = [L.Conv2D(4, 3, padding="same", name="conv1"), L.BatchNormalization(name="bn"),
-              L.ReLU(name="relu1"), L.Conv2D(6, 3, strides=2, padding="same", name="conv2"),
-              L.ReLU(name="relu2"), L.Dropout(0.5, name="drop"),
-              L.GlobalAveragePooling2D(name="gap"), L.Dense(N_CLASSES, name="fc")]
+    layers = [
+        L.Conv2D(4, 3, padding="same", name="conv1"),
+        L.BatchNormalization(name="bn"),
+        L.ReLU(name="relu1"),
+        L.Conv2D(6, 3, strides=2, padding="same", name="conv2"),
+        L.ReLU(name="relu2"),
+        L.Dropout(0.5, name="drop"),
+        L.GlobalAveragePooling2D(name="gap"),
+        L.Dense(N_CLASSES, name="fc"),
+    ]
     keras_chain(layers)  # builds the weights
     bn = layers[1]
     # Non-trivial moving statistics: training and inference mode differ.
@@ -613,8 +634,13 @@ def estimation_sets(front):
 
 
 # -- 1. the model is frozen while the engine works ------------------------------------------
-TORCH_KINDS = ["torch-layer+closure", "torch-layer+target", "torch-named+target",
-               "torch-generic+target", "torch-generic+closure"]
+TORCH_KINDS = [
+    "torch-layer+closure",
+    "torch-layer+target",
+    "torch-named+target",
+    "torch-generic+target",
+    "torch-generic+closure",
+]
 
 
 @pytest.mark.torch
@@ -694,8 +720,9 @@ def test_keras_model_is_frozen_and_restored(kind, make_front):
         def loss(batch):  # a training-mode call: frozen BatchNorm must still not update
             logits = model(batch, training=True)
             labels = tf.fill([tf.shape(logits)[0]], 2)
-            return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=labels, logits=logits))
+            return tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+            )
 
         f.analyze_loss(x, loss, seed=0)
     else:
@@ -730,8 +757,14 @@ def test_keras_flags_restored_when_the_loss_raises(kind, make_front):
 
 
 # -- 2. per-call overrides are validated like the constructor ---------------------------------
-OVERRIDE_KINDS = ["torch-layer+closure", "torch-layer+target", "torch-generic+target",
-                  "tf-layer+target", "tf-copy+target", "strict-generic+target"]
+OVERRIDE_KINDS = [
+    "torch-layer+closure",
+    "torch-layer+target",
+    "torch-generic+target",
+    "tf-layer+target",
+    "tf-copy+target",
+    "strict-generic+target",
+]
 
 
 @pytest.mark.parametrize("bad", BAD_SETTINGS, ids=_bad_id)
@@ -751,8 +784,14 @@ def test_bad_override_is_refused_like_the_constructor(kind, bad, make_front):
 
 
 # -- 3. statistics follow every new estimate -------------------------------------------------
-STATS_KINDS = ["torch-layer+closure", "torch-layer+target", "torch-generic+target",
-               "tf-layer+target", "tf-copy+target", "strict-generic+target"]
+STATS_KINDS = [
+    "torch-layer+closure",
+    "torch-layer+target",
+    "torch-generic+target",
+    "tf-layer+target",
+    "tf-copy+target",
+    "strict-generic+target",
+]
 
 
 @pytest.mark.parametrize("kind", [param(k) for k in STATS_KINDS])
@@ -804,8 +843,14 @@ def test_an_assigned_feature_mean_takes_effect(kind, make_front):
 
 
 # -- 4. capacity() and restrict_flow() use the settings of the last map ----------------------
-CAPACITY_KINDS = ["torch-layer+closure", "torch-layer+target", "torch-generic+target",
-                  "tf-layer+target", "tf-copy+target", "strict-generic+target"]
+CAPACITY_KINDS = [
+    "torch-layer+closure",
+    "torch-layer+target",
+    "torch-generic+target",
+    "tf-layer+target",
+    "tf-copy+target",
+    "strict-generic+target",
+]
 # 0.5: elements active in about half the samples (the strict model's ReLU) or fewer (the
 # conv nets' relu2) change from active to inactive.
 CAPACITY_OVERRIDES = [{"min_std": 0.5}, {"active_neurons_threshold": 0.5}]
@@ -828,8 +873,11 @@ def test_capacity_uses_the_settings_of_the_last_map(kind, override, make_front):
 
     def recomputed(min_std, threshold):
         std = np.maximum(est.std(), min_std)
-        return to_np(capacity_fn()(features, alpha, est.mean(), std,
-                                   active=est.active_mask(threshold), sigma=cfg.sigma))
+        return to_np(
+            capacity_fn()(
+                features, alpha, est.mean(), std, active=est.active_mask(threshold), sigma=cfg.sigma
+            )
+        )
 
     settings = {"min_std": cfg.min_std, "threshold": cfg.active_neurons_threshold}
     constructors = recomputed(**settings)
@@ -840,8 +888,13 @@ def test_capacity_uses_the_settings_of_the_last_map(kind, override, make_front):
     np.testing.assert_allclose(capacity, expected, rtol=1e-4, atol=1e-6)
 
 
-RESTRICT_KINDS = ["torch-layer+target", "torch-generic+target", "tf-layer+target",
-                  "tf-copy+target", "strict-generic+target"]
+RESTRICT_KINDS = [
+    "torch-layer+target",
+    "torch-generic+target",
+    "tf-layer+target",
+    "tf-copy+target",
+    "strict-generic+target",
+]
 
 
 @pytest.mark.parametrize("kind", [param(k) for k in RESTRICT_KINDS])
@@ -863,14 +916,38 @@ def test_restrict_flow_uses_the_settings_of_the_last_map(kind, make_front):
 
 
 # -- 5. the settings are live attributes ------------------------------------------------------
-ATTRIBUTES = [("beta", 1.0), ("optimization_steps", 1), ("sigma", None), ("lr", 0.3),
-              ("batch_size", 2), ("min_std", 0.5), ("initial_alpha", 3.0),
-              ("active_neurons_threshold", 0.3), ("relu", True), ("progbar", True)]
-BAD_ATTRIBUTES = [("beta", -1), ("lr", 0), ("optimization_steps", 2.5), ("batch_size", 0),
-                  ("min_std", -1), ("active_neurons_threshold", 1.5), ("sigma", -1.0),
-                  ("initial_alpha", float("nan")), ("relu", "yes"), ("progbar", 2)]
-ATTRIBUTE_KINDS = ["torch-layer+target", "torch-layer+closure", "torch-generic+target",
-                   "tf-layer+target", "tf-copy+target", "strict-generic+target"]
+ATTRIBUTES = [
+    ("beta", 1.0),
+    ("optimization_steps", 1),
+    ("sigma", None),
+    ("lr", 0.3),
+    ("batch_size", 2),
+    ("min_std", 0.5),
+    ("initial_alpha", 3.0),
+    ("active_neurons_threshold", 0.3),
+    ("relu", True),
+    ("progbar", True),
+]
+BAD_ATTRIBUTES = [
+    ("beta", -1),
+    ("lr", 0),
+    ("optimization_steps", 2.5),
+    ("batch_size", 0),
+    ("min_std", -1),
+    ("active_neurons_threshold", 1.5),
+    ("sigma", -1.0),
+    ("initial_alpha", float("nan")),
+    ("relu", "yes"),
+    ("progbar", 2),
+]
+ATTRIBUTE_KINDS = [
+    "torch-layer+target",
+    "torch-layer+closure",
+    "torch-generic+target",
+    "tf-layer+target",
+    "tf-copy+target",
+    "strict-generic+target",
+]
 
 
 @pytest.mark.parametrize("kind", [param(k) for k in ATTRIBUTE_KINDS])
@@ -891,8 +968,9 @@ def test_assigned_attributes_act_like_constructor_arguments(kind, make_front):
         built = f.fresh(estimator=est, **{name: value})
         got, want = assigned.analyze(x, seed=0), built.analyze(x, seed=0)
         if not np.array_equal(got, want):
-            problems.append(f"{name}={value!r}: the assignment is ignored "
-                            f"(max difference {np.abs(got - want).max():.3g})")
+            problems.append(
+                f"{name}={value!r}: the assignment is ignored (max difference {np.abs(got - want).max():.3g})"
+            )
         # The strict model's pooled features are positive and active in nearly every
         # sample: the activity threshold and the clamp at zero change nothing there.
         insensitive = f.framework == "strict" and name in ("active_neurons_threshold", "relu")
@@ -921,10 +999,23 @@ def test_bad_attribute_values_are_refused_like_the_constructor(kind, make_front)
 
 
 # -- 6. targets ----------------------------------------------------------------------------
-TARGET_KINDS = ["torch-layer+target", "torch-named+target", "torch-generic+target",
-                "tf-layer+target", "tf-copy+target", "tf-innv+index", "strict-generic+target"]
-BAD_TARGETS = {"1.7": 1.7, "string": "3", "bool": True, "half": [0.5, 1],
-               "out-of-range": 7, "count": [0, 1, 2]}
+TARGET_KINDS = [
+    "torch-layer+target",
+    "torch-named+target",
+    "torch-generic+target",
+    "tf-layer+target",
+    "tf-copy+target",
+    "tf-innv+index",
+    "strict-generic+target",
+]
+BAD_TARGETS = {
+    "1.7": 1.7,
+    "string": "3",
+    "bool": True,
+    "half": [0.5, 1],
+    "out-of-range": 7,
+    "count": [0, 1, 2],
+}
 
 
 @pytest.mark.parametrize("target", list(BAD_TARGETS), ids=list(BAD_TARGETS))
@@ -947,12 +1038,18 @@ def test_integral_targets_of_any_type_are_accepted(kind, make_front):
     reference = f.analyze(x, target=3, seed=0)
     assert not np.allclose(reference, f.analyze(x, target=0, seed=0), rtol=1e-3)
     for target in (3.0, np.int64(3), f.int_tensor(3), [3, 3], np.array([3.0, 3.0])):
-        np.testing.assert_allclose(f.analyze(x, target=target, seed=0), reference, **EXACT,
-                                   err_msg=f"target={target!r}")
+        np.testing.assert_allclose(
+            f.analyze(x, target=target, seed=0), reference, **EXACT, err_msg=f"target={target!r}"
+        )
 
 
-PREDICTED_KINDS = ["torch-layer+target", "torch-generic+target", "tf-layer+target",
-                   "tf-copy+target", "strict-generic+target"]
+PREDICTED_KINDS = [
+    "torch-layer+target",
+    "torch-generic+target",
+    "tf-layer+target",
+    "tf-copy+target",
+    "strict-generic+target",
+]
 
 
 @pytest.mark.parametrize("kind", [param(k) for k in PREDICTED_KINDS])
@@ -962,8 +1059,7 @@ def test_predicted_is_the_argmax_class_and_all_gives_maps(kind, make_front):
     x = f.inputs(2, seed=1)
     classes = f.logits(x).argmax(axis=1)
     predicted = f.analyze(x, target="predicted", seed=0)
-    np.testing.assert_allclose(predicted, f.analyze(x, target=classes.tolist(), seed=0),
-                               **EXACT)
+    np.testing.assert_allclose(predicted, f.analyze(x, target=classes.tolist(), seed=0), **EXACT)
     others = ((classes + 1) % N_CLASSES).tolist()
     assert not np.allclose(predicted, f.analyze(x, target=others, seed=0), rtol=1e-3)
     maps = f.analyze(x, target="all", seed=0)
@@ -975,9 +1071,11 @@ def test_predicted_is_the_argmax_class_and_all_gives_maps(kind, make_front):
 
 
 # -- 7. a loss without a gradient path is refused ----------------------------------------------
-NO_PATH = [param(k, how) for k in ("torch-layer+closure", "torch-generic+closure",
-                                   "tf-layer+closure", "tf-copy+loss")
-           for how in ("detached", "python-float", "constant")]
+NO_PATH = [
+    param(k, how)
+    for k in ("torch-layer+closure", "torch-generic+closure", "tf-layer+closure", "tf-copy+loss")
+    for how in ("detached", "python-float", "constant")
+]
 NO_PATH.append(param("strict-generic+closure", "python-float"))
 
 
@@ -994,8 +1092,15 @@ def test_a_loss_without_gradient_path_is_refused(kind_how, make_front):
 
 
 # -- 8. target="all" -----------------------------------------------------------------------
-ALL_KINDS = ["torch-layer+target", "torch-named+target", "torch-generic+target",
-             "tf-layer+target", "tf-copy+target", "tf-innv+all", "strict-generic+target"]
+ALL_KINDS = [
+    "torch-layer+target",
+    "torch-named+target",
+    "torch-generic+target",
+    "tf-layer+target",
+    "tf-copy+target",
+    "tf-innv+all",
+    "strict-generic+target",
+]
 
 
 @pytest.mark.parametrize("kind", [param(k) for k in ALL_KINDS])
@@ -1037,9 +1142,12 @@ def test_outputs_with_logits_work_with_targets(wrapper, how):
         iba = iba_core.IBA(wrapped, "inner.conv2", estimator=est, **FAST)
         run = lambda **kw: iba.analyze(x, **kw)
     for target in (2, [1, 4], "predicted"):
-        np.testing.assert_allclose(run(target=target, seed=0),
-                                   plain.analyze(x, target=target, seed=0), **EXACT,
-                                   err_msg=f"target={target!r}")
+        np.testing.assert_allclose(
+            run(target=target, seed=0),
+            plain.analyze(x, target=target, seed=0),
+            **EXACT,
+            err_msg=f"target={target!r}",
+        )
 
 
 # -- 10. threads ---------------------------------------------------------------------------
@@ -1066,8 +1174,13 @@ def _in_two_threads(work) -> list:
     return results
 
 
-THREAD_KINDS = ["torch-named+target", "torch-layer+target", "torch-layer+closure",
-                "torch-generic+target", "tf-copy+target"]
+THREAD_KINDS = [
+    "torch-named+target",
+    "torch-layer+target",
+    "torch-layer+closure",
+    "torch-generic+target",
+    "tf-copy+target",
+]
 
 
 @pytest.mark.parametrize("kind", [param(k) for k in THREAD_KINDS])
@@ -1137,8 +1250,11 @@ def test_the_strict_backend_gets_the_whole_workflow(strict_plugin):
     assert est.n == 40 and est.shape == (6, 3, 3)
     x = xp.asarray(rng.standard_normal((1, 3, 6, 6)))
     closure = StrictFront("strict-generic+closure", model=model).loss_ce(1)
-    for how, kwargs in (("target", {"target": 1}), ("predicted", {"target": "predicted"}),
-                        ("closure", {"loss": closure})):
+    for how, kwargs in (
+        ("target", {"target": 1}),
+        ("predicted", {"target": "predicted"}),
+        ("closure", {"loss": closure}),
+    ):
         smap = iba.analyze(x, seed=0, **kwargs)
         assert smap.shape == (6, 6), how
         assert smap.min() >= 0, how
@@ -1199,8 +1315,7 @@ def test_a_channels_last_layer_gives_the_channels_first_map():
 
 
 # -- 13. saved estimates record their layer ---------------------------------------------------
-LAYER_RECORD_KINDS = ["torch-named+target", "torch-generic+target", "tf-copy+target",
-                      "strict-generic+target"]
+LAYER_RECORD_KINDS = ["torch-named+target", "torch-generic+target", "tf-copy+target", "strict-generic+target"]
 
 
 @pytest.mark.parametrize("kind", [param(k) for k in LAYER_RECORD_KINDS])
@@ -1217,8 +1332,9 @@ def test_saved_estimates_record_their_layer(kind, make_front, tmp_path):
     loaded = Estimator.load(path, expected_layer=f.layer)
     np.testing.assert_array_equal(loaded.mean(), f.iba.estimator.mean())
     # Estimates of two layers with the same feature shape cannot be merged.
-    one, two = {"torch": ("conv2", "relu2"), "tf": ("conv2", "relu2"),
-                "strict": ("conv", "relu")}[f.framework]
+    one, two = {"torch": ("conv2", "relu2"), "tf": ("conv2", "relu2"), "strict": ("conv", "relu")}[
+        f.framework
+    ]
     estimates = []
     for layer in (one, two):
         g = make_front(kind, layer=layer)

@@ -14,8 +14,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def run(script: str, *args: str, cwd: Path) -> str:
-    out = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True,
-                         text=True, cwd=cwd, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -32,8 +33,7 @@ def test_torch_per_sample(tmp_path):
 @pytest.mark.torch
 def test_torch_readout(tmp_path):
     pytest.importorskip("torch")
-    out = run("torch_readout.py", "--out", str(tmp_path), "--epochs", "1", "--n-train", "128",
-              cwd=tmp_path)
+    out = run("torch_readout.py", "--out", str(tmp_path), "--epochs", "1", "--n-train", "128", cwd=tmp_path)
     assert "ms/image" in out and "correlation" in out
     assert (tmp_path / "readout.npz").is_file()
 
@@ -41,8 +41,7 @@ def test_torch_readout(tmp_path):
 @pytest.mark.tf
 def test_keras_copy_innvestigate(tmp_path):
     pytest.importorskip("tensorflow")
-    out = run("keras_copy_innvestigate.py", "--out", str(tmp_path), "--n-estimate", "300",
-              cwd=tmp_path)
+    out = run("keras_copy_innvestigate.py", "--out", str(tmp_path), "--n-estimate", "300", cwd=tmp_path)
     pairs = re.findall(r"digit (\d) \(predicted (\d)\)", out)
     assert len(pairs) == 4
     maps = np.load(tmp_path / "keras_maps.npz")["saliency_maps"]

@@ -49,8 +49,8 @@ def quadrant_mask(size=8):
 def expected_quadrant_curves():
     """8x8 image, 2x2 tiles (16, 4 of them in the quadrant), mean 0.25: closed form."""
     k = np.arange(17)
-    removed_morf = np.minimum(k, 4)                  # quadrant tiles go first
-    removed_lerf = np.clip(k - 12, 0, 4)             # ... or last
+    removed_morf = np.minimum(k, 4)  # quadrant tiles go first
+    removed_lerf = np.clip(k - 12, 0, 4)  # ... or last
     # Each removed quadrant tile turns 4 pixels from 1 into the mean 0.25.
     morf = sigmoid(0.25 * (16 - 3 * removed_morf) - 2.0)
     lerf = sigmoid(0.25 * (16 - 3 * removed_lerf) - 2.0)
@@ -60,8 +60,9 @@ def expected_quadrant_curves():
 # -- degradation -------------------------------------------------------------------------
 def test_degradation_matches_closed_form_for_quadrant_model():
     fractions, morf, lerf = expected_quadrant_curves()
-    res = metrics.degradation_test(QuadrantModel(), quadrant_image(), quadrant_mask(), 0,
-                                   tile_size=2, n_steps=None)
+    res = metrics.degradation_test(
+        QuadrantModel(), quadrant_image(), quadrant_mask(), 0, tile_size=2, n_steps=None
+    )
     np.testing.assert_allclose(res.fractions, fractions)
     np.testing.assert_allclose(res.morf[0], morf, rtol=1e-6)
     np.testing.assert_allclose(res.lerf[0], lerf, rtol=1e-6)
@@ -72,10 +73,12 @@ def test_degradation_matches_closed_form_for_quadrant_model():
 
 def test_degradation_inverted_map_scores_negative_and_normalises():
     inverted = 1.0 - quadrant_mask()
-    good = metrics.degradation_test(QuadrantModel(), quadrant_image(), quadrant_mask(), 0,
-                                    tile_size=2, n_steps=None, normalize=True)
-    bad = metrics.degradation_test(QuadrantModel(), quadrant_image(), inverted, 0,
-                                   tile_size=2, n_steps=None, normalize=True)
+    good = metrics.degradation_test(
+        QuadrantModel(), quadrant_image(), quadrant_mask(), 0, tile_size=2, n_steps=None, normalize=True
+    )
+    bad = metrics.degradation_test(
+        QuadrantModel(), quadrant_image(), inverted, 0, tile_size=2, n_steps=None, normalize=True
+    )
     # Normalised curves run from 1 (intact) to 0 (fully degraded).
     np.testing.assert_allclose(good.morf[0, [0, -1]], [1.0, 0.0], atol=1e-12)
     np.testing.assert_allclose(good.lerf[0, [0, -1]], [1.0, 0.0], atol=1e-12)
@@ -89,26 +92,28 @@ def test_degradation_replaces_tiles_with_per_channel_mean_channels_last():
     x = rng.uniform(size=(2, 6, 6, 3)).astype(np.float32) + np.array([0.0, 1.0, 2.0], np.float32)
     model = QuadrantModel(channels_last=True)
     saliency = rng.uniform(size=(2, 6, 6))
-    res = metrics.degradation_test(model, x, saliency, [0, 1], tile_size=3, n_steps=None,
-                                   channel_axis=-1, batch_size=1000)
+    res = metrics.degradation_test(
+        model, x, saliency, [0, 1], tile_size=3, n_steps=None, channel_axis=-1, batch_size=1000
+    )
     assert res.morf.shape == (2, 5)
-    seen = np.concatenate(model.seen)               # 2 images x (MoRF, LeRF) x 5 steps
+    seen = np.concatenate(model.seen)  # 2 images x (MoRF, LeRF) x 5 steps
     assert seen.shape == (20, 6, 6, 3)
-    fully_degraded = seen[4]                       # image 0, MoRF, all 4 tiles replaced
-    np.testing.assert_allclose(fully_degraded, np.broadcast_to(x[0].mean(axis=(0, 1)), (6, 6, 3)),
-                               rtol=1e-6)
-    np.testing.assert_array_equal(seen[0], x[0])   # nothing replaced at fraction 0
+    fully_degraded = seen[4]  # image 0, MoRF, all 4 tiles replaced
+    np.testing.assert_allclose(fully_degraded, np.broadcast_to(x[0].mean(axis=(0, 1)), (6, 6, 3)), rtol=1e-6)
+    np.testing.assert_array_equal(seen[0], x[0])  # nothing replaced at fraction 0
     # Same result in channels-first layout with a channels-first model.
-    first = metrics.degradation_test(QuadrantModel(), np.moveaxis(x, -1, 1), saliency, [0, 1],
-                                     tile_size=3, n_steps=None, batch_size=3)
+    first = metrics.degradation_test(
+        QuadrantModel(), np.moveaxis(x, -1, 1), saliency, [0, 1], tile_size=3, n_steps=None, batch_size=3
+    )
     np.testing.assert_allclose(first.morf, res.morf)
     np.testing.assert_allclose(first.lerf, res.lerf)
 
 
 def test_degradation_steps_and_partial_tiles():
     x = np.ones((1, 1, 10, 10), np.float32)
-    res = metrics.degradation_test(QuadrantModel(), x, np.zeros((1, 10, 10)), 0,
-                                   tile_size=4, n_steps=3)  # 3 x 3 tiles, cut at the border
+    res = metrics.degradation_test(
+        QuadrantModel(), x, np.zeros((1, 10, 10)), 0, tile_size=4, n_steps=3
+    )  # 3 x 3 tiles, cut at the border
     np.testing.assert_allclose(res.fractions, [0, 3 / 9, 6 / 9, 1])
     # A constant image equals its mean: nothing changes, so the area is zero.
     np.testing.assert_allclose(res.morf, res.lerf)
@@ -138,7 +143,7 @@ def test_target_scores_softmax_and_raw():
 
 # -- bounding box and pointing game -------------------------------------------------------
 def test_bounding_box_score_known_cases():
-    box = np.array([[2, 1, 6, 4]])                  # 4 columns x 3 rows = 12 px
+    box = np.array([[2, 1, 6, 4]])  # 4 columns x 3 rows = 12 px
     mask = metrics.boxes_to_masks(box, (8, 10))
     assert mask.sum() == 12 and mask[0, 1:4, 2:6].all()
     assert metrics.bounding_box_score(mask.astype(float), box)[0] == 1.0
@@ -147,8 +152,8 @@ def test_bounding_box_score_known_cases():
     assert metrics.bounding_box_score(np.ones((1, 8, 10)), box)[0] == pytest.approx(12 / 80)
     # Half of the 12 highest pixels inside.
     s = np.zeros((1, 8, 10))
-    s[0, 1, 2:6] = s[0, 2, 2:4] = 1.0              # 6 inside
-    s[0, 7, :6] = 1.0                               # 6 outside
+    s[0, 1, 2:6] = s[0, 2, 2:4] = 1.0  # 6 inside
+    s[0, 7, :6] = 1.0  # 6 outside
     assert metrics.bounding_box_score(s, box)[0] == pytest.approx(0.5)
     # Masks work like boxes.
     assert metrics.bounding_box_score(s, mask)[0] == pytest.approx(0.5)
@@ -164,16 +169,16 @@ def test_bounding_box_score_agrees_with_demo_score_without_ties():
 
 
 def test_pointing_game_hits_misses_tolerance_and_ties():
-    box = np.array([[2, 2, 5, 5]])                  # pixels 2..4 in both axes
+    box = np.array([[2, 2, 5, 5]])  # pixels 2..4 in both axes
     s = np.zeros((1, 8, 8))
     s[0, 3, 3] = 1.0
     assert metrics.pointing_game(s, box)[0] == 1.0
     s = np.zeros((1, 8, 8))
-    s[0, 3, 6] = 1.0                                # two columns right of the box's edge (x=4)
+    s[0, 3, 6] = 1.0  # two columns right of the box's edge (x=4)
     assert metrics.pointing_game(s, box)[0] == 0.0
     assert metrics.pointing_game(s, box, tolerance=2)[0] == 1.0
     assert metrics.pointing_game(s, box, tolerance=1.9)[0] == 0.0
-    s[0, 0, 0] = s[0, 2, 2] = 1.0                   # three maxima, one inside
+    s[0, 0, 0] = s[0, 2, 2] = 1.0  # three maxima, one inside
     assert metrics.pointing_game(s, box)[0] == pytest.approx(1 / 3)
 
 
@@ -186,8 +191,16 @@ def sum_model(x):
 def test_insertion_deletion_exact_for_sum_model():
     rng = np.random.default_rng(2)
     x = rng.permutation(np.arange(1, 17, dtype=np.float32)).reshape(1, 1, 4, 4)
-    res = metrics.insertion_deletion(sum_model, x, x[:, 0], 0, n_steps=None, output="raw",
-                                     deletion_baseline="zero", insertion_baseline="zero")
+    res = metrics.insertion_deletion(
+        sum_model,
+        x,
+        x[:, 0],
+        0,
+        n_steps=None,
+        output="raw",
+        deletion_baseline="zero",
+        insertion_baseline="zero",
+    )
     desc = np.sort(x.ravel())[::-1].astype(np.float64)
     inserted = np.r_[0.0, np.cumsum(desc)]
     np.testing.assert_allclose(res.fractions, np.arange(17) / 16)
@@ -197,16 +210,25 @@ def test_insertion_deletion_exact_for_sum_model():
     assert res.insertion_auc[0] == pytest.approx(trap(inserted))
     assert res.deletion_auc[0] == pytest.approx(trap(136.0 - inserted))
     # The reversed map is worse on both.
-    rev = metrics.insertion_deletion(sum_model, x, -x[:, 0], 0, n_steps=None, output="raw",
-                                     insertion_baseline="zero")
+    rev = metrics.insertion_deletion(
+        sum_model, x, -x[:, 0], 0, n_steps=None, output="raw", insertion_baseline="zero"
+    )
     assert rev.insertion_auc[0] < res.insertion_auc[0]
     assert rev.deletion_auc[0] > res.deletion_auc[0]
 
 
 def test_insertion_blur_baseline_keeps_a_constant_image():
     x = np.full((1, 2, 8, 8), 0.5, dtype=np.float32)
-    res = metrics.insertion_deletion(sum_model, x, np.zeros((1, 8, 8)), 0, n_steps=4,
-                                     output="raw", insertion_baseline="blur", blur_sigma=2.0)
+    res = metrics.insertion_deletion(
+        sum_model,
+        x,
+        np.zeros((1, 8, 8)),
+        0,
+        n_steps=4,
+        output="raw",
+        insertion_baseline="blur",
+        blur_sigma=2.0,
+    )
     np.testing.assert_allclose(res.insertion[0], np.full(5, 64.0), rtol=1e-6)
     np.testing.assert_allclose(res.deletion[0], [64, 48, 32, 16, 0], rtol=1e-6)
 
@@ -227,17 +249,15 @@ def test_sensitivity_n_is_one_for_gradient_times_input_of_linear_model():
     w = rng.normal(size=(1, 2, 8, 8))
     x = rng.uniform(size=(3, 2, 8, 8))
     model = LinearModel(w)
-    exact = (w * x).sum(axis=1)                    # gradient x (input - 0), summed over channels
-    res = metrics.sensitivity_n(model, x, exact, 0, ns=(1, 5, 20, 60), n_subsets=16,
-                                baseline="zero")
+    exact = (w * x).sum(axis=1)  # gradient x (input - 0), summed over channels
+    res = metrics.sensitivity_n(model, x, exact, 0, ns=(1, 5, 20, 60), n_subsets=16, baseline="zero")
     np.testing.assert_allclose(res.correlation, 1.0, atol=1e-5)
     np.testing.assert_allclose(res.mean, 1.0, atol=1e-5)
     noise = rng.normal(size=(3, 8, 8))
     rand = metrics.sensitivity_n(model, x, noise, 0, ns=(1, 5, 20, 60), n_subsets=16)
     assert np.all(np.abs(rand.mean) < 0.6)
     # The same subsets whatever the batch size; deterministic for a seed.
-    again = metrics.sensitivity_n(model, x, noise, 0, ns=(1, 5, 20, 60), n_subsets=16,
-                                  batch_size=7)
+    again = metrics.sensitivity_n(model, x, noise, 0, ns=(1, 5, 20, 60), n_subsets=16, batch_size=7)
     np.testing.assert_allclose(again.correlation, rand.correlation, atol=1e-12)
 
 
@@ -253,7 +273,7 @@ def test_sensitivity_n_constant_map_is_nan_and_bad_n_raises():
 # -- spearman and model randomisation ----------------------------------------------------
 def test_spearman_correlation_known_values():
     a = np.arange(12.0).reshape(1, 3, 4)
-    assert metrics.spearman_correlation(a, a ** 3 + 1)[0] == pytest.approx(1.0)
+    assert metrics.spearman_correlation(a, a**3 + 1)[0] == pytest.approx(1.0)
     assert metrics.spearman_correlation(a, -a)[0] == pytest.approx(-1.0)
     assert np.isnan(metrics.spearman_correlation(a, np.ones_like(a))[0])
     # Ties share the average rank: [1, 2, 2, 3] ranks as [1, 2.5, 2.5, 4].
@@ -275,13 +295,13 @@ def test_spearman_correlation_matches_scipy_with_ties():
 def test_model_randomization_gradient_vs_edge_detector():
     rng = np.random.default_rng(6)
     x = rng.uniform(size=(4, 1, 8, 8))
-    trained = rng.normal(size=(1, 1, 8, 8))        # "models" are weight arrays here
+    trained = rng.normal(size=(1, 1, 8, 8))  # "models" are weight arrays here
     stages = [("fc", rng.normal(size=(1, 1, 8, 8)))]
 
     def gradient_x_input(w, images, targets):
         return (w * images)[:, 0]
 
-    def edges(w, images, targets):                  # ignores the model entirely
+    def edges(w, images, targets):  # ignores the model entirely
         return np.abs(np.diff(images[:, 0], axis=-1, append=0.0))
 
     grad = metrics.model_randomization(gradient_x_input, trained, stages, x, 0, keep_maps=True)
@@ -330,8 +350,9 @@ def torch_quadrant_model(torch, size=8):
 def test_torch_degradation_and_localisation_match_closed_form(torch):
     model = torch_quadrant_model(torch).train()
     _, morf, lerf = expected_quadrant_curves()
-    res = metrics.degradation_test(model, quadrant_image(), quadrant_mask(), 0, tile_size=2,
-                                   n_steps=None, batch_size=5)
+    res = metrics.degradation_test(
+        model, quadrant_image(), quadrant_mask(), 0, tile_size=2, n_steps=None, batch_size=5
+    )
     np.testing.assert_allclose(res.morf[0], morf, rtol=1e-5)
     np.testing.assert_allclose(res.lerf[0], lerf, rtol=1e-5)
     # The backend's frozen() restored the model's flags.
@@ -350,8 +371,9 @@ def test_torch_backend_by_name_and_like_tensor(torch):
     model = torch_quadrant_model(torch)
     x = quadrant_image()
     direct = metrics.target_scores(model, x, 0)
-    named = metrics.target_scores(model, x.astype(np.float64), 0, backend="torch",
-                                  like=torch.zeros(1, dtype=torch.float32))
+    named = metrics.target_scores(
+        model, x.astype(np.float64), 0, backend="torch", like=torch.zeros(1, dtype=torch.float32)
+    )
     assert direct[0] == pytest.approx(sigmoid(2.0), rel=1e-6)
     assert named[0] == pytest.approx(direct[0], rel=1e-6)
 
@@ -373,8 +395,7 @@ def test_torch_sensitivity_n_for_linear_model(torch):
 def test_torch_model_randomization_of_gradients(torch):
     nn = torch.nn
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 8 * 8, 3))
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
     x = np.random.default_rng(8).uniform(size=(3, 1, 8, 8)).astype(np.float32)
 
     def gradient(m, images, targets):
@@ -389,10 +410,10 @@ def test_torch_model_randomization_of_gradients(torch):
 
     original = [p.detach().clone() for p in model.parameters()]
     res = metrics.model_randomization(
-        gradient, model, metrics.cascading_randomization(model, ["3", "0"], randomize), x,
-        [0, 1, 2])
+        gradient, model, metrics.cascading_randomization(model, ["3", "0"], randomize), x, [0, 1, 2]
+    )
     assert res.names == ["3", "0"]
-    assert np.all(res.spearman[-1] < 0.6)           # maps change once all weights are random
+    assert np.all(res.spearman[-1] < 0.6)  # maps change once all weights are random
     assert all(torch.equal(a, b) for a, b in zip(original, model.parameters()))
 
 
@@ -402,14 +423,19 @@ def test_tf_channels_last_inferred_from_backend():
     pytest.importorskip("tensorflow")
     keras = pytest.importorskip("keras")
     inputs = keras.Input((8, 8, 1))
-    crop = keras.layers.Cropping2D(((0, 4), (0, 4)))(inputs)    # the top-left quadrant
+    crop = keras.layers.Cropping2D(((0, 4), (0, 4)))(inputs)  # the top-left quadrant
     flat = keras.layers.Flatten()(crop)
     dense = keras.layers.Dense(2)
     model = keras.Model(inputs, dense(flat))
-    dense.set_weights([np.stack([np.full(16, 0.25), np.zeros(16)], axis=1).astype(np.float32),
-                       np.array([-2.0, 0.0], np.float32)])
+    dense.set_weights(
+        [
+            np.stack([np.full(16, 0.25), np.zeros(16)], axis=1).astype(np.float32),
+            np.array([-2.0, 0.0], np.float32),
+        ]
+    )
     _, morf, lerf = expected_quadrant_curves()
-    res = metrics.degradation_test(model, np.moveaxis(quadrant_image(), 1, -1), quadrant_mask(),
-                                   0, tile_size=2, n_steps=None)
+    res = metrics.degradation_test(
+        model, np.moveaxis(quadrant_image(), 1, -1), quadrant_mask(), 0, tile_size=2, n_steps=None
+    )
     np.testing.assert_allclose(res.morf[0], morf, rtol=1e-5)
     np.testing.assert_allclose(res.lerf[0], lerf, rtol=1e-5)

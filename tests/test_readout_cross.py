@@ -62,8 +62,9 @@ def _maps(readout: ReadoutBottleneck, case: Any, images: np.ndarray) -> tuple[np
     return (backend.to_numpy(saliency_map(cap, IMAGE_SIZE)), backend.to_numpy(readout.alpha))
 
 
-@pytest.mark.parametrize("source, target", [(torch_case, tf_case), (tf_case, torch_case)],
-                         ids=["torch-to-tf", "tf-to-torch"])
+@pytest.mark.parametrize(
+    "source, target", [(torch_case, tf_case), (tf_case, torch_case)], ids=["torch-to-tf", "tf-to-torch"]
+)
 def test_weights_move_between_frameworks(source: Any, target: Any) -> None:
     src_case, dst_case = source(), target()
     readout, _ = _trained(src_case)
@@ -71,8 +72,7 @@ def test_weights_move_between_frameworks(source: Any, target: Any) -> None:
     expected_maps, expected_alpha = _maps(readout, src_case, images)
 
     dst_model = dst_case.make_model(readout_reference_weights())
-    dst = ReadoutBottleneck(get_backend(dst_case.backend), dst_model, BOTTLENECK_LAYER,
-                            list(READOUT_LAYERS))
+    dst = ReadoutBottleneck(get_backend(dst_case.backend), dst_model, BOTTLENECK_LAYER, list(READOUT_LAYERS))
     dst.load_state_dict(readout.state_dict())
     maps, alpha = _maps(dst, dst_case, images)
     assert maps.shape == expected_maps.shape == (6, *IMAGE_SIZE)
@@ -90,8 +90,7 @@ def test_fronts_share_the_npz_file(tmp_path: Any) -> None:
     torch_model = torch_case().make_model(readout_reference_weights())
     keras_model = tf_case().make_model(readout_reference_weights())
     images, labels = blob_images(64, 1)
-    loader = [(torch.as_tensor(images[i:i + 32]), torch.as_tensor(labels[i:i + 32]))
-              for i in (0, 32)]
+    loader = [(torch.as_tensor(images[i : i + 32]), torch.as_tensor(labels[i : i + 32])) for i in (0, 32)]
     readout = iba_torch.IBAReadout("relu2", list(READOUT_LAYERS), torch_model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FewSamplesWarning)

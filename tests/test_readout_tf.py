@@ -20,19 +20,22 @@ pytestmark = pytest.mark.tf
 def make_model(weights: dict[str, np.ndarray]) -> Any:
     """The suite's reference network in Keras, channels-last, PyTorch's padding."""
     layers = keras.layers
-    model = keras.Sequential([
-        keras.Input((12, 12, 3)),
-        layers.Conv2D(8, 3, padding="same", name="conv1"),
-        layers.ReLU(name="relu1"),
-        layers.ZeroPadding2D(1, name="pad2"),
-        layers.Conv2D(8, 3, strides=2, name="conv2"),
-        layers.ReLU(name="relu2"),
-        layers.ZeroPadding2D(1, name="pad3"),
-        layers.Conv2D(8, 3, strides=2, name="conv3"),
-        layers.ReLU(name="relu3"),
-        layers.GlobalAveragePooling2D(name="pool"),
-        layers.Dense(5, name="logits"),
-    ], name="readout_reference")
+    model = keras.Sequential(
+        [
+            keras.Input((12, 12, 3)),
+            layers.Conv2D(8, 3, padding="same", name="conv1"),
+            layers.ReLU(name="relu1"),
+            layers.ZeroPadding2D(1, name="pad2"),
+            layers.Conv2D(8, 3, strides=2, name="conv2"),
+            layers.ReLU(name="relu2"),
+            layers.ZeroPadding2D(1, name="pad3"),
+            layers.Conv2D(8, 3, strides=2, name="conv3"),
+            layers.ReLU(name="relu3"),
+            layers.GlobalAveragePooling2D(name="pool"),
+            layers.Dense(5, name="logits"),
+        ],
+        name="readout_reference",
+    )
     for name in ("conv1", "conv2", "conv3"):
         kernel = np.transpose(weights[f"{name}.weight"], (2, 3, 1, 0))  # (kh, kw, in, out)
         model.get_layer(name).set_weights([kernel, weights[f"{name}.bias"]])
@@ -47,9 +50,13 @@ def to_inputs(images: np.ndarray) -> Any:
 def make_case() -> ReadoutCase:
     from iba_tf._readout import compile_loss
 
-    return ReadoutCase(backend="tf", make_model=make_model, to_inputs=to_inputs,
-                       layer_of=lambda model, name: model.get_layer(name),
-                       train_options={"compile": compile_loss})
+    return ReadoutCase(
+        backend="tf",
+        make_model=make_model,
+        to_inputs=to_inputs,
+        layer_of=lambda model, name: model.get_layer(name),
+        train_options={"compile": compile_loss},
+    )
 
 
 class TestTFReadout(ReadoutTests):

@@ -35,12 +35,19 @@ def _one_thread() -> Any:
 def make_model(weights: dict[str, np.ndarray]) -> torch.nn.Module:
     """The suite's reference network (see ``readout_reference_weights``)."""
     nn = torch.nn
-    model = nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(3, 8, 3, padding=1), relu1=nn.ReLU(),
-        conv2=nn.Conv2d(8, 8, 3, stride=2, padding=1), relu2=nn.ReLU(),
-        conv3=nn.Conv2d(8, 8, 3, stride=2, padding=1), relu3=nn.ReLU(),
-        pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), logits=nn.Linear(8, 5),
-    ))
+    model = nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(3, 8, 3, padding=1),
+            relu1=nn.ReLU(),
+            conv2=nn.Conv2d(8, 8, 3, stride=2, padding=1),
+            relu2=nn.ReLU(),
+            conv3=nn.Conv2d(8, 8, 3, stride=2, padding=1),
+            relu3=nn.ReLU(),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(),
+            logits=nn.Linear(8, 5),
+        )
+    )
     model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
     return model.eval()
 
@@ -50,8 +57,12 @@ def to_inputs(images: np.ndarray) -> torch.Tensor:
 
 
 def make_case() -> ReadoutCase:
-    return ReadoutCase(backend="torch", make_model=make_model, to_inputs=to_inputs,
-                       layer_of=lambda model, name: dict(model.named_modules())[name])
+    return ReadoutCase(
+        backend="torch",
+        make_model=make_model,
+        to_inputs=to_inputs,
+        layer_of=lambda model, name: dict(model.named_modules())[name],
+    )
 
 
 class TestTorchReadout(ReadoutTests):
@@ -64,8 +75,10 @@ class TestTorchReadout(ReadoutTests):
 # -- the PyTorch front -------------------------------------------------------------------
 def _loader(n: int, seed: int, batch: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     images, labels = blob_images(n, seed)
-    return [(torch.as_tensor(images[i:i + batch]), torch.as_tensor(labels[i:i + batch]))
-            for i in range(0, n, batch)]
+    return [
+        (torch.as_tensor(images[i : i + batch]), torch.as_tensor(labels[i : i + batch]))
+        for i in range(0, n, batch)
+    ]
 
 
 def _hooks(model: torch.nn.Module) -> int:
@@ -105,8 +118,9 @@ class TestIBAReadoutFront:
         model = make_model(readout_reference_weights())
         model.train()
         model.logits.weight.requires_grad_(False)
-        flags = [(m.training, [p.requires_grad for p in m.parameters(recurse=False)])
-                 for m in model.modules()]
+        flags = [
+            (m.training, [p.requires_grad for p in m.parameters(recurse=False)]) for m in model.modules()
+        ]
         weights = {k: v.clone() for k, v in model.state_dict().items()}
         x = torch.as_tensor(blob_images(4, 9)[0])
         with torch.no_grad():
@@ -120,8 +134,9 @@ class TestIBAReadoutFront:
         readout.train(model, loader, epochs=1, lr=1e-2, warn=False)
         readout.analyze(x)
         assert _hooks(model) == 0
-        assert [(m.training, [p.requires_grad for p in m.parameters(recurse=False)])
-                for m in model.modules()] == flags
+        assert [
+            (m.training, [p.requires_grad for p in m.parameters(recurse=False)]) for m in model.modules()
+        ] == flags
         for k, v in model.state_dict().items():
             assert torch.equal(v, weights[k])
         assert all(p.grad is None for p in model.parameters())
@@ -150,8 +165,9 @@ class TestIBAReadoutFront:
             seen.append(np.asarray(targets))
             return target_cross_entropy(output, targets)
 
-        shuffled = [(x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))])
-                    for x, y in loader]
+        shuffled = [
+            (x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]) for x, y in loader
+        ]
         readout.evaluate(model, shuffled, beta=0)  # default loss: no error for any order
         readout.train(model, shuffled, epochs=1, lr=1e-9, model_loss_fn=loss)
         assert [s.tolist() for s in seen] == [y.tolist() for _, y in shuffled]
@@ -243,8 +259,7 @@ class TestIBAReadoutFront:
         x = torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(1))
         one, zero = torch.ones(3, 3, 3), torch.zeros(3, 3, 3)
         got = readout_input([x], [zero], [one], (6, 6))
-        expected = torch.nn.functional.interpolate(x, size=(6, 6), mode="bilinear",
-                                                   align_corners=False)
+        expected = torch.nn.functional.interpolate(x, size=(6, 6), mode="bilinear", align_corners=False)
         np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
 
     def test_detach(self, trained_front: Any) -> None:

@@ -13,8 +13,9 @@ import iba_core
 
 
 def _run(code: str) -> str:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True
+    )
     return out.stdout.strip()
 
 
@@ -36,13 +37,11 @@ def test_builtin_backends_come_from_entry_points():
     assert eps.get("torch") == "iba_torch._plugin"
     assert eps.get("tf") == "iba_tf._plugin"
     pm = iba_core.plugin_manager()
-    assert {"iba_torch._plugin", "iba_tf._plugin"} <= {
-        getattr(p, "__name__", "") for p in pm.get_plugins()}
+    assert {"iba_torch._plugin", "iba_tf._plugin"} <= {getattr(p, "__name__", "") for p in pm.get_plugins()}
 
 
 def test_unknown_name_lists_installed_backends():
-    with pytest.raises(LookupError,
-                       match=r"no iba backend named 'mxnet'; installed backends: (\[|none)"):
+    with pytest.raises(LookupError, match=r"no iba backend named 'mxnet'; installed backends: (\[|none)"):
         iba_core.get_backend("mxnet")
 
 

@@ -42,6 +42,7 @@ def files_under(path: Path) -> list[str]:
 @pytest.fixture
 def no_model_work(monkeypatch):
     """Loading a model or a backend fails the test: the run must stop before."""
+
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before the mistake was found")
 
@@ -61,8 +62,7 @@ def images(tmp_path_factory):
     for name, n, seed in (("images", 3, 1), ("estimate", 20, 2)):
         (root / name).mkdir()
         for i, img in enumerate(cluttered_digits(n, split="test", seed=seed).images):
-            Image.fromarray(np.round(img[0] * 255).astype(np.uint8)).save(
-                root / name / f"d{i}.png")
+            Image.fromarray(np.round(img[0] * 255).astype(np.uint8)).save(root / name / f"d{i}.png")
     (root / "notes.txt").write_text("a regular file\n")
     return root
 
@@ -71,21 +71,24 @@ def images(tmp_path_factory):
 EXPLAIN = ["explain", MODEL, "--layer", LAYER, "--images", "x.png", "--estimate-from", "e"]
 
 
-@pytest.mark.parametrize("argv, option, bad", [
-    (["--beta", "-1"], "--beta", "'-1'"),
-    (["--beta", "nan"], "--beta", "'nan'"),
-    (["--beta", "inf"], "--beta", "'inf'"),
-    (["--steps", "-1"], "--steps", "'-1'"),
-    (["--seed", "-1"], "--seed", "'-1'"),
-    (["--std", "nan"], "--std", "'nan'"),
-    (["--std", "0.2", "-0.1"], "--std", "'-0.1'"),
-    (["--mean", "nan"], "--mean", "'nan'"),
-    (["--n-samples", "0"], "--n-samples", "'0'"),
-    (["--batch-size", "0"], "--batch-size", "'0'"),
-    (["--size", "0"], "--size", "'0'"),
-    (["--target", "-1"], "--target", "'-1'"),
-    (["--steps", "2.5"], "--steps", "must be an integer, got '2.5'"),
-])
+@pytest.mark.parametrize(
+    "argv, option, bad",
+    [
+        (["--beta", "-1"], "--beta", "'-1'"),
+        (["--beta", "nan"], "--beta", "'nan'"),
+        (["--beta", "inf"], "--beta", "'inf'"),
+        (["--steps", "-1"], "--steps", "'-1'"),
+        (["--seed", "-1"], "--seed", "'-1'"),
+        (["--std", "nan"], "--std", "'nan'"),
+        (["--std", "0.2", "-0.1"], "--std", "'-0.1'"),
+        (["--mean", "nan"], "--mean", "'nan'"),
+        (["--n-samples", "0"], "--n-samples", "'0'"),
+        (["--batch-size", "0"], "--batch-size", "'0'"),
+        (["--size", "0"], "--size", "'0'"),
+        (["--target", "-1"], "--target", "'-1'"),
+        (["--steps", "2.5"], "--steps", "must be an integer, got '2.5'"),
+    ],
+)
 def test_bad_numbers_of_explain(argv, option, bad, tmp_path, capsys, no_model_work):
     assert main([*EXPLAIN, "--out", str(tmp_path / "out"), *argv]) == 2
     captured = capsys.readouterr()
@@ -93,10 +96,15 @@ def test_bad_numbers_of_explain(argv, option, bad, tmp_path, capsys, no_model_wo
     assert not captured.out and files_under(tmp_path) == []
 
 
-@pytest.mark.parametrize("argv, option", [
-    (["--n", "0"], "--n"), (["--n", "65"], "--n"), (["--seed", "-1"], "--seed"),
-    (["--estimate-samples", "0"], "--estimate-samples"),
-])
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--n", "0"], "--n"),
+        (["--n", "65"], "--n"),
+        (["--seed", "-1"], "--seed"),
+        (["--estimate-samples", "0"], "--estimate-samples"),
+    ],
+)
 def test_bad_numbers_of_demo(argv, option, tmp_path, capsys, no_model_work):
     assert main(["demo", "--out", str(tmp_path / "out"), *argv]) == 2
     one_line(capsys.readouterr().err, f"iba demo: error: argument {option}: must be an integer")
@@ -104,8 +112,23 @@ def test_bad_numbers_of_demo(argv, option, tmp_path, capsys, no_model_work):
 
 
 def test_good_numbers_still_parse():
-    args = build_parser().parse_args([*EXPLAIN, "--beta", "0", "--steps", "0", "--std", "0.5",
-                                      "--mean", "-0.5", "--n-samples", "1e3", "--size", "32"])
+    args = build_parser().parse_args(
+        [
+            *EXPLAIN,
+            "--beta",
+            "0",
+            "--steps",
+            "0",
+            "--std",
+            "0.5",
+            "--mean",
+            "-0.5",
+            "--n-samples",
+            "1e3",
+            "--size",
+            "32",
+        ]
+    )
     assert (args.beta, args.steps, args.std, args.mean) == (0.0, 0, [0.5], [-0.5])
     assert args.n_samples == 1000 and args.size == [32]
 
@@ -114,8 +137,12 @@ def test_good_numbers_still_parse():
 def test_out_under_a_file_is_refused_first(images, tmp_path, capsys, no_model_work):
     bad = str(images / "notes.txt" / "out")
     assert main(["demo", "--out", bad]) == 2
-    one_line(capsys.readouterr().err, f"--out {bad} cannot be written",
-             "notes.txt is a file, not a folder", "choose another path")
+    one_line(
+        capsys.readouterr().err,
+        f"--out {bad} cannot be written",
+        "notes.txt is a file, not a folder",
+        "choose another path",
+    )
     assert main([*EXPLAIN, "--out", bad]) == 2
     one_line(capsys.readouterr().err, f"--out {bad} cannot be written")
     assert (images / "notes.txt").read_text() == "a regular file\n"
@@ -125,8 +152,7 @@ def test_save_estimate_under_a_file_is_refused_first(images, tmp_path, capsys, n
     bad = str(images / "notes.txt" / "deeper" / "est.npz")
     out = tmp_path / "out"
     assert main([*EXPLAIN, "--out", str(out), "--save-estimate", bad]) == 2
-    one_line(capsys.readouterr().err, f"--save-estimate {bad} cannot be written",
-             "is a file, not a folder")
+    one_line(capsys.readouterr().err, f"--save-estimate {bad} cannot be written", "is a file, not a folder")
     assert main([*EXPLAIN, "--out", str(out), "--save-estimate", str(tmp_path)]) == 2
     one_line(capsys.readouterr().err, "--save-estimate", "is a folder; give a file name")
     assert files_under(tmp_path) == []
@@ -135,11 +161,18 @@ def test_save_estimate_under_a_file_is_refused_first(images, tmp_path, capsys, n
 # -- 3. --estimate-samples has a stated maximum -----------------------------------------------
 def test_estimate_samples_beyond_the_maximum(tmp_path, capsys, no_model_work):
     assert main(["demo", "--estimate-samples", "1e8", "--out", str(tmp_path / "o")]) == 2
-    one_line(capsys.readouterr().err, "argument --estimate-samples",
-             f"between 1 and {DEMO_MAX_ESTIMATE}", "in memory", "got '1e8'")
+    one_line(
+        capsys.readouterr().err,
+        "argument --estimate-samples",
+        f"between 1 and {DEMO_MAX_ESTIMATE}",
+        "in memory",
+        "got '1e8'",
+    )
     parser = build_parser()
-    assert parser.parse_args(["demo", "--estimate-samples", str(DEMO_MAX_ESTIMATE)]
-                             ).estimate_samples == DEMO_MAX_ESTIMATE
+    assert (
+        parser.parse_args(["demo", "--estimate-samples", str(DEMO_MAX_ESTIMATE)]).estimate_samples
+        == DEMO_MAX_ESTIMATE
+    )
     assert main(["demo", "--estimate-samples", str(DEMO_MAX_ESTIMATE + 1)]) == 2
     capsys.readouterr()
     assert files_under(tmp_path) == []
@@ -150,8 +183,14 @@ def test_model_file_calling_sys_exit_in_a_real_process(tmp_path):
     (tmp_path / "exits.py").write_text("import sys\nsys.exit(3)\ndef make():\n    pass\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     env.pop("IBA_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "iba_core.apps.cli", "layers", "exits.py:make"],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "iba_core.apps.cli", "layers", "exits.py:make"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     one_line(proc.stderr, "importing 'exits.py' called sys.exit(3)", "__main__")
     assert files_under(tmp_path) == ["exits.py"]
@@ -159,12 +198,14 @@ def test_model_file_calling_sys_exit_in_a_real_process(tmp_path):
 
 def test_factory_calling_sys_exit(tmp_path, capsys, monkeypatch):
     pytest.importorskip("torch")
-    (tmp_path / "quits.py").write_text(textwrap.dedent("""
+    (tmp_path / "quits.py").write_text(
+        textwrap.dedent("""
         import sys
 
         def make():
             sys.exit("no model today")
-    """))
+    """)
+    )
     monkeypatch.chdir(tmp_path)
     assert main(["layers", "quits.py:make", "--backend", "torch"]) == 2
     one_line(capsys.readouterr().err, "calling the factory called sys.exit('no model today')")
@@ -184,6 +225,7 @@ def test_output_set_is_all_old_or_all_new_at_every_interruption(tmp_path, monkey
             if calls["n"] == k:
                 raise KeyboardInterrupt
             real_replace(src, dst)
+
         return replace
 
     # 3 old files: 6 renames (old aside, new in); interrupt before each of them.
@@ -245,8 +287,7 @@ def test_demo_interrupted_between_its_two_files(tmp_path, capsys, monkeypatch):
     assert all(new[name] != old[name] for name in old)
 
 
-def test_explain_interrupted_at_its_last_file_writes_nothing(images, tmp_path, capsys,
-                                                             monkeypatch):
+def test_explain_interrupted_at_its_last_file_writes_nothing(images, tmp_path, capsys, monkeypatch):
     """--save-estimate belongs to the set: interrupted at its rename, the overlays already
     renamed into the new --out folder are taken back and the folder is removed."""
     pytest.importorskip("torch")
@@ -262,9 +303,27 @@ def test_explain_interrupted_at_its_last_file_writes_nothing(images, tmp_path, c
         real_replace(src, dst)
 
     monkeypatch.setattr(cli, "_replace", replace)
-    assert main(["explain", MODEL, "--layer", LAYER, "--images", str(images / "images"),
-                 "--estimate-from", str(images / "estimate"), "--steps", "2",
-                 "--save-estimate", str(est), "--out", str(tmp_path / "out" / "run")]) == 130
+    assert (
+        main(
+            [
+                "explain",
+                MODEL,
+                "--layer",
+                LAYER,
+                "--images",
+                str(images / "images"),
+                "--estimate-from",
+                str(images / "estimate"),
+                "--steps",
+                "2",
+                "--save-estimate",
+                str(est),
+                "--out",
+                str(tmp_path / "out" / "run"),
+            ]
+        )
+        == 130
+    )
     assert "saliency_maps.npz" in moved and "summary.csv" in moved
     assert est.read_bytes() == b"old estimate"
     assert files_under(tmp_path) == ["est.npz"]
@@ -277,8 +336,7 @@ def test_warnings_are_one_line_once_per_message(capsys):
             warnings.warn("too few\nsamples", UserWarning, stacklevel=1)
         warnings.warn("another", RuntimeWarning, stacklevel=1)
         warnings.warn("old API", DeprecationWarning, stacklevel=1)  # hidden, as Python hides it
-    assert capsys.readouterr().err.splitlines() == ["iba: warning: too few samples",
-                                                    "iba: warning: another"]
+    assert capsys.readouterr().err.splitlines() == ["iba: warning: too few samples", "iba: warning: another"]
 
 
 def test_demo_with_few_samples_warns_in_one_line(tmp_path, capsys):
@@ -289,9 +347,25 @@ def test_demo_with_few_samples_warns_in_one_line(tmp_path, capsys):
 
 def test_explain_with_few_samples_warns_in_one_line(images, tmp_path, capsys):
     pytest.importorskip("torch")
-    assert main(["explain", MODEL, "--layer", LAYER, "--images", str(images / "images"),
-                 "--estimate-from", str(images / "estimate"), "--steps", "2",
-                 "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                MODEL,
+                "--layer",
+                LAYER,
+                "--images",
+                str(images / "images"),
+                "--estimate-from",
+                str(images / "estimate"),
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     one_line(capsys.readouterr().err, "iba: warning: the statistics rest on 20 samples")
 
 
@@ -299,10 +373,30 @@ def test_explain_with_few_samples_warns_in_one_line(images, tmp_path, capsys):
 def test_layer_without_spatial_axes(images, tmp_path, capsys):
     pytest.importorskip("torch")
     out = tmp_path / "out"
-    assert main(["explain", MODEL, "--layer", "classifier.fc", "--images",
-                 str(images / "images"), "--estimate-from", str(images / "estimate"),
-                 "--out", str(out), "--save-estimate", str(tmp_path / "e.npz")]) == 2
+    assert (
+        main(
+            [
+                "explain",
+                MODEL,
+                "--layer",
+                "classifier.fc",
+                "--images",
+                str(images / "images"),
+                "--estimate-from",
+                str(images / "estimate"),
+                "--out",
+                str(out),
+                "--save-estimate",
+                str(tmp_path / "e.npz"),
+            ]
+        )
+        == 2
+    )
     # One line and no few-samples warning: refused before the statistics were estimated.
-    one_line(capsys.readouterr().err, "layer 'classifier.fc' has no spatial axes",
-             "(features (N, 10))", "choose a convolutional layer")
+    one_line(
+        capsys.readouterr().err,
+        "layer 'classifier.fc' has no spatial axes",
+        "(features (N, 10))",
+        "choose a convolutional layer",
+    )
     assert files_under(tmp_path) == []

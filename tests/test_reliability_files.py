@@ -123,8 +123,12 @@ def test_estimate_format_versions(tmp_path, estimate):
     copy = Estimator()
     copy.load_state_dict(state)  # in memory, as state_dict() gives it
     np.testing.assert_array_equal(copy.mean(), estimate.mean())
-    for fmt, words in ((None, "no format mark"), ("iba.estimate/1", "an older format"),
-                       ("iba.estimate/9", "a newer format"), ("other/1", "an unknown format")):
+    for fmt, words in (
+        (None, "no format mark"),
+        ("iba.estimate/1", "an older format"),
+        ("iba.estimate/9", "a newer format"),
+        ("other/1", "an unknown format"),
+    ):
         bad = dict(state)
         if fmt is None:
             del bad["format"]
@@ -145,9 +149,15 @@ def _tiny_torch_readout():
 
     torch.manual_seed(0)
     nn = torch.nn
-    model = nn.Sequential(OrderedDict(
-        conv=nn.Conv2d(1, 4, 3, padding=1), relu=nn.ReLU(), pool=nn.AdaptiveMaxPool2d(1),
-        flat=nn.Flatten(), fc=nn.Linear(4, 3))).eval()
+    model = nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(1, 4, 3, padding=1),
+            relu=nn.ReLU(),
+            pool=nn.AdaptiveMaxPool2d(1),
+            flat=nn.Flatten(),
+            fc=nn.Linear(4, 3),
+        )
+    ).eval()
     x = torch.randn(24, 1, 8, 8)
     y = torch.arange(24) % 3
     readout = IBAReadout("relu", ["relu", "fc"], model)
@@ -169,10 +179,8 @@ def test_readout_files_are_versioned_and_checked(tmp_path):
     np.testing.assert_array_equal(fresh.state_dict()["head.w1"], state["head.w1"])
     cases = {
         "older": ({**state, "format": np.asarray("iba.readout/1")}, "older format"),
-        "unmarked estimate": ({k: v for k, v in state.items() if k != "readout.1.format"},
-                              "no format mark"),
-        "nan head": ({**state, "head.b3": np.full_like(state["head.b3"], np.nan)},
-                     "not finite"),
+        "unmarked estimate": ({k: v for k, v in state.items() if k != "readout.1.format"}, "no format mark"),
+        "nan head": ({**state, "head.b3": np.full_like(state["head.b3"], np.nan)}, "not finite"),
     }
     for name, (bad, words) in cases.items():
         file = tmp_path / f"{name.replace(' ', '_')}.npz"
@@ -242,8 +250,9 @@ def test_ibacopy_refuses_target_for_a_softmax_model():
     assert "probabilities" in str(info.value)
     # A loss of the outputs stays allowed (e.g. a probability to maximise).
     keras = pytest.importorskip("keras")
-    maps = iba.analyze(x[:1], loss_fn=lambda out: -keras.ops.mean(out[:, 0]),
-                       optimization_steps=2, batch_size=2)
+    maps = iba.analyze(
+        x[:1], loss_fn=lambda out: -keras.ops.mean(out[:, 0]), optimization_steps=2, batch_size=2
+    )
     assert maps.shape == (8, 8) and np.isfinite(maps).all()
     for before, after in zip(weights, model.get_weights()):
         np.testing.assert_array_equal(before, after)
@@ -273,8 +282,7 @@ def _loop_matrix(n: int, sigma: float) -> np.ndarray:
 @pytest.mark.parametrize("sigma", [0.5, 1, 2, 5])
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 16])
 def test_smoothing_matrix_equals_the_loop_construction(n, sigma):
-    np.testing.assert_allclose(smoothing_matrix(n, sigma), _loop_matrix(n, sigma),
-                               rtol=1e-13, atol=1e-16)
+    np.testing.assert_allclose(smoothing_matrix(n, sigma), _loop_matrix(n, sigma), rtol=1e-13, atol=1e-16)
 
 
 def test_very_wide_kernel_gives_the_uniform_limit():
@@ -287,8 +295,11 @@ def test_very_wide_kernel_gives_the_uniform_limit():
     np.testing.assert_allclose(mat.sum(axis=1), 1.0, rtol=1e-12)
     # The closed form used for wide kernels matches the tap-by-tap sum where both apply.
     for period in (2, 6, 30):
-        np.testing.assert_allclose(_folded_kernel(period, 3e3, closed_form=True),
-                                   _folded_kernel(period, 3e3, closed_form=False), atol=1e-14)
+        np.testing.assert_allclose(
+            _folded_kernel(period, 3e3, closed_form=True),
+            _folded_kernel(period, 3e3, closed_form=False),
+            atol=1e-14,
+        )
 
 
 # -- 5. readout training: progress and convergence -------------------------------------------
@@ -297,10 +308,9 @@ def test_readout_training_reports_held_out_progress_and_warns_when_unconverged()
     from iba_core.engines._readout import INITIAL_BIAS, NotConvergedWarning
 
     readout, model, x, y = _tiny_torch_readout()
-    batches = [(x[i:i + 6], y[i:i + 6]) for i in range(0, 24, 6)]
+    batches = [(x[i : i + 6], y[i : i + 6]) for i in range(0, 24, 6)]
     with pytest.warns(NotConvergedWarning, match="lets almost everything pass") as caught:
-        losses = readout.train(model, batches[:1], epochs=1, lr=1e-4, validation=batches[1:],
-                               seed=0)
+        losses = readout.train(model, batches[:1], epochs=1, lr=1e-4, validation=batches[1:], seed=0)
     assert caught[0].filename == __file__  # points at the user's line
     assert len(losses) == 1 and readout.history is losses
     record = losses.history[0]

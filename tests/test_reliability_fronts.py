@@ -33,8 +33,10 @@ def torch_state(model: torch.nn.Module) -> dict:
         "training": [m.training for m in model.modules()],
         "requires_grad": [p.requires_grad for p in model.parameters()],
         "grad": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-                  for m in model.modules()],
+        "hooks": [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()
+        ],
     }
 
 
@@ -93,8 +95,7 @@ class TorchNet(torch.nn.Module):
 
 
 def torch_images(n: int, seed: int = 1) -> torch.Tensor:
-    return torch.from_numpy(np.random.default_rng(seed).standard_normal((n, 3, 8, 8))
-                            .astype("float32"))
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((n, 3, 8, 8)).astype("float32"))
 
 
 def keras_net(name: str = "net", seed: int = 0, with_iba: bool = False, twice: bool = False):
@@ -218,15 +219,19 @@ def test_keras_predict_first_traced_inside_is_clean_after(keras_explained) -> No
 def test_keras_functions_traced_outside_are_noisy_inside(keras_explained) -> None:
     model, iba, x = keras_explained
     y = np.array([0, 1])
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=0.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     user_fn = tf.function(lambda t: model(t, training=False))
 
     def run_all() -> dict:
-        return {"predict": model.predict(x, verbose=0),
-                "evaluate": model.evaluate(x, y, verbose=0),
-                "fit": model.fit(x, y, epochs=1, batch_size=2, verbose=0).history["loss"][0],
-                "tf.function": np.asarray(user_fn(tf.constant(x)))}
+        return {
+            "predict": model.predict(x, verbose=0),
+            "evaluate": model.evaluate(x, y, verbose=0),
+            "fit": model.fit(x, y, epochs=1, batch_size=2, verbose=0).history["loss"][0],
+            "tf.function": np.asarray(user_fn(tf.constant(x))),
+        }
 
     clean = run_all()  # every function traced while clean
     weights = [w.copy() for w in model.get_weights()]
@@ -246,8 +251,7 @@ def test_keras_functions_traced_outside_are_noisy_inside(keras_explained) -> Non
 
 def test_keras_restrict_flow_batch_mismatch_is_named(keras_explained) -> None:
     model, iba, x = keras_explained
-    with iba.restrict_flow(), pytest.raises(tf.errors.InvalidArgumentError,
-                                            match="mask holds"):
+    with iba.restrict_flow(), pytest.raises(tf.errors.InvalidArgumentError, match="mask holds"):
         model(np.concatenate([x, x, x]))
 
 
@@ -368,9 +372,11 @@ def test_saliency_of_vector_features_refused_every_front() -> None:
     kbefore = keras_state(kmodel, kx[:2])
     copied = IBACopy(kmodel, "flat")
     copied.estimate(kx, progbar=False)
-    for analyze in (lambda **kw: torch_iba.analyze(x[:2], target=[0, 1], **kw),
-                    lambda **kw: generic.analyze(x[:2], target=[0, 1], **kw),
-                    lambda **kw: copied.analyze(kx[:2], target=[0, 1], **kw)):
+    for analyze in (
+        lambda **kw: torch_iba.analyze(x[:2], target=[0, 1], **kw),
+        lambda **kw: generic.analyze(x[:2], target=[0, 1], **kw),
+        lambda **kw: copied.analyze(kx[:2], target=[0, 1], **kw),
+    ):
         with pytest.raises(ValueError, match="no spatial or sequence axis.*mode='capacity'"):
             analyze()
         capacity = analyze(mode="capacity", optimization_steps=2)
@@ -439,13 +445,14 @@ def test_nan_inputs_named_every_front() -> None:
     kbefore = keras_state(plain, kx[:1])
     copied = IBACopy(plain, "conv1")
     copied.estimate(kx, progbar=False)
-    for analyze in (lambda: kiba.analyze(kbad, model=kmodel, target=0),
-                    lambda: copied.analyze(kbad, target=0)):
+    for analyze in (
+        lambda: kiba.analyze(kbad, model=kmodel, target=0),
+        lambda: copied.analyze(kbad, target=0),
+    ):
         with pytest.raises(ValueError, match="NaN or inf"):
             analyze()
     assert_keras_intact(plain, kx[:1], kbefore)
-    assert "call" not in kiba.__dict__ and not any(
-        "call" in layer.__dict__ for layer in kmodel.layers)
+    assert "call" not in kiba.__dict__ and not any("call" in layer.__dict__ for layer in kmodel.layers)
 
 
 def test_refusals_leave_a_deep_copy_equal() -> None:
@@ -509,7 +516,6 @@ def test_torch_iba_module_inserted_twice_is_refused_by_restrict_flow() -> None:
         once(x[:1])
         once(x[:1])
     before = torch_state(twice)
-    with pytest.raises(RuntimeError, match="more than once in one forward pass"), \
-            iba.restrict_flow():
+    with pytest.raises(RuntimeError, match="more than once in one forward pass"), iba.restrict_flow():
         twice(x[:1])
     assert_torch_intact(twice, before)

@@ -22,8 +22,7 @@ def functional(data_format: str = "channels_last") -> keras.Model:
     shape = (8, 8, 3) if data_format == "channels_last" else (3, 8, 8)
     inputs = keras.Input(shape)
     x = keras.layers.Conv2D(4, 3, padding="same", data_format=data_format, name="conv")(inputs)
-    x = keras.layers.BatchNormalization(axis=-1 if data_format == "channels_last" else 1,
-                                        name="bn")(x)
+    x = keras.layers.BatchNormalization(axis=-1 if data_format == "channels_last" else 1, name="bn")(x)
     x = keras.layers.ReLU(name="relu")(x)
     x = keras.layers.Flatten(name="flat")(x)
     x = keras.layers.Dropout(0.5, name="drop")(x)
@@ -32,8 +31,14 @@ def functional(data_format: str = "channels_last") -> keras.Model:
 
 
 def sequence_model() -> keras.Model:
-    return keras.Sequential([keras.Input((5, 2)), keras.layers.Dense(3, name="proj"),
-                             keras.layers.GlobalAveragePooling1D(name="gap")], name="seq")
+    return keras.Sequential(
+        [
+            keras.Input((5, 2)),
+            keras.layers.Dense(3, name="proj"),
+            keras.layers.GlobalAveragePooling1D(name="gap"),
+        ],
+        name="seq",
+    )
 
 
 class Subclassed(keras.Model):
@@ -61,11 +66,14 @@ def test_selected_by_name_and_by_object():
 
 
 def test_plugin_does_not_import_tensorflow():
-    code = ("import sys, iba_core, iba_tf, iba_tf._plugin; "
-            "assert 'tf' in iba_core.available_backends(); "
-            "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    code = (
+        "import sys, iba_core, iba_tf, iba_tf._plugin; "
+        "assert 'tf' in iba_core.available_backends(); "
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == "False False"
 
 
@@ -211,8 +219,9 @@ def test_input_hook():
     model = functional()
     x = x_img()
     seen = []
-    with iba_core.contract.attached(BE, model, "conv", lambda f: seen.append(tuple(f.shape)) or f * 0.0,
-                           on_input=True):
+    with iba_core.contract.attached(
+        BE, model, "conv", lambda f: seen.append(tuple(f.shape)) or f * 0.0, on_input=True
+    ):
         out = model(x, training=False).numpy()
     assert seen == [(2, 8, 8, 3)]
     np.testing.assert_allclose(out[0], out[1])
@@ -244,8 +253,10 @@ def test_hook_errors():
         BE.attach(None, "conv", lambda f: None)
     with pytest.raises(TypeError, match="layer must be"):
         BE.attach(model, 3, lambda f: None)
-    with iba_core.contract.attached(BE, model, "relu", lambda f: f[:1]), \
-            pytest.raises(ValueError, match="returned shape"):
+    with (
+        iba_core.contract.attached(BE, model, "relu", lambda f: f[:1]),
+        pytest.raises(ValueError, match="returned shape"),
+    ):
         model(x_img(), training=False)
     assert "call" not in model.get_layer("relu").__dict__
 

@@ -38,10 +38,13 @@ def functional(head_activation: str | None = None, seed: int = 0) -> keras.Model
 
 def sequential(seed: int = 0, final=None) -> keras.Sequential:
     keras.utils.set_random_seed(seed)
-    layers = [keras.Input((12, 12, 3)),
-              L.Conv2D(6, 3, padding="same", activation="relu", name="conv1"),
-              L.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="conv2"),
-              L.Flatten(name="flat"), L.Dense(3, name="fc")]
+    layers = [
+        keras.Input((12, 12, 3)),
+        L.Conv2D(6, 3, padding="same", activation="relu", name="conv1"),
+        L.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="conv2"),
+        L.Flatten(name="flat"),
+        L.Dense(3, name="fc"),
+    ]
     if final is not None:
         layers.append(final)
     return keras.Sequential(layers, name="seq")
@@ -121,8 +124,7 @@ def test_the_copy_explains_like_a_layer_in_the_model():
     inputs = keras.Input((12, 12, 3))
     x = reference.get_layer("conv1")(inputs)
     by_hand = IBALayer(name="by_hand")
-    x = reference.get_layer("fc")(reference.get_layer("flat")(
-        reference.get_layer("conv2")(by_hand(x))))
+    x = reference.get_layer("fc")(reference.get_layer("flat")(reference.get_layer("conv2")(by_hand(x))))
     with_layer = keras.Model(inputs, x)
     data, x1 = images(40, seed=3), images(1, seed=4)
     by_hand.estimate(with_layer, data)
@@ -168,8 +170,7 @@ def test_noisy_copies_at_the_layer_or_at_the_input():
     iba.estimate(images(64, seed=2), batch_size=32)
     smaps = iba.analyze(images(2), target=[0, 2], seed=5, optimization_steps=3)
     assert iba.bottleneck.copies_made_at == "layer"
-    expected = analyze_with_copies_at_the_input(iba, images(2), target=[0, 2], seed=5,
-                                                optimization_steps=3)
+    expected = analyze_with_copies_at_the_input(iba, images(2), target=[0, 2], seed=5, optimization_steps=3)
     # float32: the layers before the bottleneck run on 2 instead of 20 rows (round-off
     # only), amplified a little by three Adam steps.
     np.testing.assert_allclose(smaps, expected, rtol=1e-4, atol=1e-6)
@@ -180,8 +181,7 @@ def test_noisy_copies_at_the_layer_or_at_the_input():
     iba.estimate(images(64, seed=2), batch_size=32)
     smaps = iba.analyze(images(2), target=[1, 0], seed=5, optimization_steps=3)
     assert iba.bottleneck.copies_made_at == "input"
-    expected = analyze_with_copies_at_the_input(iba, images(2), target=[1, 0], seed=5,
-                                                optimization_steps=3)
+    expected = analyze_with_copies_at_the_input(iba, images(2), target=[1, 0], seed=5, optimization_steps=3)
     np.testing.assert_array_equal(smaps, expected)
 
 
@@ -218,8 +218,7 @@ def test_unique_name_for_the_inserted_layer():
 
 
 # -- model_wo_softmax ----------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["dense-activation", "activation-layer", "softmax-layer",
-                                  "sequential"])
+@pytest.mark.parametrize("kind", ["dense-activation", "activation-layer", "softmax-layer", "sequential"])
 def test_model_wo_softmax(kind):
     if kind == "dense-activation":
         model = functional(head_activation="softmax")
@@ -235,8 +234,7 @@ def test_model_wo_softmax(kind):
     before = snapshot(model, x)
     logits_model = model_wo_softmax(model)
     logits = logits_model(x, training=False).numpy()
-    np.testing.assert_allclose(tf.nn.softmax(logits).numpy(), before["outputs"], rtol=1e-5,
-                               atol=1e-7)
+    np.testing.assert_allclose(tf.nn.softmax(logits).numpy(), before["outputs"], rtol=1e-5, atol=1e-7)
     assert not np.allclose(logits.sum(axis=1), 1.0)
     assert_unchanged(model, before, x)
     assert model_wo_softmax(logits_model) is logits_model  # nothing left to strip
@@ -269,8 +267,7 @@ def test_neuron_selection_modes(analyzer_and_model):
     maxact = IBACopyInnvestigate(model, feature_name="relu1", estimator=analyzer.estimator)
     np.testing.assert_allclose(maxact.analyze(x, seed=0), by_index, rtol=1e-6, atol=1e-9)
 
-    every = IBACopyInnvestigate(model, "all", feature_name="relu1",
-                                estimator=analyzer.estimator)
+    every = IBACopyInnvestigate(model, "all", feature_name="relu1", estimator=analyzer.estimator)
     all_map = every.analyze(x, seed=0)
     assert all_map.shape == (3, 12, 12) and np.all(np.isfinite(all_map))
     assert not np.allclose(all_map, by_index)
@@ -321,8 +318,9 @@ def test_tf1_style_feature_name_and_save_load(tmp_path, analyzer_and_model):
     assert other.load_npz(path) is other
     assert other.estimator.n == analyzer.estimator.n
     x = images(1, seed=7)
-    np.testing.assert_array_equal(other.analyze(x, neuron_selection=1, seed=3),
-                                  analyzer.analyze(x, neuron_selection=1, seed=3))
+    np.testing.assert_array_equal(
+        other.analyze(x, neuron_selection=1, seed=3), analyzer.analyze(x, neuron_selection=1, seed=3)
+    )
     wrong_layer = IBACopyInnvestigate(model, feature_name="conv2")
     with pytest.raises(ValueError, match="layer 'relu1', not 'conv2'"):
         wrong_layer.load_npz(path)

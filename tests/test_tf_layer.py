@@ -50,8 +50,7 @@ def test_identity_unless_active_also_while_training():
     plain.set_weights(model.get_weights())
     x = images(4)
     np.testing.assert_array_equal(model(x).numpy(), plain(x).numpy())
-    model.compile(optimizer="sgd",
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     before = [w.copy() for w in model.get_weights()]
     model.fit(x, np.array([0, 1, 2, 0]), epochs=1, verbose=0)
     assert not all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
@@ -65,7 +64,7 @@ def test_estimate_from_arrays_generators_and_datasets_agree():
     x = images(48)
     ref = x_features(model, x)
     from_array = _stats(iba.estimate(model, x, batch_size=16))
-    from_gen = _stats(iba.estimate(model, ((x[i:i + 12], None) for i in range(0, 48, 12))))
+    from_gen = _stats(iba.estimate(model, ((x[i : i + 12], None) for i in range(0, 48, 12))))
     ds = tf.data.Dataset.from_tensor_slices((x, np.zeros(48))).batch(20)
     from_ds = _stats(iba.estimate(model, ds))
 
@@ -74,7 +73,7 @@ def test_estimate_from_arrays_generators_and_datasets_agree():
             return 4
 
         def __getitem__(self, i):
-            return x[i * 12:(i + 1) * 12], np.zeros(12)
+            return x[i * 12 : (i + 1) * 12], np.zeros(12)
 
     from_pydataset = _stats(iba.estimate(model, Batches()))
     for stats in (from_array, from_gen, from_ds, from_pydataset):
@@ -128,8 +127,9 @@ def test_a_loss_function_and_a_target_give_the_same_map(fitted):
 
     def loss(batch):
         logits = model(batch, training=False)
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            tf.fill([tf.shape(logits)[0]], 1), logits))
+        return tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(tf.fill([tf.shape(logits)[0]], 1), logits)
+        )
 
     by_loss = iba.analyze(x, loss, seed=4)
     by_target = iba.analyze(x, model=model, target=1, seed=4)

@@ -88,9 +88,18 @@ class TestCreation:
 
 
 class TestMath:
-    @pytest.mark.parametrize("shapes", [((3, 4), (4, 5)), ((5, 5), (2, 3, 5, 4)),
-                                        ((2, 3, 4, 5), (5, 2)), ((4,), (4, 3)), ((3, 4), (4,)),
-                                        ((4,), (4,)), ((1, 3, 4), (2, 4, 2))])
+    @pytest.mark.parametrize(
+        "shapes",
+        [
+            ((3, 4), (4, 5)),
+            ((5, 5), (2, 3, 5, 4)),
+            ((2, 3, 4, 5), (5, 2)),
+            ((4,), (4, 3)),
+            ((3, 4), (4,)),
+            ((4,), (4,)),
+            ((1, 3, 4), (2, 4, 2)),
+        ],
+    )
     def test_matmul_broadcasts_like_numpy(self, shapes):
         rng = np.random.default_rng(0)
         a, b = (rng.standard_normal(s) for s in shapes)
@@ -132,8 +141,9 @@ class TestMath:
         a = np.arange(24.0).reshape(2, 3, 4)
         x = t(a, "float64")
         np.testing.assert_array_equal(xp.sum(x, axis=(0, 2)).numpy(), a.sum(axis=(0, 2)))
-        np.testing.assert_array_equal(xp.mean(x, axis=-1, keepdims=True).numpy(),
-                                      a.mean(axis=-1, keepdims=True))
+        np.testing.assert_array_equal(
+            xp.mean(x, axis=-1, keepdims=True).numpy(), a.mean(axis=-1, keepdims=True)
+        )
         np.testing.assert_array_equal(xp.max(x).numpy(), 23.0)
         assert xp.sum(t([True, True, False], "bool")).dtype == tf.int64
         assert xp.sum(x, dtype=xp.float32).dtype == tf.float32
@@ -142,8 +152,9 @@ class TestMath:
         a = np.arange(6.0).reshape(2, 3)
         x = t(a)
         np.testing.assert_array_equal(xp.concat([x, x], axis=1).numpy(), np.concatenate([a, a], 1))
-        np.testing.assert_array_equal(xp.concat([x, x], axis=None).numpy(),
-                                      np.concatenate([a.ravel(), a.ravel()]))
+        np.testing.assert_array_equal(
+            xp.concat([x, x], axis=None).numpy(), np.concatenate([a.ravel(), a.ravel()])
+        )
         assert xp.expand_dims(x, axis=-1).shape == (2, 3, 1)
         assert xp.permute_dims(x, (1, 0)).shape == (3, 2)
         assert xp.reshape(x, (-1,)).shape == (6,)

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytestmark = [pytest.mark.torch,
-              pytest.mark.filterwarnings("ignore::iba_core.FewSamplesWarning")]
+pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore::iba_core.FewSamplesWarning")]
 
 from copies_helper import analyze_with_copies_at_the_input  # noqa: E402
 from iba_core import Estimator  # noqa: E402
@@ -63,8 +62,10 @@ def snapshot(model: nn.Module) -> dict:
         "requires_grad": [p.requires_grad for p in model.parameters()],
         "grad": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
         "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                     for m in model.modules()),
+        "hooks": sum(
+            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+            for m in model.modules()
+        ),
     }
 
 
@@ -105,8 +106,14 @@ class TestReferenceAPI:
         passes = []
         handle = model.fc.register_forward_hook(lambda m, i, o: passes.append(o.shape[0]))
         try:
-            maps = iba.analyze(images(5), target=[0, 1, 2, 3, 0], model=model, seed=0,
-                               inputs_per_pass=2, optimization_steps=2)
+            maps = iba.analyze(
+                images(5),
+                target=[0, 1, 2, 3, 0],
+                model=model,
+                seed=0,
+                inputs_per_pass=2,
+                optimization_steps=2,
+            )
         finally:
             handle.remove()
         assert maps.shape == (5, 12, 12)
@@ -130,8 +137,9 @@ class TestReferenceAPI:
     def test_as_a_layer_of_the_model(self):
         base = make_model()
         iba = IBA()
-        model = nn.Sequential(base.conv1, base.relu1, base.conv2, iba, base.relu2, base.pool,
-                              base.flat, base.fc)
+        model = nn.Sequential(
+            base.conv1, base.relu1, base.conv2, iba, base.relu2, base.pool, base.flat, base.fc
+        )
         x = images(2)
         clean = model(x)
         iba.estimate(model, loader())
@@ -233,8 +241,10 @@ class TestOptions:
         np.testing.assert_array_equal(a, b)
 
     def test_a_torch_generator_drives_the_noise(self, model, iba):
-        maps = [iba.analyze(images(1), target=0, model=model,
-                            seed=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+        maps = [
+            iba.analyze(images(1), target=0, model=model, seed=torch.Generator().manual_seed(s))
+            for s in (1, 1, 2)
+        ]
         np.testing.assert_array_equal(maps[0], maps[1])
         assert not np.array_equal(maps[0], maps[2])
 
@@ -299,8 +309,9 @@ class TestBadInput:
         with pytest.raises(TypeError, match="torch.nn.Module"):
             IBA("conv2")
         with pytest.raises(ValueError, match="give exactly one of target=.*got none"):
-            IBA(model.conv2, feature_mean=np.zeros((8, 6, 6)),
-                feature_std=np.ones((8, 6, 6))).analyze(images(1))
+            IBA(model.conv2, feature_mean=np.zeros((8, 6, 6)), feature_std=np.ones((8, 6, 6))).analyze(
+                images(1)
+            )
 
 
 class Residual(nn.Module):
@@ -340,14 +351,14 @@ class TestCopiesAtTheLayer:
     def test_the_layers_before_the_bottleneck_run_once_per_input(self, model, iba):
         rows = []
         model.conv1.register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
-        smaps = iba.analyze(images(2), target=[1, 3], model=model, seed=4,
-                            optimization_steps=3)
+        smaps = iba.analyze(images(2), target=[1, 3], model=model, seed=4, optimization_steps=3)
         assert iba.bottleneck.copies_made_at == "layer"
         # The clean pass (logits and the layer's features) and three steps: one row per input.
         assert rows == [2] * 4
         rows.clear()
-        expected = analyze_with_copies_at_the_input(iba, images(2), target=[1, 3],
-                                                    model=model, seed=4, optimization_steps=3)
+        expected = analyze_with_copies_at_the_input(
+            iba, images(2), target=[1, 3], model=model, seed=4, optimization_steps=3
+        )
         assert rows == [2, 20, 20, 20]  # the clean pass, three steps
         # float32: the layers before run on 2 instead of 20 rows (round-off only),
         # amplified a little by three Adam steps.
@@ -360,14 +371,16 @@ class TestCopiesAtTheLayer:
         # One input: its features broadcast against its ten noisy copies, as they should.
         one = iba.analyze(images(1), target=1, model=model, seed=0, optimization_steps=3)
         assert iba.bottleneck.copies_made_at == "layer"
-        expected = analyze_with_copies_at_the_input(iba, images(1), target=1, model=model,
-                                                    seed=0, optimization_steps=3)
+        expected = analyze_with_copies_at_the_input(
+            iba, images(1), target=1, model=model, seed=0, optimization_steps=3
+        )
         np.testing.assert_allclose(one, expected, rtol=1e-4, atol=1e-6)
         # Two inputs: 2 and 20 rows do not add up, so the copies are made at the input.
         two = iba.analyze(images(2), target=[1, 2], model=model, seed=0, optimization_steps=3)
         assert iba.bottleneck.copies_made_at == "input"
-        expected = analyze_with_copies_at_the_input(iba, images(2), target=[1, 2], model=model,
-                                                    seed=0, optimization_steps=3)
+        expected = analyze_with_copies_at_the_input(
+            iba, images(2), target=[1, 2], model=model, seed=0, optimization_steps=3
+        )
         np.testing.assert_array_equal(two, expected)
 
     def test_a_model_that_reshapes_by_its_batch_size_is_caught(self):
@@ -376,8 +389,9 @@ class TestCopiesAtTheLayer:
         iba.estimate(model, loader())
         smap = iba.analyze(images(1), target=2, model=model, seed=1, optimization_steps=3)
         assert iba.bottleneck.copies_made_at == "input"  # one output row for ten copies
-        expected = analyze_with_copies_at_the_input(iba, images(1), target=2, model=model,
-                                                    seed=1, optimization_steps=3)
+        expected = analyze_with_copies_at_the_input(
+            iba, images(1), target=2, model=model, seed=1, optimization_steps=3
+        )
         np.testing.assert_array_equal(smap, expected)
 
 

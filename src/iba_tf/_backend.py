@@ -68,14 +68,16 @@ def all_layers(model: Any) -> list[keras.layers.Layer]:
 
 def resolve_layer(model: Any, layer: Any) -> keras.layers.Layer:
     """A Keras layer given directly, or found by name anywhere in ``model``."""
+
     def named(m: Any) -> dict[str, Any]:
         found: dict[str, Any] = {}
         for candidate in all_layers(m):
             found.setdefault(candidate.name, candidate)
         return found
 
-    return contract.resolve_layer(model, layer, keras.layers.Layer, named,
-                                  where=f"model {getattr(model, 'name', '?')!r}")
+    return contract.resolve_layer(
+        model, layer, keras.layers.Layer, named, where=f"model {getattr(model, 'name', '?')!r}"
+    )
 
 
 # -- hooks -------------------------------------------------------------------------------
@@ -142,14 +144,17 @@ def _apply(hook: FeatureHook, x: Any, name: str) -> Any:
     rows, grown = x.shape[0], out.shape[0]
     whole = rows is None or grown is None or (grown >= rows and grown % max(rows, 1) == 0)
     if tuple(out.shape[1:]) != tuple(x.shape[1:]) or not whole:
-        raise ValueError(f"the hook on layer {name!r} returned shape {tuple(out.shape)} for "
-                         f"features of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"the hook on layer {name!r} returned shape {tuple(out.shape)} for "
+            f"features of shape {tuple(x.shape)}"
+        )
     return out
 
 
 class _HookHandle:
     def __init__(self, patch: _Patch, entry: tuple[FeatureHook, bool]) -> None:
-        self._patch, self._entry = patch, entry
+        self._patch: _Patch | None = patch
+        self._entry = entry
 
     def remove(self) -> None:
         patch = self._patch
@@ -200,8 +205,7 @@ class TFBackend(TFCliMixin, Backend):
         dtype = like.dtype if a.dtype.kind == "f" else None
         return _namespace.asarray(a, dtype=dtype, device=getattr(like, "device", None))
 
-    def standard_normal(self, shape: tuple[int, ...], like: Any,
-                        generator: Any = None) -> tf.Tensor:
+    def standard_normal(self, shape: tuple[int, ...], like: Any, generator: Any = None) -> tf.Tensor:
         shape = tuple(int(s) for s in shape)
         with _namespace._device_scope(getattr(like, "device", None)):
             if generator is not None:
@@ -216,15 +220,13 @@ class TFBackend(TFCliMixin, Backend):
         return tf.stop_gradient(x)
 
     # -- autograd ---------------------------------------------------------------------
-    def value_and_grad(self, fn: Callable[..., Any], param: Any, *operands: Any
-                       ) -> tuple[float, Any]:
+    def value_and_grad(self, fn: Callable[..., Any], param: Any, *operands: Any) -> tuple[float, Any]:
         """``fn(param, *operands)`` and its gradient; the tape watches ``param`` only, never
         weights."""
         value, grad = _value_and_grad(fn, tf.convert_to_tensor(param), *operands)
         return float(value), grad
 
-    def compile_step(self, fn: Callable[..., Any], update: Callable[..., Any]
-                     ) -> Callable[..., Any] | None:
+    def compile_step(self, fn: Callable[..., Any], update: Callable[..., Any]) -> Callable[..., Any] | None:
         """The whole step, gradient and Adam update included, as one ``tf.function`` (no
         AutoGraph: the step is straight-line code); traced once per operand shape."""
 
@@ -237,12 +239,10 @@ class TFBackend(TFCliMixin, Backend):
 
     def cross_entropy(self, logits: Any, labels: Any) -> Any:
         # TensorFlow's fused kernel takes class probabilities as labels.
-        return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=labels,
-                                                                      logits=logits))
+        return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits))
 
     # -- models -----------------------------------------------------------------------
-    def attach(self, model: Any, layer: Any, hook: FeatureHook, *, on_input: bool = False
-               ) -> Handle:
+    def attach(self, model: Any, layer: Any, hook: FeatureHook, *, on_input: bool = False) -> Handle:
         """Run ``hook`` on the output (or first input) of ``layer`` on every call.
 
         The layer's instance gets a ``call`` attribute that wraps the class's ``call``;
@@ -311,11 +311,13 @@ def _value_and_grad(fn: Callable[..., Any], param: Any, *operands: Any) -> tuple
     if not tf.is_tensor(value):
         raise ValueError(
             f"the loss returned a {type(value).__name__}, not a tensor; it must be computed "
-            "from the model's output on the batch it is given")
+            "from the model's output on the batch it is given"
+        )
     grad = tape.gradient(value, param)
     if grad is None:
         raise ValueError(
             "the loss has no gradient path to the bottleneck's mask (it is cut with "
             "stop_gradient, a constant, or computed without the model); the loss must be "
-            "computed from the model's output on the batch it is given")
+            "computed from the model's output on the batch it is given"
+        )
     return value, grad

@@ -39,8 +39,9 @@ def _device(device: str | None) -> str | None:
     wanted = wanted if ":" in wanted else f"{wanted}:0"
     known = {d.name.split("device:")[-1].upper(): d.name for d in tf.config.list_logical_devices()}
     if wanted not in known:
-        raise UsageError(f"--device {device!r} is not usable; TensorFlow sees: "
-                         f"{', '.join(sorted(known)) or 'no devices'}")
+        raise UsageError(
+            f"--device {device!r} is not usable; TensorFlow sees: {', '.join(sorted(known)) or 'no devices'}"
+        )
     return known[wanted]
 
 
@@ -55,8 +56,7 @@ class TFCliMixin:
         """Keras model files: ``.keras``, ``.h5``, ``.hdf5``."""
         return _plugin.claims_model(spec)
 
-    def load_model(self, spec: str, weights: str | None = None, device: str | None = None
-                   ) -> keras.Model:
+    def load_model(self, spec: str, weights: str | None = None, device: str | None = None) -> keras.Model:
         from ._copy import ends_in_softmax, model_wo_softmax
 
         dev = _device(device)
@@ -67,24 +67,26 @@ class TFCliMixin:
             try:
                 model = keras.models.load_model(path, compile=False)
             except Exception as exc:
-                raise UsageError(f"cannot load the Keras model {path}: "
-                                 f"{first_line(exc)}") from None
+                raise UsageError(f"cannot load the Keras model {path}: {first_line(exc)}") from None
             if weights is not None:
                 if not Path(weights).is_file():
                     raise UsageError(f"--weights: no such file: {weights}")
                 try:
                     model.load_weights(weights)
                 except Exception as exc:
-                    raise UsageError(f"--weights {weights} does not fit the model: "
-                                     f"{first_line(exc)}") from None
+                    raise UsageError(
+                        f"--weights {weights} does not fit the model: {first_line(exc)}"
+                    ) from None
             try:
                 if ends_in_softmax(model):
-                    print("iba: warning: the model ends in a softmax; explaining its logits "
-                          "(the softmax is removed)", file=sys.stderr)
+                    print(
+                        "iba: warning: the model ends in a softmax; explaining its logits "
+                        "(the softmax is removed)",
+                        file=sys.stderr,
+                    )
                     model = model_wo_softmax(model)
             except (TypeError, ValueError) as exc:
-                raise UsageError(f"cannot use the Keras model {path}: "
-                                 f"{first_line(exc)}") from None
+                raise UsageError(f"cannot use the Keras model {path}: {first_line(exc)}") from None
         if dev is not None:
             _devices[model] = dev
         return model

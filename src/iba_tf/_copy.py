@@ -27,7 +27,7 @@ from ._layer import BACKEND, IBALayer, as_input
 try:  # the class of models built with the functional API (keras.Model(inputs, outputs))
     from keras.src.models.functional import Functional
 except ImportError:  # pragma: no cover - Keras 3 has it; keep a readable error otherwise
-    Functional = None  # type: ignore[assignment,misc]
+    Functional = None
 
 
 # -- model surgery -------------------------------------------------------------------------
@@ -71,8 +71,9 @@ def _top_level_layer(model: keras.Model, name: str) -> keras.layers.Layer:
     raise LookupError(f"layer {name!r} not found in model {model.name!r}; its layers are: {names}")
 
 
-def _insert_after(model: keras.Model, target: keras.layers.Layer,
-                  inserted: keras.layers.Layer) -> keras.Model:
+def _insert_after(
+    model: keras.Model, target: keras.layers.Layer, inserted: keras.layers.Layer
+) -> keras.Model:
     """A new Functional model running ``model``'s own layers with ``inserted`` applied to
     the output of ``target``.  The layer objects (hence the weights) are shared."""
     kind = _kind(model)
@@ -88,11 +89,12 @@ def _insert_after(model: keras.Model, target: keras.layers.Layer,
         out = layer(*args, **kwargs)
         return inserted(out) if layer is target else out
 
-    copy = keras.models.clone_model(model, clone_function=lambda layer: layer,
-                                    call_function=call_function)
+    copy = keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call_function)
     if inserted not in copy.layers:
-        raise ValueError(f"layer {target.name!r} is not on the path from the model's inputs to "
-                         "its outputs; choose a layer the model runs")
+        raise ValueError(
+            f"layer {target.name!r} is not on the path from the model's inputs to "
+            "its outputs; choose a layer the model runs"
+        )
     return keras.Model(copy.input, copy.output, name=f"{model.name}_iba")
 
 
@@ -116,8 +118,7 @@ def ends_in_softmax(model: keras.Model) -> bool:
     """Whether the model's output layer is a softmax (a ``Softmax`` layer, or any layer
     with ``activation="softmax"``)."""
     layer, _ = _output_node(model)
-    return (isinstance(layer, keras.layers.Softmax)
-            or _is_softmax(getattr(layer, "activation", None)))
+    return isinstance(layer, keras.layers.Softmax) or _is_softmax(getattr(layer, "activation", None))
 
 
 def model_wo_softmax(model: keras.Model) -> keras.Model:
@@ -171,8 +172,9 @@ class IBACopy(PerSampleFront):
         self._layer = _top_level_layer(model, layer_name)
         iba_kwargs.setdefault("data_format", getattr(self._layer, "data_format", None))
         taken = {layer.name for layer in model.layers}
-        name = next(f"iba_{i}" if i else "iba" for i in itertools.count()
-                    if (f"iba_{i}" if i else "iba") not in taken)
+        name = next(
+            f"iba_{i}" if i else "iba" for i in itertools.count() if (f"iba_{i}" if i else "iba") not in taken
+        )
         iba_kwargs.setdefault("name", name)
         #: The :class:`IBALayer` inside the copy.
         self.iba_layer = IBALayer(**iba_kwargs)
@@ -192,13 +194,20 @@ class IBACopy(PerSampleFront):
             shape = (shape[-1], *shape[:-1])
         return shape
 
-    def estimate(self, data: Any, n_samples: int = 10000, batch_size: int = 32,
-                 progbar: bool | None = None, reset: bool = True) -> Estimator:
+    def estimate(
+        self,
+        data: Any,
+        n_samples: int = 10000,
+        batch_size: int = 32,
+        progbar: bool | None = None,
+        reset: bool = True,
+    ) -> Estimator:
         """Estimate the mean and std of the features over ``data`` (a NumPy array, a
         ``tf.data.Dataset`` or a generator of ``x`` / ``(x, y)`` batches); see
         :meth:`IBALayer.estimate`."""
-        return self.iba_layer.estimate(self.model, data, n_samples=n_samples,
-                                       batch_size=batch_size, progbar=progbar, reset=reset)
+        return self.iba_layer.estimate(
+            self.model, data, n_samples=n_samples, batch_size=batch_size, progbar=progbar, reset=reset
+        )
 
     # -- explanation -----------------------------------------------------------------------
     def analyze(
@@ -231,8 +240,7 @@ class IBACopy(PerSampleFront):
                 "model_wo_softmax(model) (iba_tf.model_wo_softmax strips the softmax), or pass "
                 "a loss_fn of the outputs instead of target=."
             )
-        return self._maps(as_input(x, self.model), target=target, output_loss=loss_fn,
-                          mode=mode, **kwargs)
+        return self._maps(as_input(x, self.model), target=target, output_loss=loss_fn, mode=mode, **kwargs)
 
     def _ends_in_softmax(self) -> bool:
         try:
@@ -242,8 +250,10 @@ class IBACopy(PerSampleFront):
 
     def predict(self, x: Any, batch_size: int = 32) -> np.ndarray:
         """The copy's output on ``x`` without the bottleneck (equal to the original's)."""
-        outs = [BACKEND.to_numpy(BACKEND.call(self.model, b))
-                for b in input_batches(as_input(x, self.model), batch_size)]
+        outs = [
+            BACKEND.to_numpy(BACKEND.call(self.model, b))
+            for b in input_batches(as_input(x, self.model), batch_size)
+        ]
         return np.concatenate(outs)
 
 
@@ -284,8 +294,7 @@ class IBACopyInnvestigate(IBACopy):
         **iba_kwargs: Any,
     ) -> None:
         if neuron_selection_mode not in _MODES:
-            raise ValueError(f"neuron_selection_mode must be one of {_MODES}, got "
-                             f"{neuron_selection_mode!r}")
+            raise ValueError(f"neuron_selection_mode must be one of {_MODES}, got {neuron_selection_mode!r}")
         _kind(model)
         if ends_in_softmax(model):
             raise ValueError(
@@ -294,11 +303,13 @@ class IBACopyInnvestigate(IBACopy):
             )
         if feature_name is None:
             names = [layer.name for layer in model.layers]
-            raise ValueError(f"give feature_name, the layer to put the bottleneck after; the "
-                             f"model's layers are: {names}")
+            raise ValueError(
+                f"give feature_name, the layer to put the bottleneck after; the model's layers are: {names}"
+            )
         layer_name = self._layer_name(model, feature_name)
-        super().__init__(model, layer_name, estimator=estimator,
-                         feature_mean_std=feature_mean_std, **iba_kwargs)
+        super().__init__(
+            model, layer_name, estimator=estimator, feature_mean_std=feature_mean_std, **iba_kwargs
+        )
         self.neuron_selection_mode = neuron_selection_mode
         self.feature_name = feature_name
 
@@ -311,26 +322,35 @@ class IBACopyInnvestigate(IBACopy):
         return head if head in names else feature_name  # unknown names fail with a list
 
     # -- estimation -------------------------------------------------------------------------
-    def fit(self, X: Any, batch_size: int = 32, n_samples: int | None = None,
-            progbar: bool | None = None) -> Estimator:
+    def fit(
+        self, X: Any, batch_size: int = 32, n_samples: int | None = None, progbar: bool | None = None
+    ) -> Estimator:
         """Add ``X`` (an array of inputs, a ``tf.data.Dataset`` or a generator) to the
         estimate of the feature mean and std.  Estimates accumulate over calls, as in the
         reference library; :meth:`reset_estimate` starts over.  ``n_samples`` caps the
         samples taken from ``X``."""
         limit = sys.maxsize if n_samples is None else self.estimator.n + int(n_samples)
-        return self.iba_layer.estimate(self.model, X, n_samples=limit, batch_size=batch_size,
-                                       progbar=progbar, reset=False)
+        return self.iba_layer.estimate(
+            self.model, X, n_samples=limit, batch_size=batch_size, progbar=progbar, reset=False
+        )
 
-    def fit_generator(self, generator: Any, steps_per_epoch: int | None = None, epochs: int = 1,
-                      verbose: int = 0, **_ignored: Any) -> Estimator:
+    def fit_generator(
+        self,
+        generator: Any,
+        steps_per_epoch: int | None = None,
+        epochs: int = 1,
+        verbose: int = 0,
+        **_ignored: Any,
+    ) -> Estimator:
         """Estimate from a generator of ``x`` or ``(x, y)`` batches, ``steps_per_epoch``
         batches per epoch (all of them if ``None``).  Accumulates like :meth:`fit`."""
         for _ in range(int(epochs)):
             batches = input_batches(generator)
             if steps_per_epoch is not None:
                 batches = itertools.islice(batches, int(steps_per_epoch))
-            self.iba_layer.estimate(self.model, batches, n_samples=sys.maxsize,
-                                    progbar=bool(verbose), reset=False)
+            self.iba_layer.estimate(
+                self.model, batches, n_samples=sys.maxsize, progbar=bool(verbose), reset=False
+            )
         return self.estimator
 
     # -- explanation --------------------------------------------------------------------------
@@ -347,11 +367,13 @@ class IBACopyInnvestigate(IBACopy):
         """
         mode = self.neuron_selection_mode
         if neuron_selection is not None and mode != "index":
-            raise ValueError("only neuron_selection_mode='index' takes neuron_selection; this "
-                             f"analyzer uses {mode!r}")
+            raise ValueError(
+                f"only neuron_selection_mode='index' takes neuron_selection; this analyzer uses {mode!r}"
+            )
         if neuron_selection is None and mode == "index":
-            raise ValueError("neuron_selection_mode='index' needs neuron_selection (a class "
-                             "index or one per input)")
+            raise ValueError(
+                "neuron_selection_mode='index' needs neuron_selection (a class index or one per input)"
+            )
         target = {"index": neuron_selection, "max_activation": "predicted", "all": "all"}[mode]
         return super().analyze(X, target=target, **kwargs)
 
@@ -396,9 +418,11 @@ class IBACopyInnvestigate(IBACopy):
             raise SavedStateError(f"cannot use {where!r}: {exc}") from None
         saved_layer = str(state.get("feature_name", ""))
         if saved_layer != self.layer_name:
-            raise SavedStateError(f"{where!r} holds an estimate for layer {saved_layer!r}, not "
-                                  f"{self.layer_name!r}; {remedy} for this layer")
-        est = {k[len("estimator_"):]: v for k, v in state.items() if k.startswith("estimator_")}
+            raise SavedStateError(
+                f"{where!r} holds an estimate for layer {saved_layer!r}, not "
+                f"{self.layer_name!r}; {remedy} for this layer"
+            )
+        est = {k[len("estimator_") :]: v for k, v in state.items() if k.startswith("estimator_")}
         shape = self.feature_shape
         estimator = Estimator()
         given: dict[str, np.ndarray | None] = {}
@@ -409,9 +433,11 @@ class IBACopyInnvestigate(IBACopy):
                 value = state.get(key)
                 if value is not None:
                     if value.dtype.kind not in "iuf" or tuple(value.shape) != shape:
-                        raise SavedStateError(f"{key} has {value.dtype} values of shape "
-                                              f"{value.shape}; the layer needs numbers of shape "
-                                              f"{shape}")
+                        raise SavedStateError(
+                            f"{key} has {value.dtype} values of shape "
+                            f"{value.shape}; the layer needs numbers of shape "
+                            f"{shape}"
+                        )
                     value = np.asarray(value, dtype=np.float64)
                     if not np.all(np.isfinite(value)):
                         raise SavedStateError(f"{key} holds NaN/inf values")
@@ -425,4 +451,3 @@ class IBACopyInnvestigate(IBACopy):
             bn.estimator.reset()
         bn.feature_mean, bn.feature_std = given["feature_mean"], given["feature_std"]
         return self
-

@@ -11,27 +11,36 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from iba_core.apps.demo import DEMO_LAYER, demo_weights
 
-__all__ = ["DEMO_LAYER", "INPUT_SHAPE", "build_demo_cnn", "demo_cnn", "keras_weights_from_torch",
-           "weights_path"]
+if TYPE_CHECKING:
+    import keras
+
+__all__ = [
+    "DEMO_LAYER",
+    "INPUT_SHAPE",
+    "build_demo_cnn",
+    "demo_cnn",
+    "keras_weights_from_torch",
+    "weights_path",
+]
 
 #: Input shape per image, channels last.
 INPUT_SHAPE = (64, 64, 1)
 N_CLASSES = 10
-_CONVS = (("features.conv1", 16), ("features.conv2", 32), ("features.conv3", 64),
-          ("features.conv4", 64))
+_CONVS = (("features.conv1", 16), ("features.conv2", 32), ("features.conv3", 64), ("features.conv4", 64))
 
 
 def weights_path() -> Path:
     """Where the trained weights of the Keras demo CNN ship inside the package."""
-    return Path(str(resources.files("iba_tf").joinpath("data", "demo_cnn.npz")))
+    return Path(str(resources.files("iba_tf") / "data" / "demo_cnn.npz"))
 
 
-def build_demo_cnn() -> object:
+def build_demo_cnn() -> keras.Model:
     """The untrained Keras model (Functional, channels-last), layer for layer the PyTorch one."""
     import keras
 
@@ -63,7 +72,7 @@ def keras_weights_from_torch(state: dict[str, np.ndarray]) -> dict[str, np.ndarr
     return out
 
 
-def demo_cnn(weights: str | Path | None = None) -> object:
+def demo_cnn(weights: str | Path | None = None) -> keras.Model:
     """The trained Keras demo CNN (``weights``: another ``.npz`` in Keras layout)."""
     data = demo_weights(weights if weights is not None else weights_path())
     model = build_demo_cnn()

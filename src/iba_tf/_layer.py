@@ -42,9 +42,11 @@ def as_input(x: Any, model: Any = None) -> tf.Tensor:
     refuse_multi_input(x)
     n_inputs = len(_model_inputs(model) or ())
     if n_inputs > 1:
-        raise ValueError(f"{MULTI_INPUT}; model {getattr(model, 'name', '?')!r} has {n_inputs} "
-                         "inputs. Wrap it in a model that takes one tensor (e.g. split one "
-                         "concatenated input inside the wrapper) and explain that")
+        raise ValueError(
+            f"{MULTI_INPUT}; model {getattr(model, 'name', '?')!r} has {n_inputs} "
+            "inputs. Wrap it in a model that takes one tensor (e.g. split one "
+            "concatenated input inside the wrapper) and explain that"
+        )
     if isinstance(x, (tf.Tensor, tf.Variable)):
         return tf.convert_to_tensor(x)
     arr = np.asarray(x)
@@ -90,11 +92,17 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
 
     def __init__(
         self,
-        sigma: float | None = 1.0, beta: float = 10.0, min_std: float = 0.01,
-        optimization_steps: int = 10, lr: float = 1.0, batch_size: int = 10,
-        initial_alpha: float = 5.0, active_neurons_threshold: float = 0.01,
+        sigma: float | None = 1.0,
+        beta: float = 10.0,
+        min_std: float = 0.01,
+        optimization_steps: int = 10,
+        lr: float = 1.0,
+        batch_size: int = 10,
+        initial_alpha: float = 5.0,
+        active_neurons_threshold: float = 0.01,
         relu: bool = False,
-        feature_mean: Any = None, feature_std: Any = None,
+        feature_mean: Any = None,
+        feature_std: Any = None,
         feature_mean_std: tuple[Any, Any] | None = None,
         estimator: Estimator | None = None,
         progbar: bool = False,
@@ -112,10 +120,16 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
             feature_mean, feature_std = feature_mean_std
         layout = "channels_last" if self.channels_last else "channels_first"
         self._engine = PerSampleBottleneck(
-            BACKEND, None, None, estimate_hint="estimate(model, data)", layer_name=self.name,
-            layout=layout, input_layout=layout,  # a model is built in one layout
+            BACKEND,
+            None,
+            None,
+            estimate_hint="estimate(model, data)",
+            layer_name=self.name,
+            layout=layout,
+            input_layout=layout,  # a model is built in one layout
             feature_mean=self._channels_first_stat(feature_mean),
-            feature_std=self._channels_first_stat(feature_std), estimator=estimator,
+            feature_std=self._channels_first_stat(feature_std),
+            estimator=estimator,
             **settings_of(locals()),
         )
         self.supports_masking = True
@@ -151,21 +165,25 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
         terms = tuple(tf.stop_gradient(v.read_value()) for v in flow.terms(inputs.shape.rank))
         return tf.cond(flow.on, lambda: self._restricted(inputs, flow, *terms), lambda: inputs)
 
-    def _restricted(self, inputs: Any, flow: _FlowState, lam: Any, shift: Any,
-                    scale: Any) -> Any:
+    def _restricted(self, inputs: Any, flow: _FlowState, lam: Any, shift: Any, scale: Any) -> Any:
         """``inputs`` through the bottleneck with the mask terms held in ``flow`` and
         fresh noise drawn in the graph; computed in float32, returned in the input's
         dtype and shape."""
         x = tf.cast(inputs, tf.float32)
-        channels_last = self.channels_last and inputs.shape.rank is not None \
-            and inputs.shape.rank >= 3
+        channels_last = self.channels_last and inputs.shape.rank is not None and inputs.shape.rank >= 3
         if channels_last:
             x = to_channels_first(x)
         rows, n = tf.shape(lam)[0], tf.shape(x)[0]
         check = tf.debugging.Assert(
             tf.logical_or(tf.equal(rows, 1), tf.equal(rows, n)),
-            ["restrict_flow(): the mask holds", rows, "inputs but the batch has", n,
-             "; run the model on the explained inputs, or give one mask to broadcast"])
+            [
+                "restrict_flow(): the mask holds",
+                rows,
+                "inputs but the batch has",
+                n,
+                "; run the model on the explained inputs, or give one mask to broadcast",
+            ],
+        )
         with tf.control_dependencies([check]):
             eps = flow.generator.normal(tf.shape(x), dtype=tf.float32)
         z = lam * x + shift + scale * eps
@@ -181,25 +199,29 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
         bn = self._engine.bottleneck
         alpha = bn.alpha if alpha is None else alpha
         if alpha is None:
-            raise RuntimeError("no mask to restrict the flow with: call analyze() first (or "
-                               "give alpha, channels-first mask logits (N, C, ...))")
+            raise RuntimeError(
+                "no mask to restrict the flow with: call analyze() first (or "
+                "give alpha, channels-first mask logits (N, C, ...))"
+            )
         if len(getattr(self, "_inbound_nodes", ())) > 1:
             raise RuntimeError(
                 f"the bottleneck layer {self.name!r} is called {len(self._inbound_nodes)} "
                 "times in the model, so restrict_flow() would add noise several times per "
-                "forward pass; use one IBALayer per place in the model")
+                "forward pass; use one IBALayer per place in the model"
+            )
         config = bn.last_config or bn.config
         alpha = tf.cast(tf.convert_to_tensor(BACKEND.to_numpy(alpha)), tf.float32)
         if alpha.shape.rank < 2:
-            raise ValueError(f"alpha must be mask logits (N, C, ...), got shape "
-                             f"{tuple(alpha.shape)}")
+            raise ValueError(f"alpha must be mask logits (N, C, ...), got shape {tuple(alpha.shape)}")
         terms = list(bn.mask_terms(alpha))
         flow = self.__dict__["_flow"]
         if flow.rank is None:
             flow.terms(alpha.shape.rank)
         if alpha.shape.rank != flow.rank:
-            raise ValueError(f"alpha has shape {tuple(alpha.shape)} but the layer's features "
-                             f"have rank {flow.rank}; give channels-first logits (N, C, ...)")
+            raise ValueError(
+                f"alpha has shape {tuple(alpha.shape)} but the layer's features "
+                f"have rank {flow.rank}; give channels-first logits (N, C, ...)"
+            )
         saved = flow.values()
         try:
             flow.assign(*terms, relu=config.relu, on=True)
@@ -257,8 +279,7 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
         """
         batches = (as_input(b, model) for b in input_batches(data, batch_size))
         with self._engine.using(model):
-            return self._engine.estimate(batches, n_samples=n_samples, progbar=progbar,
-                                         reset=reset)
+            return self._engine.estimate(batches, n_samples=n_samples, progbar=progbar, reset=reset)
 
     fit = estimate
 
@@ -290,9 +311,16 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
         """
         model = model if model is not None else self._engine.model
         with self._engine.using(model):
-            return self._maps(as_input(x, model), target=target, loss=model_loss_fn, mode=mode,
-                              seed=seed, noise=noise, inputs_per_pass=inputs_per_pass,
-                              **overrides)
+            return self._maps(
+                as_input(x, model),
+                target=target,
+                loss=model_loss_fn,
+                mode=mode,
+                seed=seed,
+                noise=noise,
+                inputs_per_pass=inputs_per_pass,
+                **overrides,
+            )
 
 
 class _FlowState:
@@ -316,18 +344,28 @@ class _FlowState:
         if self.rank is None:
             with tf.init_scope():
                 self.lam, self.shift, self.scale = (
-                    tf.Variable(tf.zeros((1,) * rank), trainable=False,
-                                shape=tf.TensorShape([None] * rank), name=f"iba_{n}")
-                    for n in ("lambda", "shift", "scale"))
+                    tf.Variable(
+                        tf.zeros((1,) * rank),
+                        trainable=False,
+                        shape=tf.TensorShape([None] * rank),
+                        name=f"iba_{n}",
+                    )
+                    for n in ("lambda", "shift", "scale")
+                )
             self.rank = rank
         elif rank != self.rank:
-            raise ValueError(f"the IBALayer saw inputs of rank {self.rank} before and now of "
-                             f"rank {rank}; use one IBALayer per place in a model")
+            raise ValueError(
+                f"the IBALayer saw inputs of rank {self.rank} before and now of "
+                f"rank {rank}; use one IBALayer per place in a model"
+            )
         return self.lam, self.shift, self.scale
 
     def values(self) -> tuple[Any, ...]:
-        return (*(tf.identity(v) for v in self.terms(self.rank)),
-                bool(self.relu.numpy()), bool(self.on.numpy()))
+        return (
+            *(tf.identity(v) for v in self.terms(self.rank)),
+            bool(self.relu.numpy()),
+            bool(self.on.numpy()),
+        )
 
     def assign(self, lam: Any, shift: Any, scale: Any, relu: bool, on: bool) -> None:
         self.terms(len(lam.shape))

@@ -58,7 +58,7 @@ class _null_scope:
         return None
 
 
-def _is_tensor(x: Any) -> bool:
+def _is_tensor(x: Any) -> builtins.bool:
     return isinstance(x, (tf.Tensor, tf.Variable))
 
 
@@ -94,16 +94,21 @@ def _axis(axis: int | Sequence[int] | None) -> Any:
 
 
 # -- creation --------------------------------------------------------------------------
-def asarray(obj: Any, /, *, dtype: Any = None, device: Any = None,
-            copy: bool | None = None) -> tf.Tensor:
+def asarray(
+    obj: Any, /, *, dtype: Any = None, device: Any = None, copy: builtins.bool | None = None
+) -> tf.Tensor:
     """Tensor from a tensor, NumPy array or Python scalar/sequence, on ``device``."""
     dtype = _dtype(dtype)
     if isinstance(obj, tf.Variable):
         obj = obj.value()
     if isinstance(obj, tf.Tensor):
         out = obj if dtype is None or obj.dtype == dtype else tf.cast(obj, dtype)
-        if device is not None and device != "" and tf.executing_eagerly() \
-                and tf.DeviceSpec.from_string(out.device) != tf.DeviceSpec.from_string(device):
+        if (
+            device is not None
+            and device != ""
+            and tf.executing_eagerly()
+            and tf.DeviceSpec.from_string(out.device) != tf.DeviceSpec.from_string(device)
+        ):
             with tf.device(device):
                 out = tf.identity(out)
         elif copy:
@@ -112,8 +117,9 @@ def asarray(obj: Any, /, *, dtype: Any = None, device: Any = None,
     return _host_constant(obj, dtype, device)
 
 
-def full(shape: int | tuple[int, ...], fill_value: Any, *, dtype: Any = None,
-         device: Any = None) -> tf.Tensor:
+def full(
+    shape: int | tuple[int, ...], fill_value: Any, *, dtype: Any = None, device: Any = None
+) -> tf.Tensor:
     """Tensor of ``shape`` filled with ``fill_value`` (float32 for a Python float)."""
     dtype = _dtype(dtype)
     if dtype is None:
@@ -142,7 +148,7 @@ def zeros_like(x: tf.Tensor, /, *, dtype: Any = None, device: Any = None) -> tf.
 
 
 # -- data types --------------------------------------------------------------------------
-def astype(x: tf.Tensor, dtype: Any, /, *, copy: bool = True, device: Any = None) -> tf.Tensor:
+def astype(x: tf.Tensor, dtype: Any, /, *, copy: builtins.bool = True, device: Any = None) -> tf.Tensor:
     """``x`` cast to ``dtype``."""
     dtype = _dtype(dtype)
     if x.dtype == dtype:
@@ -163,10 +169,11 @@ class finfo_object(NamedTuple):
 
 def finfo(type: Any, /) -> finfo_object:
     """Machine limits of a floating dtype (or of a tensor's dtype)."""
-    dtype = type.dtype if _is_tensor(type) else _dtype(type)
+    dtype = type.dtype if _is_tensor(type) else tf.as_dtype(type)
     fi = np.finfo(dtype.as_numpy_dtype)
-    return finfo_object(int(fi.bits), float(fi.eps), float(fi.max), float(fi.min),
-                        float(fi.smallest_normal), dtype)
+    return finfo_object(
+        int(fi.bits), float(fi.eps), float(fi.max), float(fi.min), float(fi.smallest_normal), dtype
+    )
 
 
 # -- manipulation ------------------------------------------------------------------------
@@ -188,7 +195,7 @@ def permute_dims(x: tf.Tensor, /, axes: tuple[int, ...]) -> tf.Tensor:
     return tf.transpose(x, perm=list(axes))
 
 
-def reshape(x: tf.Tensor, /, shape: tuple[int, ...], *, copy: bool | None = None) -> tf.Tensor:
+def reshape(x: tf.Tensor, /, shape: tuple[int, ...], *, copy: builtins.bool | None = None) -> tf.Tensor:
     return tf.reshape(x, tuple(shape))
 
 
@@ -249,18 +256,26 @@ def matmul(x1: tf.Tensor, x2: tf.Tensor, /) -> tf.Tensor:
 
 
 # -- reductions --------------------------------------------------------------------------
-def max(x: tf.Tensor, /, *, axis: int | tuple[int, ...] | None = None,
-        keepdims: bool = False) -> tf.Tensor:
+def max(
+    x: tf.Tensor, /, *, axis: int | tuple[int, ...] | None = None, keepdims: builtins.bool = False
+) -> tf.Tensor:
     return tf.reduce_max(x, axis=_axis(axis), keepdims=keepdims)
 
 
-def mean(x: tf.Tensor, /, *, axis: int | tuple[int, ...] | None = None,
-         keepdims: bool = False) -> tf.Tensor:
+def mean(
+    x: tf.Tensor, /, *, axis: int | tuple[int, ...] | None = None, keepdims: builtins.bool = False
+) -> tf.Tensor:
     return tf.reduce_mean(x, axis=_axis(axis), keepdims=keepdims)
 
 
-def sum(x: tf.Tensor, /, *, axis: int | tuple[int, ...] | None = None,
-        dtype: Any = None, keepdims: bool = False) -> tf.Tensor:
+def sum(
+    x: tf.Tensor,
+    /,
+    *,
+    axis: int | tuple[int, ...] | None = None,
+    dtype: Any = None,
+    keepdims: builtins.bool = False,
+) -> tf.Tensor:
     dtype = _dtype(dtype)
     if dtype is None and x.dtype in (tf.bool, tf.int8, tf.int16, tf.int32):
         dtype = tf.int64  # Array API: integer sums accumulate in the default integer dtype

@@ -17,6 +17,12 @@ def claims_model(spec: str) -> bool:
 @hookimpl
 def iba_register_backends(register):
     if importlib.util.find_spec("tensorflow") is not None:
-        register(BackendSpec("tf", modules=("tensorflow", "keras"),
-                             loader="iba_tf._backend:TFBackend",
-                             aliases=("tensorflow", "keras"), claims=claims_model))
+        register(
+            BackendSpec(
+                "tf",
+                modules=("tensorflow", "keras"),
+                loader="iba_tf._backend:TFBackend",
+                aliases=("tensorflow", "keras"),
+                claims=claims_model,
+            )
+        )

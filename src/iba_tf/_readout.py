@@ -21,8 +21,10 @@ def _resolve(model: keras.Model, layer: Any, what: str) -> keras.layers.Layer:
     found = resolve_layer(model, layer)
     layers = all_layers(model)
     if not any(found is candidate for candidate in layers):
-        raise ValueError(f"the {what} {found.name!r} is not a layer of model {model.name!r}; "
-                         f"its layers are: {[candidate.name for candidate in layers]}")
+        raise ValueError(
+            f"the {what} {found.name!r} is not a layer of model {model.name!r}; "
+            f"its layers are: {[candidate.name for candidate in layers]}"
+        )
     return found
 
 
@@ -49,8 +51,9 @@ def _targets(y: Any) -> np.ndarray:
 class _Data:
     """``(x, y)`` batches for the core, iterated afresh for every epoch."""
 
-    def __init__(self, x: Any, y: Any, batch_size: int, shuffle: bool, seed: int | None,
-                 model: keras.Model) -> None:
+    def __init__(
+        self, x: Any, y: Any, batch_size: int, shuffle: bool, seed: int | None, model: keras.Model
+    ) -> None:
         self.model = model
         self.batch_size = int(batch_size)
         self.rng = np.random.default_rng(seed) if shuffle else None
@@ -58,15 +61,15 @@ class _Data:
         if self.arrays:
             self.x = as_input(x, model)
             if self.x.shape.rank is None or self.x.shape.rank < 2 or self.x.shape[0] == 0:
-                raise ValueError(f"x must be a batch of inputs (N, ...), got shape "
-                                 f"{tuple(self.x.shape)}")
+                raise ValueError(f"x must be a batch of inputs (N, ...), got shape {tuple(self.x.shape)}")
             self.y = None if y is None else _targets(y)
             if self.y is not None and self.y.shape[0] != self.x.shape[0]:
                 raise ValueError(f"x holds {self.x.shape[0]} inputs but y {self.y.shape[0]} labels")
         else:
             if y is not None:
-                raise ValueError("give y only with array inputs; a dataset or generator "
-                                 "yields (x, y) batches")
+                raise ValueError(
+                    "give y only with array inputs; a dataset or generator yields (x, y) batches"
+                )
             self.x, self.y = x, None
 
     def __len__(self) -> int:
@@ -79,9 +82,12 @@ class _Data:
             n = int(self.x.shape[0])
             order = self.rng.permutation(n) if self.rng is not None else np.arange(n)
             for start in range(0, n, self.batch_size):
-                idx = order[start:start + self.batch_size]
-                xb = tf.gather(self.x, idx) if self.rng is not None else \
-                    self.x[start:start + self.batch_size]
+                idx = order[start : start + self.batch_size]
+                xb = (
+                    tf.gather(self.x, idx)
+                    if self.rng is not None
+                    else self.x[start : start + self.batch_size]
+                )
                 yield xb, None if self.y is None else self.y[idx]
             return
         data = self.x
@@ -133,9 +139,13 @@ class IBAReadout(ReadoutFront):
         attach_layer: keras.layers.Layer | str,
         readout_layers: Sequence[keras.layers.Layer | str],
         model: keras.Model,
-        sigma: float | None = 1.0, beta: float = READOUT_BETA, min_std: float = 0.01,
-        active_neurons_threshold: float = 0.01, relu: bool = False,
-        seed: int | None = 0, progbar: bool = False,
+        sigma: float | None = 1.0,
+        beta: float = READOUT_BETA,
+        min_std: float = 0.01,
+        active_neurons_threshold: float = 0.01,
+        relu: bool = False,
+        seed: int | None = 0,
+        progbar: bool = False,
     ) -> None:
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
@@ -144,13 +154,31 @@ class IBAReadout(ReadoutFront):
         layer = _resolve(model, attach_layer, "attach layer")
         layers = [_resolve(model, r, "readout layer") for r in readout_layers]
         self._channels_last = is_channels_last(layer)
-        self._build(BACKEND, model, layer, layer.name, layers, [r.name for r in layers],
-                    seed=seed, progbar=progbar, sigma=sigma, beta=beta, min_std=min_std,
-                    relu=relu, active_neurons_threshold=active_neurons_threshold)
+        self._build(
+            BACKEND,
+            model,
+            layer,
+            layer.name,
+            layers,
+            [r.name for r in layers],
+            seed=seed,
+            progbar=progbar,
+            sigma=sigma,
+            beta=beta,
+            min_std=min_std,
+            relu=relu,
+            active_neurons_threshold=active_neurons_threshold,
+        )
 
     # -- statistics and training -----------------------------------------------------
-    def estimate(self, data: Any, n_samples: int = 10000, batch_size: int = 32,
-                 progbar: bool | None = None, reset: bool = True) -> list[Estimator]:
+    def estimate(
+        self,
+        data: Any,
+        n_samples: int = 10000,
+        batch_size: int = 32,
+        progbar: bool | None = None,
+        reset: bool = True,
+    ) -> list[Estimator]:
         """Estimate mean and std of the attach layer and of every readout layer.
 
         ``data``: a NumPy array (cut into ``batch_size`` batches), a ``tf.data.Dataset``
@@ -160,8 +188,7 @@ class IBAReadout(ReadoutFront):
         model = self.model
         batches = (as_input(b, model) for b in input_batches(data, batch_size))
         with BACKEND.frozen(model):
-            return self._readout.estimate(batches, n_samples=n_samples, progbar=progbar,
-                                          reset=reset)
+            return self._readout.estimate(batches, n_samples=n_samples, progbar=progbar, reset=reset)
 
     def fit(
         self,
@@ -215,15 +242,17 @@ class IBAReadout(ReadoutFront):
         held_out: Any = None
         if isinstance(validation, (int, float)) and not isinstance(validation, bool):
             if not 0 < validation < 1:
-                raise ValueError(f"validation must be a fraction in (0, 1), held-out data or "
-                                 f"None, got {validation!r}")
+                raise ValueError(
+                    f"validation must be a fraction in (0, 1), held-out data or None, got {validation!r}"
+                )
             held_out = validation
             n = int(data.x.shape[0]) if data.arrays else 0
             n_val = round(n * validation)
             if data.arrays and 1 <= n_val < n:
                 keep = n - n_val
-                held_out = _Data(data.x[keep:], None if data.y is None else data.y[keep:],
-                                 batch_size, False, None, model)
+                held_out = _Data(
+                    data.x[keep:], None if data.y is None else data.y[keep:], batch_size, False, None, model
+                )
                 data.x = data.x[:keep]
                 data.y = None if data.y is None else data.y[:keep]
             elif data.arrays:
@@ -233,18 +262,28 @@ class IBAReadout(ReadoutFront):
         elif validation is not None:
             held_out = _Data(validation, None, batch_size, False, None, model)
         with BACKEND.frozen(model):
-            history = self._readout.train(data, epochs=epochs, beta=beta, lr=lr,
-                                          model_loss=loss_fn, seed=seed, progbar=bool(verbose),
-                                          compile=compile_loss if compile else False,
-                                          validation=held_out, schedule=schedule, warn=warn)
+            history = self._readout.train(
+                data,
+                epochs=epochs,
+                beta=beta,
+                lr=lr,
+                model_loss=loss_fn,
+                seed=seed,
+                progbar=bool(verbose),
+                compile=compile_loss if compile else False,
+                validation=held_out,
+                schedule=schedule,
+                warn=warn,
+            )
         out = {"loss": list(history)}
         for key in ("val_loss", "val_capacity"):
             if all(key in r for r in history.history):
                 out[key] = [r[key] for r in history.history]
         return out
 
-    def evaluate(self, x: Any, y: Any = None, batch_size: int = 32, beta: float | None = None,
-                 seed: int | None = 0) -> float:
+    def evaluate(
+        self, x: Any, y: Any = None, batch_size: int = 32, beta: float | None = None, seed: int | None = 0
+    ) -> float:
         """Mean training loss over the data, without training (noise seeded by ``seed``)."""
         model = self.model
         beta = self.bottleneck.beta if beta is None else float(beta)

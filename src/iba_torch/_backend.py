@@ -53,10 +53,12 @@ def listed_names(names: list[str], wanted: str) -> str:
     if len(names) <= MAX_LISTED:
         return f"its layers are: {names}"
     close = difflib.get_close_matches(wanted, names, n=8, cutoff=0.3)
-    shown = close or names[:MAX_LISTED // 2]
+    shown = close or names[: MAX_LISTED // 2]
     what = "the closest names" if close else "the first"
-    return (f"it has {len(names)} layers ({what}: {shown}); list them all with "
-            "[n for n, _ in model.named_modules()]")
+    return (
+        f"it has {len(names)} layers ({what}: {shown}); list them all with "
+        "[n for n, _ in model.named_modules()]"
+    )
 
 
 def resolve_layer(model: torch.nn.Module | None, layer: Any) -> torch.nn.Module:
@@ -74,12 +76,22 @@ def resolve_layer(model: torch.nn.Module | None, layer: Any) -> torch.nn.Module:
     if found is None and prefix:
         found = layers.get(prefix + layer)
     if found is None:
-        names = [n[len(prefix):] if n.startswith(prefix) else n for n in layers
-                 if n.startswith(prefix) and n != prefix.rstrip(".")]
-        wrapped = (f" (a {type(model).__name__} wrapping {type(inner).__name__}; names "
-                   f"are given without its prefix {prefix!r})") if prefix else ""
-        raise LookupError(f"layer {layer!r} not found in the model{wrapped}; "
-                          f"{listed_names(names or list(layers), layer)}")
+        names = [
+            n[len(prefix) :] if n.startswith(prefix) else n
+            for n in layers
+            if n.startswith(prefix) and n != prefix.rstrip(".")
+        ]
+        wrapped = (
+            (
+                f" (a {type(model).__name__} wrapping {type(inner).__name__}; names "
+                f"are given without its prefix {prefix!r})"
+            )
+            if prefix
+            else ""
+        )
+        raise LookupError(
+            f"layer {layer!r} not found in the model{wrapped}; {listed_names(names or list(layers), layer)}"
+        )
     return found
 
 
@@ -123,8 +135,7 @@ class TorchBackend(TorchCliMixin, Backend):
     def stop_gradient(self, x: Any) -> Any:
         return x.detach()
 
-    def value_and_grad(self, fn: Callable[..., Any], param: Any, *operands: Any
-                       ) -> tuple[float, Any]:
+    def value_and_grad(self, fn: Callable[..., Any], param: Any, *operands: Any) -> tuple[float, Any]:
         p = param.detach().requires_grad_(True)
         with torch.enable_grad():
             value = fn(p, *operands)
@@ -132,7 +143,8 @@ class TorchBackend(TorchCliMixin, Backend):
                 raise ValueError(
                     "the loss has no gradient path to the bottleneck's mask (it is detached, a "
                     "Python number, or computed without the model); the loss must be computed "
-                    "from the model's output on the batch it is given")
+                    "from the model's output on the batch it is given"
+                )
             (grad,) = torch.autograd.grad(value, p)
         return float(value.detach()), grad
 
@@ -147,6 +159,7 @@ class TorchBackend(TorchCliMixin, Backend):
     def attach(self, model: Any, layer: Any, hook: FeatureHook, *, on_input: bool = False) -> Handle:
         module = resolve_layer(model, layer)
         if on_input:
+
             def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> Any:
                 if not args or not isinstance(args[0], torch.Tensor):
                     raise TypeError("the bottleneck layer's first input is not a tensor")
@@ -200,7 +213,7 @@ class TorchBackend(TorchCliMixin, Backend):
         prefix, inner = unwrapped(model)
         if isinstance(layer, str):
             if prefix and layer.startswith(prefix) and layer not in named_layers(inner):
-                return layer[len(prefix):]
+                return layer[len(prefix) :]
             return layer
         return next((n for n, m in inner.named_modules() if m is layer and n), None)
 
@@ -222,8 +235,8 @@ def model_device(model: torch.nn.Module | None) -> torch.device | None:
         return None
     for t in model.parameters():
         return t.device
-    for t in model.buffers():
-        return t.device
+    for b in model.buffers():
+        return b.device
     return None
 
 

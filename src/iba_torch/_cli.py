@@ -53,21 +53,25 @@ def _load_state_dict(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise UsageError(f"cannot read --weights {path}: {exc.strerror or exc}") from None
     except Exception as exc:
-        raise UsageError(f"--weights {path}: not a PyTorch state_dict file readable with "
-                         f"weights_only=True ({first_line(exc)})") from None
+        raise UsageError(
+            f"--weights {path}: not a PyTorch state_dict file readable with "
+            f"weights_only=True ({first_line(exc)})"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"--weights {path}: holds a {type(state).__name__}, not a state_dict "
-                         "(a dict of tensors, as written by torch.save(model.state_dict(), ...))")
+        raise UsageError(
+            f"--weights {path}: holds a {type(state).__name__}, not a state_dict "
+            "(a dict of tensors, as written by torch.save(model.state_dict(), ...))"
+        )
     return state
 
 
 def _model_device(model: torch.nn.Module) -> torch.device | None:
     for t in model.parameters():
         return t.device
-    for t in model.buffers():
-        return t.device
+    for b in model.buffers():
+        return b.device
     return None
 
 
@@ -78,8 +82,7 @@ class TorchCliMixin:
         """A ``module:factory`` spec (with a colon), unless it names a Keras file."""
         return _plugin.claims_model(spec)
 
-    def load_model(self, spec: str, weights: str | None = None, device: str | None = None
-                   ) -> torch.nn.Module:
+    def load_model(self, spec: str, weights: str | None = None, device: str | None = None) -> torch.nn.Module:
         dev = _device(device)
         model = model_from_factory(spec, torch.nn.Module, "torch.nn.Module")
         if weights is not None:
@@ -87,8 +90,7 @@ class TorchCliMixin:
             try:
                 model.load_state_dict(state)
             except Exception as exc:
-                raise UsageError(f"--weights {weights} does not fit the model: "
-                                 f"{first_line(exc)}") from None
+                raise UsageError(f"--weights {weights} does not fit the model: {first_line(exc)}") from None
         if dev is not None:
             model = model.to(dev)
         return model.eval()

@@ -25,7 +25,7 @@ N_CLASSES = 10
 
 def weights_path() -> Path:
     """Where the trained weights of the demo CNN ship inside the package."""
-    return Path(str(resources.files("iba_torch").joinpath("data", "demo_cnn.npz")))
+    return Path(str(resources.files("iba_torch") / "data" / "demo_cnn.npz"))
 
 
 def build_demo_cnn() -> nn.Sequential:
@@ -34,19 +34,32 @@ def build_demo_cnn() -> nn.Sequential:
     Global max pooling makes the classifier look for the digit wherever it is, which
     suits inputs with one object among clutter.
     """
-    features = nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(1, 16, 3, padding=1)), ("relu1", nn.ReLU()),
-        ("pool1", nn.MaxPool2d(2)),                                      # 32 x 32
-        ("conv2", nn.Conv2d(16, 32, 3, padding=1)), ("relu2", nn.ReLU()),
-        ("pool2", nn.MaxPool2d(2)),                                      # 16 x 16
-        ("conv3", nn.Conv2d(32, 64, 3, padding=1)), ("relu3", nn.ReLU()),
-        ("pool3", nn.MaxPool2d(2)),                                      # 8 x 8
-        ("conv4", nn.Conv2d(64, 64, 3, padding=1)), ("relu4", nn.ReLU()),
-    ]))
-    classifier = nn.Sequential(OrderedDict([
-        ("pool", nn.AdaptiveMaxPool2d(1)), ("flatten", nn.Flatten()),
-        ("fc", nn.Linear(64, N_CLASSES)),
-    ]))
+    features = nn.Sequential(
+        OrderedDict(
+            [
+                ("conv1", nn.Conv2d(1, 16, 3, padding=1)),
+                ("relu1", nn.ReLU()),
+                ("pool1", nn.MaxPool2d(2)),  # 32 x 32
+                ("conv2", nn.Conv2d(16, 32, 3, padding=1)),
+                ("relu2", nn.ReLU()),
+                ("pool2", nn.MaxPool2d(2)),  # 16 x 16
+                ("conv3", nn.Conv2d(32, 64, 3, padding=1)),
+                ("relu3", nn.ReLU()),
+                ("pool3", nn.MaxPool2d(2)),  # 8 x 8
+                ("conv4", nn.Conv2d(64, 64, 3, padding=1)),
+                ("relu4", nn.ReLU()),
+            ]
+        )
+    )
+    classifier = nn.Sequential(
+        OrderedDict(
+            [
+                ("pool", nn.AdaptiveMaxPool2d(1)),
+                ("flatten", nn.Flatten()),
+                ("fc", nn.Linear(64, N_CLASSES)),
+            ]
+        )
+    )
     return nn.Sequential(OrderedDict([("features", features), ("classifier", classifier)]))
 
 

@@ -78,9 +78,15 @@ class IBA(torch.nn.Module, PerSampleFront):
         self.input_or_output = input_or_output
         # A plain attribute in __dict__, so the model and layer are not submodules of IBA.
         self.__dict__["_engine"] = PerSampleBottleneck(
-            _BACKEND, model, layer, layout=layout, on_input=input_or_output == "input",
+            _BACKEND,
+            model,
+            layer,
+            layout=layout,
+            on_input=input_or_output == "input",
             estimate_hint="estimate(model, dataloader)",
-            feature_mean=feature_mean, feature_std=feature_std, estimator=estimator,
+            feature_mean=feature_mean,
+            feature_std=feature_std,
+            estimator=estimator,
             **settings_of(locals()),
         )
 
@@ -119,13 +125,13 @@ class IBA(torch.nn.Module, PerSampleFront):
         def batches() -> Iterator[torch.Tensor]:
             for x in input_batches(dataloader):
                 if not isinstance(x, torch.Tensor):
-                    raise TypeError(f"the data loader must yield tensors or (x, y) tuples, got "
-                                    f"{type(x).__name__}")
+                    raise TypeError(
+                        f"the data loader must yield tensors or (x, y) tuples, got {type(x).__name__}"
+                    )
                 yield x.to(device) if device is not None else x
 
         with self._engine.using(model), torch.no_grad():
-            return self._engine.estimate(batches(), n_samples=n_samples, progbar=progbar,
-                                         reset=reset)
+            return self._engine.estimate(batches(), n_samples=n_samples, progbar=progbar, reset=reset)
 
     # -- explanation ---------------------------------------------------------------
     def analyze(
@@ -168,11 +174,22 @@ class IBA(torch.nn.Module, PerSampleFront):
         if not isinstance(input_t, torch.Tensor):
             raise TypeError(f"input_t must be a torch.Tensor, got {type(input_t).__name__}")
         with self._engine.using(model):
-            return self._maps(input_t.detach(), target=target, loss=model_loss_fn, mode=mode,
-                              seed=seed, noise=noise, inputs_per_pass=inputs_per_pass,
-                              beta=beta, optimization_steps=optimization_steps, min_std=min_std,
-                              lr=lr, batch_size=batch_size, progbar=progbar,
-                              active_neurons_threshold=active_neurons_threshold)
+            return self._maps(
+                input_t.detach(),
+                target=target,
+                loss=model_loss_fn,
+                mode=mode,
+                seed=seed,
+                noise=noise,
+                inputs_per_pass=inputs_per_pass,
+                beta=beta,
+                optimization_steps=optimization_steps,
+                min_std=min_std,
+                lr=lr,
+                batch_size=batch_size,
+                progbar=progbar,
+                active_neurons_threshold=active_neurons_threshold,
+            )
 
     @contextlib.contextmanager
     def restrict_flow(self, alpha: torch.Tensor | None = None) -> Iterator[IBA]:
@@ -206,8 +223,10 @@ class IBA(torch.nn.Module, PerSampleFront):
 
     def extra_repr(self) -> str:
         cfg = self.config
-        return (f"beta={cfg.beta}, sigma={cfg.sigma}, steps={cfg.optimization_steps}, "
-                f"batch_size={cfg.batch_size}, estimated_samples={self.estimator.n}")
+        return (
+            f"beta={cfg.beta}, sigma={cfg.sigma}, steps={cfg.optimization_steps}, "
+            f"batch_size={cfg.batch_size}, estimated_samples={self.estimator.n}"
+        )
 
 
 @contextlib.contextmanager
@@ -218,6 +237,7 @@ def _passes_of_any_model(bottleneck: Any) -> Iterator[None]:
     thread = threading.get_ident()
     state: dict[str, Any] = {"depth": 0, "root": None}
     with bottleneck.counting_passes() as new_pass:
+
         def pre(module: torch.nn.Module, _args: Any) -> None:
             if threading.get_ident() != thread:
                 return
@@ -230,8 +250,10 @@ def _passes_of_any_model(bottleneck: Any) -> Iterator[None]:
             if threading.get_ident() == thread and state["depth"] > 0:
                 state["depth"] -= 1
 
-        hooks = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
-                 torch.nn.modules.module.register_module_forward_hook(post, always_call=True)]
+        hooks = [
+            torch.nn.modules.module.register_module_forward_pre_hook(pre),
+            torch.nn.modules.module.register_module_forward_hook(post, always_call=True),
+        ]
         try:
             yield
         finally:

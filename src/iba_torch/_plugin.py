@@ -18,5 +18,12 @@ def claims_model(spec: str) -> bool:
 @hookimpl
 def iba_register_backends(register):
     if importlib.util.find_spec("torch") is not None:
-        register(BackendSpec("torch", modules=("torch",), loader="iba_torch._backend:TorchBackend",
-                             aliases=("pytorch",), claims=claims_model))
+        register(
+            BackendSpec(
+                "torch",
+                modules=("torch",),
+                loader="iba_torch._backend:TorchBackend",
+                aliases=("pytorch",),
+                claims=claims_model,
+            )
+        )

@@ -80,10 +80,21 @@ class IBAReadout(ReadoutFront):
             readout_layers = [readout_layers]
         layer, layer_name = _resolve(model, attach_layer, "attach layer")
         resolved = [_resolve(model, r, "readout layer") for r in readout_layers]
-        self._build(_BACKEND, model, layer, layer_name, [m for m, _ in resolved],
-                    [name for _, name in resolved], seed=seed, progbar=progbar, sigma=sigma,
-                    beta=beta, min_std=min_std, relu=relu,
-                    active_neurons_threshold=active_neurons_threshold)
+        self._build(
+            _BACKEND,
+            model,
+            layer,
+            layer_name,
+            [m for m, _ in resolved],
+            [name for _, name in resolved],
+            seed=seed,
+            progbar=progbar,
+            sigma=sigma,
+            beta=beta,
+            min_std=min_std,
+            relu=relu,
+            active_neurons_threshold=active_neurons_threshold,
+        )
         self._detached = False
 
     def detach(self) -> None:
@@ -97,8 +108,10 @@ class IBAReadout(ReadoutFront):
         if self._detached:
             raise RuntimeError("this IBAReadout was detached; create a new one")
         if model is not None and model is not self._readout.model:
-            raise ValueError("the readout was created for another model; pass the same model "
-                             "(or none) to estimate()/train()")
+            raise ValueError(
+                "the readout was created for another model; pass the same model "
+                "(or none) to estimate()/train()"
+            )
         return self._readout.model
 
     # -- data --------------------------------------------------------------------------
@@ -106,8 +119,7 @@ class IBAReadout(ReadoutFront):
     def _inputs(batch: Any, device: Any) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"the data loader must yield tensors or (x, y) tuples, got "
-                            f"{type(x).__name__}")
+            raise TypeError(f"the data loader must yield tensors or (x, y) tuples, got {type(x).__name__}")
         return x.to(device) if device is not None else x
 
     def _train_batches(self, dataloader: Iterable[Any], device: Any) -> Iterable[tuple[Any, Any]]:
@@ -115,7 +127,7 @@ class IBAReadout(ReadoutFront):
 
         class Batches:
             def __len__(self) -> int:
-                return len(dataloader)  # type: ignore[arg-type]  (TypeError: no length)
+                return len(dataloader)  # type: ignore[arg-type]  # TypeError when it has no length
 
             def __iter__(self) -> Iterator[tuple[Any, Any]]:
                 for batch in dataloader:
@@ -148,8 +160,7 @@ class IBAReadout(ReadoutFront):
         device = torch.device(device) if device is not None else model_device(model)
         batches = (self._inputs(b, device) for b in dataloader)
         with _BACKEND.frozen(model), torch.no_grad():
-            return self._readout.estimate(batches, n_samples=n_samples, progbar=progbar,
-                                          reset=reset)
+            return self._readout.estimate(batches, n_samples=n_samples, progbar=progbar, reset=reset)
 
     def train(
         self,
@@ -197,20 +208,33 @@ class IBAReadout(ReadoutFront):
             validation = self._train_batches(validation, device)
         with _BACKEND.frozen(model):
             history = self._readout.train(
-                self._train_batches(dataloader, device), epochs=epochs, beta=beta, lr=lr,
-                model_loss=model_loss_fn, seed=seed, progbar=progbar, validation=validation,
-                schedule=schedule, warn=warn)
+                self._train_batches(dataloader, device),
+                epochs=epochs,
+                beta=beta,
+                lr=lr,
+                model_loss=model_loss_fn,
+                seed=seed,
+                progbar=progbar,
+                validation=validation,
+                schedule=schedule,
+                warn=warn,
+            )
         return history
 
-    def evaluate(self, model: torch.nn.Module | None, dataloader: Iterable[Any],
-                 beta: float | None = None, seed: int | None = 0, device: Any = None) -> float:
+    def evaluate(
+        self,
+        model: torch.nn.Module | None,
+        dataloader: Iterable[Any],
+        beta: float | None = None,
+        seed: int | None = 0,
+        device: Any = None,
+    ) -> float:
         """Mean training loss over ``dataloader`` without training (noise seeded by ``seed``)."""
         model = self._check(model)
         device = torch.device(device) if device is not None else model_device(model)
         beta = self.bottleneck.beta if beta is None else float(beta)
         with _BACKEND.frozen(model), torch.no_grad():
-            return self._readout.evaluate(self._train_batches(dataloader, device), beta=beta,
-                                          seed=seed)
+            return self._readout.evaluate(self._train_batches(dataloader, device), beta=beta, seed=seed)
 
     # -- explanation -------------------------------------------------------------------
     def analyze(self, input_t: torch.Tensor, mode: str = "saliency") -> np.ndarray:

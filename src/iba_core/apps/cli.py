@@ -51,12 +51,10 @@ from ..contract import (
 )
 from .loading import first_line
 
-__all__ = ["CliError", "CliFailure", "OutputSet", "build_parser", "layer_table", "main",
-           "select_backend"]
+__all__ = ["CliError", "CliFailure", "OutputSet", "build_parser", "layer_table", "main", "select_backend"]
 
 PROG = "iba"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                  ".pgm", ".pbm")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 #: The backend ``iba demo`` prefers when none is given (any installed one is used if it
 #: is missing); every backend with a ``demo_model`` runs the demo.
 DEMO_BACKEND = "torch"
@@ -109,9 +107,11 @@ def select_backend(choice: str, model_spec: str) -> Backend:
         return load_backend(claiming[0])
     listed = ", ".join(installed) or "none"
     if claiming:
-        raise UsageError(f"model {model_spec!r} is claimed by several backends "
-                         f"({', '.join(claiming)}); choose one with "
-                         "--backend NAME")
+        raise UsageError(
+            f"model {model_spec!r} is claimed by several backends "
+            f"({', '.join(claiming)}); choose one with "
+            "--backend NAME"
+        )
     also = f"; could not ask: {'; '.join(broken)}" if broken else ""
     raise UsageError(
         f"cannot tell what kind of model {model_spec!r} is: no installed backend takes it "
@@ -159,8 +159,11 @@ def quiet_native_stderr() -> Iterator[None]:
     try:
         if uses_fd2:
             sys.stderr = io.TextIOWrapper(
-                os.fdopen(os.dup(saved), "wb"), encoding=original.encoding,
-                errors="backslashreplace", line_buffering=True)
+                os.fdopen(os.dup(saved), "wb"),
+                encoding=original.encoding,
+                errors="backslashreplace",
+                line_buffering=True,
+            )
             replaced = True
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
@@ -197,8 +200,10 @@ def run_model(backend: Backend, model: Any, x: np.ndarray) -> Any:
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"the model failed on input of shape {tuple(x.shape)}: "
-                         f"{first_line(exc)} (check --size and --channels)") from None
+        raise UsageError(
+            f"the model failed on input of shape {tuple(x.shape)}: "
+            f"{first_line(exc)} (check --size and --channels)"
+        ) from None
 
 
 def predict(backend: Backend, model: Any, x: np.ndarray) -> np.ndarray:
@@ -207,21 +212,23 @@ def predict(backend: Backend, model: Any, x: np.ndarray) -> np.ndarray:
 
     outs = []
     for i in range(0, len(x), PREDICT_BATCH):
-        out = run_model(backend, model, x[i:i + PREDICT_BATCH])
+        out = run_model(backend, model, x[i : i + PREDICT_BATCH])
         try:
             logits = np.asarray(backend.to_numpy(model_logits(out)))
         except ValueError as exc:
-            raise UsageError(f"{exc}; iba explain needs a classifier returning logits of "
-                             "shape (N, classes)") from None
+            raise UsageError(
+                f"{exc}; iba explain needs a classifier returning logits of shape (N, classes)"
+            ) from None
         if logits.ndim != 2:
-            raise UsageError(f"the model returns {logits.shape}; iba explain needs a classifier "
-                             "returning logits of shape (N, classes)")
+            raise UsageError(
+                f"the model returns {logits.shape}; iba explain needs a classifier "
+                "returning logits of shape (N, classes)"
+            )
         outs.append(logits)
     return np.concatenate(outs)
 
 
-def layer_table(backend: Backend, model: Any, input_shape: tuple[int, ...]
-                ) -> list[tuple[str, str]]:
+def layer_table(backend: Backend, model: Any, input_shape: tuple[int, ...]) -> list[tuple[str, str]]:
     """``(name, per-sample output shape)`` of every layer ``backend.layer_names`` lists,
     from one pass over zeros of ``input_shape``: ``'-'`` if the layer did not run,
     ``'(called again)'`` appended if it ran more than once.
@@ -242,6 +249,7 @@ def layer_table(backend: Backend, model: Any, input_shape: tuple[int, ...]
                 seen[name] = shape
             elif not seen[name].endswith("(called again)"):
                 seen[name] = f"{seen[name]} (called again)"
+
         return hook
 
     def run_with_hooks(group: list[str]) -> dict[str, str] | None:
@@ -267,8 +275,8 @@ def layer_table(backend: Backend, model: Any, input_shape: tuple[int, ...]
         elif len(group) == 1:
             shapes[group[0]] = "(not a tensor)"
         else:
-            probe(group[:len(group) // 2])
-            probe(group[len(group) // 2:])
+            probe(group[: len(group) // 2])
+            probe(group[len(group) // 2 :])
 
     seen = run_with_hooks(names)
     if seen is None:
@@ -289,14 +297,16 @@ def _layer_kind(backend: Backend, model: Any, name: str) -> str | None:
 def _check_layer(backend: Backend, model: Any, layer: str) -> None:
     names = list(backend.layer_names(model))
     if names and layer not in names:
-        shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40
-                                          else "")
-        raise UsageError(f"layer {layer!r} not found in the model; its layers are: {shown} "
-                         "(see 'iba layers MODEL' for their output shapes)")
+        shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+        raise UsageError(
+            f"layer {layer!r} not found in the model; its layers are: {shown} "
+            "(see 'iba layers MODEL' for their output shapes)"
+        )
 
 
-def open_bottleneck(backend: Backend, model: Any, layer: str, inputs: InputSpec,
-                    sample: np.ndarray, **settings: Any) -> tuple[Any, tuple[int, ...]]:
+def open_bottleneck(
+    backend: Backend, model: Any, layer: str, inputs: InputSpec, sample: np.ndarray, **settings: Any
+) -> tuple[Any, tuple[int, ...]]:
     """A :class:`~iba_core.PerSampleBottleneck` at ``layer`` of ``model`` and the
     (channels-first) per-sample shape of the layer's features, from one pass over
     ``sample``; mistakes are one-line :class:`UsageError`\\ s."""
@@ -309,28 +319,39 @@ def open_bottleneck(backend: Backend, model: Any, layer: str, inputs: InputSpec,
     except LookupError as exc:
         raise UsageError(f"{_one_line(str(exc))} (see 'iba layers MODEL')") from None
     except (TypeError, ValueError) as exc:
-        raise UsageError(f"cannot put a bottleneck at layer {layer!r}: "
-                         f"{_one_line(str(exc))}") from None
+        raise UsageError(f"cannot put a bottleneck at layer {layer!r}: {_one_line(str(exc))}") from None
     try:
         feature_shape = engine.feature_shape(to_backend(backend, model, sample))
     except (RuntimeError, TypeError, ValueError) as exc:
-        raise UsageError(f"cannot put a bottleneck at layer {layer!r}: {_one_line(str(exc))}; "
-                         "choose another (see 'iba layers MODEL')") from None
+        raise UsageError(
+            f"cannot put a bottleneck at layer {layer!r}: {_one_line(str(exc))}; "
+            "choose another (see 'iba layers MODEL')"
+        ) from None
     shape = tuple(int(s) for s in feature_shape)
     if len(shape) < 2:
-        raise UsageError(f"layer {layer!r} has no spatial axes (features (N, "
-                         f"{', '.join(map(str, shape)) or 'C'})): a saliency map needs a "
-                         "layer with height and width; choose a convolutional layer (see "
-                         "'iba layers MODEL')")
+        raise UsageError(
+            f"layer {layer!r} has no spatial axes (features (N, "
+            f"{', '.join(map(str, shape)) or 'C'})): a saliency map needs a "
+            "layer with height and width; choose a convolutional layer (see "
+            "'iba layers MODEL')"
+        )
     return engine, shape
 
 
-def explain_batch(backend: Backend, engine: Any, model: Any, x: np.ndarray,
-                  targets: np.ndarray, seed: int | None, noise: str) -> np.ndarray:
+def explain_batch(
+    backend: Backend,
+    engine: Any,
+    model: Any,
+    x: np.ndarray,
+    targets: np.ndarray,
+    seed: int | None,
+    noise: str,
+) -> np.ndarray:
     """Saliency maps ``(N, H, W)`` in bits per pixel as NumPy, all N inputs in one call."""
     try:
-        maps = engine.analyze(to_backend(backend, model, x), target=np.asarray(targets),
-                              seed=seed, noise=noise)
+        maps = engine.analyze(
+            to_backend(backend, model, x), target=np.asarray(targets), seed=seed, noise=noise
+        )
     except FloatingPointError as exc:
         raise RunFailure(str(exc)) from None
     maps = np.asarray(backend.to_numpy(maps))
@@ -383,8 +404,7 @@ class OutputSet:
     def stage(self, path: Path, write: Callable[[Path], None]) -> None:
         """Write ``path``'s new content (``write(tmp)``) to a temporary file beside it."""
         self._mkdirs(path.parent)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp",
-                                    dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(name)
         self._staged.append((path, tmp))
@@ -398,8 +418,7 @@ class OutputSet:
             for path, tmp in self._staged:
                 backup = None
                 if path.exists() or path.is_symlink():
-                    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".old",
-                                                dir=path.parent)
+                    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent)
                     os.close(fd)
                     backup = Path(name)
                     try:
@@ -455,13 +474,16 @@ def check_writable(path: Path, option: str, folder: bool) -> Path:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise UsageError(f"{option} {path} cannot be written: {existing} is a file, not a "
-                         "folder; choose another path")
+        raise UsageError(
+            f"{option} {path} cannot be written: {existing} is a file, not a folder; choose another path"
+        )
     try:
         fd, probe = tempfile.mkstemp(prefix=".iba-write-test.", dir=existing)
     except OSError as exc:
-        raise UsageError(f"{option} {path} cannot be written: no new files can be made in "
-                         f"{existing} ({exc.strerror or exc}); choose another path") from None
+        raise UsageError(
+            f"{option} {path} cannot be written: no new files can be made in "
+            f"{existing} ({exc.strerror or exc}); choose another path"
+        ) from None
     os.close(fd)
     os.unlink(probe)
     return path
@@ -478,8 +500,18 @@ def _umask() -> int:
     return mask
 
 
-def write_outputs(out: Path, files: dict[str, bytes],
-                  extra: dict[Path, Callable[[Path], None]] | None = None) -> list[Path]:
+def _bytes_writer(content: bytes) -> Callable[[Path], None]:
+    """A ``write(tmp)`` for :meth:`OutputSet.stage` that writes ``content``."""
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(content)
+
+    return write
+
+
+def write_outputs(
+    out: Path, files: dict[str, bytes], extra: dict[Path, Callable[[Path], None]] | None = None
+) -> list[Path]:
     """Write ``{name: content}`` into the folder ``out`` and ``{path: write(tmp)}`` of
     ``extra``, as one :class:`OutputSet`; returns the paths."""
     if out.exists() and not out.is_dir():
@@ -489,14 +521,13 @@ def write_outputs(out: Path, files: dict[str, bytes],
         try:
             for name, content in files.items():
                 current = out / name
-                outputs.stage(current, lambda tmp, c=content: tmp.write_bytes(c))
+                outputs.stage(current, _bytes_writer(content))
             for current, write in (extra or {}).items():
                 outputs.stage(current, write)
             current = out
             return outputs.commit()
         except OSError as exc:
-            raise RunFailure(f"cannot write {exc.filename or current}: "
-                             f"{exc.strerror or exc}") from None
+            raise RunFailure(f"cannot write {exc.filename or current}: {exc.strerror or exc}") from None
 
 
 def npz_bytes(**arrays: Any) -> bytes:
@@ -511,11 +542,11 @@ def find_images(paths: Sequence[str], what: str) -> list[Path]:
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            inside = sorted(f for f in path.rglob("*")
-                            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            inside = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
             if not inside:
-                raise UsageError(f"{what}: no images in folder {path} (looked for "
-                               f"{', '.join(IMAGE_SUFFIXES)})")
+                raise UsageError(
+                    f"{what}: no images in folder {path} (looked for {', '.join(IMAGE_SUFFIXES)})"
+                )
             found.extend(inside)
         elif path.is_file():
             found.append(path)
@@ -548,8 +579,14 @@ def load_image(path: Path, channels: int, size: tuple[int, int] | None) -> np.nd
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def load_images(paths: Sequence[Path], channels: int, size: tuple[int, int] | None,
-                mean: np.ndarray, std: np.ndarray, channels_last: bool) -> np.ndarray:
+def load_images(
+    paths: Sequence[Path],
+    channels: int,
+    size: tuple[int, int] | None,
+    mean: np.ndarray,
+    std: np.ndarray,
+    channels_last: bool,
+) -> np.ndarray:
     """Stack of preprocessed images ``(N, C, H, W)`` (or ``(N, H, W, C)``), float32."""
     images = [load_image(p, channels, size) for p in paths]
     shapes = {im.shape[:2] for im in images}
@@ -561,14 +598,15 @@ def load_images(paths: Sequence[Path], channels: int, size: tuple[int, int] | No
     return x if channels_last else np.ascontiguousarray(np.moveaxis(x, -1, 1))
 
 
-def _per_channel(values: Sequence[float] | None, channels: int, default: float, name: str
-                 ) -> np.ndarray:
+def _per_channel(values: Sequence[float] | None, channels: int, default: float, name: str) -> np.ndarray:
     if values is None:
         return np.full(channels, default, dtype=np.float32)
     if len(values) not in (1, channels):
         takes = "1 value" if channels == 1 else f"1 or {channels} values"
-        raise UsageError(f"--{name} takes {takes} (the model's input has {channels} "
-                       f"channel{'s' if channels > 1 else ''}), got {len(values)}")
+        raise UsageError(
+            f"--{name} takes {takes} (the model's input has {channels} "
+            f"channel{'s' if channels > 1 else ''}), got {len(values)}"
+        )
     arr = np.broadcast_to(np.asarray(values, dtype=np.float32), (channels,)).copy()
     if name == "std" and np.any(arr <= 0):
         raise UsageError(f"--std values must be > 0, got {list(values)}")
@@ -577,7 +615,7 @@ def _per_channel(values: Sequence[float] | None, channels: int, default: float, 
 
 def _batches(x: np.ndarray, size: int) -> Iterator[np.ndarray]:
     for i in range(0, len(x), size):
-        yield x[i:i + size]
+        yield x[i : i + size]
 
 
 def _progress(iterable: Any, **kwargs: Any) -> Any:
@@ -624,13 +662,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     def to_model(a: np.ndarray) -> np.ndarray:  # the digits are (N, 1, H, W)
         return np.ascontiguousarray(np.moveaxis(a, 1, -1)) if inputs.channels_last else a
 
-    engine, (c, h, w) = open_bottleneck(backend, model, DEMO_LAYER, inputs,
-                                        to_model(test.images[:1]))
+    engine, (c, h, w) = open_bottleneck(backend, model, DEMO_LAYER, inputs, to_model(test.images[:1]))
     t_setup = time.perf_counter()
 
-    estimate(engine, (to_backend(backend, model, to_model(b))
-                      for b in _batches(estimation.images, 250)),
-             args.estimate_samples, progbar=False)
+    estimate(
+        engine,
+        (to_backend(backend, model, to_model(b)) for b in _batches(estimation.images, 250)),
+        args.estimate_samples,
+        progbar=False,
+    )
     t_estimate = time.perf_counter()
 
     x = to_model(test.images)
@@ -643,33 +683,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     scores = bounding_box_score(maps, test.boxes)
     box_area = (test.boxes[:, 2] - test.boxes[:, 0]) * (test.boxes[:, 3] - test.boxes[:, 1])
     chance = box_area / float(maps.shape[1] * maps.shape[2])
-    title = (f"IBA on cluttered digits ({backend.name}, bottleneck at {DEMO_LAYER}, "
-             f"{c}x{h}x{w}): green/white box = the digit")
-    png = demo_figure(test.images, maps, test.boxes, test.labels, predicted, scores,
-                      title=title)
-    npz = npz_bytes(saliency_maps=maps.astype(np.float32), images=test.images,
-                    labels=test.labels, predicted=predicted, boxes=test.boxes,
-                    total_bits=bits, top_n_in_box=scores, seed=np.int64(args.seed),
-                    layer=np.str_(DEMO_LAYER), backend=np.str_(backend.name))
+    title = (
+        f"IBA on cluttered digits ({backend.name}, bottleneck at {DEMO_LAYER}, "
+        f"{c}x{h}x{w}): green/white box = the digit"
+    )
+    png = demo_figure(test.images, maps, test.boxes, test.labels, predicted, scores, title=title)
+    npz = npz_bytes(
+        saliency_maps=maps.astype(np.float32),
+        images=test.images,
+        labels=test.labels,
+        predicted=predicted,
+        boxes=test.boxes,
+        total_bits=bits,
+        top_n_in_box=scores,
+        seed=np.int64(args.seed),
+        layer=np.str_(DEMO_LAYER),
+        backend=np.str_(backend.name),
+    )
     written = write_outputs(out, {"demo.png": png, "saliency_maps.npz": npz})
     t_end = time.perf_counter()
 
-    print(f"IBA demo: {args.n} cluttered-digit test images (seed {args.seed}), {backend.name} "
-          f"backend, bottleneck at {DEMO_LAYER} ({c}x{h}x{w})")
-    print(f"{'image':>5}  {'digit':>5}  {'pred':>4}  {'bits':>7}  {'top-n in box':>12}  "
-          f"{'chance':>6}")
+    print(
+        f"IBA demo: {args.n} cluttered-digit test images (seed {args.seed}), {backend.name} "
+        f"backend, bottleneck at {DEMO_LAYER} ({c}x{h}x{w})"
+    )
+    print(f"{'image':>5}  {'digit':>5}  {'pred':>4}  {'bits':>7}  {'top-n in box':>12}  {'chance':>6}")
     for i in range(args.n):
-        print(f"{i:>5}  {int(test.labels[i]):>5}  {int(predicted[i]):>4}  {bits[i]:>7.1f}  "
-              f"{scores[i]:>12.2f}  {chance[i]:>6.2f}")
-    print(f"{'mean':>5}  {'':>5}  {'':>4}  {bits.mean():>7.1f}  {scores.mean():>12.2f}  "
-          f"{chance.mean():>6.2f}")
-    print("top-n in box: share of the n highest-attributed pixels inside the digit's box "
-          "(n = box area); chance = box area / image area")
+        print(
+            f"{i:>5}  {int(test.labels[i]):>5}  {int(predicted[i]):>4}  {bits[i]:>7.1f}  "
+            f"{scores[i]:>12.2f}  {chance[i]:>6.2f}"
+        )
+    print(
+        f"{'mean':>5}  {'':>5}  {'':>4}  {bits.mean():>7.1f}  {scores.mean():>12.2f}  {chance.mean():>6.2f}"
+    )
+    print(
+        "top-n in box: share of the n highest-attributed pixels inside the digit's box "
+        "(n = box area); chance = box area / image area"
+    )
     dt_explain = t_explain - t_estimate
-    print(f"time: setup {t_setup - t0:.1f} s, estimate ({args.estimate_samples} images) "
-          f"{t_estimate - t_setup:.1f} s, explain ({args.n} images, one batched call) "
-          f"{dt_explain:.1f} s = {dt_explain / args.n:.2f} s/image, figure and files "
-          f"{t_end - t_explain:.1f} s, total {t_end - t0:.1f} s")
+    print(
+        f"time: setup {t_setup - t0:.1f} s, estimate ({args.estimate_samples} images) "
+        f"{t_estimate - t_setup:.1f} s, explain ({args.n} images, one batched call) "
+        f"{dt_explain:.1f} s = {dt_explain / args.n:.2f} s/image, figure and files "
+        f"{t_end - t_explain:.1f} s, total {t_end - t0:.1f} s"
+    )
     print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 
@@ -711,8 +768,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     show_kinds = any(k is not None for k in kinds)
     width = max([len(name) for name, _ in rows] + [5])
     kind_width = max([len(k or "-") for k in kinds] + [4])
-    print(f"layers of {args.model} for an input of shape {shape} "
-          "(output shapes per sample; '-' = not run):")
+    print(f"layers of {args.model} for an input of shape {shape} (output shapes per sample; '-' = not run):")
     if show_kinds:
         print(f"{'layer':<{width}}  {'type':<{kind_width}}  output shape")
     else:
@@ -729,8 +785,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .demo import overlay_figure
 
     if args.estimate is None and args.estimate_from is None:
-        raise UsageError("the bottleneck needs feature statistics: give --estimate-from FOLDER "
-                         "(images like the ones to explain) or --estimate FILE.npz")
+        raise UsageError(
+            "the bottleneck needs feature statistics: give --estimate-from FOLDER "
+            "(images like the ones to explain) or --estimate FILE.npz"
+        )
     if args.estimate is not None and args.estimate_from is not None:
         raise UsageError("give either --estimate-from or --estimate, not both")
     size = _size(args.size)
@@ -738,8 +796,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.save_estimate is not None:
         check_writable(Path(args.save_estimate), "--save-estimate", folder=False)
     image_paths = find_images(args.images, "--images")
-    estimate_paths = (find_images(args.estimate_from, "--estimate-from")
-                      if args.estimate_from else [])
+    estimate_paths = find_images(args.estimate_from, "--estimate-from") if args.estimate_from else []
     if args.estimate is not None and not Path(args.estimate).is_file():
         raise UsageError(f"--estimate: no such file: {args.estimate}")
 
@@ -757,13 +814,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     predicted = logits.argmax(axis=1)
     if args.target is not None:
         if not 0 <= args.target < n_classes:
-            raise UsageError(f"--target {args.target} is out of range: the model has "
-                             f"{n_classes} classes (0..{n_classes - 1})")
+            raise UsageError(
+                f"--target {args.target} is out of range: the model has "
+                f"{n_classes} classes (0..{n_classes - 1})"
+            )
         targets = np.full(len(x), args.target, dtype=np.int64)
     else:
         targets = predicted.astype(np.int64)
-    engine, feature_shape = open_bottleneck(backend, model, args.layer, inputs, x[:1],
-                                            beta=args.beta, optimization_steps=args.steps)
+    engine, feature_shape = open_bottleneck(
+        backend, model, args.layer, inputs, x[:1], beta=args.beta, optimization_steps=args.steps
+    )
 
     if args.estimate is not None:
         engine.estimator = _load_estimate(Path(args.estimate), feature_shape, args.layer)
@@ -771,18 +831,27 @@ def cmd_explain(args: argparse.Namespace) -> int:
         count = min(len(estimate_paths), args.n_samples)
         # Statistics must match the explained images' feature shape: same pixel size.
         est_size = size or (x.shape[1:3] if channels_last else x.shape[2:4])
-        est_x = (to_backend(backend, model,
-                            load_images(chunk, channels, est_size, mean, std, channels_last))
-                 for chunk in _path_chunks(estimate_paths[:count], 64))
+        est_x = (
+            to_backend(backend, model, load_images(chunk, channels, est_size, mean, std, channels_last))
+            for chunk in _path_chunks(estimate_paths[:count], 64)
+        )
         estimate(engine, est_x, count, progbar=True)
 
     maps = []
     chunks = range(0, len(x), args.batch_size)
     for i in _progress(chunks, desc="explain", unit="batch"):
         # Image k draws its noise from stream seed + k, whatever the batch size.
-        maps.append(explain_batch(backend, engine, model, x[i:i + args.batch_size],
-                                  targets[i:i + args.batch_size], seed=args.seed + i,
-                                  noise=args.noise))
+        maps.append(
+            explain_batch(
+                backend,
+                engine,
+                model,
+                x[i : i + args.batch_size],
+                targets[i : i + args.batch_size],
+                seed=args.seed + i,
+                noise=args.noise,
+            )
+        )
     maps_arr = np.concatenate(maps).astype(np.float32)
     bits = maps_arr.reshape(len(maps_arr), -1).sum(axis=1)
 
@@ -794,15 +863,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
         title = f"{name}: class {int(t)} (predicted {int(p)}), {b:.1f} bits"
         files[f"{name}_saliency.png"] = overlay_figure(m, np.clip(img, 0, 1), title)
     files["saliency_maps.npz"] = npz_bytes(
-        saliency_maps=maps_arr, files=np.array([str(p) for p in image_paths]),
-        targets=targets, predicted=predicted, total_bits=bits, layer=np.str_(args.layer))
+        saliency_maps=maps_arr,
+        files=np.array([str(p) for p in image_paths]),
+        targets=targets,
+        predicted=predicted,
+        total_bits=bits,
+        layer=np.str_(args.layer),
+    )
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["file", "target", "predicted", "total_bits", "max_bits_per_pixel",
-                     "saliency_png"])
+    writer.writerow(["file", "target", "predicted", "total_bits", "max_bits_per_pixel", "saliency_png"])
     for path, name, t, p, b, m in zip(image_paths, names, targets, predicted, bits, maps_arr):
-        writer.writerow([str(path), int(t), int(p), f"{b:.4f}", f"{float(m.max()):.6f}",
-                         f"{name}_saliency.png"])
+        writer.writerow(
+            [str(path), int(t), int(p), f"{b:.4f}", f"{float(m.max()):.6f}", f"{name}_saliency.png"]
+        )
     files["summary.csv"] = table.getvalue().encode()
     extra: dict[Path, Callable[[Path], None]] = {}
     if args.save_estimate is not None:
@@ -814,14 +888,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
         extra[Path(args.save_estimate)] = save_estimate
     write_outputs(out, files, extra)
-    print(f"explained {len(x)} images at layer {args.layer}: mean {bits.mean():.1f} bits "
-          f"per image; wrote {len(files)} files to {out}")
+    print(
+        f"explained {len(x)} images at layer {args.layer}: mean {bits.mean():.1f} bits "
+        f"per image; wrote {len(files)} files to {out}"
+    )
     return 0
 
 
 def _path_chunks(paths: Sequence[Path], size: int) -> Iterator[list[Path]]:
     for i in range(0, len(paths), size):
-        yield list(paths[i:i + size])
+        yield list(paths[i : i + size])
 
 
 def _load_estimate(path: Path, feature_shape: tuple[int, ...], layer: str) -> Any:
@@ -833,8 +909,9 @@ def _load_estimate(path: Path, feature_shape: tuple[int, ...], layer: str) -> An
     except OSError as exc:
         raise UsageError(f"cannot read the estimate {path}: {exc.strerror or exc}") from None
     except Exception:
-        raise UsageError(f"cannot read the estimate {path}: not an .npz file written by "
-                         "--save-estimate") from None
+        raise UsageError(
+            f"cannot read the estimate {path}: not an .npz file written by --save-estimate"
+        ) from None
     estimator = Estimator()
     try:
         estimator.load_state_dict(state, expected_shape=feature_shape, expected_layer=layer)
@@ -866,18 +943,21 @@ def _integer(text: str) -> int:
 
 def int_in(low: int, high: int | None = None, why: str = "") -> Callable[[str], int]:
     """An argparse ``type``: an integer in ``[low, high]``, else a one-line error."""
+
     def parse(text: str) -> int:
         value = _integer(text)
         if value < low or (high is not None and value > high):
             wanted = f">= {low}" if high is None else f"between {low} and {high}"
             raise argparse.ArgumentTypeError(f"must be an integer {wanted}{why}, got {text!r}")
         return value
+
     parse.__name__ = "integer"
     return parse
 
 
 def real(low: float | None = None, *, strict: bool = False) -> Callable[[str], float]:
     """An argparse ``type``: a finite number (``>= low``, or ``> low`` if ``strict``)."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -890,6 +970,7 @@ def real(low: float | None = None, *, strict: bool = False) -> Callable[[str], f
             bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
             raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text!r}")
         return value
+
     parse.__name__ = "number"
     return parse
 
@@ -897,7 +978,7 @@ def real(low: float | None = None, *, strict: bool = False) -> Callable[[str], f
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (plus the exit status 2)."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -905,98 +986,182 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Information Bottleneck Attribution: which parts of an input does a "
-                    "model's decision use, in bits per pixel.",
+        "model's decision use, in bits per pixel.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     demo = sub.add_parser(
-        "demo", help="explain a small CNN on cluttered digits (no download needed)",
+        "demo",
+        help="explain a small CNN on cluttered digits (no download needed)",
         description="Estimate the bottleneck statistics of a small pretrained CNN, explain "
-                    "test images of cluttered handwritten digits in one batched call, and "
-                    "score how much of each map falls on the digit's box. Writes demo.png "
-                    "and saliency_maps.npz to --out.",
+        "test images of cluttered handwritten digits in one batched call, and "
+        "score how much of each map falls on the digit's box. Writes demo.png "
+        "and saliency_maps.npz to --out.",
     )
-    demo.add_argument("--backend", default=None, metavar="NAME",
-                      help=f"installed backend to run in, by name or alias (default: "
-                           f"{DEMO_BACKEND} if installed, else the first installed)")
-    demo.add_argument("--out", default="iba-demo-out", metavar="DIR",
-                      help="output folder (default: iba-demo-out)")
-    demo.add_argument("--n", type=int_in(1, 64), default=8, metavar="N",
-                      help="number of test images to explain (default: 8)")
-    demo.add_argument("--seed", type=int_in(0), default=0, metavar="S",
-                      help="seed of the images and the noise (default: 0)")
-    demo.add_argument("--estimate-samples", default=1000, metavar="M",
-                      type=int_in(1, DEMO_MAX_ESTIMATE,
-                                  " (the demo makes these images in memory, 16 KiB each)"),
-                      help="images to estimate the feature statistics on (default: 1000, "
-                           f"at most {DEMO_MAX_ESTIMATE:,})")
+    demo.add_argument(
+        "--backend",
+        default=None,
+        metavar="NAME",
+        help=f"installed backend to run in, by name or alias (default: "
+        f"{DEMO_BACKEND} if installed, else the first installed)",
+    )
+    demo.add_argument(
+        "--out", default="iba-demo-out", metavar="DIR", help="output folder (default: iba-demo-out)"
+    )
+    demo.add_argument(
+        "--n",
+        type=int_in(1, 64),
+        default=8,
+        metavar="N",
+        help="number of test images to explain (default: 8)",
+    )
+    demo.add_argument(
+        "--seed", type=int_in(0), default=0, metavar="S", help="seed of the images and the noise (default: 0)"
+    )
+    demo.add_argument(
+        "--estimate-samples",
+        default=1000,
+        metavar="M",
+        type=int_in(1, DEMO_MAX_ESTIMATE, " (the demo makes these images in memory, 16 KiB each)"),
+        help=f"images to estimate the feature statistics on (default: 1000, at most {DEMO_MAX_ESTIMATE:,})",
+    )
     demo.set_defaults(func=cmd_demo)
 
     common = _Parser(add_help=False)
-    common.add_argument("model", metavar="MODEL",
-                        help="the model, as its backend reads it: 'package.module:factory' "
-                             "or 'file.py:factory' (a callable returning the model), or a "
-                             "saved model file (e.g. .keras)")
-    common.add_argument("--weights", metavar="FILE",
-                        help="weights to load into the model (e.g. a state_dict .pt/.pth/"
-                             ".npz, or a .weights.h5 file)")
-    common.add_argument("--backend", default="auto", metavar="NAME",
-                        help="installed backend to use, by name or alias (default: auto, "
-                             "the one installed backend that takes MODEL)")
-    common.add_argument("--device", metavar="DEV",
-                        help="device to run on, e.g. cpu, cuda, cuda:1, gpu:0 (default: the "
-                             "model's)")
-    common.add_argument("--size", type=int_in(1), nargs="+", metavar="PX",
-                        help="resize inputs to H W pixels (one value: square)")
-    common.add_argument("--channels", type=int, metavar="C",
-                        help="1 (greyscale) or 3 (RGB); default: from the model's first layer")
+    common.add_argument(
+        "model",
+        metavar="MODEL",
+        help="the model, as its backend reads it: 'package.module:factory' "
+        "or 'file.py:factory' (a callable returning the model), or a "
+        "saved model file (e.g. .keras)",
+    )
+    common.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="weights to load into the model (e.g. a state_dict .pt/.pth/.npz, or a .weights.h5 file)",
+    )
+    common.add_argument(
+        "--backend",
+        default="auto",
+        metavar="NAME",
+        help="installed backend to use, by name or alias (default: auto, "
+        "the one installed backend that takes MODEL)",
+    )
+    common.add_argument(
+        "--device",
+        metavar="DEV",
+        help="device to run on, e.g. cpu, cuda, cuda:1, gpu:0 (default: the model's)",
+    )
+    common.add_argument(
+        "--size",
+        type=int_in(1),
+        nargs="+",
+        metavar="PX",
+        help="resize inputs to H W pixels (one value: square)",
+    )
+    common.add_argument(
+        "--channels",
+        type=int,
+        metavar="C",
+        help="1 (greyscale) or 3 (RGB); default: from the model's first layer",
+    )
 
     layers = sub.add_parser(
-        "layers", parents=[common], help="list a model's layers and their output shapes",
+        "layers",
+        parents=[common],
+        help="list a model's layers and their output shapes",
         description="List the layers of MODEL with their output shapes, found by running the "
-                    "model once on zeros of --size (default 224x224). Any of them can be "
-                    "given to 'iba explain --layer'.",
+        "model once on zeros of --size (default 224x224). Any of them can be "
+        "given to 'iba explain --layer'.",
     )
     layers.set_defaults(func=cmd_layers)
 
     explain = sub.add_parser(
-        "explain", parents=[common], help="explain your own model's decisions on your images",
+        "explain",
+        parents=[common],
+        help="explain your own model's decisions on your images",
         description="Put a bottleneck at --layer of MODEL, estimate its statistics, and "
-                    "explain --images: one saliency PNG per image, saliency_maps.npz and "
-                    "summary.csv in --out.",
+        "explain --images: one saliency PNG per image, saliency_maps.npz and "
+        "summary.csv in --out.",
     )
-    explain.add_argument("--layer", required=True, metavar="NAME",
-                         help="layer to put the bottleneck at (see 'iba layers MODEL')")
-    explain.add_argument("--images", required=True, nargs="+", metavar="PATH",
-                         help="image files or folders to explain")
-    explain.add_argument("--estimate-from", nargs="+", metavar="PATH",
-                         help="image files or folders to estimate the feature statistics on")
-    explain.add_argument("--estimate", metavar="FILE.npz",
-                         help="statistics saved earlier with --save-estimate")
-    explain.add_argument("--save-estimate", metavar="FILE.npz",
-                         help="save the statistics to reuse them with --estimate")
-    explain.add_argument("--n-samples", type=int_in(1), default=10000, metavar="M",
-                         help="use at most M images of --estimate-from (default: 10000)")
-    explain.add_argument("--mean", type=real(), nargs="+", metavar="M",
-                         help="per-channel mean subtracted from pixels in [0, 1] (default 0)")
-    explain.add_argument("--std", type=real(0, strict=True), nargs="+", metavar="S",
-                         help="per-channel std the pixels are divided by (default 1)")
-    explain.add_argument("--target", type=int_in(0), metavar="CLASS",
-                         help="class to explain (default: each image's predicted class)")
-    explain.add_argument("--out", default="iba-explain-out", metavar="DIR",
-                         help="output folder (default: iba-explain-out)")
-    explain.add_argument("--batch-size", type=int_in(1), default=8, metavar="B",
-                         help="images explained per batched call (default: 8)")
-    explain.add_argument("--beta", type=real(0), default=10.0,
-                         help="weight of the information term (default: 10)")
-    explain.add_argument("--steps", type=int_in(0), default=10,
-                         help="optimisation steps per batch (default: 10)")
-    explain.add_argument("--seed", type=int_in(0), default=0,
-                         help="noise seed; image k draws from stream seed + k (default: 0)")
-    explain.add_argument("--noise", choices=["backend", "numpy"], default="backend",
-                         help="noise generator: the backend's, on the device (default), or "
-                              "NumPy's, the same numbers in every backend and on every device")
+    explain.add_argument(
+        "--layer",
+        required=True,
+        metavar="NAME",
+        help="layer to put the bottleneck at (see 'iba layers MODEL')",
+    )
+    explain.add_argument(
+        "--images", required=True, nargs="+", metavar="PATH", help="image files or folders to explain"
+    )
+    explain.add_argument(
+        "--estimate-from",
+        nargs="+",
+        metavar="PATH",
+        help="image files or folders to estimate the feature statistics on",
+    )
+    explain.add_argument(
+        "--estimate", metavar="FILE.npz", help="statistics saved earlier with --save-estimate"
+    )
+    explain.add_argument(
+        "--save-estimate", metavar="FILE.npz", help="save the statistics to reuse them with --estimate"
+    )
+    explain.add_argument(
+        "--n-samples",
+        type=int_in(1),
+        default=10000,
+        metavar="M",
+        help="use at most M images of --estimate-from (default: 10000)",
+    )
+    explain.add_argument(
+        "--mean",
+        type=real(),
+        nargs="+",
+        metavar="M",
+        help="per-channel mean subtracted from pixels in [0, 1] (default 0)",
+    )
+    explain.add_argument(
+        "--std",
+        type=real(0, strict=True),
+        nargs="+",
+        metavar="S",
+        help="per-channel std the pixels are divided by (default 1)",
+    )
+    explain.add_argument(
+        "--target",
+        type=int_in(0),
+        metavar="CLASS",
+        help="class to explain (default: each image's predicted class)",
+    )
+    explain.add_argument(
+        "--out", default="iba-explain-out", metavar="DIR", help="output folder (default: iba-explain-out)"
+    )
+    explain.add_argument(
+        "--batch-size",
+        type=int_in(1),
+        default=8,
+        metavar="B",
+        help="images explained per batched call (default: 8)",
+    )
+    explain.add_argument(
+        "--beta", type=real(0), default=10.0, help="weight of the information term (default: 10)"
+    )
+    explain.add_argument(
+        "--steps", type=int_in(0), default=10, help="optimisation steps per batch (default: 10)"
+    )
+    explain.add_argument(
+        "--seed",
+        type=int_in(0),
+        default=0,
+        help="noise seed; image k draws from stream seed + k (default: 0)",
+    )
+    explain.add_argument(
+        "--noise",
+        choices=["backend", "numpy"],
+        default="backend",
+        help="noise generator: the backend's, on the device (default), or "
+        "NumPy's, the same numbers in every backend and on every device",
+    )
     explain.set_defaults(func=cmd_explain)
     return parser
 
@@ -1024,8 +1189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("IBA_DEBUG"):
             raise
-        print(f"{prog}: error: {type(exc).__name__}: {_one_line(str(exc))} "
-              "(set IBA_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"{prog}: error: {type(exc).__name__}: {_one_line(str(exc))} (set IBA_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -1043,8 +1210,9 @@ def one_line_warnings() -> Iterator[None]:
         return
     seen: set[str] = set()
 
-    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
-             line: str | None = None) -> None:
+    def show(
+        message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: str | None = None
+    ) -> None:
         text = _one_line(str(message)) or category.__name__
         if text not in seen:
             seen.add(text)
@@ -1053,8 +1221,7 @@ def one_line_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         if not sys.warnoptions:
             warnings.simplefilter("always")  # every message; repeats are dropped in show()
-            for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
-                           ResourceWarning):
+            for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
                 warnings.simplefilter("ignore", hidden)
         warnings.showwarning = show
         yield

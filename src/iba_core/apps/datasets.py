@@ -91,8 +91,9 @@ def _ink_box(patch: np.ndarray) -> tuple[int, int, int, int] | None:
 
 
 def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int], margin: int) -> bool:
-    return not (a[2] + margin <= b[0] or b[2] + margin <= a[0]
-                or a[3] + margin <= b[1] or b[3] + margin <= a[1])
+    return not (
+        a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1]
+    )
 
 
 def cluttered_digits(
@@ -156,7 +157,7 @@ def cluttered_digits(
         w = round(8 * s * rng.uniform(0.9, 1.1))
         patch = _scale(digits[k], h, w)
         y, x = int(rng.integers(size - h + 1)), int(rng.integers(size - w + 1))
-        canvas[y:y + h, x:x + w] = patch
+        canvas[y : y + h, x : x + w] = patch
         ink = _ink_box(patch)
         assert ink is not None  # every load_digits digit has ink
         box = (x + ink[0], y + ink[1], x + ink[2], y + ink[3])
@@ -168,7 +169,7 @@ def cluttered_digits(
             fw = int(rng.integers(full.shape[1] // 3, full.shape[1] // 2 + 1))
             fy = int(rng.integers(full.shape[0] - fh + 1))
             fx = int(rng.integers(full.shape[1] - fw + 1))
-            frag = full[fy:fy + fh, fx:fx + fw]
+            frag = full[fy : fy + fh, fx : fx + fw]
             frag_ink = _ink_box(frag)
             if frag_ink is None:
                 continue
@@ -176,7 +177,7 @@ def cluttered_digits(
                 py, px = int(rng.integers(size - fh + 1)), int(rng.integers(size - fw + 1))
                 placed = (px + frag_ink[0], py + frag_ink[1], px + frag_ink[2], py + frag_ink[3])
                 if not _overlaps(placed, box, margin=2):
-                    region = canvas[py:py + fh, px:px + fw]
+                    region = canvas[py : py + fh, px : px + fw]
                     np.maximum(region, frag, out=region)
                     break
         if noise > 0:

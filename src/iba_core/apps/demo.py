@@ -24,8 +24,7 @@ def demo_weights(path: Any) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"the demo CNN's weights are missing ({path}); reinstall iba or run "
-            "scripts/train_demo_models.py"
+            f"the demo CNN's weights are missing ({path}); reinstall iba or run scripts/train_demo_models.py"
         )
     with np.load(path) as data:
         return {k: np.array(data[k]) for k in data.files}
@@ -51,8 +50,7 @@ def top_n_in_box(saliency: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     saliency = np.asarray(saliency, dtype=np.float64)
     boxes = np.asarray(boxes, dtype=np.int64)
     if saliency.ndim != 3 or boxes.shape != (saliency.shape[0], 4):
-        raise ValueError(f"expected maps (N, H, W) and boxes (N, 4), got {saliency.shape} and "
-                         f"{boxes.shape}")
+        raise ValueError(f"expected maps (N, H, W) and boxes (N, 4), got {saliency.shape} and {boxes.shape}")
     n_img, h, w = saliency.shape
     scores = np.zeros(n_img)
     for i, (x0, y0, x1, y1) in enumerate(boxes):
@@ -83,8 +81,9 @@ def _draw_box(ax: Any, box: Sequence[int], color: str = "lime") -> None:
     from matplotlib.patches import Rectangle
 
     x0, y0, x1, y1 = (int(v) for v in box)
-    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
-                           edgecolor=color, linewidth=1.5))
+    ax.add_patch(
+        Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.5)
+    )
 
 
 def _png_bytes(fig: Any, dpi: int) -> bytes:
@@ -135,14 +134,22 @@ def demo_figure(
         top.set_yticks([])
         _draw_box(top, boxes[i])
         ok = int(predicted[i]) == int(labels[i])
-        top.set_title(f"digit {int(labels[i])}, predicted {int(predicted[i])}",
-                      fontsize=10, color="black" if ok else "red")
+        top.set_title(
+            f"digit {int(labels[i])}, predicted {int(predicted[i])}",
+            fontsize=10,
+            color="black" if ok else "red",
+        )
         bottom.axis("on")
-        plot_saliency_map(maps[i], images[i], ax=bottom, colorbar_label="bits / pixel",
-                          colorbar_fontsize=8, colorbar_size=0.5)
+        plot_saliency_map(
+            maps[i],
+            images[i],
+            ax=bottom,
+            colorbar_label="bits / pixel",
+            colorbar_fontsize=8,
+            colorbar_size=0.5,
+        )
         _draw_box(bottom, boxes[i], color="white")
-        bottom.set_title(f"{float(maps[i].sum()):.1f} bits, {box_scores[i]:.0%} in box",
-                         fontsize=10)
+        bottom.set_title(f"{float(maps[i].sum()):.1f} bits, {box_scores[i]:.0%} in box", fontsize=10)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()

@@ -52,15 +52,17 @@ def import_factory(spec: str) -> Any:
     except UsageError:
         raise
     except ModuleNotFoundError as exc:
-        raise UsageError(f"model spec {spec!r}: cannot import {module_name!r} "
-                         f"({first_line(exc)})") from None
+        raise UsageError(f"model spec {spec!r}: cannot import {module_name!r} ({first_line(exc)})") from None
     except SystemExit as exc:  # a script's sys.exit() must not end the caller silently
-        raise UsageError(f"model spec {spec!r}: importing {module_name!r} called "
-                         f"{_exit_call(exc)}; a model file must not exit when imported (put "
-                         "script code under 'if __name__ == \"__main__\":')") from None
+        raise UsageError(
+            f"model spec {spec!r}: importing {module_name!r} called "
+            f"{_exit_call(exc)}; a model file must not exit when imported (put "
+            "script code under 'if __name__ == \"__main__\":')"
+        ) from None
     except Exception as exc:
-        raise UsageError(f"model spec {spec!r}: importing {module_name!r} failed with "
-                         f"{first_line(exc)}") from None
+        raise UsageError(
+            f"model spec {spec!r}: importing {module_name!r} failed with {first_line(exc)}"
+        ) from None
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -97,16 +99,17 @@ def model_from_factory(spec: str, model_type: type | tuple[type, ...], kind: str
     if isinstance(factory, model_type):
         return factory
     if not callable(factory):
-        raise UsageError(f"model spec {spec!r} names a {type(factory).__name__}, not a "
-                         "callable returning the model")
+        raise UsageError(
+            f"model spec {spec!r} names a {type(factory).__name__}, not a callable returning the model"
+        )
     try:
         model = factory()
     except SystemExit as exc:
-        raise UsageError(f"model spec {spec!r}: calling the factory called "
-                         f"{_exit_call(exc)}; it must return the model") from None
+        raise UsageError(
+            f"model spec {spec!r}: calling the factory called {_exit_call(exc)}; it must return the model"
+        ) from None
     except Exception as exc:
-        raise UsageError(f"model spec {spec!r}: calling the factory failed with "
-                         f"{first_line(exc)}") from None
+        raise UsageError(f"model spec {spec!r}: calling the factory failed with {first_line(exc)}") from None
     if not isinstance(model, model_type):
         raise UsageError(f"model spec {spec!r} returned a {type(model).__name__}, not a {kind}")
     return model

@@ -68,8 +68,16 @@ class _Scorer:
     ends in softmax).
     """
 
-    def __init__(self, model: Any, *, output: str, batch_size: int, backend: Any = None,
-                 like: Any = None, dtype: Any = np.float32) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        output: str,
+        batch_size: int,
+        backend: Any = None,
+        like: Any = None,
+        dtype: Any = np.float32,
+    ) -> None:
         if output not in _OUTPUTS:
             raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
         if int(batch_size) < 1:
@@ -113,8 +121,10 @@ class _Scorer:
             b = self.backend
             out = b.to_numpy(b.call(self.model, b.from_numpy(x, like=self.like)))
         if out.ndim != 2 or out.shape[0] != x.shape[0]:
-            raise ValueError(f"the model must return scores (batch, classes); for a batch of "
-                             f"{x.shape[0]} it returned shape {out.shape}")
+            raise ValueError(
+                f"the model must return scores (batch, classes); for a batch of "
+                f"{x.shape[0]} it returned shape {out.shape}"
+            )
         return out.astype(np.float64)
 
     def __call__(self, x: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -126,8 +136,9 @@ class _Scorer:
             out = self._outputs(x[start:stop])
             t = targets[start:stop]
             if t.min(initial=0) < 0 or t.max(initial=0) >= out.shape[1]:
-                raise ValueError(f"targets {np.unique(t).tolist()} out of range for a model "
-                                 f"with {out.shape[1]} outputs")
+                raise ValueError(
+                    f"targets {np.unique(t).tolist()} out of range for a model with {out.shape[1]} outputs"
+                )
             if self.output == "softmax":
                 out = out - out.max(axis=1, keepdims=True)
                 out = np.exp(out)
@@ -152,14 +163,15 @@ def _channels_first(images: Any, channel_axis: int | None, scorer: _Scorer) -> t
     """Images as ``(N, C, H, W)`` (a view) and the channel axis of the model's layout."""
     images = np.asarray(images)
     if images.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W) or (N, H, W, C), got shape {images.shape}; "
-                         "add a channel axis for grayscale images")
+        raise ValueError(
+            f"images must be (N, C, H, W) or (N, H, W, C), got shape {images.shape}; "
+            "add a channel axis for grayscale images"
+        )
     if channel_axis is None:
         channel_axis = 3 if scorer.channels_last else 1
     channel_axis = int(channel_axis) % 4
     if channel_axis not in (1, 3):
-        raise ValueError(f"channel_axis must be 1 (channels first) or -1 (channels last), got "
-                         f"{channel_axis}")
+        raise ValueError(f"channel_axis must be 1 (channels first) or -1 (channels last), got {channel_axis}")
     return np.moveaxis(images, channel_axis, 1), channel_axis
 
 
@@ -173,8 +185,10 @@ def _maps(saliency: Any, n: int, hw: tuple[int, int]) -> np.ndarray:
     if s.ndim == 2 and n == 1:
         s = s[None]
     if s.shape != (n, *hw):
-        raise ValueError(f"saliency must be (N, H, W) = {(n, *hw)} like the images, got "
-                         f"{s.shape}; resize maps to the input size first")
+        raise ValueError(
+            f"saliency must be (N, H, W) = {(n, *hw)} like the images, got "
+            f"{s.shape}; resize maps to the input size first"
+        )
     if not np.all(np.isfinite(s)):
         raise ValueError("saliency maps contain NaN or infinite values")
     return s
@@ -222,14 +236,14 @@ def _baseline(spec: Any, images: np.ndarray, blur_sigma: float | None = None) ->
             sigma = float(blur_sigma) if blur_sigma is not None else max(h, w) / 45.0
             rows, cols = smoothing_matrix(h, sigma), smoothing_matrix(w, sigma)
             return np.einsum("ij,ncjk,lk->ncil", rows, x, cols, optimize=True)
-        raise ValueError(f"baseline must be 'mean', 'zero', 'blur', a number or an array, got "
-                         f"{spec!r}")
+        raise ValueError(f"baseline must be 'mean', 'zero', 'blur', a number or an array, got {spec!r}")
     b = np.asarray(spec, dtype=np.float64)
     try:
         return np.broadcast_to(b, x.shape)
     except ValueError:
-        raise ValueError(f"baseline of shape {b.shape} does not broadcast to the images' "
-                         f"channels-first shape {x.shape}") from None
+        raise ValueError(
+            f"baseline of shape {b.shape} does not broadcast to the images' channels-first shape {x.shape}"
+        ) from None
 
 
 def _tiles(hw: tuple[int, int], tile_size: int) -> tuple[np.ndarray, int]:
@@ -269,8 +283,9 @@ def _steps(n_units: int, n_steps: int | None) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, n_units, int(n_steps) + 1)).astype(np.int64))
 
 
-def _perturbed(image: np.ndarray, fill: np.ndarray, order: np.ndarray, unit_index: np.ndarray,
-               ks: np.ndarray) -> np.ndarray:
+def _perturbed(
+    image: np.ndarray, fill: np.ndarray, order: np.ndarray, unit_index: np.ndarray, ks: np.ndarray
+) -> np.ndarray:
     """``(len(ks), C, H, W)``: ``image`` with its first ``k`` units of ``order`` from ``fill``."""
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
@@ -279,9 +294,16 @@ def _perturbed(image: np.ndarray, fill: np.ndarray, order: np.ndarray, unit_inde
     return np.where(mask, fill[None], image[None])
 
 
-def _curves(scorer: _Scorer, images: np.ndarray, fills: np.ndarray, orders: Sequence[np.ndarray],
-            unit_index: np.ndarray, ks: np.ndarray, targets: np.ndarray,
-            channel_axis: int) -> list[np.ndarray]:
+def _curves(
+    scorer: _Scorer,
+    images: np.ndarray,
+    fills: np.ndarray,
+    orders: Sequence[np.ndarray],
+    unit_index: np.ndarray,
+    ks: np.ndarray,
+    targets: np.ndarray,
+    channel_axis: int,
+) -> list[np.ndarray]:
     """Score curves ``(N, len(ks))``, one per entry of ``orders`` (each ``(N, n_units)``).
 
     Perturbed images are built for a few images at a time, so that about ``batch_size``
@@ -293,8 +315,9 @@ def _curves(scorer: _Scorer, images: np.ndarray, fills: np.ndarray, orders: Sequ
     out = [np.empty((n, len(ks))) for _ in orders]
     for start in range(0, n, group):
         idx = range(start, min(start + group, n))
-        stack = np.concatenate([_perturbed(images[i], fills[i], o[i], unit_index, ks)
-                                for i in idx for o in orders])
+        stack = np.concatenate(
+            [_perturbed(images[i], fills[i], o[i], unit_index, ks) for i in idx for o in orders]
+        )
         t = np.repeat(targets[list(idx)], per_image)
         scores = scorer(_native(stack, channel_axis), t).reshape(len(idx), len(orders), len(ks))
         for j in range(len(orders)):
@@ -375,9 +398,16 @@ def degradation_test(
     ks = _steps(n_tiles, n_steps)
     fills = _baseline(baseline, x)
     with scorer.session():
-        morf, lerf = _curves(scorer, x, fills, [_rank_order(attribution, True),
-                                                _rank_order(attribution, False)],
-                             unit_index, ks, t, axis)
+        morf, lerf = _curves(
+            scorer,
+            x,
+            fills,
+            [_rank_order(attribution, True), _rank_order(attribution, False)],
+            unit_index,
+            ks,
+            t,
+            axis,
+        )
     if normalize:
         top, bottom = morf[:, :1], morf[:, -1:]
         span = top - bottom
@@ -411,8 +441,9 @@ def _regions(regions: Any, n: int, hw: tuple[int, int]) -> np.ndarray:
     if r.ndim == 2 and n == 1 and r.shape == hw:
         r = r[None]
     if r.shape != (n, *hw):
-        raise ValueError(f"give boxes (N, 4) as (x0, y0, x1, y1) or masks (N, H, W) = "
-                         f"{(n, *hw)}, got shape {r.shape}")
+        raise ValueError(
+            f"give boxes (N, 4) as (x0, y0, x1, y1) or masks (N, H, W) = {(n, *hw)}, got shape {r.shape}"
+        )
     return r.astype(bool)
 
 
@@ -538,14 +569,16 @@ def insertion_deletion(
     ks = _steps(n_units, n_steps)
     x64 = x.astype(np.float64)
     with scorer.session():
-        (deletion,) = _curves(scorer, x64, _baseline(deletion_baseline, x, blur_sigma), [order],
-                              unit_index, ks, t, axis)
+        (deletion,) = _curves(
+            scorer, x64, _baseline(deletion_baseline, x, blur_sigma), [order], unit_index, ks, t, axis
+        )
         # Insertion: the baseline with the first k units taken from the image.
         start = np.ascontiguousarray(_baseline(insertion_baseline, x, blur_sigma))
         (insertion,) = _curves(scorer, start, x64, [order], unit_index, ks, t, axis)
     fractions = ks / n_units
-    return InsertionDeletionResult(fractions, insertion, deletion,
-                                   _trapezoid(insertion, fractions), _trapezoid(deletion, fractions))
+    return InsertionDeletionResult(
+        fractions, insertion, deletion, _trapezoid(insertion, fractions), _trapezoid(deletion, fractions)
+    )
 
 
 # -- sensitivity-n -----------------------------------------------------------------------
@@ -623,8 +656,10 @@ def sensitivity_n(
     unit_index, n_units = _tiles(hw, tile_size)
     ns_arr = np.asarray([int(k) for k in ns], dtype=np.int64)
     if ns_arr.size == 0 or ns_arr.min() < 1 or ns_arr.max() >= n_units:
-        raise ValueError(f"every n must be in [1, {n_units - 1}] ({n_units} features of "
-                         f"{tile_size} px), got {ns_arr.tolist()}")
+        raise ValueError(
+            f"every n must be in [1, {n_units - 1}] ({n_units} features of "
+            f"{tile_size} px), got {ns_arr.tolist()}"
+        )
     if int(n_subsets) < 2:
         raise ValueError(f"n_subsets must be at least 2 to compute a correlation, got {n_subsets}")
     attribution = _unit_attribution(s, unit_index, n_units)
@@ -645,10 +680,9 @@ def sensitivity_n(
             scores = np.empty(len(flat))
             step = max(1, scorer.batch_size)
             for start in range(0, len(flat), step):
-                m = pixel_masks[start:start + step]
+                m = pixel_masks[start : start + step]
                 stack = np.where(m, fills[i][None], x64[i][None])
-                scores[start:start + step] = scorer(_native(stack, axis),
-                                                    np.full(len(stack), t[i]))
+                scores[start : start + step] = scorer(_native(stack, axis), np.full(len(stack), t[i]))
             drops = (full[i] - scores).reshape(len(ns_arr), int(n_subsets))
             sums = (flat.astype(np.float64) @ attribution[i]).reshape(len(ns_arr), int(n_subsets))
             corr[i] = _pearson(sums, drops)
@@ -755,8 +789,10 @@ def model_randomization(
     for name, randomized_model in randomized:
         m = np.asarray(explain(randomized_model, images, t), dtype=np.float64)
         if m.shape != reference.shape:
-            raise ValueError(f"explain returned shape {m.shape} for stage {name!r}, but "
-                             f"{reference.shape} for the trained model")
+            raise ValueError(
+                f"explain returned shape {m.shape} for stage {name!r}, but "
+                f"{reference.shape} for the trained model"
+            )
         names.append(str(name))
         rho.append(spearman_correlation(reference, m))
         rho_abs.append(spearman_correlation(np.abs(reference), np.abs(m)))
@@ -764,5 +800,4 @@ def model_randomization(
             maps.append(m)
     if not names:
         raise ValueError("randomized gave no models; pass (name, model) pairs")
-    return RandomizationResult(names, np.stack(rho), np.stack(rho_abs),
-                               np.stack(maps) if keep_maps else None)
+    return RandomizationResult(names, np.stack(rho), np.stack(rho_abs), np.stack(maps) if keep_maps else None)

@@ -128,8 +128,7 @@ class Backend(abc.ABC):
 
     # -- autograd ------------------------------------------------------------------
     @abc.abstractmethod
-    def value_and_grad(self, fn: Callable[..., Any], param: Any, *operands: Any
-                       ) -> tuple[float, Any]:
+    def value_and_grad(self, fn: Callable[..., Any], param: Any, *operands: Any) -> tuple[float, Any]:
         """Evaluate scalar ``fn(param, *operands)`` and its gradient with respect to ``param``.
 
         Must not compute or accumulate gradients of model weights (the suite checks it).
@@ -137,8 +136,7 @@ class Backend(abc.ABC):
         ``param``.  ``fn`` reads nothing but its arguments and the (frozen) model.
         """
 
-    def compile_step(self, fn: Callable[..., Any], update: Callable[..., Any]
-                     ) -> Callable[..., Any] | None:
+    def compile_step(self, fn: Callable[..., Any], update: Callable[..., Any]) -> Callable[..., Any] | None:
         """One whole optimisation step, compiled: or ``None`` (the default: not compiled).
 
         Returns ``step(param, state, operands) -> (value, new_param, new_state)`` where
@@ -233,8 +231,7 @@ class Backend(abc.ABC):
         can answer without importing its framework: :attr:`BackendSpec.claims`."""
         return False
 
-    def load_model(self, spec: str, weights: str | None = None, device: str | None = None
-                   ) -> Any:
+    def load_model(self, spec: str, weights: str | None = None, device: str | None = None) -> Any:
         """The model named by ``spec`` for ``iba explain``/``iba layers``, in inference mode,
         on ``device``.  Raise :class:`UsageError` with a one-line message for mistakes."""
         raise UsageError(f"the {self.name} backend does not load models for the iba command")

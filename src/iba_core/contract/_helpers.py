@@ -7,9 +7,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 
-def resolve_layer(model: Any, layer: Any, layer_type: type | tuple[type, ...],
-                  named_layers: Callable[[Any], Mapping[str, Any]], where: str = "the model"
-                  ) -> Any:
+def resolve_layer(
+    model: Any,
+    layer: Any,
+    layer_type: type | tuple[type, ...],
+    named_layers: Callable[[Any], Mapping[str, Any]],
+    where: str = "the model",
+) -> Any:
     """A layer given directly (an instance of ``layer_type``), or found by name.
 
     ``named_layers(model)`` maps every name :meth:`Backend.attach` accepts to its layer.
@@ -19,8 +23,10 @@ def resolve_layer(model: Any, layer: Any, layer_type: type | tuple[type, ...],
         return layer
     if not isinstance(layer, str):
         kinds = layer_type if isinstance(layer_type, tuple) else (layer_type,)
-        raise TypeError(f"layer must be a {' or '.join(k.__qualname__ for k in kinds)} or a "
-                        f"layer name, got {type(layer).__name__}")
+        raise TypeError(
+            f"layer must be a {' or '.join(k.__qualname__ for k in kinds)} or a "
+            f"layer name, got {type(layer).__name__}"
+        )
     if model is None:
         raise ValueError(f"layer {layer!r} is given by name, so the model is needed to find it")
     layers = named_layers(model)
@@ -29,8 +35,9 @@ def resolve_layer(model: Any, layer: Any, layer_type: type | tuple[type, ...],
     return layers[layer]
 
 
-def lazy_exports(package: str, table: Mapping[str, str]
-                 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+def lazy_exports(
+    package: str, table: Mapping[str, str]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """``(__getattr__, __dir__)`` for a package whose attributes load on first access.
 
     ``table`` maps each public name to ``"module"`` (the name is that module's attribute

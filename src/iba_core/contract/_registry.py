@@ -100,8 +100,7 @@ def _specs() -> dict[str, BackendSpec]:
     pinned = os.environ.get(ENV_BACKENDS)
     if pinned:
         keep = {n.strip().casefold() for n in pinned.split(",") if n.strip()}
-        specs = {k: v for k, v in specs.items()
-                 if any(n.casefold() in keep for n in v.names)}
+        specs = {k: v for k, v in specs.items() if any(n.casefold() in keep for n in v.names)}
     return specs
 
 
@@ -120,9 +119,11 @@ def _find_spec(specs: dict[str, BackendSpec], name: str) -> BackendSpec | None:
         if len(matches) == 1:
             return matches[0]
         if matches:
-            raise LookupError(f"{name!r} fits several iba backends "
-                              f"({', '.join(sorted(s.name for s in matches))}); select one "
-                              "by its name")
+            raise LookupError(
+                f"{name!r} fits several iba backends "
+                f"({', '.join(sorted(s.name for s in matches))}); select one "
+                "by its name"
+            )
     return None
 
 
@@ -152,8 +153,7 @@ def find_backend(obj: Any) -> Backend | None:
 
     Answers are cached per type and per set of registered plugins.
     """
-    key = (type(obj), frozenset(map(id, plugin_manager().get_plugins())),
-           os.environ.get(ENV_BACKENDS))
+    key = (type(obj), frozenset(map(id, plugin_manager().get_plugins())), os.environ.get(ENV_BACKENDS))
     if key in _by_type:
         return _by_type[key]
     found = None

@@ -8,6 +8,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import FrameType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -110,8 +111,15 @@ class _Noise:
     ``"backend"`` draws with the framework's generator on the features' device.
     """
 
-    def __init__(self, backend: Backend, like: Any, n_inputs: int, batch_size: int,
-                 seed: int | Sequence[int] | None, source: str) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        like: Any,
+        n_inputs: int,
+        batch_size: int,
+        seed: int | Sequence[int] | None,
+        source: str,
+    ) -> None:
         if source not in ("backend", "numpy"):
             raise ValueError(f"noise source must be 'backend' or 'numpy', got {source!r}")
         self.backend, self.like = backend, like
@@ -133,21 +141,25 @@ class _Noise:
                     raise ValueError(f"got {len(per_input)} seeds for {n_inputs} inputs")
             # Spread nearby integers into unrelated streams.
             seeds = [int(np.random.SeedSequence(s).generate_state(1)[0]) for s in per_input]
+        self.streams: list[Any] | None
         if source == "numpy":
             self.streams = [np.random.default_rng(s) for s in seeds]
         elif seed is not None:
-            self.streams = [backend.make_generator(s, like) for s in seeds]
+            # Every input has an integer seed once a seed is given.
+            self.streams = [backend.make_generator(s, like) for s in seeds if s is not None]
         else:
             self.streams = None
 
     def draw(self, sample_shape: tuple[int, ...]) -> Any:
         shape = (self.batch_size, *sample_shape)
         if self.source == "numpy":
+            assert self.streams is not None  # numpy noise always has its streams
             a = np.concatenate([rng.standard_normal(shape) for rng in self.streams])
             return self.backend.from_numpy(a, like=self.like)  # takes like's float dtype
         if self.streams is None:
             eps, self.generator = self.backend.draw(
-                (self.n_inputs * self.batch_size, *sample_shape), self.like, self.generator)
+                (self.n_inputs * self.batch_size, *sample_shape), self.like, self.generator
+            )
             return eps
         parts = []
         for i, g in enumerate(self.streams):
@@ -181,8 +193,9 @@ def setting_property(name: str) -> property:
     def set_(self: Any, value: Any) -> None:
         self.config = self.config.replace(**{name: value})
 
-    return property(get, set_, doc=f"The ``{name}`` setting (see :class:`IBAConfig`); "
-                                   "assignments are validated.")
+    return property(
+        get, set_, doc=f"The ``{name}`` setting (see :class:`IBAConfig`); assignments are validated."
+    )
 
 
 class Bottleneck:
@@ -277,17 +290,18 @@ class Bottleneck:
     def _check_given(self) -> None:
         mean, std = getattr(self, "_feature_mean", None), getattr(self, "_feature_std", None)
         if mean is not None and std is not None and mean.shape != std.shape:
-            raise ValueError(f"feature_mean {mean.shape} and feature_std {std.shape} must have "
-                             "the same shape")
+            raise ValueError(
+                f"feature_mean {mean.shape} and feature_std {std.shape} must have the same shape"
+            )
 
     # -- statistics ----------------------------------------------------------------
     def has_statistics(self) -> bool:
         """Whether mean and std are known (estimated or given)."""
         return (self.feature_mean is not None or self.estimator.n > 0) and (
-            self.feature_std is not None or self.estimator.n > 0)
+            self.feature_std is not None or self.estimator.n > 0
+        )
 
-    def statistics(self, config: IBAConfig | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def statistics(self, config: IBAConfig | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(mean, std, active)`` as float64 NumPy arrays of the per-sample shape.
 
         ``std`` is clamped to ``min_std``.  Elements whose std is 0 (possible only with
@@ -317,13 +331,19 @@ class Bottleneck:
             std = np.where(constant, 1.0, std)
         return mean, std, active
 
-    def _stats_like(self, features: Any, backend: Backend, config: IBAConfig | None = None
-                    ) -> tuple[Any, Any, Any]:
+    def _stats_like(
+        self, features: Any, backend: Backend, config: IBAConfig | None = None
+    ) -> tuple[Any, Any, Any]:
         config = self.config if config is None else config
         # Every change of the estimate (its version), of the given statistics or of the
         # settings they depend on refreshes the cache.
-        version = (id(self.estimator), self.estimator.version, self._given_version,
-                   config.min_std, config.active_neurons_threshold)
+        version = (
+            id(self.estimator),
+            self.estimator.version,
+            self._given_version,
+            config.min_std,
+            config.active_neurons_threshold,
+        )
         if version != self._stats_version:
             self._stats_cache.clear()
             self._stats_version = version
@@ -338,8 +358,9 @@ class Bottleneck:
                     f"(channels first) but the statistics have shape {mean.shape}; estimate() "
                     "again on this layer (or pass feature_mean/feature_std of the right shape)"
                 )
-            cached = tuple(backend.from_numpy(a.astype(np.float64), like=features)
-                           for a in (mean, std, active))
+            cached = tuple(
+                backend.from_numpy(a.astype(np.float64), like=features) for a in (mean, std, active)
+            )
             self._stats_cache[key] = cached
         return cached
 
@@ -459,10 +480,16 @@ class Bottleneck:
         return z if str(z.dtype) == str(dtype) else xp.astype(z, dtype)
 
     @contextlib.contextmanager
-    def _state(self, mode: str, *, interrupt: bool = False, alpha: Any = None,
-               mask: tuple[Any, ...] | None = None, noise: Any = None) -> Iterator[None]:
-        saved = (self._mode, self._active_alpha, self._mask, self._noise, self._calls,
-                 self._recorder)
+    def _state(
+        self,
+        mode: str,
+        *,
+        interrupt: bool = False,
+        alpha: Any = None,
+        mask: tuple[Any, ...] | None = None,
+        noise: Any = None,
+    ) -> Iterator[None]:
+        saved = (self._mode, self._active_alpha, self._mask, self._noise, self._calls, self._recorder)
         self._mode = mode
         self._active_alpha, self._mask, self._noise, self._calls = alpha, mask, noise, 0
         self._recorder = FeatureRecorder()
@@ -472,8 +499,7 @@ class Bottleneck:
             yield
         finally:
             self._recorder.stop()
-            (self._mode, self._active_alpha, self._mask, self._noise, self._calls,
-             self._recorder) = saved
+            (self._mode, self._active_alpha, self._mask, self._noise, self._calls, self._recorder) = saved
 
     def recording(self, *, interrupt: bool = False) -> contextlib.AbstractContextManager[None]:
         """Context: the hook records the features it sees (in ``recorded``).
@@ -501,8 +527,9 @@ class Bottleneck:
         """Features recorded by the hook in the current :meth:`recording` context."""
         return self._recorder.features
 
-    def restricting(self, alpha: Any | None = None, noise: Any = None
-                    ) -> contextlib.AbstractContextManager[None]:
+    def restricting(
+        self, alpha: Any | None = None, noise: Any = None
+    ) -> contextlib.AbstractContextManager[None]:
         """Context: the hook injects noise with mask logits ``alpha`` (default: the last),
         with the settings of the last explanation."""
         alpha = self.alpha if alpha is None else alpha
@@ -531,8 +558,9 @@ class Bottleneck:
         operands = smoothing_operands(alpha, config.sigma, alpha.ndim - 2)
         xp = backend.namespace()
         shape = tuple(int(n) for n in alpha.shape)
-        return tuple(xp.reshape(t, shape)  # type: ignore[return-value]
-                     for t in fns.mask(alpha, active, mean * active, std * active, operands))
+        return tuple(
+            xp.reshape(t, shape) for t in fns.mask(alpha, active, mean * active, std * active, operands)
+        )
 
     def capacity(self, features: Any = None, alpha: Any = None) -> Any:
         """Capacity in nats per element for ``features`` under mask ``alpha``.
@@ -589,8 +617,14 @@ class Bottleneck:
         def record(batch: Any) -> list[Any]:
             return [self.record(lambda: run_batch(batch))]
 
-        estimate_loop(backend, batches, record, [self.estimator], n_samples=n_samples,
-                      progbar=self.config.progbar if progbar is None else progbar)
+        estimate_loop(
+            backend,
+            batches,
+            record,
+            [self.estimator],
+            n_samples=n_samples,
+            progbar=self.config.progbar if progbar is None else progbar,
+        )
         return self.estimator
 
     # -- the per-sample optimisation -------------------------------------------------
@@ -676,8 +710,10 @@ class Bottleneck:
                     )
                 features = self._recorder.features[0]
         if int(features.shape[0]) != n:
-            raise ValueError(f"the layer saw a batch of {features.shape[0]} for {n} inputs; "
-                             "the model must keep the batch axis first")
+            raise ValueError(
+                f"the layer saw a batch of {features.shape[0]} for {n} inputs; "
+                "the model must keep the batch axis first"
+            )
         # The mask, its Adam state, the statistics and the noise in float32 for 16-bit
         # models; the noisy features go back to the model in its own dtype.
         features = working_precision(xp, features)
@@ -686,13 +722,20 @@ class Bottleneck:
 
         batch = x if copies == "layer" else repeat_inputs(xp, x, bs)
         r = (features - mean) / std  # normalised features, constant across steps
-        alpha = xp.full(tuple(features.shape), cfg.initial_alpha, dtype=features.dtype,
-                        device=getattr(features, "device", None))
+        alpha = xp.full(
+            tuple(features.shape),
+            cfg.initial_alpha,
+            dtype=features.dtype,
+            device=getattr(features, "device", None),
+        )
         m, v = adam_init(alpha)[1:]
         source = _Noise(backend, features, n, bs, seed, noise)
         operands = smoothing_operands(features, cfg.sigma, features.ndim - 2)
-        target_rows = () if targets is None else (
-            backend.from_numpy(np.repeat(np.asarray(targets), bs, axis=0), like=features),)
+        target_rows = (
+            ()
+            if targets is None
+            else (backend.from_numpy(np.repeat(np.asarray(targets), bs, axis=0), like=features),)
+        )
         step = self._step(backend, model_loss, cfg, compile_step, targets is not None)
         first_step = self._checked_step(backend, model_loss, cfg) if check_path else step
         mean_a, std_a = mean * active, std * active
@@ -728,16 +771,21 @@ class Bottleneck:
         self.last_config = cfg
         return capacity_fn(features, self.alpha, mean, std, active=active, sigma=cfg.sigma)
 
-    def _step(self, backend: Backend, model_loss: Callable[..., Any], cfg: IBAConfig,
-              compile_step: bool, with_targets: bool) -> Callable[..., Any]:
+    def _step(
+        self,
+        backend: Backend,
+        model_loss: Callable[..., Any],
+        cfg: IBAConfig,
+        compile_step: bool,
+        with_targets: bool,
+    ) -> Callable[..., Any]:
         """``(alpha, (m, v, step_size, bias2_sqrt), (eps, batch, r, active, mean_a, std_a,
         smoothing, *targets)) -> (loss, new alpha, (m, v))``: one optimisation step with
         its Adam update, a pure function of its operands (compiled whole, once per loss and
         settings, when ``compile_step`` and the backend can)."""
         # Without a whole-step compile, the step's array parts may still be compiled
         # (worth it where eager operations are expensive).
-        parts = not compile_step and (backend.compile_by_default if cfg.compile is None
-                                      else cfg.compile)
+        parts = not compile_step and (backend.compile_by_default if cfg.compile is None else cfg.compile)
         key = (model_loss, cfg.beta, cfg.sigma, cfg.relu, with_targets, compile_step, parts)
         cached = self._compiled_steps.get(key)
         if cached is not None:
@@ -745,8 +793,17 @@ class Bottleneck:
         fns = _step_functions(backend, cfg.sigma, cfg.relu, bool(parts))
         beta = cfg.beta
 
-        def loss(a: Any, eps: Any, batch: Any, r: Any, active: Any, mean_a: Any, std_a: Any,
-                 smoothing: Any, *targets: Any) -> Any:
+        def loss(
+            a: Any,
+            eps: Any,
+            batch: Any,
+            r: Any,
+            active: Any,
+            mean_a: Any,
+            std_a: Any,
+            smoothing: Any,
+            *targets: Any,
+        ) -> Any:
             mask, cap_term = fns.terms(a, r, active, mean_a, std_a, smoothing)
             with self._state("restrict", mask=(*mask, fns.inject), noise=eps):
                 model_term = model_loss(batch, *targets)
@@ -764,26 +821,39 @@ class Bottleneck:
         update = fns.adam
         compiled = backend.compile_step(loss, update) if compile_step else None
         if compiled is None:
-            def compiled(a: Any, adam: tuple[Any, ...], args: tuple[Any, ...]
-                         ) -> tuple[Any, Any, tuple[Any, Any]]:
+
+            def compiled(
+                a: Any, adam: tuple[Any, ...], args: tuple[Any, ...]
+            ) -> tuple[Any, Any, tuple[Any, Any]]:
                 value, grad = backend.value_and_grad(loss, a, *args)
                 new_a, m, v = update(a, grad, *adam)
                 return value, new_a, (m, v)
+
         if len(self._compiled_steps) > 16:
             self._compiled_steps.clear()
         self._compiled_steps[key] = compiled
         return compiled
 
-    def _checked_step(self, backend: Backend, model_loss: Callable[..., Any], cfg: IBAConfig
-                      ) -> Callable[..., tuple[Any, Any]]:
+    def _checked_step(
+        self, backend: Backend, model_loss: Callable[..., Any], cfg: IBAConfig
+    ) -> Callable[..., tuple[float, Any, tuple[Any, Any]]]:
         """The first step of a user's loss, with the model term differentiated on its own:
         a loss with no gradient path to the mask (detached, a Python number) makes the
         backend's ``value_and_grad`` raise instead of giving a map that ignores the model.
         The sum of the two gradients is the step's gradient, for no extra model pass."""
         fns = _step_functions(backend, cfg.sigma, cfg.relu, False)
 
-        def model_part(a: Any, eps: Any, batch: Any, r: Any, active: Any, mean_a: Any,
-                       std_a: Any, smoothing: Any, *targets: Any) -> Any:
+        def model_part(
+            a: Any,
+            eps: Any,
+            batch: Any,
+            r: Any,
+            active: Any,
+            mean_a: Any,
+            std_a: Any,
+            smoothing: Any,
+            *targets: Any,
+        ) -> Any:
             mask = fns.mask(a, active, mean_a, std_a, smoothing)
             with self._state("restrict", mask=(*mask, fns.inject), noise=eps):
                 model_term = model_loss(batch, *targets)
@@ -792,7 +862,8 @@ class Bottleneck:
             if not hasattr(model_term, "shape"):
                 raise ValueError(
                     f"the model loss function returned a {type(model_term).__name__}; it must "
-                    "return a scalar tensor computed from the model's output (the mean loss)")
+                    "return a scalar tensor computed from the model's output (the mean loss)"
+                )
             if getattr(model_term, "ndim", 0) != 0:
                 raise ValueError(
                     "the model loss function must return a scalar (the mean loss over the "
@@ -805,11 +876,11 @@ class Bottleneck:
         def capacity_part(a: Any, r: Any, active: Any, smoothing: Any) -> Any:
             return cfg.beta * fns.terms(a, r, active, r, r, smoothing)[1]
 
-        def step(a: Any, adam: tuple[Any, ...], args: tuple[Any, ...]
-                 ) -> tuple[float, Any, tuple[Any, Any]]:
+        def step(a: Any, adam: tuple[Any, ...], args: tuple[Any, ...]) -> tuple[float, Any, tuple[Any, Any]]:
             eps, batch, r, active, mean_a, std_a, smoothing, *targets = args
-            v1, g1 = backend.value_and_grad(model_part, a, eps, batch, r, active, mean_a, std_a,
-                                            smoothing, *targets)
+            v1, g1 = backend.value_and_grad(
+                model_part, a, eps, batch, r, active, mean_a, std_a, smoothing, *targets
+            )
             v2, g2 = backend.value_and_grad(capacity_part, a, r, active, smoothing)
             new_a, m, v = fns.adam(a, g1 + g2, *adam)
             return float(v1) + float(v2), new_a, (m, v)
@@ -839,19 +910,30 @@ class Bottleneck:
         """
         backend = self._require_backend()
         cfg = (self.config if config is None else config).override(
-            **{k: optimize_kwargs.pop(k) for k in list(optimize_kwargs) if k in FIELDS})
+            **{k: optimize_kwargs.pop(k) for k in list(optimize_kwargs) if k in FIELDS}
+        )
         n = int(x.shape[0])
         if inputs_per_pass is None:
             limit = backend.pass_size(x)
             inputs_per_pass = n if limit is None else max(1, limit // cfg.batch_size)
-        if isinstance(inputs_per_pass, bool) or int(inputs_per_pass) != inputs_per_pass \
-                or int(inputs_per_pass) < 1:
+        if (
+            isinstance(inputs_per_pass, bool)
+            or int(inputs_per_pass) != inputs_per_pass
+            or int(inputs_per_pass) < 1
+        ):
             raise ValueError(f"inputs_per_pass must be an integer >= 1, got {inputs_per_pass!r}")
         k = int(inputs_per_pass)
         recorded = optimize_kwargs.pop("features", None)
         if k >= n:
-            return self.optimize(loss_for(0, n), x, targets=targets, seed=seed, config=cfg,
-                                 features=recorded, **optimize_kwargs)
+            return self.optimize(
+                loss_for(0, n),
+                x,
+                targets=targets,
+                seed=seed,
+                config=cfg,
+                features=recorded,
+                **optimize_kwargs,
+            )
         if seed is not None and not isinstance(seed, (int, np.integer)) and isinstance(seed, Sequence):
             if len(seed) != n:
                 raise ValueError(f"got {len(seed)} seeds for {n} inputs")
@@ -859,11 +941,17 @@ class Bottleneck:
         caps, alphas, features = [], [], []
         for start in range(0, n, k):
             stop = min(n, start + k)
-            caps.append(self.optimize(
-                loss_for(start, stop), x[start:stop, ...], config=cfg,
-                targets=None if targets is None else targets[start:stop],
-                features=None if recorded is None else recorded[start:stop, ...],
-                seed=_seeds_for(seed, start, stop), **optimize_kwargs))
+            caps.append(
+                self.optimize(
+                    loss_for(start, stop),
+                    x[start:stop, ...],
+                    config=cfg,
+                    targets=None if targets is None else targets[start:stop],
+                    features=None if recorded is None else recorded[start:stop, ...],
+                    seed=_seeds_for(seed, start, stop),
+                    **optimize_kwargs,
+                )
+            )
             alphas.append(self.alpha)
             features.append(self._last_features)
         self.alpha = xp.concat(alphas, axis=0)
@@ -871,8 +959,15 @@ class Bottleneck:
         return xp.concat(caps, axis=0)
 
 
-def estimate_loop(backend: Backend, batches: Iterable[Any], record: Callable[[Any], list[Any]],
-                  estimators: Sequence[Estimator], *, n_samples: int, progbar: bool) -> None:
+def estimate_loop(
+    backend: Backend,
+    batches: Iterable[Any],
+    record: Callable[[Any], list[Any]],
+    estimators: Sequence[Estimator],
+    *,
+    n_samples: int,
+    progbar: bool,
+) -> None:
     """The estimation loop of every engine: record features, update the estimates.
 
     ``record(batch)`` returns one feature array per estimator (the first one sets the
@@ -909,9 +1004,13 @@ def estimate_loop(backend: Backend, batches: Iterable[Any], record: Callable[[An
 
 def _caller_level() -> int:
     """The ``stacklevel`` of the first caller outside iba's packages (the user's line)."""
-    frame, level = sys._getframe(1), 1
+    frame: FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
-            "iba_core", "iba_torch", "iba_tf"):
+        "iba_core",
+        "iba_torch",
+        "iba_tf",
+    ):
         frame, level = frame.f_back, level + 1
     return level
 
@@ -926,8 +1025,7 @@ class _StepFunctions(NamedTuple):
 _STEP_FUNCTIONS: dict[tuple[Any, ...], _StepFunctions] = {}
 
 
-def _step_functions(backend: Backend, sigma: float | None, relu: bool,
-                    compiled: bool) -> _StepFunctions:
+def _step_functions(backend: Backend, sigma: float | None, relu: bool, compiled: bool) -> _StepFunctions:
     """The pure array parts of an optimisation step, compiled by the backend if asked.
 
     ``mask(alpha, active, mean * active, std * active, smoothing_operands)`` returns the
@@ -946,19 +1044,20 @@ def _step_functions(backend: Backend, sigma: float | None, relu: bool,
     if cached is not None:
         return cached
 
-    def grouped_mask(lam: Any, one_minus: Any, active: Any, mean_a: Any, std_a: Any
-                     ) -> tuple[Any, Any, Any]:
+    def grouped_mask(lam: Any, one_minus: Any, active: Any, mean_a: Any, std_a: Any) -> tuple[Any, Any, Any]:
         xp = namespace(lam)
         mask = (lam * active, one_minus * mean_a, one_minus * std_a)
-        return tuple(xp.expand_dims(m, axis=1) for m in mask)  # type: ignore[return-value]
+        return tuple(xp.expand_dims(m, axis=1) for m in mask)
 
-    def mask(a: Any, active: Any, mean_a: Any, std_a: Any,
-             operands: tuple[Any, ...] | None) -> tuple[Any, Any, Any]:
+    def mask(
+        a: Any, active: Any, mean_a: Any, std_a: Any, operands: tuple[Any, ...] | None
+    ) -> tuple[Any, Any, Any]:
         lam, one_minus = restriction_mask(a, sigma, operands)
         return grouped_mask(lam, one_minus, active, mean_a, std_a)
 
-    def terms(a: Any, r: Any, active: Any, mean_a: Any, std_a: Any,
-              operands: tuple[Any, ...] | None) -> tuple[tuple[Any, Any, Any], Any]:
+    def terms(
+        a: Any, r: Any, active: Any, mean_a: Any, std_a: Any, operands: tuple[Any, ...] | None
+    ) -> tuple[tuple[Any, Any, Any], Any]:
         xp = namespace(a)
         lam, one_minus = restriction_mask(a, sigma, operands)
         cap = capacity_from_mask(r, a, lam, one_minus, active, sigma, clip=False)

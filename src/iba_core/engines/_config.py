@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any
+from typing import Any, SupportsInt, cast
 
 
 def _real(name: str, value: Any) -> float:
@@ -18,11 +18,12 @@ def _real(name: str, value: Any) -> float:
 
 
 def _integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if int(value) < minimum:
+    as_int = int(cast(SupportsInt, value))  # every Real has __int__
+    if as_int != value or as_int < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return as_int
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -94,8 +95,9 @@ class IBAConfig:
         put(self, "initial_alpha", _real("initial_alpha", self.initial_alpha))
         threshold = _real("active_neurons_threshold", self.active_neurons_threshold)
         if not 0 <= threshold < 1:
-            raise ValueError("active_neurons_threshold must be in [0, 1), got "
-                             f"{self.active_neurons_threshold!r}")
+            raise ValueError(
+                f"active_neurons_threshold must be in [0, 1), got {self.active_neurons_threshold!r}"
+            )
         put(self, "active_neurons_threshold", threshold)
         put(self, "relu", _flag("relu", self.relu))
         put(self, "progbar", _flag("progbar", self.progbar))

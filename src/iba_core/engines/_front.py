@@ -26,8 +26,10 @@ def settings_of(arguments: Mapping[str, Any]) -> dict[str, Any]:
     return {k: arguments[k] for k in FIELDS if k in arguments}
 
 
-MULTI_INPUT = ("multi-input models are not supported yet: the bottleneck explains a model "
-               "that takes one input tensor (N, ...)")
+MULTI_INPUT = (
+    "multi-input models are not supported yet: the bottleneck explains a model "
+    "that takes one input tensor (N, ...)"
+)
 
 
 def is_multi_input(x: Any) -> bool:
@@ -37,8 +39,11 @@ def is_multi_input(x: Any) -> bool:
         return True
     if not isinstance(x, (list, tuple)):
         return False
-    return any(len(tuple(getattr(e, "shape", ()))) > 0  # arrays, not 0-d scalars
-               or (isinstance(e, (list, tuple, Mapping)) and is_multi_input(e)) for e in x)
+    return any(
+        len(tuple(getattr(e, "shape", ()))) > 0  # arrays, not 0-d scalars
+        or (isinstance(e, (list, tuple, Mapping)) and is_multi_input(e))
+        for e in x
+    )
 
 
 def refuse_multi_input(x: Any, what: str = "the model input") -> None:
@@ -46,9 +51,11 @@ def refuse_multi_input(x: Any, what: str = "the model input") -> None:
     :func:`is_multi_input`)."""
     if is_multi_input(x):
         kind = "a dict" if isinstance(x, Mapping) else f"a {type(x).__name__} of {len(x)} arrays"
-        raise ValueError(f"{MULTI_INPUT}; {what} is {kind}. Wrap the model so that it takes "
-                         "one tensor (e.g. concatenate or stack the inputs inside a wrapper "
-                         "model) and explain that")
+        raise ValueError(
+            f"{MULTI_INPUT}; {what} is {kind}. Wrap the model so that it takes "
+            "one tensor (e.g. concatenate or stack the inputs inside a wrapper "
+            "model) and explain that"
+        )
 
 
 def input_batches(data: Any, batch_size: int = 32) -> Iterator[Any]:
@@ -71,15 +78,17 @@ def input_batches(data: Any, batch_size: int = 32) -> Iterator[Any]:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         n = int(shape[0])
         for start in range(0, n, int(batch_size)):
-            yield data[start:min(n, start + int(batch_size)), ...]
+            yield data[start : min(n, start + int(batch_size)), ...]
         return
     if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not hasattr(data, "__iter__"):
         elements: Iterable[Any] = (data[i] for i in range(len(data)))
     elif isinstance(data, Iterable):
         elements = data
     else:
-        raise TypeError(f"cannot iterate over data of type {type(data).__name__}; give an "
-                        "array of inputs or an iterable of batches x or (x, y)")
+        raise TypeError(
+            f"cannot iterate over data of type {type(data).__name__}; give an "
+            "array of inputs or an iterable of batches x or (x, y)"
+        )
     for element in elements:
         if isinstance(element, (tuple, list)):
             if not element:
@@ -178,14 +187,22 @@ class IBA(PerSampleFront):
     (``"channels_first"`` or ``"channels_last"``; default: what the backend knows).
     """
 
-    def __init__(self, model: Any, layer: Any, *, backend: Any = None,
-                 layout: str | None = None, on_input: bool = False, **settings: Any) -> None:
-        unknown = sorted(set(settings) - set(FIELDS) - {"config", "feature_mean", "feature_std",
-                                                         "estimator"})
+    def __init__(
+        self,
+        model: Any,
+        layer: Any,
+        *,
+        backend: Any = None,
+        layout: str | None = None,
+        on_input: bool = False,
+        **settings: Any,
+    ) -> None:
+        unknown = sorted(set(settings) - set(FIELDS) - {"config", "feature_mean", "feature_std", "estimator"})
         if unknown:
             raise TypeError(f"unknown argument(s) {unknown}; the settings are: {list(FIELDS)}")
-        self._engine = PerSampleBottleneck(backend, model, layer, layout=layout,
-                                           on_input=on_input, **settings)
+        self._engine = PerSampleBottleneck(
+            backend, model, layer, layout=layout, on_input=on_input, **settings
+        )
 
     @property
     def model(self) -> Any:
@@ -200,23 +217,47 @@ class IBA(PerSampleFront):
             x = backend.from_numpy(a.astype(np.float32) if a.dtype == np.float64 else a)
         return x
 
-    def estimate(self, data: Any, *, n_samples: int = 10000, batch_size: int = 32,
-                 progbar: bool | None = None, reset: bool = True) -> Estimator:
+    def estimate(
+        self,
+        data: Any,
+        *,
+        n_samples: int = 10000,
+        batch_size: int = 32,
+        progbar: bool | None = None,
+        reset: bool = True,
+    ) -> Estimator:
         """Estimate the layer's feature mean and std over ``data`` (an array of inputs,
         cut into ``batch_size``, or an iterable of ``x`` / ``(x, y)`` batches)."""
         batches = (self._tensor(b) for b in input_batches(data, batch_size))
         return self._engine.estimate(batches, n_samples=n_samples, progbar=progbar, reset=reset)
 
-    def analyze(self, x: Any, target: Any = None, *, loss: Callable[[Any], Any] | None = None,
-                output_loss: Callable[[Any], Any] | None = None, mode: str = "saliency",
-                seed: Any = None, noise: str = "backend", inputs_per_pass: int | None = None,
-                **overrides: Any) -> np.ndarray:
+    def analyze(
+        self,
+        x: Any,
+        target: Any = None,
+        *,
+        loss: Callable[[Any], Any] | None = None,
+        output_loss: Callable[[Any], Any] | None = None,
+        mode: str = "saliency",
+        seed: Any = None,
+        noise: str = "backend",
+        inputs_per_pass: int | None = None,
+        **overrides: Any,
+    ) -> np.ndarray:
         """Maps of a batch of inputs, NumPy, bits per pixel: ``(H, W)`` for one input, else
         ``(N, H, W)``.  See :meth:`iba_core.PerSampleBottleneck.analyze` for ``target``,
         ``loss``, ``output_loss``, ``mode``, ``seed``, ``noise`` and the overrides."""
-        return self._maps(self._tensor(x), target=target, loss=loss, output_loss=output_loss,
-                          mode=mode, seed=seed, noise=noise, inputs_per_pass=inputs_per_pass,
-                          **overrides)
+        return self._maps(
+            self._tensor(x),
+            target=target,
+            loss=loss,
+            output_loss=output_loss,
+            mode=mode,
+            seed=seed,
+            noise=noise,
+            inputs_per_pass=inputs_per_pass,
+            **overrides,
+        )
 
     @staticmethod
     def plot(saliency_map: Any, img: Any = None, **kwargs: Any) -> Any:
@@ -228,6 +269,8 @@ class IBA(PerSampleFront):
 
     def __repr__(self) -> str:
         cfg = self.config
-        return (f"IBA(backend={self._engine.backend.name!r}, layer={self._engine.layer!r}, "
-                f"beta={cfg.beta}, sigma={cfg.sigma}, steps={cfg.optimization_steps}, "
-                f"estimated_samples={self.estimator.n})")
+        return (
+            f"IBA(backend={self._engine.backend.name!r}, layer={self._engine.layer!r}, "
+            f"beta={cfg.beta}, sigma={cfg.sigma}, steps={cfg.optimization_steps}, "
+            f"estimated_samples={self.estimator.n})"
+        )

@@ -42,8 +42,10 @@ def model_logits(output: Any) -> Any:
     if isinstance(output, Mapping):
         if "logits" in output:
             return output["logits"]
-        raise ValueError(f"the model returned a mapping without 'logits' (keys: {list(output)}); "
-                         "give a loss function instead of target=")
+        raise ValueError(
+            f"the model returned a mapping without 'logits' (keys: {list(output)}); "
+            "give a loss function instead of target="
+        )
     logits = getattr(output, "logits", None)
     if logits is not None and hasattr(logits, "shape"):
         return logits
@@ -52,8 +54,10 @@ def model_logits(output: Any) -> Any:
             raise ValueError("the model returned an empty tuple")
         return model_logits(output[0])
     if not hasattr(output, "shape"):
-        raise ValueError(f"the model returned a {type(output).__name__}, not logits; give a "
-                         "loss function instead of target=")
+        raise ValueError(
+            f"the model returned a {type(output).__name__}, not logits; give a "
+            "loss function instead of target="
+        )
     return output
 
 
@@ -76,8 +80,10 @@ def class_indices(target: Any, n: int) -> np.ndarray:
     floats (``3.0``) are accepted, anything else (``1.7``, ``"3"``, ``True``) is refused.
     """
     if isinstance(target, (str, bytes)):
-        raise ValueError(f"target must be integer class indices, {' or '.join(map(repr, TARGET_MODES))}"
-                         f"; got the string {target!r}")
+        raise ValueError(
+            f"target must be integer class indices, {' or '.join(map(repr, TARGET_MODES))}"
+            f"; got the string {target!r}"
+        )
     if isinstance(target, bool) or isinstance(target, np.bool_):
         raise ValueError(f"target must be integer class indices, got {target!r}")
     if isinstance(target, numbers.Number) and not isinstance(target, numbers.Real):
@@ -88,23 +94,24 @@ def class_indices(target: Any, n: int) -> np.ndarray:
         target = to_numpy(target)
     a = np.asarray(target)
     if a.dtype.kind == "b" or a.dtype.kind not in "iuf":
-        raise ValueError(f"target must be integer class indices, got {target!r} "
-                         f"(dtype {a.dtype})")
+        raise ValueError(f"target must be integer class indices, got {target!r} (dtype {a.dtype})")
     if a.dtype.kind == "f" and not np.all(np.isfinite(a) & (a == np.round(a))):
-        raise ValueError(f"target must be integer class indices, got {a.reshape(-1).tolist()} "
-                         "(not whole numbers)")
+        raise ValueError(
+            f"target must be integer class indices, got {a.reshape(-1).tolist()} (not whole numbers)"
+        )
     a = a.astype(np.int64).reshape(-1)
     if a.size not in (1, n):
-        raise ValueError(f"target must be one class index or one per input ({n}), got "
-                         f"{a.size}")
+        raise ValueError(f"target must be one class index or one per input ({n}), got {a.size}")
     return np.broadcast_to(a, (n,)).copy()
 
 
 def _check_in_range(targets: np.ndarray, n_classes: int) -> None:
     bad = sorted({int(t) for t in targets if not 0 <= t < n_classes})
     if bad:
-        raise ValueError(f"target {bad if len(bad) > 1 else bad[0]} out of range: the model "
-                         f"returns {n_classes} classes (0..{n_classes - 1})")
+        raise ValueError(
+            f"target {bad if len(bad) > 1 else bad[0]} out of range: the model "
+            f"returns {n_classes} classes (0..{n_classes - 1})"
+        )
 
 
 def prepared_inputs(backend: Backend, x: Any, model: Any = None) -> Any:
@@ -115,8 +122,10 @@ def prepared_inputs(backend: Backend, x: Any, model: Any = None) -> Any:
     refuse_multi_input(x)
     if not hasattr(x, "shape") or len(tuple(x.shape)) < 2:
         shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-        raise ValueError(f"inputs must be a batch (N, ...), e.g. one image as (1, C, H, W) or "
-                         f"(1, H, W, C); got {shape}: add a batch axis with x[None]")
+        raise ValueError(
+            f"inputs must be a batch (N, ...), e.g. one image as (1, C, H, W) or "
+            f"(1, H, W, C); got {shape}: add a batch axis with x[None]"
+        )
     if int(x.shape[0]) < 1:
         raise ValueError("analyze() needs at least one input")
     if model is not None:
@@ -261,8 +270,10 @@ class PerSampleBottleneck:
         if not isinstance(value, Estimator):
             raise TypeError(f"estimator must be an iba_core.Estimator, got {type(value).__name__}")
         if value.layer is not None and self.layer_name is not None and value.layer != self.layer_name:
-            raise ValueError(f"the estimate was made for layer {value.layer!r}, not "
-                             f"{self.layer_name!r}; estimate again for this layer")
+            raise ValueError(
+                f"the estimate was made for layer {value.layer!r}, not "
+                f"{self.layer_name!r}; estimate again for this layer"
+            )
         self.bottleneck.estimator = value
 
     # -- the hook and the session -----------------------------------------------------
@@ -288,8 +299,11 @@ class PerSampleBottleneck:
 
         On exit the hook is removed and every flag restored, also after an exception.
         """
-        key = self.model if self.model is not None else (
-            self.layer if self.layer is not None and not isinstance(self.layer, str) else self)
+        key = (
+            self.model
+            if self.model is not None
+            else (self.layer if self.layer is not None and not isinstance(self.layer, str) else self)
+        )
         with model_lock(key), self.backend.frozen(self.model), self.attached():
             yield self
 
@@ -319,9 +333,15 @@ class PerSampleBottleneck:
             return tuple(int(s) for s in self.bottleneck.record(lambda: self._run(x)).shape[1:])
 
     # -- estimation -----------------------------------------------------------------
-    def estimate(self, batches: Iterable[Any], *, n_samples: int = 10000,
-                 progbar: bool | None = None, reset: bool = True,
-                 run: Callable[[Any], Any] | None = None) -> Estimator:
+    def estimate(
+        self,
+        batches: Iterable[Any],
+        *,
+        n_samples: int = 10000,
+        progbar: bool | None = None,
+        reset: bool = True,
+        run: Callable[[Any], Any] | None = None,
+    ) -> Estimator:
         """Estimate the mean and std of the layer's features over ``batches``.
 
         ``batches`` yields model inputs in the backend's type (``run(batch)`` runs the
@@ -333,8 +353,9 @@ class PerSampleBottleneck:
             raise ValueError("estimate() needs the model that contains the layer")
         run = run if run is not None else self._run
         with self.session():
-            estimator = self.bottleneck.estimate(run, batches, n_samples=n_samples,
-                                                 progbar=progbar, reset=reset)
+            estimator = self.bottleneck.estimate(
+                run, batches, n_samples=n_samples, progbar=progbar, reset=reset
+            )
         estimator.layer, estimator.layout = self.layer_name, self.layout
         return estimator
 
@@ -376,24 +397,30 @@ class PerSampleBottleneck:
         if mode not in ("saliency", "capacity"):
             raise ValueError(f"mode must be 'saliency' or 'capacity', got {mode!r}")
         cfg = self.config.override(**overrides)
-        given = [k for k, v in (("target", target), ("loss", loss), ("output_loss", output_loss))
-                 if v is not None]
+        given = [
+            k for k, v in (("target", target), ("loss", loss), ("output_loss", output_loss)) if v is not None
+        ]
         if len(given) != 1:
             what = "none" if not given else " and ".join(given)
-            raise ValueError(f"give exactly one of target=, a loss function of the batch, or a "
-                             f"loss function of the model's outputs; got {what}")
+            raise ValueError(
+                f"give exactly one of target=, a loss function of the batch, or a "
+                f"loss function of the model's outputs; got {what}"
+            )
         needs_model = target is not None or output_loss is not None
         if needs_model and self.model is None:
-            raise ValueError(f"{given[0]}= needs the model: give model= (or build the "
-                             "bottleneck with the model)")
+            raise ValueError(
+                f"{given[0]}= needs the model: give model= (or build the bottleneck with the model)"
+            )
         if loss is not None and not callable(loss):
             raise TypeError(f"the loss must be callable, got {type(loss).__name__}")
         if output_loss is not None and not callable(output_loss):
             raise TypeError(f"the loss must be callable, got {type(output_loss).__name__}")
         if not self.bottleneck.has_statistics():
-            raise RuntimeError(f"the bottleneck has no feature statistics yet: call "
-                               f"{self.estimate_hint} on some data before analyze() (or give "
-                               "feature_mean and feature_std)")
+            raise RuntimeError(
+                f"the bottleneck has no feature statistics yet: call "
+                f"{self.estimate_hint} on some data before analyze() (or give "
+                "feature_mean and feature_std)"
+            )
         if isinstance(target, str) and target not in TARGET_MODES:
             class_indices(target, 1)  # raises with the list of what is accepted
         if mode == "saliency":
@@ -404,23 +431,33 @@ class PerSampleBottleneck:
             soft: np.ndarray | None = None
             features = None
             if target is not None:
-                compile_step = (self.backend.compile_by_default if cfg.compile is None
-                                else cfg.compile)
+                compile_step = self.backend.compile_by_default if cfg.compile is None else cfg.compile
                 soft, features = self._soft_targets(x, target, n, compile_step)
                 loss_fn, copies = self._target_loss(), "layer"
             elif output_loss is not None:
                 loss_fn, copies = self._output_loss(output_loss), "layer"
                 compile_step = bool(cfg.compile)  # a user's loss is traced only when asked
             else:
+                assert loss is not None  # exactly one of target, loss and output_loss
                 loss_fn, copies, compile_step = loss, "input", bool(cfg.compile)
             if compile_step is None:
                 compile_step = self.backend.compile_by_default
             cap = self.bottleneck.explain(
-                lambda start, stop: loss_fn, x, targets=soft, inputs_per_pass=inputs_per_pass,
-                seed=seed, config=cfg, noise=noise, copies=copies,
-                compile_step=bool(compile_step), check_path=target is None, features=features)
-        return explanation_maps(cap, tuple(int(s) for s in x.shape), mode,
-                                channels_last=self.input_layout == "channels_last")
+                lambda start, stop: loss_fn,
+                x,
+                targets=soft,
+                inputs_per_pass=inputs_per_pass,
+                seed=seed,
+                config=cfg,
+                noise=noise,
+                copies=copies,
+                compile_step=bool(compile_step),
+                check_path=target is None,
+                features=features,
+            )
+        return explanation_maps(
+            cap, tuple(int(s) for s in x.shape), mode, channels_last=self.input_layout == "channels_last"
+        )
 
     def _check_spatial(self) -> None:
         """Refuse saliency maps for a layer whose features have no spatial or sequence
@@ -432,7 +469,8 @@ class PerSampleBottleneck:
                 f"{shape}, e.g. the output of Flatten or a dense/linear layer), so there is no "
                 "saliency map over the input to make; use mode='capacity' (the capacity of "
                 "each feature, in bits) or put the bottleneck on a convolutional or sequence "
-                "layer")
+                "layer"
+            )
 
     def _clean_pass(self, compiled: bool) -> Callable[[Any], tuple[Any, Any]]:
         """``x -> (logits, the layer's features)``: one pass without noise, compiled (once
@@ -461,8 +499,7 @@ class PerSampleBottleneck:
         self._loss_cache[(kind, id(self.model))] = (self.model, fn)
         return fn
 
-    def _soft_targets(self, x: Any, target: Any, n: int, compiled: bool = False
-                      ) -> tuple[np.ndarray, Any]:
+    def _soft_targets(self, x: Any, target: Any, n: int, compiled: bool = False) -> tuple[np.ndarray, Any]:
         """The class distribution ``(N, K)`` each input is explained for (one-hot for class
         indices and ``"predicted"``), and the layer's features ``(N, C, ...)``, from one
         clean pass over the inputs."""
@@ -471,16 +508,20 @@ class PerSampleBottleneck:
         clean = self._clean_pass(compiled)
         logits, features = [], []
         for start in range(0, n, limit):
-            out, f = clean(x[start:min(n, start + limit), ...])
+            out, f = clean(x[start : min(n, start + limit), ...])
             features.append(f)
             if len(tuple(out.shape)) != 2:
-                raise ValueError(f"target= needs a classifier returning logits (B, K), got shape "
-                                 f"{tuple(out.shape)}; give a loss function instead")
+                raise ValueError(
+                    f"target= needs a classifier returning logits (B, K), got shape "
+                    f"{tuple(out.shape)}; give a loss function instead"
+                )
             logits.append(backend.to_numpy(out).astype(np.float64))
         z = np.concatenate(logits)
         if z.shape[0] != n:
-            raise ValueError(f"the model returned {z.shape[0]} rows of logits for {n} inputs; "
-                             "it must keep the batch axis first")
+            raise ValueError(
+                f"the model returned {z.shape[0]} rows of logits for {n} inputs; "
+                "it must keep the batch axis first"
+            )
         k = z.shape[1]
         f = features[0] if len(features) == 1 else backend.namespace().concat(features, axis=0)
         if isinstance(target, str) and target == "all":
@@ -507,12 +548,16 @@ class PerSampleBottleneck:
             if target_rows is None:  # the first, recording pass never gets here
                 return logits
             if len(tuple(logits.shape)) != 2:
-                raise ValueError(f"target= needs a classifier returning logits (B, K), got "
-                                 f"shape {tuple(logits.shape)}; give a loss function instead")
+                raise ValueError(
+                    f"target= needs a classifier returning logits (B, K), got "
+                    f"shape {tuple(logits.shape)}; give a loss function instead"
+                )
             rows, expected = int(logits.shape[0]), int(target_rows.shape[0])
             if rows != expected:
-                raise ValueError(f"the model returned {rows} output rows for {expected} noisy "
-                                 "samples; the model must keep the batch axis first")
+                raise ValueError(
+                    f"the model returned {rows} output rows for {expected} noisy "
+                    "samples; the model must keep the batch axis first"
+                )
             if str(logits.dtype) != str(target_rows.dtype):  # a 16-bit model: float32 loss
                 logits = backend.namespace().astype(logits, target_rows.dtype)
             return backend.cross_entropy(logits, target_rows)
@@ -532,7 +577,8 @@ class PerSampleBottleneck:
                     if len(tuple(leaf.shape)) and int(leaf.shape[0]) != expected:
                         raise ValueError(
                             f"the model returned {int(leaf.shape[0])} output rows for {expected} "
-                            "noisy samples; the model must keep the batch axis first")
+                            "noisy samples; the model must keep the batch axis first"
+                        )
             return output_loss(outputs)
 
         return loss
@@ -565,8 +611,7 @@ class PerSampleBottleneck:
             return
         with self.bottleneck.counting_passes() as new_pass:
             try:
-                handle = self.backend.attach(self.model, self.model, lambda _x: new_pass(),
-                                             on_input=True)
+                handle = self.backend.attach(self.model, self.model, lambda _x: new_pass(), on_input=True)
             except (NotImplementedError, LookupError, TypeError, ValueError):
                 handle = None
             if handle is None:

@@ -84,9 +84,12 @@ class ReadoutHead:
         h1, h2 = max(self.in_channels // 2, 1), 2 * self.out_channels
         #: ``(name, shape)`` of each parameter, in the order they are stored.
         self.layout: tuple[tuple[str, tuple[int, ...]], ...] = (
-            ("w1", (self.in_channels, h1)), ("b1", (h1,)),
-            ("w2", (h1, h2)), ("b2", (h2,)),
-            ("w3", (h2, self.out_channels)), ("b3", (self.out_channels,)),
+            ("w1", (self.in_channels, h1)),
+            ("b1", (h1,)),
+            ("w2", (h1, h2)),
+            ("b2", (h2,)),
+            ("w3", (h2, self.out_channels)),
+            ("b3", (self.out_channels,)),
         )
         self._slices: dict[str, tuple[int, int, tuple[int, ...]]] = {}
         start = 0
@@ -139,8 +142,9 @@ class ReadoutHead:
     def unpack(self, flat: Any) -> dict[str, Any]:
         """The flat array (NumPy or any backend's) -> named parameters (views/slices)."""
         if tuple(flat.shape) != (self.size,):
-            raise ValueError(f"expected a flat parameter array of shape ({self.size},), got "
-                             f"{tuple(flat.shape)}")
+            raise ValueError(
+                f"expected a flat parameter array of shape ({self.size},), got {tuple(flat.shape)}"
+            )
         if isinstance(flat, np.ndarray):
             return {n: flat[a:b].reshape(s) for n, (a, b, s) in self._slices.items()}
         xp = namespace(flat)
@@ -157,8 +161,7 @@ class ReadoutHead:
         # A traced batch axis may be unknown (None): -1 lets the reshapes infer it.
         shape = tuple(-1 if s is None else int(s) for s in inputs.shape)
         if len(shape) < 2 or shape[1] != self.in_channels:
-            raise ValueError(f"the readout head expects inputs (N, {self.in_channels}, ...), "
-                             f"got {shape}")
+            raise ValueError(f"the readout head expects inputs (N, {self.in_channels}, ...), got {shape}")
         n, spatial = shape[0], shape[2:]
         # Channels last, pixels as rows: each 1x1 convolution is one 2-D matrix product.
         if spatial:
@@ -189,8 +192,9 @@ def _clamp(xp: Any, x: Any, bound: float) -> Any:
     return -xp.maximum(-xp.maximum(x, low), low)
 
 
-def readout_input(features: Sequence[Any], means: Sequence[Any], stds: Sequence[Any],
-                  size: tuple[int, ...]) -> Any:
+def readout_input(
+    features: Sequence[Any], means: Sequence[Any], stds: Sequence[Any], size: tuple[int, ...]
+) -> Any:
     """The head's input: normalised readouts at the bottleneck's size, stacked on channels.
 
     Args:
@@ -237,8 +241,10 @@ def one_hot_targets(logits: Any, targets: Any) -> Any:
     """
     t = np.asarray(to_numpy(targets)).reshape(-1)
     if getattr(logits, "ndim", 0) != 2:
-        raise ValueError(f"the target-class loss needs logits (B, K), got shape "
-                         f"{tuple(logits.shape)}; pass a model loss for other outputs")
+        raise ValueError(
+            f"the target-class loss needs logits (B, K), got shape "
+            f"{tuple(logits.shape)}; pass a model loss for other outputs"
+        )
     b, k = int(logits.shape[0]), int(logits.shape[1])
     if t.shape != (b,):
         raise ValueError(f"expected one target per sample ({b}), got {t.shape[0]}")
@@ -294,7 +300,7 @@ class NotConvergedWarning(UserWarning):
     """The readout's training has clearly not converged (see :meth:`ReadoutBottleneck.train`)."""
 
 
-class TrainHistory(list):  # type: ignore[type-arg]
+class TrainHistory(list[float]):
     """The mean training loss of each epoch (a list, as before), plus ``history``: one
     dict per epoch with ``epoch``, ``loss``, ``lr`` (the last step's), ``steps``,
     ``batch_losses``, and ``val_loss``/``val_capacity``/``val_alpha`` (held-out loss,
@@ -331,8 +337,9 @@ def _holdout_period(validation: Any) -> int:
     if validation is None or not isinstance(validation, (int, float)):
         return 0
     if isinstance(validation, bool) or not 0 < validation < 1:
-        raise ValueError(f"validation must be a fraction in (0, 1), held-out batches or None, "
-                         f"got {validation!r}")
+        raise ValueError(
+            f"validation must be a fraction in (0, 1), held-out batches or None, got {validation!r}"
+        )
     return max(2, round(1 / validation))
 
 
@@ -341,15 +348,16 @@ def _not_converged(records: list[dict[str, Any]], steps: int) -> str | None:
     last = records[-1]
     alpha = last.get("val_alpha", last.get("alpha"))
     if alpha is not None and alpha > INITIAL_BIAS - 0.25:
-        return (f"after {steps} steps the mask still lets almost everything pass (mean alpha "
-                f"{alpha:.2f}, initially {INITIAL_BIAS:g})")
+        return (
+            f"after {steps} steps the mask still lets almost everything pass (mean alpha "
+            f"{alpha:.2f}, initially {INITIAL_BIAS:g})"
+        )
     key = "val_loss" if "val_loss" in last else "loss"
     if len(records) >= 2:
         before, now = records[-2][key], last[key]
         if before > 0 and now < 0.8 * before:
             what = "held-out" if key == "val_loss" else "training"
-            return (f"the {what} loss was still falling steeply in the last epoch "
-                    f"({before:.4g} -> {now:.4g})")
+            return f"the {what} loss was still falling steeply in the last epoch ({before:.4g} -> {now:.4g})"
     return None
 
 
@@ -422,8 +430,10 @@ class ReadoutBottleneck:
         """Context: hooks on the bottleneck layer and every readout layer (removed on exit)."""
         backend, model = self.backend, self.model
         with contextlib.ExitStack() as stack:
-            hooks = [(self.layer, self.bottleneck),
-                     *zip(self.readout_layers, self._recorders)]
+            hooks: list[tuple[Any, Callable[[Any], Any]]] = [
+                (self.layer, self.bottleneck),
+                *zip(self.readout_layers, self._recorders),
+            ]
             for layer, hook in hooks:
                 layout = layer_layout(backend, model, layer, None)
                 handle = backend.attach(model, layer, in_layout(backend, hook, layout))
@@ -449,8 +459,10 @@ class ReadoutBottleneck:
         n = int(bn_features.shape[0])
         for label, f in zip(self.labels, features):
             if int(f.shape[0]) != n:
-                raise ValueError(f"readout layer {label} gave a batch of {f.shape[0]}, the "
-                                 f"bottleneck layer {n}; the model must keep the batch axis first")
+                raise ValueError(
+                    f"readout layer {label} gave a batch of {f.shape[0]}, the "
+                    f"bottleneck layer {n}; the model must keep the batch axis first"
+                )
         return self.backend.stop_gradient(output), features, bn_features
 
     # -- statistics ------------------------------------------------------------------
@@ -483,9 +495,14 @@ class ReadoutBottleneck:
             return [bn_features, *features]
 
         with self.attached():
-            estimate_loop(self.backend, batches, record, [bn.estimator, *self.estimators],
-                          n_samples=n_samples,
-                          progbar=self.progbar if progbar is None else progbar)
+            estimate_loop(
+                self.backend,
+                batches,
+                record,
+                [bn.estimator, *self.estimators],
+                n_samples=n_samples,
+                progbar=self.progbar if progbar is None else progbar,
+            )
         self._stats_cache.clear()
         self._build_head()
         return self.estimators
@@ -493,8 +510,9 @@ class ReadoutBottleneck:
     def feature_shapes(self) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
         """Channels-first per-sample shapes: ``(bottleneck, [readout layers])``."""
         if not self.has_statistics():
-            raise RuntimeError("the readout has no feature statistics: call estimate() first "
-                               "(or load a trained readout)")
+            raise RuntimeError(
+                "the readout has no feature statistics: call estimate() first (or load a trained readout)"
+            )
         bn_shape = tuple(int(s) for s in self.bottleneck.statistics()[0].shape)
         return bn_shape, [tuple(e.shape or ()) for e in self.estimators]
 
@@ -524,8 +542,9 @@ class ReadoutBottleneck:
             for est in self.estimators:
                 std = np.maximum(est.std(), min_std)
                 std = np.where(std > 0, std, 1.0)  # constant features (min_std=0): r = 0
-                cached.append((self.backend.from_numpy(est.mean(), like=like),
-                               self.backend.from_numpy(std, like=like)))
+                cached.append(
+                    (self.backend.from_numpy(est.mean(), like=like), self.backend.from_numpy(std, like=like))
+                )
             self._stats_cache[key] = cached
         return cached
 
@@ -541,27 +560,37 @@ class ReadoutBottleneck:
                     "this model"
                 )
         stats = self._readout_stats(bn_features)
-        return readout_input(features, [m for m, _ in stats], [s for _, s in stats],
-                             tuple(int(s) for s in bn_features.shape[2:]))
+        return readout_input(
+            features,
+            [m for m, _ in stats],
+            [s for _, s in stats],
+            tuple(int(s) for s in bn_features.shape[2:]),
+        )
 
     # -- parameters ------------------------------------------------------------------
     def _params_like(self, like: Any) -> Any:
         p = self._params
-        if (isinstance(p, np.ndarray) or type(p) is not type(like) or p.dtype != like.dtype
-                or str(device(p)) != str(device(like))):
-            p = self.backend.from_numpy(np.asarray(self.backend.to_numpy(p)
-                                                   if not isinstance(p, np.ndarray) else p),
-                                        like=like)
+        if (
+            isinstance(p, np.ndarray)
+            or type(p) is not type(like)
+            or p.dtype != like.dtype
+            or str(device(p)) != str(device(like))
+        ):
+            p = self.backend.from_numpy(
+                np.asarray(self.backend.to_numpy(p) if not isinstance(p, np.ndarray) else p), like=like
+            )
             self._params = p
-            if self._adam is not None and (type(self._adam.m) is not type(p)
-                                           or self._adam.m.dtype != p.dtype):
+            if self._adam is not None and (
+                type(self._adam.m) is not type(p) or self._adam.m.dtype != p.dtype
+            ):
                 self._adam = None
         return p
 
     def _require_head(self) -> ReadoutHead:
         if self.head is None:
-            raise RuntimeError("the readout has no head yet: call estimate() on some data first "
-                               "(or load a trained readout)")
+            raise RuntimeError(
+                "the readout has no head yet: call estimate() on some data first (or load a trained readout)"
+            )
         return self.head
 
     def predict_alpha(self, x: Any) -> tuple[Any, Any]:
@@ -573,9 +602,18 @@ class ReadoutBottleneck:
         return head(self._params_like(bn_features), inputs), bn_features
 
     # -- training --------------------------------------------------------------------
-    def loss(self, params: Any, x: Any, inputs: Any, bn_features: Any, targets: Any,
-             noise: Any, *, beta: float,
-             model_loss: Callable[[Any, Any], Any] | None = None) -> Any:
+    def loss(
+        self,
+        params: Any,
+        x: Any,
+        inputs: Any,
+        bn_features: Any,
+        targets: Any,
+        noise: Any,
+        *,
+        beta: float,
+        model_loss: Callable[[Any, Any], Any] | None = None,
+    ) -> Any:
         """Training loss for one batch (inside :meth:`attached`): model loss of the
         restricted second pass plus ``beta`` times the mean capacity (nats per element).
 
@@ -596,8 +634,10 @@ class ReadoutBottleneck:
         else:
             model_term = model_loss(output, targets)
         if getattr(model_term, "ndim", 0) != 0:
-            raise ValueError(f"the model loss must be a scalar (the mean over the batch), got "
-                             f"shape {tuple(model_term.shape)}")
+            raise ValueError(
+                f"the model loss must be a scalar (the mean over the batch), got "
+                f"shape {tuple(model_term.shape)}"
+            )
         return model_term + beta * xp.mean(bn.capacity(bn_features, alpha))
 
     def _batch(self, batch: TrainBatch, model_loss: Any) -> tuple[Any, Any, Any, Any]:
@@ -607,9 +647,11 @@ class ReadoutBottleneck:
             if targets is None:
                 out = self.backend.to_numpy(output)
                 if out.ndim != 2:
-                    raise ValueError("without targets the readout explains the predicted "
-                                     f"class, which needs logits (B, K); the model gives "
-                                     f"{out.shape}")
+                    raise ValueError(
+                        "without targets the readout explains the predicted "
+                        f"class, which needs logits (B, K); the model gives "
+                        f"{out.shape}"
+                    )
                 targets = np.argmax(out, axis=1)
             targets = one_hot_targets(output, targets)
         return x, self.readout_input(features, bn_features), bn_features, targets
@@ -673,7 +715,8 @@ class ReadoutBottleneck:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         every = _holdout_period(validation)
-        held_out = None if every or validation is None else validation
+        # A number is a fraction (``every`` > 0); otherwise held-out batches or None.
+        held_out = None if every or validation is None or isinstance(validation, (int, float)) else validation
         self._require_statistics()
         progbar = self.progbar if progbar is None else progbar
         backend = self.backend
@@ -685,10 +728,8 @@ class ReadoutBottleneck:
         history = TrainHistory()
         start_steps = self.steps
 
-        def batch_loss(p: Any, x: Any, inputs: Any, bn_features: Any, targets: Any,
-                       noise: Any) -> Any:
-            return self.loss(p, x, inputs, bn_features, targets, noise, beta=beta,
-                             model_loss=model_loss)
+        def batch_loss(p: Any, x: Any, inputs: Any, bn_features: Any, targets: Any, noise: Any) -> Any:
+            return self.loss(p, x, inputs, bn_features, targets, noise, beta=beta, model_loss=model_loss)
 
         if callable(compile):
             batch_loss = compile(batch_loss)
@@ -708,18 +749,26 @@ class ReadoutBottleneck:
                     params = self._params_like(bn_features)
                     if seed is not None and generator is None:
                         generator = backend.make_generator(int(seed), bn_features)
-                    noise = backend.standard_normal(tuple(bn_features.shape), like=bn_features,
-                                                    generator=generator)
+                    noise = backend.standard_normal(
+                        tuple(bn_features.shape), like=bn_features, generator=generator
+                    )
 
-                    def fn(p: Any, x: Any = x, inputs: Any = inputs, bn_features: Any = bn_features,
-                           targets: Any = targets, noise: Any = noise) -> Any:
+                    def fn(
+                        p: Any,
+                        x: Any = x,
+                        inputs: Any = inputs,
+                        bn_features: Any = bn_features,
+                        targets: Any = targets,
+                        noise: Any = noise,
+                    ) -> Any:
                         return batch_loss(p, x, inputs, bn_features, targets, noise)
 
                     value, grad = backend.value_and_grad(fn, params)
                     if not math.isfinite(value):
                         raise FloatingPointError(
                             f"the training loss became {value} at step {self.steps}; lower lr "
-                            "or check the model loss and the feature statistics")
+                            "or check the model loss and the feature statistics"
+                        )
                     if self._adam is None:
                         self._adam = adam_init(params)
                     total_steps = None if per_epoch is None else per_epoch * epochs
@@ -741,21 +790,30 @@ class ReadoutBottleneck:
                         raise ValueError(
                             f"the data yielded no batches in epoch {epoch + 1} to train on: "
                             f"every {every}th batch is held out (validation); give more "
-                            "batches or validation=None")
+                            "batches or validation=None"
+                        )
                     raise ValueError(
                         f"the data yielded no batches in epoch {epoch + 1}; give data that can "
-                        "be iterated once per epoch (a list or a DataLoader, not a generator)")
+                        "be iterated once per epoch (a list or a DataLoader, not a generator)"
+                    )
                 if per_epoch is None:
                     per_epoch = len(losses)
-                record: dict[str, Any] = {"epoch": epoch + 1, "loss": total / count,
-                                            "lr": rate, "steps": len(losses)}
+                record: dict[str, Any] = {
+                    "epoch": epoch + 1,
+                    "loss": total / count,
+                    "lr": rate,
+                    "steps": len(losses),
+                }
                 check = skipped if every else held_out
                 if check is not None and (skipped or not every):
                     val_loss, val_cap, val_alpha = self._held_out(check, beta, model_loss)
                     record.update(val_loss=val_loss, val_capacity=val_cap, val_alpha=val_alpha)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{record['loss']:.4g}", val_loss=f"{val_loss:.4g}",
-                                        val_capacity=f"{val_cap:.3g}")
+                        bar.set_postfix(
+                            loss=f"{record['loss']:.4g}",
+                            val_loss=f"{val_loss:.4g}",
+                            val_capacity=f"{val_cap:.3g}",
+                        )
                 else:
                     record["alpha"] = self._alpha_mean(inputs)
                 if bar is not None:
@@ -767,10 +825,14 @@ class ReadoutBottleneck:
         if warn:
             reason = _not_converged(history.history, self.steps - start_steps)
             if reason:
-                warnings.warn(NotConvergedWarning(
-                    f"the readout has not converged: {reason}. Train for more epochs or with "
-                    f"a larger lr (now {lr:g}, schedule {schedule!r}), or on more data; "
-                    "warn=False silences this"), stacklevel=_caller_level())
+                warnings.warn(
+                    NotConvergedWarning(
+                        f"the readout has not converged: {reason}. Train for more epochs or with "
+                        f"a larger lr (now {lr:g}, schedule {schedule!r}), or on more data; "
+                        "warn=False silences this"
+                    ),
+                    stacklevel=_caller_level(),
+                )
         return history
 
     def _alpha_mean(self, inputs: Any) -> float:
@@ -779,8 +841,9 @@ class ReadoutBottleneck:
         alpha = head(self._params_like(inputs), inputs)
         return float(np.mean(self.backend.to_numpy(self.backend.stop_gradient(alpha))))
 
-    def _held_out(self, batches: Iterable[TrainBatch], beta: float,
-                  model_loss: Callable[[Any, Any], Any] | None) -> tuple[float, float, float]:
+    def _held_out(
+        self, batches: Iterable[TrainBatch], beta: float, model_loss: Callable[[Any, Any], Any] | None
+    ) -> tuple[float, float, float]:
         """``(loss, mean capacity in nats per element, mean alpha)`` over held-out batches
         (inside :meth:`attached`), with noise seeded by 0 so epochs compare fairly."""
         backend = self.backend
@@ -792,12 +855,12 @@ class ReadoutBottleneck:
             x, inputs, bn_features, targets = self._batch(batch, model_loss)
             if generator is None:
                 generator = backend.make_generator(0, bn_features)
-            noise = backend.standard_normal(tuple(bn_features.shape), like=bn_features,
-                                            generator=generator)
+            noise = backend.standard_normal(tuple(bn_features.shape), like=bn_features, generator=generator)
             params = self._params_like(bn_features)
             alpha = backend.stop_gradient(head(params, inputs))
-            value = self.loss(params, x, inputs, bn_features, targets, noise, beta=beta,
-                              model_loss=model_loss)
+            value = self.loss(
+                params, x, inputs, bn_features, targets, noise, beta=beta, model_loss=model_loss
+            )
             c = self.bottleneck.capacity(bn_features, alpha)
             n = int(bn_features.shape[0])
             loss += float(backend.to_numpy(backend.stop_gradient(value))) * n
@@ -826,10 +889,19 @@ class ReadoutBottleneck:
                 x, inputs, bn_features, targets = self._batch(batch, model_loss)
                 if seed is not None and generator is None:
                     generator = backend.make_generator(int(seed), bn_features)
-                noise = backend.standard_normal(tuple(bn_features.shape), like=bn_features,
-                                                generator=generator)
-                value = self.loss(self._params_like(bn_features), x, inputs, bn_features,
-                                  targets, noise, beta=beta, model_loss=model_loss)
+                noise = backend.standard_normal(
+                    tuple(bn_features.shape), like=bn_features, generator=generator
+                )
+                value = self.loss(
+                    self._params_like(bn_features),
+                    x,
+                    inputs,
+                    bn_features,
+                    targets,
+                    noise,
+                    beta=beta,
+                    model_loss=model_loss,
+                )
                 n = int(bn_features.shape[0])
                 total += float(backend.to_numpy(value)) * n
                 count += n
@@ -839,8 +911,10 @@ class ReadoutBottleneck:
 
     def _require_statistics(self) -> None:
         if not self.has_statistics():
-            raise RuntimeError("the readout has no feature statistics: call estimate() on some "
-                               "data first (or load a trained readout)")
+            raise RuntimeError(
+                "the readout has no feature statistics: call estimate() on some "
+                "data first (or load a trained readout)"
+            )
         self._require_head()
 
     # -- explanation -----------------------------------------------------------------
@@ -848,8 +922,10 @@ class ReadoutBottleneck:
         """Capacity ``(N, C, ...)`` in nats per element from one forward pass over ``x``."""
         self._require_statistics()
         if self.steps == 0:
-            raise RuntimeError("the readout is not trained yet: train it first (train() in "
-                               "PyTorch, fit() in Keras) or load trained weights")
+            raise RuntimeError(
+                "the readout is not trained yet: train it first (train() in "
+                "PyTorch, fit() in Keras) or load trained weights"
+            )
         alpha, bn_features = self.predict_alpha(x)
         self.alpha = self.backend.stop_gradient(alpha)
         self._last_features = bn_features
@@ -865,9 +941,13 @@ class ReadoutBottleneck:
     def config(self) -> dict[str, Any]:
         """Settings that change the maps; saved with the weights and compared on load."""
         bn = self.bottleneck
-        return {"sigma": bn.sigma, "min_std": bn.min_std,
-                "active_neurons_threshold": bn.active_neurons_threshold, "relu": bn.relu,
-                "n_readout_layers": len(self.readout_layers)}
+        return {
+            "sigma": bn.sigma,
+            "min_std": bn.min_std,
+            "active_neurons_threshold": bn.active_neurons_threshold,
+            "relu": bn.relu,
+            "n_readout_layers": len(self.readout_layers),
+        }
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Everything a trained readout needs, as NumPy arrays (framework-independent).
@@ -906,58 +986,92 @@ class ReadoutBottleneck:
         state = {k: np.asarray(v) for k, v in state.items()}
         remedy = "train the readout again (estimate() and train()/fit()) and save() it"
         check_format(state, (_FORMAT,), "readout state", remedy)
-        for prefix in sorted({k.rsplit(".", 1)[0] + "." for k in state
-                              if k.startswith(("readout.", "bottleneck.")) and k.endswith(".mean")}):
-            check_format({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                         (ESTIMATE_FORMAT,), f"estimate {prefix[:-1]!r} in the readout state",
-                         remedy)
+        for prefix in sorted(
+            {
+                k.rsplit(".", 1)[0] + "."
+                for k in state
+                if k.startswith(("readout.", "bottleneck.")) and k.endswith(".mean")
+            }
+        ):
+            check_format(
+                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
+                (ESTIMATE_FORMAT,),
+                f"estimate {prefix[:-1]!r} in the readout state",
+                remedy,
+            )
         n_layers = len(self.readout_layers)
         saved = {int(k.split(".")[1]) for k in state if k.startswith("readout.")}
         if saved != set(range(n_layers)):
-            raise ValueError(f"the weights were trained with {len(saved)} readout layers, this "
-                             f"readout has {n_layers}")
-        estimators = []
+            raise ValueError(
+                f"the weights were trained with {len(saved)} readout layers, this readout has {n_layers}"
+            )
+        estimators: list[Estimator] = []
+        shapes: list[tuple[int, ...]] = []
         old_shapes = [e.shape if e.n > 0 else None for e in self.estimators]
         for i in range(n_layers):
             est = Estimator()
-            est.load_state_dict({k[len(f"readout.{i}."):]: v for k, v in state.items()
-                                 if k.startswith(f"readout.{i}.")}, expected_shape=old_shapes[i])
+            est.load_state_dict(
+                {k[len(f"readout.{i}.") :]: v for k, v in state.items() if k.startswith(f"readout.{i}.")},
+                expected_shape=old_shapes[i],
+            )
+            assert est.shape is not None  # a loaded estimate (n >= 1) has its shape
             estimators.append(est)
-        bn_state = {k[len("bottleneck."):]: v for k, v in state.items()
-                    if k.startswith("bottleneck.") and k[len("bottleneck."):] in
-                    ("format", "n", "mean", "m2", "nonzero", "layer", "layout")}
+            shapes.append(est.shape)
+        bn_state = {
+            k[len("bottleneck.") :]: v
+            for k, v in state.items()
+            if k.startswith("bottleneck.")
+            and k[len("bottleneck.") :] in ("format", "n", "mean", "m2", "nonzero", "layer", "layout")
+        }
         bn = self.bottleneck
         bn_est = Estimator()
         old_bn = bn.statistics()[0].shape if bn.has_statistics() else None
         if bn_state:
             bn_est.load_state_dict(bn_state, expected_shape=old_bn)
-        given = {k: np.asarray(state[f"bottleneck.{k}"], dtype=np.float64)
-                 for k in ("feature_mean", "feature_std") if f"bottleneck.{k}" in state}
-        bn_shape = bn_est.shape if bn_est.n > 0 else (
-            given["feature_mean"].shape if "feature_mean" in given else None)
+        given = {
+            k: np.asarray(state[f"bottleneck.{k}"], dtype=np.float64)
+            for k in ("feature_mean", "feature_std")
+            if f"bottleneck.{k}" in state
+        }
+        bn_shape = (
+            bn_est.shape
+            if bn_est.n > 0
+            else (given["feature_mean"].shape if "feature_mean" in given else None)
+        )
         if bn_shape is None:
             raise ValueError("the state holds no statistics of the bottleneck layer")
         if old_bn is not None and tuple(bn_shape) != tuple(old_bn):
-            raise ValueError(f"the weights were made for bottleneck features of shape "
-                             f"{tuple(bn_shape)}, this layer gives {tuple(old_bn)}")
-        shapes = [tuple(e.shape) for e in estimators]
+            raise ValueError(
+                f"the weights were made for bottleneck features of shape "
+                f"{tuple(bn_shape)}, this layer gives {tuple(old_bn)}"
+            )
         head = ReadoutHead(sum(s[0] for s in shapes), int(bn_shape[0]))
-        head_params = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+        head_params = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
         for name, value in head_params.items():
             if value.dtype.kind not in "iuf" or not np.all(np.isfinite(value)):
-                raise SavedStateError(f"the readout head's {name!r} holds {value.dtype} values "
-                                      "that are not finite numbers; train the readout again")
+                raise SavedStateError(
+                    f"the readout head's {name!r} holds {value.dtype} values "
+                    "that are not finite numbers; train the readout again"
+                )
         flat = head.pack(head_params)
         try:
             saved_config = json.loads(str(state.get("config", "{}")))
         except json.JSONDecodeError:
-            raise SavedStateError("the readout state's 'config' is not the JSON that save() "
-                                  "writes; train and save the readout again") from None
-        differs = {k: (v, saved_config[k]) for k, v in self.config().items()
-                   if k in saved_config and saved_config[k] != v}
+            raise SavedStateError(
+                "the readout state's 'config' is not the JSON that save() "
+                "writes; train and save the readout again"
+            ) from None
+        differs = {
+            k: (v, saved_config[k])
+            for k, v in self.config().items()
+            if k in saved_config and saved_config[k] != v
+        }
         if differs:
-            warnings.warn("the readout was trained with other settings (now, saved): "
-                          f"{differs}; its maps will differ", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"the readout was trained with other settings (now, saved): {differs}; its maps will differ",
+                UserWarning,
+                stacklevel=2,
+            )
         # Everything validated: commit.
         self.estimators = estimators
         bn.estimator = bn_est
@@ -971,7 +1085,8 @@ class ReadoutBottleneck:
         """Write :meth:`state_dict` to an ``.npz`` file; returns the file written
         (``.npz`` is appended to a name without it, as ``np.savez`` does)."""
         file = save_target(path)
-        np.savez(file, **self.state_dict())
+        state: dict[str, Any] = self.state_dict()
+        np.savez(file, **state)
         return file
 
     def load(self, path: str | os.PathLike) -> None:
@@ -1000,15 +1115,32 @@ class ReadoutFront:
     layer_name: str
     readout_names: list[str]
 
-    def _build(self, backend: Backend, model: Any, layer: Any, layer_name: str,
-               layers: Sequence[Any], names: Sequence[str], *, seed: int | None,
-               progbar: bool, **settings: Any) -> None:
+    def _build(
+        self,
+        backend: Backend,
+        model: Any,
+        layer: Any,
+        layer_name: str,
+        layers: Sequence[Any],
+        names: Sequence[str],
+        *,
+        seed: int | None,
+        progbar: bool,
+        **settings: Any,
+    ) -> None:
         """Make the core readout: ``settings`` are the bottleneck's (sigma, beta, ...)."""
         self.layer_name = layer_name
         self.readout_names = list(names)
         self._readout = ReadoutBottleneck(
-            backend, model, layer, list(layers), bottleneck=Bottleneck(progbar=progbar, **settings),
-            seed=seed, labels=[repr(n) for n in self.readout_names], progbar=progbar)
+            backend,
+            model,
+            layer,
+            list(layers),
+            bottleneck=Bottleneck(progbar=progbar, **settings),
+            seed=seed,
+            labels=[repr(n) for n in self.readout_names],
+            progbar=progbar,
+        )
 
     @property
     def model(self) -> Any:
@@ -1059,8 +1191,9 @@ class ReadoutFront:
         x = prepared_inputs(ro.backend, x, ro.model)
         with ro.backend.frozen(ro.model):
             cap = ro.analyze(x)
-        out = ro.backend.to_numpy(explanation_maps(cap, tuple(int(s) for s in x.shape), mode,
-                                                   channels_last=channels_last))
+        out = ro.backend.to_numpy(
+            explanation_maps(cap, tuple(int(s) for s in x.shape), mode, channels_last=channels_last)
+        )
         return out[0] if out.shape[0] == 1 else out
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -1083,5 +1216,7 @@ class ReadoutFront:
         return self
 
     def __repr__(self) -> str:
-        return (f"IBAReadout(attach_layer={self.layer_name!r}, readout_layers="
-                f"{self.readout_names!r}, head={self._readout.head}, steps={self.steps})")
+        return (
+            f"IBAReadout(attach_layer={self.layer_name!r}, readout_layers="
+            f"{self.readout_names!r}, head={self._readout.head}, steps={self.steps})"
+        )

@@ -48,16 +48,17 @@ def adam_update(
     """
     step = state.step + 1
     if kernel is None:
-        new_param, m, v = adam_kernel(betas, eps)(param, grad, state.m, state.v,
-                                                  *adam_scalars(step, lr, betas))
+        new_param, m, v = adam_kernel(betas, eps)(
+            param, grad, state.m, state.v, *adam_scalars(step, lr, betas)
+        )
     else:
-        new_param, m, v = kernel(param, grad, state.m, state.v,
-                                 *adam_scalars(step, lr, betas, like=param))
+        new_param, m, v = kernel(param, grad, state.m, state.v, *adam_scalars(step, lr, betas, like=param))
     return new_param, AdamState(step, m, v)
 
 
-def adam_scalars(step: int, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
-                 like: Any = None) -> tuple[Any, Any]:
+def adam_scalars(
+    step: int, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999), like: Any = None
+) -> tuple[Any, Any]:
     """The step-dependent scalars of :func:`adam_kernel` for step ``step`` (from 1):
     ``(lr / (1 - b1^t), sqrt(1 - b2^t))``; 0-d arrays like ``like`` if given (so a
     compiled kernel is traced once rather than once per step), else Python floats."""
@@ -66,18 +67,22 @@ def adam_scalars(step: int, lr: float = 1.0, betas: tuple[float, float] = (0.9, 
     if like is None:
         return step_size, bias2_sqrt
     xp = namespace(like)
-    return (xp.asarray(step_size, dtype=like.dtype, device=device(like)),
-            xp.asarray(bias2_sqrt, dtype=like.dtype, device=device(like)))
+    return (
+        xp.asarray(step_size, dtype=like.dtype, device=device(like)),
+        xp.asarray(bias2_sqrt, dtype=like.dtype, device=device(like)),
+    )
 
 
-def adam_kernel(betas: tuple[float, float] = (0.9, 0.999),
-                eps: float = 1e-8) -> Callable[..., tuple[Any, Any, Any]]:
+def adam_kernel(
+    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+) -> Callable[..., tuple[Any, Any, Any]]:
     """The array part of an Adam step:
     ``(param, grad, m, v, step_size, bias2_sqrt) -> (new_param, m, v)``."""
     b1, b2 = betas
 
-    def kernel(param: Any, grad: Any, m: Any, v: Any, step_size: Any,
-               bias2_sqrt: Any) -> tuple[Any, Any, Any]:
+    def kernel(
+        param: Any, grad: Any, m: Any, v: Any, step_size: Any, bias2_sqrt: Any
+    ) -> tuple[Any, Any, Any]:
         xp = namespace(param, grad)
         m = m * b1 + grad * (1.0 - b1)
         v = v * b2 + (grad * grad) * (1.0 - b2)

@@ -20,8 +20,9 @@ def _n_spatial(x: Any) -> int:
     return x.ndim - 2
 
 
-def restriction_mask(alpha: Any, sigma: float | None = 1.0,
-                     operands: tuple[Any, ...] | None = None) -> tuple[Any, Any]:
+def restriction_mask(
+    alpha: Any, sigma: float | None = 1.0, operands: tuple[Any, ...] | None = None
+) -> tuple[Any, Any]:
     """Smoothed mask ``lambda = smooth(sigmoid(alpha))`` and its complement.
 
     ``alpha`` has shape ``(N, C, ...)``.  Returns ``(lambda, 1 - lambda)``.  Both are
@@ -33,8 +34,7 @@ def restriction_mask(alpha: Any, sigma: float | None = 1.0,
     xp = namespace(alpha)
     n = _n_spatial(alpha)
     lam, one_minus = sigmoid_pair(xp, alpha)
-    return (gaussian_smooth(lam, sigma, n, operands),
-            gaussian_smooth(one_minus, sigma, n, operands))
+    return (gaussian_smooth(lam, sigma, n, operands), gaussian_smooth(one_minus, sigma, n, operands))
 
 
 def _log_one_minus(alpha: Any, one_minus: Any, sigma: float | None) -> Any:
@@ -88,8 +88,9 @@ def capacity(
     return capacity_from_mask((features - mean) / std, alpha, lam, one_minus, active, sigma)
 
 
-def capacity_from_mask(r: Any, alpha: Any, lam: Any, one_minus: Any, active: Any,
-                       sigma: float | None, *, clip: bool = True) -> Any:
+def capacity_from_mask(
+    r: Any, alpha: Any, lam: Any, one_minus: Any, active: Any, sigma: float | None, *, clip: bool = True
+) -> Any:
     """:func:`capacity` from normalised features ``r = (R - mean) / std`` and the mask
     pair of :func:`restriction_mask` (for loops that reuse ``r`` across steps).
 
@@ -176,8 +177,7 @@ def saliency_map(capacity_nats: Any, size: tuple[int, ...] | None = None) -> Any
         return bits
     if len(size) != bits.ndim - 1:
         raise ValueError(
-            f"size {tuple(size)} has {len(size)} axes but the feature map has "
-            f"{bits.ndim - 1} spatial axes"
+            f"size {tuple(size)} has {len(size)} axes but the feature map has {bits.ndim - 1} spatial axes"
         )
     out = resize_bilinear(bits, tuple(int(s) for s in size), preserve_sum=True)
     return xp.maximum(out, xp.zeros_like(out))
@@ -197,8 +197,9 @@ def cross_entropy(logits: Any, targets: Any) -> Any:
     return -xp.mean(xp.sum(targets * log_probs, axis=1))
 
 
-def input_spatial_size(input_shape: tuple[int, ...], n_spatial: int,
-                       channels_last: bool = False) -> tuple[int, ...]:
+def input_spatial_size(
+    input_shape: tuple[int, ...], n_spatial: int, channels_last: bool = False
+) -> tuple[int, ...]:
     """Spatial size of a batch of inputs: ``(H, W)`` of ``(N, C, H, W)`` (or of
     ``(N, H, W, C)`` with ``channels_last``), ``(L,)`` of ``(N, L)`` token inputs."""
     shape = tuple(int(s) for s in input_shape)
@@ -206,12 +207,15 @@ def input_spatial_size(input_shape: tuple[int, ...], n_spatial: int,
         return shape[1:-1] if channels_last else shape[2:]
     if len(shape) == n_spatial + 1:
         return shape[1:]
-    raise ValueError(f"inputs of shape {shape} do not have the feature map's {n_spatial} "
-                     "spatial axes; use mode='capacity' for a map at feature resolution")
+    raise ValueError(
+        f"inputs of shape {shape} do not have the feature map's {n_spatial} "
+        "spatial axes; use mode='capacity' for a map at feature resolution"
+    )
 
 
-def explanation_maps(capacity_nats: Any, input_shape: tuple[int, ...], mode: str = "saliency",
-                     *, channels_last: bool = False) -> Any:
+def explanation_maps(
+    capacity_nats: Any, input_shape: tuple[int, ...], mode: str = "saliency", *, channels_last: bool = False
+) -> Any:
     """What the fronts' ``analyze`` returns, before conversion to NumPy.
 
     ``mode="saliency"``: :func:`saliency_map` at the inputs' spatial size (bits per

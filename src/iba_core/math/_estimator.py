@@ -58,9 +58,11 @@ def read_npz(path: Any, what: str, writer: str) -> tuple[Any, dict[str, np.ndarr
         if not file.exists() and given.exists():
             file = given
         if not file.exists():
-            raise FileNotFoundError(f"no {what} at {os.fspath(given)!r}"
-                                    + (f" (nor {os.fspath(file)!r})" if file != given else "")
-                                    + f"; write one with {writer}")
+            raise FileNotFoundError(
+                f"no {what} at {os.fspath(given)!r}"
+                + (f" (nor {os.fspath(file)!r})" if file != given else "")
+                + f"; write one with {writer}"
+            )
     else:  # an open binary file
         file = path
     name = file_name(file)
@@ -76,21 +78,25 @@ def read_npz(path: Any, what: str, writer: str) -> tuple[Any, dict[str, np.ndarr
         raise
     except Exception as exc:  # BadZipFile, EOFError, zlib.error, pickles, ...
         text = str(exc)
-        reason = ("it holds object arrays, which would need pickles" if "Object arrays" in text
-                  else "not a zip archive of arrays; pickled data is never loaded"
-                  if "pickle" in text else
-                  f"empty or cut short ({type(exc).__name__})" if isinstance(exc, EOFError) else
-                  f"a damaged or truncated archive ({type(exc).__name__})")
+        reason = (
+            "it holds object arrays, which would need pickles"
+            if "Object arrays" in text
+            else "not a zip archive of arrays; pickled data is never loaded"
+            if "pickle" in text
+            else f"empty or cut short ({type(exc).__name__})"
+            if isinstance(exc, EOFError)
+            else f"a damaged or truncated archive ({type(exc).__name__})"
+        )
     if reason is not None:
         raise SavedStateError(
             f"cannot read the {what} {name!r}: not an .npz file written by "
             f"{writer} ({reason}); the file is damaged or of another kind, write it again "
-            f"with {writer}") from None
+            f"with {writer}"
+        ) from None
     return file, state
 
 
-def check_format(state: Mapping[str, Any], accepted: Iterable[str], what: str,
-                 remedy: str) -> str:
+def check_format(state: Mapping[str, Any], accepted: Iterable[str], what: str, remedy: str) -> str:
     """The state's ``format`` mark, or :class:`SavedStateError` when it is missing or not
     one of ``accepted``; ``remedy`` says how to make a new state."""
     accepted = tuple(accepted)
@@ -98,7 +104,8 @@ def check_format(state: Mapping[str, Any], accepted: Iterable[str], what: str,
     if "format" not in state:
         raise SavedStateError(
             f"the {what} has no format mark: it was written by an older iba (or is not an iba "
-            f"{what}); this version reads {reads}; {remedy}")
+            f"{what}); this version reads {reads}; {remedy}"
+        )
     mark = np.asarray(state["format"])
     got = str(mark) if mark.dtype.kind == "U" and mark.ndim == 0 else None
     if got in accepted:
@@ -111,7 +118,8 @@ def check_format(state: Mapping[str, Any], accepted: Iterable[str], what: str,
             age = "an older" if int(match.group(2)) < int(k.group(2)) else "a newer"
     raise SavedStateError(
         f"the {what} has {age} format {got if got is not None else mark!r}; this version of "
-        f"iba reads {reads}; {remedy}")
+        f"iba reads {reads}; {remedy}"
+    )
 
 
 class Estimator:
@@ -175,8 +183,9 @@ class Estimator:
         if other.n == 0:
             return self
         if self.layer is not None and other.layer is not None and self.layer != other.layer:
-            raise ValueError(f"cannot merge an estimate of layer {other.layer!r} into one of "
-                             f"layer {self.layer!r}")
+            raise ValueError(
+                f"cannot merge an estimate of layer {other.layer!r} into one of layer {self.layer!r}"
+            )
         assert other._mean is not None and other._m2 is not None
         assert other._nonzero is not None and other.shape is not None
         self._merge(other.n, other.shape, other._mean, other._m2, other._nonzero)
@@ -206,24 +215,27 @@ class Estimator:
 
     def reset(self) -> None:
         """Forget all samples."""
-        self.__init__()
+        Estimator.__init__(self)  # keeps layer and layout (read back with getattr)
 
     # -- results -------------------------------------------------------------------
-    def _require(self) -> None:
+    def _require(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The accumulated ``(mean, m2, nonzero)``; raises when the estimate is empty."""
         if self.n == 0:
             raise RuntimeError("the estimate is empty: call estimate()/update() with data first")
+        assert self._mean is not None and self._m2 is not None and self._nonzero is not None
+        return self._mean, self._m2, self._nonzero
 
     def mean(self) -> np.ndarray:
         """Per-element mean, shape ``(C, ...)``."""
-        self._require()
-        return self._mean.copy()
+        mean, _, _ = self._require()
+        return mean.copy()
 
     def var(self) -> np.ndarray:
         """Per-element unbiased variance (``ddof=1``; zero for a single sample)."""
-        self._require()
+        _, m2, _ = self._require()
         if self.n < 2:
-            return np.zeros_like(self._m2)
-        return self._m2 / (self.n - 1)
+            return np.zeros_like(m2)
+        return m2 / (self.n - 1)
 
     def std(self) -> np.ndarray:
         """Per-element unbiased standard deviation, shape ``(C, ...)``."""
@@ -231,8 +243,8 @@ class Estimator:
 
     def active_fraction(self) -> np.ndarray:
         """Per-element fraction of samples in which the feature was non-zero."""
-        self._require()
-        return self._nonzero / self.n
+        _, _, nonzero = self._require()
+        return nonzero / self.n
 
     def active_mask(self, threshold: float = 0.01) -> np.ndarray:
         """1.0 where the feature was non-zero in more than ``threshold`` of samples."""
@@ -242,13 +254,13 @@ class Estimator:
     def state_dict(self) -> dict[str, np.ndarray]:
         """Plain NumPy state: ``format`` (:data:`ESTIMATE_FORMAT`), ``n``, ``mean``, ``m2``,
         ``nonzero``, and ``layer`` and ``layout`` when known."""
-        self._require()
+        mean, m2, nonzero = self._require()
         state = {
             "format": np.asarray(ESTIMATE_FORMAT),
             "n": np.asarray(self.n, dtype=np.int64),
-            "mean": self._mean.copy(),
-            "m2": self._m2.copy(),
-            "nonzero": self._nonzero.copy(),
+            "mean": mean.copy(),
+            "m2": m2.copy(),
+            "nonzero": nonzero.copy(),
         }
         if self.layer is not None:
             state["layer"] = np.asarray(str(self.layer))
@@ -257,7 +269,9 @@ class Estimator:
         return state
 
     def load_state_dict(
-        self, state: Mapping[str, Any], expected_shape: tuple[int, ...] | None = None,
+        self,
+        state: Mapping[str, Any],
+        expected_shape: tuple[int, ...] | None = None,
         expected_layer: str | None = None,
     ) -> None:
         """Restore from :meth:`state_dict` (in memory or read from a file), validating it.
@@ -273,25 +287,31 @@ class Estimator:
         remedy = "make a new estimate with estimate() (or update()) and save()"
         missing = {"n", "mean", "m2", "nonzero"} - set(state)
         if missing:
-            raise SavedStateError(f"the estimate state lacks {sorted(missing)}; it was not "
-                                  f"written by Estimator.save()/state_dict(); {remedy}")
+            raise SavedStateError(
+                f"the estimate state lacks {sorted(missing)}; it was not "
+                f"written by Estimator.save()/state_dict(); {remedy}"
+            )
         check_format(state, (ESTIMATE_FORMAT,), "estimate", remedy)
         arrays = {}
         for key in ("mean", "m2", "nonzero"):
             a = np.asarray(state[key])
             if a.dtype.kind not in "iuf":
-                raise SavedStateError(f"the estimate's {key!r} holds {a.dtype} values, not "
-                                      f"numbers; {remedy}")
+                raise SavedStateError(f"the estimate's {key!r} holds {a.dtype} values, not numbers; {remedy}")
             a = a.astype(np.float64)
             if not np.all(np.isfinite(a)):
                 raise SavedStateError(f"the estimate's {key!r} holds NaN/inf values; {remedy}")
             arrays[key] = a
         mean, m2, nonzero = arrays["mean"], arrays["m2"], arrays["nonzero"]
         n_arr = np.asarray(state["n"])
-        if (n_arr.size != 1 or n_arr.dtype.kind not in "iuf"
-                or not np.isfinite(n_arr).all() or n_arr.reshape(()) != np.round(n_arr)):
-            raise SavedStateError(f"the estimate's sample count 'n' must be one whole number, "
-                                  f"got {n_arr!r}; {remedy}")
+        if (
+            n_arr.size != 1
+            or n_arr.dtype.kind not in "iuf"
+            or not np.isfinite(n_arr).all()
+            or n_arr.reshape(()) != np.round(n_arr)
+        ):
+            raise SavedStateError(
+                f"the estimate's sample count 'n' must be one whole number, got {n_arr!r}; {remedy}"
+            )
         n = int(n_arr.reshape(()))
         if n < 1:
             raise SavedStateError(f"the estimate holds no samples (n = {n}); {remedy}")
@@ -300,23 +320,30 @@ class Estimator:
             if key in state:
                 v = np.asarray(state[key])
                 if v.dtype.kind != "U" or v.ndim != 0:
-                    raise SavedStateError(f"the estimate's {key!r} must be a string, got "
-                                          f"{v.dtype} {v.shape}; {remedy}")
+                    raise SavedStateError(
+                        f"the estimate's {key!r} must be a string, got {v.dtype} {v.shape}; {remedy}"
+                    )
                 text[key] = str(v)
         if not (mean.shape == m2.shape == nonzero.shape):
             raise SavedStateError(
                 f"inconsistent estimate: mean {mean.shape}, m2 {m2.shape}, nonzero "
-                f"{nonzero.shape} (they must have one shape); {remedy}")
+                f"{nonzero.shape} (they must have one shape); {remedy}"
+            )
         if np.any(m2 < 0):
-            raise SavedStateError(f"the estimate's 'm2' (sums of squared deviations) holds "
-                                  f"negative values; {remedy}")
+            raise SavedStateError(
+                f"the estimate's 'm2' (sums of squared deviations) holds negative values; {remedy}"
+            )
         if np.any(nonzero < 0) or np.any(nonzero > n):
-            raise SavedStateError(f"the estimate's 'nonzero' counts must lie in [0, n = {n}], "
-                                  f"got [{nonzero.min():g}, {nonzero.max():g}]; {remedy}")
+            raise SavedStateError(
+                f"the estimate's 'nonzero' counts must lie in [0, n = {n}], "
+                f"got [{nonzero.min():g}, {nonzero.max():g}]; {remedy}"
+            )
         layer, layout = text.get("layer"), text.get("layout")
         if expected_layer is not None and layer is not None and layer != expected_layer:
-            raise SavedStateError(f"the estimate was made for layer {layer!r}, not "
-                                  f"{expected_layer!r}; estimate again for this layer")
+            raise SavedStateError(
+                f"the estimate was made for layer {layer!r}, not "
+                f"{expected_layer!r}; estimate again for this layer"
+            )
         if expected_shape is not None and tuple(mean.shape) != tuple(expected_shape):
             raise SavedStateError(
                 f"the estimate has feature shape {mean.shape} but the layer produces "
@@ -335,12 +362,15 @@ class Estimator:
         (``save("stats")`` writes ``stats.npz``); :meth:`load` finds it under either name.
         """
         file = save_target(path)
-        np.savez(file, **self.state_dict())
+        state: dict[str, Any] = self.state_dict()
+        np.savez(file, **state)
         return file
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, expected_shape: tuple[int, ...] | None = None,
+        cls,
+        path: str | os.PathLike,
+        expected_shape: tuple[int, ...] | None = None,
         expected_layer: str | None = None,
     ) -> Estimator:
         """Read an estimate written by :meth:`save`; see :meth:`load_state_dict`.

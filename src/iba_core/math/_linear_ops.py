@@ -41,8 +41,7 @@ def _reflect_index(i: Any, n: int) -> Any:
         return i * 0
     period = 2 * (n - 1)
     i = i % period
-    return np.where(i < n, i, period - i) if isinstance(i, np.ndarray) else \
-        (i if i < n else period - i)
+    return np.where(i < n, i, period - i) if isinstance(i, np.ndarray) else (i if i < n else period - i)
 
 
 #: Above this many taps (and for kernels much wider than the reflection period) the
@@ -78,13 +77,11 @@ def _folded_kernel(period: int, sigma: float, closed_form: bool | None = None) -
         h = step / sigma
         xa, xb = (start + a * step) / sigma, (start + b * step) / sigma
         erf = np.frompyfunc(math.erf, 1, 1)
-        integral = (np.sqrt(np.pi / 2) / h) * (erf(xb / np.sqrt(2)) - erf(xa / np.sqrt(2))
-                                              ).astype(np.float64)
+        integral = (np.sqrt(np.pi / 2) / h) * (erf(xb / np.sqrt(2)) - erf(xa / np.sqrt(2))).astype(np.float64)
         fa, fb = np.exp(-0.5 * xa**2), np.exp(-0.5 * xb**2)
         d1 = lambda x, f: -x * f * h
         d3 = lambda x, f: (3 * x - x**3) * f * h**3
-        return (integral + (fa + fb) / 2 + (d1(xb, fb) - d1(xa, fa)) / 12
-                - (d3(xb, fb) - d3(xa, fa)) / 720)
+        return integral + (fa + fb) / 2 + (d1(xb, fb) - d1(xa, fa)) / 12 - (d3(xb, fb) - d3(xa, fa)) / 720
 
     total = sums(np.zeros(1), 1)[0]
     return sums(np.arange(period, dtype=np.float64), period) / total
@@ -185,7 +182,7 @@ def separable_operands(like: Any, matrices: list[np.ndarray | None]) -> tuple[An
         raise ValueError(f"separable operators act on 1 or 2 trailing axes, got {len(matrices)}")
     xp = namespace(like)
     dev = device(like)
-    out = []
+    out: list[Any] = []
     for k, m in enumerate(matrices):
         if m is None:
             out.append(None)
@@ -239,8 +236,9 @@ def smoothing_operands(like: Any, sigma: float | None, n_spatial: int) -> tuple[
     return separable_operands(like, [smoothing_matrix(int(n), float(sigma)) for n in shape])
 
 
-def gaussian_smooth(x: Any, sigma: float | None, n_spatial: int,
-                    operands: tuple[Any, ...] | None = None) -> Any:
+def gaussian_smooth(
+    x: Any, sigma: float | None, n_spatial: int, operands: tuple[Any, ...] | None = None
+) -> Any:
     """Smooth the last ``n_spatial`` axes of ``x`` with a Gaussian of std ``sigma``.
 
     ``n_spatial`` is 0 (vectors: returned unchanged), 1 (sequences ``(..., T)``) or 2
@@ -255,8 +253,9 @@ def gaussian_smooth(x: Any, sigma: float | None, n_spatial: int,
 
 
 @functools.lru_cache(maxsize=64)
-def _resize_matrices(size: tuple[int, ...], in_shape: tuple[int, ...],
-                     preserve_sum: bool) -> tuple[np.ndarray | None, ...]:
+def _resize_matrices(
+    size: tuple[int, ...], in_shape: tuple[int, ...], preserve_sum: bool
+) -> tuple[np.ndarray | None, ...]:
     if preserve_sum:
         mats = [np.array(mass_preserving_matrix(o, i)) for o, i in zip(size, in_shape)]
         mats[0] *= math.prod(in_shape) / math.prod(size)
@@ -276,6 +275,6 @@ def resize_bilinear(x: Any, size: tuple[int, ...], *, preserve_sum: bool = False
     With ``preserve_sum=True`` the mass-preserving variant is used and the result is
     rescaled so that its total over the resized axes equals the input's total.
     """
-    in_shape = tuple(int(n) for n in x.shape[-len(size):])
+    in_shape = tuple(int(n) for n in x.shape[-len(size) :])
     mats = _resize_matrices(tuple(int(s) for s in size), in_shape, bool(preserve_sum))
     return apply_separable(x, list(mats))

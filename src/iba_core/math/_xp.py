@@ -58,9 +58,11 @@ def namespace(*arrays: Any) -> Any:
                 _NOT_COMPAT.add(kind)
     backend = _lookup(arrays[0])
     if backend is None:
-        raise TypeError(f"no array namespace for {type(arrays[0]).__module__}."
-                        f"{type(arrays[0]).__qualname__}: array_api_compat does not support it "
-                        "and no installed iba backend owns it")
+        raise TypeError(
+            f"no array namespace for {type(arrays[0]).__module__}."
+            f"{type(arrays[0]).__qualname__}: array_api_compat does not support it "
+            "and no installed iba backend owns it"
+        )
     return backend.namespace()
 
 

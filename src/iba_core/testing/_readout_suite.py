@@ -151,17 +151,19 @@ class TrainedReadout:
 
 
 def make_readout(case: ReadoutCase, model: Any, **kwargs: Any) -> ReadoutBottleneck:
-    return ReadoutBottleneck(get_backend(case.backend), model, BOTTLENECK_LAYER,
-                             list(READOUT_LAYERS), **kwargs)
+    return ReadoutBottleneck(
+        get_backend(case.backend), model, BOTTLENECK_LAYER, list(READOUT_LAYERS), **kwargs
+    )
 
 
-def estimate(readout: ReadoutBottleneck, case: ReadoutCase, n: int | None = None,
-             seed: int = 1) -> list[Any]:
+def estimate(readout: ReadoutBottleneck, case: ReadoutCase, n: int | None = None, seed: int = 1) -> list[Any]:
     """Estimate on ``n`` training images (default: the recipe's); returns the batches."""
     n = TRAIN_IMAGES if n is None else n
     images, labels = blob_images(n, seed)
-    batches = [(case.to_inputs(images[i:i + TRAIN_BATCH]), labels[i:i + TRAIN_BATCH])
-               for i in range(0, n, TRAIN_BATCH)]
+    batches = [
+        (case.to_inputs(images[i : i + TRAIN_BATCH]), labels[i : i + TRAIN_BATCH])
+        for i in range(0, n, TRAIN_BATCH)
+    ]
     backend = readout.backend
     with backend.frozen(readout.model), warnings.catch_warnings():
         warnings.simplefilter("ignore", FewSamplesWarning)
@@ -180,22 +182,20 @@ def train_reference_readout(case: ReadoutCase) -> TrainedReadout:
     evaluation = [(case.to_inputs(eval_images), eval_labels)]
     with backend.frozen(model):
         before = readout.evaluate(evaluation, seed=0)
-        history = readout.train(batches, epochs=TRAIN_EPOCHS, lr=TRAIN_LR, seed=0,
-                                **case.train_options)
+        history = readout.train(batches, epochs=TRAIN_EPOCHS, lr=TRAIN_LR, seed=0, **case.train_options)
         after = readout.evaluate(evaluation, seed=0)
     images, labels = blob_images(HELD_OUT, 3)
     x = case.to_inputs(images)
     with backend.frozen(model):
         readout_maps = backend.to_numpy(saliency_map(readout.analyze(x), IMAGE_SIZE))
     per_sample = per_sample_maps(backend, model, readout.bottleneck, x, labels)
-    corr = np.array([np.corrcoef(a.ravel(), b.ravel())[0, 1]
-                     for a, b in zip(readout_maps, per_sample)])
-    return TrainedReadout(readout, model, history, before, after, readout_maps, per_sample,
-                          corr, x)
+    corr = np.array([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(readout_maps, per_sample)])
+    return TrainedReadout(readout, model, history, before, after, readout_maps, per_sample, corr, x)
 
 
-def per_sample_maps(backend: Backend, model: Any, bottleneck: Bottleneck, x: Any,
-                    labels: np.ndarray) -> np.ndarray:
+def per_sample_maps(
+    backend: Backend, model: Any, bottleneck: Bottleneck, x: Any, labels: np.ndarray
+) -> np.ndarray:
     """Per-Sample Bottleneck maps (reference settings) for the same layer and statistics."""
     n = len(labels)
 
@@ -210,6 +210,7 @@ def per_sample_maps(backend: Backend, model: Any, bottleneck: Bottleneck, x: Any
 
 def _bilinear_reference(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Pixel-centre bilinear resize of the last two axes, clamped at the borders."""
+
     def weights(n_out: int, n_in: int) -> np.ndarray:
         m = np.zeros((n_out, n_in))
         for i in range(n_out):
@@ -248,8 +249,7 @@ class ReadoutTests:
 
     # -- the pieces, against NumPy ---------------------------------------------------
     @pytest.mark.parametrize("spatial", [(3, 4), (5,), ()])
-    def test_head_is_three_1x1_convolutions(self, backend: Backend,
-                                            spatial: tuple[int, ...]) -> None:
+    def test_head_is_three_1x1_convolutions(self, backend: Backend, spatial: tuple[int, ...]) -> None:
         rng = np.random.default_rng(0)
         head = ReadoutHead(7, 3)
         params = head.unpack(rng.standard_normal(head.size))
@@ -284,8 +284,9 @@ class ReadoutTests:
         means = [rng.standard_normal(s).astype(np.float32) for s in shapes]
         stds = [rng.uniform(0.5, 2, s).astype(np.float32) for s in shapes]
         t = backend.from_numpy
-        got = backend.to_numpy(readout_input([t(f) for f in feats], [t(m) for m in means],
-                                             [t(s) for s in stds], (6, 6)))
+        got = backend.to_numpy(
+            readout_input([t(f) for f in feats], [t(m) for m in means], [t(s) for s in stds], (6, 6))
+        )
         parts = []
         for f, m, s in zip(feats, means, stds):
             r = (f.astype(np.float64) - m) / s
@@ -298,8 +299,7 @@ class ReadoutTests:
         assert got.shape == (2, 4 + 3 + 5 + 2, 6, 6)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
-    def test_target_cross_entropy_scores_each_sample_against_its_target(
-            self, backend: Backend) -> None:
+    def test_target_cross_entropy_scores_each_sample_against_its_target(self, backend: Backend) -> None:
         rng = np.random.default_rng(3)
         logits = (rng.standard_normal((4, 5)) * 3).astype(np.float32)
         targets = np.array([3, 0, 4, 3])
@@ -312,8 +312,9 @@ class ReadoutTests:
         with pytest.raises(ValueError, match="one target per sample"):
             target_cross_entropy(backend.from_numpy(logits), targets[:2])
 
-    def test_head_gradient_matches_finite_differences(self, readout_case: ReadoutCase,
-                                                      backend: Backend) -> None:
+    def test_head_gradient_matches_finite_differences(
+        self, readout_case: ReadoutCase, backend: Backend
+    ) -> None:
         dtype = np.float64 if readout_case.float64 else np.float32
         rng = np.random.default_rng(4)
         head = ReadoutHead(4, 2)
@@ -322,10 +323,12 @@ class ReadoutTests:
         c = rng.standard_normal((2, 2, 3, 3))
         like = backend.from_numpy(x.astype(dtype))
         xp = backend.namespace()
-        value, grad = backend.value_and_grad(lambda p, xt, ct: xp.sum(head(p, xt) * ct),
-                                             backend.from_numpy(flat, like=like),
-                                             backend.from_numpy(x, like=like),
-                                             backend.from_numpy(c, like=like))
+        value, grad = backend.value_and_grad(
+            lambda p, xt, ct: xp.sum(head(p, xt) * ct),
+            backend.from_numpy(flat, like=like),
+            backend.from_numpy(x, like=like),
+            backend.from_numpy(c, like=like),
+        )
         grad = backend.to_numpy(grad)
         assert grad.dtype == dtype
 
@@ -360,31 +363,29 @@ class ReadoutTests:
         stds = [rng.uniform(0.5, 2, s_) for s_ in shapes]
         like = backend.from_numpy(np.zeros(1))
         t = lambda a: backend.from_numpy(a, like=like)
-        stacked = readout_input([t(f) for f in feats], [t(m) for m in means],
-                                [t(s_) for s_ in stds], (6, 6))
+        stacked = readout_input([t(f) for f in feats], [t(m) for m in means], [t(s_) for s_ in stds], (6, 6))
         alpha = head(t(flat), stacked)
         logits = rng.standard_normal((2, 5)) * 3
         loss = target_cross_entropy(t(logits), np.array([4, 1]))
-        got = {name: backend.to_numpy(v) for name, v in
-               (("input", stacked), ("alpha", alpha), ("loss", loss))}
-        assert all(v.dtype == np.float64 for v in got.values()), {
-            k: v.dtype for k, v in got.items()}
+        got = {
+            name: backend.to_numpy(v) for name, v in (("input", stacked), ("alpha", alpha), ("loss", loss))
+        }
+        assert all(v.dtype == np.float64 for v in got.values()), {k: v.dtype for k, v in got.items()}
         # The NumPy references in float64: agreement to round-off (1e-12), which a
         # detour through float32 (1e-7) would miss.
         parts = [(f - m) / s_ for f, m, s_ in zip(feats, means, stds)]
         parts[1] = _bilinear_reference(parts[1], (6, 6))
         expected = np.concatenate(parts, axis=1)
         np.testing.assert_allclose(got["input"], expected, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(got["alpha"], _head_reference(head.unpack(flat), expected),
-                                   rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            got["alpha"], _head_reference(head.unpack(flat), expected), rtol=1e-12, atol=1e-12
+        )
         log_probs = logits - logits.max(1, keepdims=True)
         log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
-        np.testing.assert_allclose(got["loss"], -np.mean(log_probs[[0, 1], [4, 1]]),
-                                   rtol=1e-12)
+        np.testing.assert_allclose(got["loss"], -np.mean(log_probs[[0, 1], [4, 1]]), rtol=1e-12)
 
     # -- estimation and the hooks ------------------------------------------------------
-    def test_estimate_covers_every_readout_layer(self, readout_case: ReadoutCase,
-                                                 backend: Backend) -> None:
+    def test_estimate_covers_every_readout_layer(self, readout_case: ReadoutCase, backend: Backend) -> None:
         model = readout_case.make_model(readout_reference_weights())
         readout = make_readout(readout_case, model)
         batches = estimate(readout, readout_case, n=64)
@@ -394,13 +395,15 @@ class ReadoutTests:
         assert all(e.n == 64 for e in readout.estimators)
         # The logits' estimate equals the mean of the model's outputs.
         logits = np.concatenate([backend.to_numpy(backend.call(model, x)) for x, _ in batches])
-        np.testing.assert_allclose(readout.estimators[2].mean(), logits.mean(0, dtype=np.float64),
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            readout.estimators[2].mean(), logits.mean(0, dtype=np.float64), rtol=1e-6, atol=1e-6
+        )
         head = readout.head
         assert head is not None and (head.in_channels, head.out_channels) == (21, 8)
 
-    def test_model_is_left_unchanged(self, readout_case: ReadoutCase, backend: Backend,
-                                     trained: TrainedReadout) -> None:
+    def test_model_is_left_unchanged(
+        self, readout_case: ReadoutCase, backend: Backend, trained: TrainedReadout
+    ) -> None:
         model = trained.model
         x = trained.held_out
         fresh = readout_case.make_model(readout_reference_weights())
@@ -418,8 +421,10 @@ class ReadoutTests:
 
     def test_readout_maps_correlate_with_per_sample_maps(self, trained: TrainedReadout) -> None:
         corr = trained.correlations
-        print(f"\nreadout vs per-sample map correlation on {HELD_OUT} held-out images: "
-              f"mean {corr.mean():.3f}, min {corr.min():.3f}")
+        print(
+            f"\nreadout vs per-sample map correlation on {HELD_OUT} held-out images: "
+            f"mean {corr.mean():.3f}, min {corr.min():.3f}"
+        )
         assert corr.mean() > 0.8
         assert corr.min() > 0.5
 
@@ -428,15 +433,16 @@ class ReadoutTests:
         assert maps.shape == (HELD_OUT, *IMAGE_SIZE)
         assert np.all(np.isfinite(maps)) and np.all(maps >= 0)
         cap = trained.readout.backend.to_numpy(trained.readout.capacity())
-        np.testing.assert_allclose(maps.reshape(HELD_OUT, -1).sum(1),
-                                   cap.reshape(HELD_OUT, -1).sum(1) / math.log(2), rtol=1e-4)
+        np.testing.assert_allclose(
+            maps.reshape(HELD_OUT, -1).sum(1), cap.reshape(HELD_OUT, -1).sum(1) / math.log(2), rtol=1e-4
+        )
         # The blob (the 5x5 pixels around its brightest one, 17% of the image) holds far
         # more than its share of the map.
         images, _ = blob_images(HELD_OUT, 3)
         shares = []
         for m, image in zip(maps, np.abs(images).sum(1)):
             by, bx = np.unravel_index(np.argmax(image), image.shape)
-            yy, xx = np.mgrid[0:IMAGE_SIZE[0], 0:IMAGE_SIZE[1]]
+            yy, xx = np.mgrid[0 : IMAGE_SIZE[0], 0 : IMAGE_SIZE[1]]
             near = (np.abs(yy - by) <= 2) & (np.abs(xx - bx) <= 2)
             shares.append(m[near].sum() / m.sum() / near.mean())
         assert np.mean(shares) > 2 and np.min(shares) > 1
@@ -448,9 +454,9 @@ class ReadoutTests:
         assert alpha.min() < -4 and alpha.max() > 0
         assert alpha.min() >= -5 and alpha.max() <= 5
 
-    def test_save_load_round_trip_gives_identical_maps(self, readout_case: ReadoutCase,
-                                                       backend: Backend, trained: TrainedReadout,
-                                                       tmp_path: Any) -> None:
+    def test_save_load_round_trip_gives_identical_maps(
+        self, readout_case: ReadoutCase, backend: Backend, trained: TrainedReadout, tmp_path: Any
+    ) -> None:
         x = trained.held_out
         expected = backend.to_numpy(trained.readout.analyze(x))
         state = trained.readout.state_dict()
@@ -476,12 +482,14 @@ class ReadoutTests:
         with pytest.raises(RuntimeError, match="not trained"):
             readout.analyze(x)
 
-    def test_wrong_shape_weights_are_refused(self, readout_case: ReadoutCase,
-                                             trained: TrainedReadout) -> None:
+    def test_wrong_shape_weights_are_refused(
+        self, readout_case: ReadoutCase, trained: TrainedReadout
+    ) -> None:
         state = trained.readout.state_dict()
         model = trained.model
-        fewer = ReadoutBottleneck(get_backend(readout_case.backend), model, BOTTLENECK_LAYER,
-                                  ["relu2", "logits"])
+        fewer = ReadoutBottleneck(
+            get_backend(readout_case.backend), model, BOTTLENECK_LAYER, ["relu2", "logits"]
+        )
         with pytest.raises(ValueError, match="3 readout layers"):
             fewer.load_state_dict(state)
         bad = dict(state)
@@ -491,8 +499,9 @@ class ReadoutTests:
             readout.load_state_dict(bad)
         # Readouts of other layers (relu3 and relu2 swapped): shapes checked against this
         # readout's own estimates.
-        swapped = ReadoutBottleneck(get_backend(readout_case.backend), model, BOTTLENECK_LAYER,
-                                    ["relu3", "relu2", "logits"])
+        swapped = ReadoutBottleneck(
+            get_backend(readout_case.backend), model, BOTTLENECK_LAYER, ["relu3", "relu2", "logits"]
+        )
         estimate(swapped, readout_case, n=32)
         with pytest.raises(ValueError, match="shape"):
             swapped.load_state_dict(state)
@@ -502,21 +511,27 @@ class ReadoutTests:
     def test_readout_layer_that_never_runs_is_refused(self, readout_case: ReadoutCase) -> None:
         model = readout_case.make_model(readout_reference_weights())
         other = readout_case.make_model(readout_reference_weights())
-        readout = ReadoutBottleneck(get_backend(readout_case.backend), model, BOTTLENECK_LAYER,
-                                    ["relu2", readout_case.layer_of(other, "relu3")])
+        readout = ReadoutBottleneck(
+            get_backend(readout_case.backend),
+            model,
+            BOTTLENECK_LAYER,
+            ["relu2", readout_case.layer_of(other, "relu3")],
+        )
         x = readout_case.to_inputs(blob_images(4, 0)[0])
         with pytest.raises(RuntimeError, match="never ran"):
             readout.estimate([x])
 
     def test_unknown_readout_layer_is_refused(self, readout_case: ReadoutCase) -> None:
         model = readout_case.make_model(readout_reference_weights())
-        readout = ReadoutBottleneck(get_backend(readout_case.backend), model, BOTTLENECK_LAYER,
-                                    ["relu2", "no_such_layer"])
+        readout = ReadoutBottleneck(
+            get_backend(readout_case.backend), model, BOTTLENECK_LAYER, ["relu2", "no_such_layer"]
+        )
         x = readout_case.to_inputs(blob_images(4, 0)[0])
         with pytest.raises(LookupError, match="no_such_layer"):
             readout.estimate([x])
         # The hooks put on before the failure are gone again: outputs are unchanged.
         backend = get_backend(readout_case.backend)
         fresh = readout_case.make_model(readout_reference_weights())
-        np.testing.assert_array_equal(backend.to_numpy(backend.call(model, x)),
-                                      backend.to_numpy(backend.call(fresh, x)))
+        np.testing.assert_array_equal(
+            backend.to_numpy(backend.call(model, x)), backend.to_numpy(backend.call(fresh, x))
+        )

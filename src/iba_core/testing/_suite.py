@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 import array_api_compat.numpy as np_xp
 import numpy as np
@@ -133,10 +133,18 @@ _FUNCTION_CHECKS: dict[str, Callable[[Any, Any, Any, Any], Any]] = {
     "zeros_like": lambda xp, a, b, p: xp.zeros_like(a),
 }
 
+
 # float32 has a 24-bit significand (eps 1.2e-7); a handful of rounding steps per value
 # stays well inside these.
-F32 = {"rtol": 2e-6, "atol": 1e-6}
-F64 = {"rtol": 1e-12, "atol": 1e-12}
+class Tolerance(TypedDict):
+    """Keyword arguments of ``np.testing.assert_allclose``."""
+
+    rtol: float
+    atol: float
+
+
+F32: Tolerance = {"rtol": 2e-6, "atol": 1e-6}
+F64: Tolerance = {"rtol": 1e-12, "atol": 1e-12}
 
 
 def _reference_namespace() -> Any:
@@ -182,7 +190,7 @@ class NamespaceTests(_Base):
         xp = backend.namespace()
         assert hasattr(xp, name), f"namespace lacks {name}"
         rng = np.random.default_rng(0)
-        arrs = [rng.standard_normal((2, 3, 4)).astype(np.float32) for _ in range(2)]
+        arrs: list[np.ndarray] = [rng.standard_normal((2, 3, 4)).astype(np.float32) for _ in range(2)]
         arrs.append(np.abs(arrs[0]) + 0.1)
         ref_xp = _reference_namespace()
         expected = _to_np(_FUNCTION_CHECKS[name](ref_xp, *[ref_xp.asarray(a) for a in arrs]))
@@ -199,8 +207,10 @@ class NamespaceTests(_Base):
         tiny = getattr(fi, "smallest_normal", None) or fi.tiny
         assert float(tiny) == float(np.finfo(np.float32).tiny)
 
-    @pytest.mark.parametrize("what", ["capacity", "restrict", "smooth_1d", "smooth_2d",
-                                      "saliency", "cross_entropy", "adam", "repeat"])
+    @pytest.mark.parametrize(
+        "what",
+        ["capacity", "restrict", "smooth_1d", "smooth_2d", "saliency", "cross_entropy", "adam", "repeat"],
+    )
     def test_core_math_matches_numpy(self, backend: Backend, what: str) -> None:
         rng = np.random.default_rng(1)
         feats = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
@@ -214,17 +224,19 @@ class NamespaceTests(_Base):
 
         def run(t: Callable[[np.ndarray], Any]) -> list[np.ndarray]:
             fns: dict[str, Callable[[], Any]] = {
-                "capacity": lambda: capacity(t(feats), t(alpha), t(mean), t(std),
-                                             active=t(active), sigma=1.0),
-                "restrict": lambda: restrict(t(feats), t(alpha), t(noise), t(mean), t(std),
-                                             active=t(active), sigma=1.0, relu=True)[0],
+                "capacity": lambda: capacity(
+                    t(feats), t(alpha), t(mean), t(std), active=t(active), sigma=1.0
+                ),
+                "restrict": lambda: restrict(
+                    t(feats), t(alpha), t(noise), t(mean), t(std), active=t(active), sigma=1.0, relu=True
+                )[0],
                 "smooth_1d": lambda: gaussian_smooth(t(feats[:, :, 0, :]), 1.5, 1),
                 "smooth_2d": lambda: gaussian_smooth(t(feats), 1.0, 2),
                 "saliency": lambda: saliency_map(t(np.abs(feats)), (13, 9)),
                 "cross_entropy": lambda: cross_entropy(t(logits), t(onehot)),
-                "adam": lambda: adam_update(t(alpha), t(feats),
-                                            adam_update(t(alpha), t(noise),
-                                                        adam_init(t(alpha)))[1])[0],
+                "adam": lambda: adam_update(
+                    t(alpha), t(feats), adam_update(t(alpha), t(noise), adam_init(t(alpha)))[1]
+                )[0],
                 "repeat": lambda: repeat_inputs(_namespace_of(t(feats)), t(feats), 3),
             }
             return fns[what]()
@@ -246,8 +258,9 @@ def _namespace_of(x: Any) -> Any:
 class GradientTests(_Base):
     """``value_and_grad`` of the capacity term matches finite differences."""
 
-    def test_capacity_gradient_matches_finite_differences(self, case: ConformanceCase,
-                                                           backend: Backend) -> None:
+    def test_capacity_gradient_matches_finite_differences(
+        self, case: ConformanceCase, backend: Backend
+    ) -> None:
         dtype = "float64" if case.float64 else "float32"
         rng = np.random.default_rng(2)
         feats = rng.standard_normal((1, 2, 4, 3))
@@ -278,13 +291,12 @@ class GradientTests(_Base):
             fd[idx] = (total_np(up) - total_np(down)) / (2 * h)
         # Central differences in float64 are accurate to ~1e-8; float32 autograd to ~1e-6
         # relative per term, summed over the few dozen terms of this map.
-        tol = {"rtol": 1e-6, "atol": 1e-7} if case.float64 else {"rtol": 1e-3, "atol": 1e-4}
+        tol: Tolerance = {"rtol": 1e-6, "atol": 1e-7} if case.float64 else {"rtol": 1e-3, "atol": 1e-4}
         np.testing.assert_allclose(value, total_np(alpha), **tol)
         np.testing.assert_allclose(grad, fd, **tol)
 
 
-def _record(backend: Backend, model: Any, layer: Any, x: Any, *,
-            on_input: bool = False) -> np.ndarray:
+def _record(backend: Backend, model: Any, layer: Any, x: Any, *, on_input: bool = False) -> np.ndarray:
     """The layer's output (or input) for ``x``, as the layer produces it."""
     seen: list[np.ndarray] = []
 
@@ -312,8 +324,9 @@ def _record_features(backend: Backend, model: Any, layer: Any, x: Any) -> np.nda
     return _channels_first(_record(backend, model, layer, x), _layout(backend, model, layer))
 
 
-def _estimated(case: ConformanceCase, backend: Backend, model: Any, layer: Any,
-               dtype: str = "float32", **kwargs: Any) -> Bottleneck:
+def _estimated(
+    case: ConformanceCase, backend: Backend, model: Any, layer: Any, dtype: str = "float32", **kwargs: Any
+) -> Bottleneck:
     bn = Bottleneck(**kwargs)
     bn.backend = backend
     batches = [case.make_inputs(16, dtype, 100 + i) for i in range(4)]
@@ -354,8 +367,7 @@ class HookTests(_Base):
     """A hook sees the layer's output as the layer produces it, its replacement is used,
     and taking it out leaves the model's outputs unchanged."""
 
-    def test_attach_and_remove_are_bit_identical(self, case: ConformanceCase,
-                                                 backend: Backend) -> None:
+    def test_attach_and_remove_are_bit_identical(self, case: ConformanceCase, backend: Backend) -> None:
         model, layer = case.make_model("float32")
         x = case.make_inputs(3, "float32", 0)
         before = backend.to_numpy(backend.call(model, x))
@@ -366,8 +378,9 @@ class HookTests(_Base):
         after = backend.to_numpy(backend.call(model, x))
         np.testing.assert_array_equal(after, before)
 
-    def test_hook_sees_the_layer_output_and_its_output_is_used(self, case: ConformanceCase,
-                                                               backend: Backend) -> None:
+    def test_hook_sees_the_layer_output_and_its_output_is_used(
+        self, case: ConformanceCase, backend: Backend
+    ) -> None:
         model, layer = case.make_model("float32")
         x = case.make_inputs(2, "float32", 0)
         other = case.make_inputs(2, "float32", 1)
@@ -395,8 +408,9 @@ class HookTests(_Base):
         # The same float32 numbers through the same layers: equal up to kernel choices.
         np.testing.assert_allclose(swapped, expected, **F32)
 
-    def test_hook_may_return_a_whole_multiple_of_the_rows(self, case: ConformanceCase,
-                                                          backend: Backend) -> None:
+    def test_hook_may_return_a_whole_multiple_of_the_rows(
+        self, case: ConformanceCase, backend: Backend
+    ) -> None:
         model, layer = case.make_model("float32")
         x = case.make_inputs(2, "float32", 2)
         before = backend.to_numpy(backend.call(model, x))
@@ -406,10 +420,11 @@ class HookTests(_Base):
         assert tripled.shape == (6, *before.shape[1:])
         for k in range(3):
             # Batches of 6 rows instead of 2 may take other float32 kernels (blocking).
-            np.testing.assert_allclose(tripled[2 * k:2 * k + 2], before, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(tripled[2 * k : 2 * k + 2], before, rtol=1e-5, atol=1e-5)
 
     def test_layer_layout_maps_the_layer_output_to_the_feature_shape(
-            self, case: ConformanceCase, backend: Backend) -> None:
+        self, case: ConformanceCase, backend: Backend
+    ) -> None:
         model, layer = case.make_model("float32")
         reported = backend.layer_layout(model, layer)
         assert reported in (*LAYOUTS, None)
@@ -418,18 +433,17 @@ class HookTests(_Base):
             shape = (shape[-1], *shape[:-1])
         assert shape == tuple(case.feature_shape), (
             f"the layer gives {case.output_shape} in layout {reported!r}, which is not the "
-            f"channels-first feature shape {case.feature_shape}")
+            f"channels-first feature shape {case.feature_shape}"
+        )
 
-    def test_unknown_layer_name_lists_layers(self, case: ConformanceCase,
-                                            backend: Backend) -> None:
+    def test_unknown_layer_name_lists_layers(self, case: ConformanceCase, backend: Backend) -> None:
         model, _ = case.make_model("float32")
         with pytest.raises(LookupError, match="no_such_layer") as info:
             backend.attach(model, "no_such_layer", lambda f: None)
         names = backend.layer_names(model)
         assert names and any(n in str(info.value) for n in names)
 
-    def test_restricted_flow_changes_outputs(self, case: ConformanceCase,
-                                             backend: Backend) -> None:
+    def test_restricted_flow_changes_outputs(self, case: ConformanceCase, backend: Backend) -> None:
         model, layer = case.make_model("float32")
         bn = _estimated(case, backend, model, layer)
         x = case.make_inputs(2, "float32", 0)
@@ -455,8 +469,16 @@ class PerSampleTests(_Base):
     """The per-sample optimisation through the backend."""
 
     @staticmethod
-    def explain(case: ConformanceCase, backend: Backend, model: Any, layer: Any,
-                bn: Bottleneck, x: Any, targets: list[int], **kwargs: Any) -> tuple[Any, Any]:
+    def explain(
+        case: ConformanceCase,
+        backend: Backend,
+        model: Any,
+        layer: Any,
+        bn: Bottleneck,
+        x: Any,
+        targets: list[int],
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
         n = len(targets)
 
         def loss(batch: Any) -> Any:
@@ -473,8 +495,7 @@ class PerSampleTests(_Base):
         model, layer = case.make_model("float32")
         bn = _estimated(case, backend, model, layer)
         x = case.make_inputs(2, "float32", 7)
-        cap, smap = self.explain(case, backend, model, layer, bn, x, [0, 1], seed=0,
-                                 optimization_steps=3)
+        cap, smap = self.explain(case, backend, model, layer, bn, x, [0, 1], seed=0, optimization_steps=3)
         assert backend.owns(smap)
         cap, smap = backend.to_numpy(cap), backend.to_numpy(smap)
         assert cap.shape == (2, *case.feature_shape)
@@ -483,21 +504,22 @@ class PerSampleTests(_Base):
         total_bits = cap.reshape(2, -1).sum(axis=1, dtype=np.float64) / math.log(2)
         assert np.all(total_bits > 0)
         # Two float32 sums of a few hundred positive terms: relative error well below 1e-5.
-        np.testing.assert_allclose(smap.reshape(2, -1).sum(axis=1, dtype=np.float64),
-                                   total_bits, rtol=1e-5)
+        np.testing.assert_allclose(smap.reshape(2, -1).sum(axis=1, dtype=np.float64), total_bits, rtol=1e-5)
 
     def test_same_seed_same_map(self, case: ConformanceCase, backend: Backend) -> None:
         model, layer = case.make_model("float32")
         bn = _estimated(case, backend, model, layer)
         x = case.make_inputs(1, "float32", 3)
-        maps = [backend.to_numpy(self.explain(case, backend, model, layer, bn, x, [2],
-                                              seed=s, optimization_steps=3)[1])
-                for s in (5, 5, 6)]
+        maps = [
+            backend.to_numpy(
+                self.explain(case, backend, model, layer, bn, x, [2], seed=s, optimization_steps=3)[1]
+            )
+            for s in (5, 5, 6)
+        ]
         np.testing.assert_array_equal(maps[0], maps[1])
         assert not np.array_equal(maps[0], maps[2])
 
-    def test_many_inputs_match_single_calls(self, case: ConformanceCase,
-                                            backend: Backend) -> None:
+    def test_many_inputs_match_single_calls(self, case: ConformanceCase, backend: Backend) -> None:
         if not case.float64:
             pytest.skip("needs float64: Adam amplifies float32 round-off of near-zero gradients")
         if not case.exact_gradients:
@@ -507,17 +529,16 @@ class PerSampleTests(_Base):
         x = case.make_inputs(3, "float64", 11)
         targets = [0, 1, 2]
         xp = backend.namespace()
-        together = backend.to_numpy(self.explain(case, backend, model, layer, bn, x, targets,
-                                                 seed=4)[0])
+        together = backend.to_numpy(self.explain(case, backend, model, layer, bn, x, targets, seed=4)[0])
         for i in range(3):
-            xi = xp.reshape(x[i:i + 1, ...], (1, *tuple(x.shape[1:])))
-            single = backend.to_numpy(self.explain(case, backend, model, layer, bn, xi,
-                                                   [targets[i]], seed=4 + i)[0])
+            xi = xp.reshape(x[i : i + 1, ...], (1, *tuple(x.shape[1:])))
+            single = backend.to_numpy(
+                self.explain(case, backend, model, layer, bn, xi, [targets[i]], seed=4 + i)[0]
+            )
             # float64 with lr=1 Adam steps: round-off of ~1e-15 grows to ~1e-9 at most.
             np.testing.assert_allclose(together[i], single[0], rtol=1e-7, atol=1e-9)
 
-    def test_passes_of_fewer_inputs_change_nothing(self, case: ConformanceCase,
-                                                   backend: Backend) -> None:
+    def test_passes_of_fewer_inputs_change_nothing(self, case: ConformanceCase, backend: Backend) -> None:
         if not (case.float64 and case.exact_gradients):
             pytest.skip("needs float64 and exact gradients (see test_many_inputs_match_single_calls)")
         model, layer = case.make_model("float64")
@@ -531,13 +552,17 @@ class PerSampleTests(_Base):
                 reps = int(logits.shape[0]) // (stop - start)
                 onehot = np.eye(case.n_classes)[np.repeat(targets[start:stop], reps)]
                 return cross_entropy(logits, backend.from_numpy(onehot, like=logits))
+
             return loss
 
         caps, alphas = [], []
         for per_pass in (3, 2, 1):
             with bottleneck_on(backend, model, layer, bn), backend.frozen(model):
-                caps.append(backend.to_numpy(bn.explain(loss_for, x, inputs_per_pass=per_pass,
-                                                        seed=7, optimization_steps=4)))
+                caps.append(
+                    backend.to_numpy(
+                        bn.explain(loss_for, x, inputs_per_pass=per_pass, seed=7, optimization_steps=4)
+                    )
+                )
             alphas.append(backend.to_numpy(bn.alpha))
         assert caps[0].shape == (3, *case.feature_shape) and alphas[2].shape == caps[0].shape
         for cap, alpha in zip(caps[1:], alphas[1:]):
@@ -545,20 +570,17 @@ class PerSampleTests(_Base):
             np.testing.assert_allclose(cap, caps[0], rtol=1e-7, atol=1e-9)
             np.testing.assert_allclose(alpha, alphas[0], rtol=1e-7, atol=1e-9)
 
-    def test_higher_beta_lets_less_information_through(self, case: ConformanceCase,
-                                                       backend: Backend) -> None:
+    def test_higher_beta_lets_less_information_through(self, case: ConformanceCase, backend: Backend) -> None:
         model, layer = case.make_model("float32")
         bn = _estimated(case, backend, model, layer)
         x = case.make_inputs(2, "float32", 9)
         totals = []
         for beta in (0.1, 100.0):
-            cap, _ = self.explain(case, backend, model, layer, bn, x, [0, 1], seed=1,
-                                  beta=beta)
+            cap, _ = self.explain(case, backend, model, layer, bn, x, [0, 1], seed=1, beta=beta)
             totals.append(backend.to_numpy(cap).reshape(2, -1).sum(axis=1))
         assert np.all(totals[1] < totals[0])
 
-    def test_compiled_step_gives_the_same_map(self, case: ConformanceCase,
-                                              backend: Backend) -> None:
+    def test_compiled_step_gives_the_same_map(self, case: ConformanceCase, backend: Backend) -> None:
         if not case.fast_compile:
             pytest.skip("the backend's compiler is too slow for a unit test")
         model, layer = case.make_model("float32")
@@ -567,15 +589,15 @@ class PerSampleTests(_Base):
         caps = []
         for compiled in (False, True):
             bn.compile = compiled
-            cap, _ = self.explain(case, backend, model, layer, bn, x, [0, 1], seed=2,
-                                  optimization_steps=4)
+            cap, _ = self.explain(case, backend, model, layer, bn, x, [0, 1], seed=2, optimization_steps=4)
             caps.append(backend.to_numpy(cap))
         # Same float32 arithmetic, fused or reordered by the compiler: round-off level
         # differences, amplified a little by four Adam steps.
         np.testing.assert_allclose(caps[1], caps[0], rtol=1e-3, atol=1e-5)
 
-    def test_copies_at_the_layer_match_copies_of_the_input(self, case: ConformanceCase,
-                                                           backend: Backend) -> None:
+    def test_copies_at_the_layer_match_copies_of_the_input(
+        self, case: ConformanceCase, backend: Backend
+    ) -> None:
         exact = case.float64 and case.exact_gradients
         dtype = "float64" if exact else "float32"
         model, layer = case.make_model(dtype)
@@ -583,8 +605,9 @@ class PerSampleTests(_Base):
         x = case.make_inputs(2, dtype, 13)
         caps = {}
         for copies in ("input", "layer"):
-            cap, _ = self.explain(case, backend, model, layer, bn, x, [1, 2], seed=3,
-                                  optimization_steps=4, copies=copies)
+            cap, _ = self.explain(
+                case, backend, model, layer, bn, x, [1, 2], seed=3, optimization_steps=4, copies=copies
+            )
             assert bn.copies_made_at == copies
             caps[copies] = backend.to_numpy(cap)
         # The same arithmetic except the layers before the bottleneck, which run on one
@@ -594,7 +617,8 @@ class PerSampleTests(_Base):
         np.testing.assert_allclose(caps["layer"], caps["input"], rtol=rtol, atol=atol)
 
     def test_copies_fall_back_to_the_input_when_the_model_refuses(
-            self, case: ConformanceCase, backend: Backend) -> None:
+        self, case: ConformanceCase, backend: Backend
+    ) -> None:
         model, layer = case.make_model("float32")
         bn = _estimated(case, backend, model, layer)
         x = case.make_inputs(2, "float32", 5)
@@ -612,8 +636,9 @@ class PerSampleTests(_Base):
         caps = {}
         with bottleneck_on(backend, model, layer, bn), backend.frozen(model):
             for where in ("layer", "input"):
-                caps[where] = backend.to_numpy(bn.optimize(
-                    loss, x, copies=where, batch_size=copies, seed=6, optimization_steps=3))
+                caps[where] = backend.to_numpy(
+                    bn.optimize(loss, x, copies=where, batch_size=copies, seed=6, optimization_steps=3)
+                )
                 assert bn.copies_made_at == "input"
             # A loss that fails either way reports its own error.
             with pytest.raises(ValueError, match="scalar"):
@@ -623,8 +648,7 @@ class PerSampleTests(_Base):
         # The fallback reuses the first step's noise: the same numbers exactly.
         np.testing.assert_array_equal(caps["layer"], caps["input"])
 
-    def test_closure_that_skips_the_layer_is_refused(self, case: ConformanceCase,
-                                                     backend: Backend) -> None:
+    def test_closure_that_skips_the_layer_is_refused(self, case: ConformanceCase, backend: Backend) -> None:
         model, layer = case.make_model("float32")
         bn = _estimated(case, backend, model, layer)
         x = case.make_inputs(1, "float32", 0)
@@ -644,7 +668,7 @@ class _Boom(Exception):
     """Raised by the suite inside :meth:`Backend.frozen`."""
 
 
-def _grad_tol(case: ConformanceCase, dtype: str) -> dict[str, float]:
+def _grad_tol(case: ConformanceCase, dtype: str) -> Tolerance:
     """Tolerance of ``value_and_grad`` on a few-term function with an exact gradient."""
     if case.exact_gradients:
         # Autograd: a few rounding steps per element.
@@ -659,8 +683,9 @@ class PromiseTests(_Base):
     the Backend API only: gradients, freezing, hooks and random draws."""
 
     # -- value_and_grad -------------------------------------------------------------------
-    def test_value_and_grad_passes_the_operands_through(self, case: ConformanceCase,
-                                                        backend: Backend) -> None:
+    def test_value_and_grad_passes_the_operands_through(
+        self, case: ConformanceCase, backend: Backend
+    ) -> None:
         dtype = case.dtype
         like = self.like(backend, dtype)
         xp = backend.namespace()
@@ -696,14 +721,17 @@ class PromiseTests(_Base):
     def _masked_loss(backend: Backend, model: Any, layer: Any) -> Callable[..., Any]:
         """``(mask, inputs, onehot) -> loss``: the layer's output times ``mask``, through
         the rest of the model, into the core's cross-entropy.  Reads only its arguments."""
+
         def loss(mask: Any, inputs: Any, onehot: Any) -> Any:
             with attached(backend, model, layer, lambda f: f * mask):
                 logits = backend.call(model, inputs)
             return cross_entropy(logits, onehot)
+
         return loss
 
     def test_value_and_grad_through_the_model_matches_finite_differences(
-            self, case: ConformanceCase, backend: Backend) -> None:
+        self, case: ConformanceCase, backend: Backend
+    ) -> None:
         dtype = case.dtype
         model, layer = case.make_model(dtype)
         x = case.make_inputs(2, dtype, 21)
@@ -717,8 +745,7 @@ class PromiseTests(_Base):
             return float(backend.to_numpy(loss(backend.from_numpy(v, like=like), x, onehot)))
 
         with backend.frozen(model):
-            value, grad = backend.value_and_grad(loss, backend.from_numpy(mask, like=like),
-                                                 x, onehot)
+            value, grad = backend.value_and_grad(loss, backend.from_numpy(mask, like=like), x, onehot)
             grad = backend.to_numpy(grad)
             assert grad.shape == mask.shape
             norm = float(np.linalg.norm(grad))
@@ -736,8 +763,7 @@ class PromiseTests(_Base):
                 fd = (f(mask + h * d) - f(mask - h * d)) / (2 * h)
                 np.testing.assert_allclose(float(np.sum(grad * d)), fd, rtol=1e-5, atol=atol)
 
-    def test_value_and_grad_writes_no_weight_gradients(self, case: ConformanceCase,
-                                                       backend: Backend) -> None:
+    def test_value_and_grad_writes_no_weight_gradients(self, case: ConformanceCase, backend: Backend) -> None:
         if case.weight_gradients is None:
             pytest.skip("the case declares no weight gradients (weight_gradients=None)")
         model, layer = case.make_model("float32")
@@ -751,8 +777,9 @@ class PromiseTests(_Base):
         loss = self._masked_loss(backend, model, layer)
         # Outside frozen on purpose: the weights are trainable here, which is where a
         # backend that differentiates the whole graph would write their gradients.
-        runs = [backend.value_and_grad(loss, backend.from_numpy(mask, like=like), x, onehot)
-                for _ in range(2)]
+        runs = [
+            backend.value_and_grad(loss, backend.from_numpy(mask, like=like), x, onehot) for _ in range(2)
+        ]
         after = case.weight_gradients(model)
         assert len(after) == len(before)
         for i, (b, a) in enumerate(zip(before, after)):
@@ -777,7 +804,8 @@ class PromiseTests(_Base):
         return model
 
     def test_frozen_restores_every_flag_also_after_an_exception(
-            self, case: ConformanceCase, backend: Backend) -> None:
+        self, case: ConformanceCase, backend: Backend
+    ) -> None:
         model = self._flagged_model(case)
         flags = case.model_flags
         assert flags is not None
@@ -797,8 +825,7 @@ class PromiseTests(_Base):
             assert flags(model) == inside[0]
         assert flags(model) == before
 
-    def test_frozen_model_is_in_inference_mode(self, case: ConformanceCase,
-                                               backend: Backend) -> None:
+    def test_frozen_model_is_in_inference_mode(self, case: ConformanceCase, backend: Backend) -> None:
         model = self._flagged_model(case)
         if case.is_frozen is None:
             pytest.skip("the case cannot tell a frozen model (is_frozen=None)")
@@ -813,7 +840,8 @@ class PromiseTests(_Base):
 
     # -- hooks ----------------------------------------------------------------------------
     def test_input_hook_sees_the_layer_input_and_its_output_is_used(
-            self, case: ConformanceCase, backend: Backend) -> None:
+        self, case: ConformanceCase, backend: Backend
+    ) -> None:
         if not case.on_input:
             pytest.skip("the case declares no input hooks (on_input=False)")
         model, layer = case.make_model("float32")
@@ -832,8 +860,10 @@ class PromiseTests(_Base):
             order.append("output")
 
         # The output hook attached first: the input hook runs first all the same.
-        with attached(backend, model, layer, on_output), \
-                attached(backend, model, layer, on_input, on_input=True):
+        with (
+            attached(backend, model, layer, on_output),
+            attached(backend, model, layer, on_input, on_input=True),
+        ):
             during = backend.to_numpy(backend.call(model, other))
         assert order == ["input", "output"]
         np.testing.assert_array_equal(during, expected)
@@ -841,15 +871,15 @@ class PromiseTests(_Base):
         # The input recorded for other inputs, put in while the model runs on x, gives the
         # other inputs' outputs: the hook saw the layer's input (not its output), and the
         # layer ran on the replacement.
-        with attached(backend, model, layer, lambda f: backend.from_numpy(seen[0], like=f),
-                      on_input=True):
+        with attached(backend, model, layer, lambda f: backend.from_numpy(seen[0], like=f), on_input=True):
             swapped = backend.to_numpy(backend.call(model, x))
         # The same float32 numbers through the same layers: equal up to kernel choices.
         np.testing.assert_allclose(swapped, expected, **F32)
         np.testing.assert_array_equal(backend.to_numpy(backend.call(model, other)), expected)
 
     def test_hooks_stack_in_attach_order_and_come_off_in_any_order(
-            self, case: ConformanceCase, backend: Backend) -> None:
+        self, case: ConformanceCase, backend: Backend
+    ) -> None:
         model, layer = case.make_model("float32")
         x = case.make_inputs(2, "float32", 28)
         before = backend.to_numpy(backend.call(model, x))
@@ -864,6 +894,7 @@ class PromiseTests(_Base):
                 ran.append(k)
                 seen[k] = backend.to_numpy(f)
                 return f + constants[k]
+
             return hook
 
         def run(order: list[int]) -> np.ndarray:
@@ -911,7 +942,8 @@ class PromiseTests(_Base):
             pytest.skip(f"backend {backend.name!r} has no seeded generator")
 
     def test_seeded_generators_reproduce_and_successive_draws_differ(
-            self, case: ConformanceCase, backend: Backend) -> None:
+        self, case: ConformanceCase, backend: Backend
+    ) -> None:
         like = self.like(backend, "float32")
         shape = (2, 3, 5)
 
@@ -932,7 +964,8 @@ class PromiseTests(_Base):
 
     @pytest.mark.parametrize("dtype", ["float32", "float64"])
     def test_draws_have_the_requested_shape_dtype_and_distribution(
-            self, case: ConformanceCase, backend: Backend, dtype: str) -> None:
+        self, case: ConformanceCase, backend: Backend, dtype: str
+    ) -> None:
         if dtype == "float64" and not case.float64:
             pytest.skip("the case declares no float64 (float64=False)")
         like = self.like(backend, dtype)
@@ -951,6 +984,7 @@ class PromiseTests(_Base):
             assert abs(np.mean(np.abs(s) < 1.0) - 0.6827) < 0.04
 
 
-class BackendConformanceTests(NamespaceTests, GradientTests, EstimationTests, HookTests,
-                              PromiseTests, PerSampleTests):
+class BackendConformanceTests(
+    NamespaceTests, GradientTests, EstimationTests, HookTests, PromiseTests, PerSampleTests
+):
     """Every conformance test; inherit it and provide the ``case`` fixture."""
