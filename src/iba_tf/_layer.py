@@ -18,7 +18,7 @@ from iba_core.engines import (
     refuse_multi_input,
     settings_of,
 )
-from iba_core.math import Estimator
+from iba_core.math import Estimator, inject_folded
 
 from ._backend import TFBackend, is_channels_last, to_channels_first, to_channels_last
 
@@ -186,8 +186,8 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
         )
         with tf.control_dependencies([check]):
             eps = flow.generator.normal(tf.shape(x), dtype=tf.float32)
-        z = lam * x + shift + scale * eps
-        z = tf.where(flow.relu, tf.maximum(z, 0.0), z)
+        z = inject_folded(x, lam, shift, scale, eps)  # the core's injection
+        z = tf.where(flow.relu, tf.maximum(z, 0.0), z)  # relu: a flag read at run time
         if channels_last:
             z = to_channels_last(z)
         return tf.ensure_shape(tf.cast(z, inputs.dtype), inputs.shape)

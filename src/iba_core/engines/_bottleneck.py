@@ -16,7 +16,7 @@ import numpy as np
 from ..contract._backend import Backend
 from ..math._adam import adam_init, adam_kernel, adam_scalars
 from ..math._capacity import capacity as capacity_fn
-from ..math._capacity import capacity_from_mask, restriction_mask
+from ..math._capacity import capacity_from_mask, inject_folded, restriction_mask
 from ..math._estimator import Estimator
 from ..math._linear_ops import smoothing_operands
 from ..math._xp import namespace
@@ -1067,11 +1067,7 @@ def _step_functions(backend: Backend, sigma: float | None, relu: bool, compiled:
         return grouped_mask(lam, one_minus, active, mean_a, std_a), xp.sum(per_input)
 
     def inject(grouped: Any, lam: Any, shift: Any, scale: Any, eps: Any) -> Any:
-        z = (lam * grouped + shift) + scale * eps
-        if relu:
-            xp = namespace(z)
-            z = xp.maximum(z, xp.zeros_like(z))
-        return z
+        return inject_folded(grouped, lam, shift, scale, eps, relu)
 
     fns = _StepFunctions(terms, mask, inject, adam_kernel())
     if compiled:

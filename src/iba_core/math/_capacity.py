@@ -160,6 +160,23 @@ def inject_noise(
     return z
 
 
+def inject_folded(
+    features: Any, lam_a: Any, mu_a: Any, sigma_a: Any, standard_noise: Any, relu: bool = False
+) -> Any:
+    """The noise injection every path runs: ``Z = lambda_a * R + mu_a + sigma_a * eps``.
+
+    With ``lambda_a = lambda * active``, ``mu_a = (1 - lambda) * mean * active`` and
+    ``sigma_a = (1 - lambda) * std * active`` (broadcast against ``features``), this equals
+    ``active * (lambda * R + (1 - lambda) * (mean + std * eps))`` of :func:`inject_noise`
+    in two full-size operations instead of six; ``relu`` clamps ``Z`` at zero.
+    """
+    z = (lam_a * features + mu_a) + sigma_a * standard_noise
+    if relu:
+        xp = namespace(z)
+        z = xp.maximum(z, xp.zeros_like(z))
+    return z
+
+
 def saliency_map(capacity_nats: Any, size: tuple[int, ...] | None = None) -> Any:
     """Turn per-element capacity into a map over the input, in bits per pixel.
 
