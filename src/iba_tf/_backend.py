@@ -175,9 +175,9 @@ def _active_patch(layer: keras.layers.Layer) -> _Patch | None:
 class TFBackend(TFCliMixin, Backend):
     """TensorFlow 2 with Keras 3: a small tf namespace, ``tf.GradientTape``, patched ``call``.
 
-    Feature maps of channels-last layers (the Keras default, ``(N, h, w, C)`` or
-    ``(N, T, C)``) are transposed to channels-first before a hook sees them and back
-    afterwards, so the core always works on ``(N, C, ...)``.
+    Hooks see a layer's features as the layer produces them (the Keras default is
+    channels-last, ``(N, h, w, C)`` or ``(N, T, C)``); :meth:`layer_layout` reports the
+    layer's ``data_format`` and the engines convert to channels-first ``(N, C, ...)``.
     """
 
     name = "tf"
