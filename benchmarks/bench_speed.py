@@ -6,6 +6,11 @@ For each backend (PyTorch, TensorFlow/Keras) and network, in a fresh worker proc
   against the *bare work* any per-sample bottleneck needs: the same number of forward
   passes on ``N * 10`` samples with a multiplicative mask on the feature map and a
   backward pass to that mask only.  ``x bare`` is IBA's overhead factor.
+* The *floor* of the same explanation, the work the method cannot avoid: the layers
+  before the bottleneck once per input; then, for each of the 10 steps, the
+  standard-normal noise for the ``N * 10`` noisy copies of the feature map, the layers
+  after the bottleneck on ``mask * features + noise``, the mean target cross-entropy and
+  a backward pass to the mask only.  ``analyze / floor`` is how far IBA is from it.
 * ``estimate`` throughput (images/s, statistics of the bottleneck layer) against a bare
   forward pass over the same images.
 * Readout ``analyze`` (untrained head; its speed does not depend on training) against
@@ -27,9 +32,9 @@ the same function; the run checks that the logits agree):
   on the 64x56x56 output of ``layer1``.
 
 Times are medians of ``--repeats`` runs after one warm-up run each (one run only when a
-pair's warm-ups took over 10 s).  Each measurement alternates with the one it is compared
-with (bare work with ``analyze``, bare forward with ``estimate``), so that load changes on
-a shared machine hit both alike; the header prints the load average.
+group's warm-ups took over 10 s).  Each measurement alternates with the ones it is compared
+with (bare work, floor and ``analyze``; bare forward and ``estimate``), so that load changes
+on a shared machine hit them alike; the header prints the load average.
 
 Run: ``python benchmarks/bench_speed.py [--quick | --full] [--backends torch,tf]
 [--configs small,resnet,resnet56] [--device cuda]``.
@@ -125,23 +130,40 @@ def make_weights(arch: str, classes: int, seed: int = 0) -> dict[str, tuple[np.n
 
 
 # -- timing ------------------------------------------------------------------------------
-def interleaved(runs: dict[str, Any], repeats: int, sync: Any = lambda: None) -> dict[str, float]:
-    """Median seconds of each run; runs are timed in pairs that alternate.
+def run_groups(n: int) -> list[tuple[str, ...]]:
+    """The runs of a worker that are timed together, each group in alternation."""
+    return [
+        ("forward", "estimate"),
+        ("bare 1", "floor 1", "analyze 1"),
+        (f"bare {n}", f"floor {n}", f"analyze {n}"),
+        ("readout 1", f"readout {n}"),
+    ]
 
-    Consecutive entries of ``runs`` form pairs (bare work, then what it is compared with),
-    and the two alternate repeat by repeat, so that a change of load on a shared machine
-    hits both alike.  One warm-up call each first; a pair whose warm-ups took over 10 s is
-    timed once more only.
+
+def interleaved(
+    runs: dict[str, Any],
+    repeats: int,
+    sync: Any = lambda: None,
+    groups: list[tuple[str, ...]] | None = None,
+) -> dict[str, float]:
+    """Median seconds of each run; the runs of a group are timed in alternation.
+
+    ``groups`` lists the keys timed together (by default consecutive pairs of ``runs``);
+    within a group the runs take turns repeat by repeat, so that a change of load on a
+    shared machine hits them alike.  One warm-up call each first; a group whose warm-ups
+    took over 10 s is timed once more only.
     """
     keys = list(runs)
+    if groups is None:
+        groups = list(zip(keys[0::2], keys[1::2]))
     out: dict[str, float] = {}
-    for a, b in zip(keys[0::2], keys[1::2]):
-        warm = median_time(runs[a], 1, sync) + median_time(runs[b], 1, sync)
-        ta, tb = [], []
+    for group in groups:
+        warm = sum(median_time(runs[k], 1, sync) for k in group)
+        times: dict[str, list[float]] = {k: [] for k in group}
         for _ in range(1 if warm > 10 else max(1, repeats)):
-            ta.append(median_time(runs[a], 1, sync))
-            tb.append(median_time(runs[b], 1, sync))
-        out[a], out[b] = statistics.median(ta), statistics.median(tb)
+            for k in group:
+                times[k].append(median_time(runs[k], 1, sync))
+        out.update({k: statistics.median(v) for k, v in times.items()})
     return out
 
 
@@ -197,6 +219,21 @@ def torch_model(cfg: dict[str, Any]) -> Any:
     ).eval()
 
 
+def torch_split(model: Any, layer: str) -> tuple[Any, Any]:
+    """The layers up to and including ``layer``, and the layers after it.
+
+    Both networks are ``nn.Sequential`` with the bottleneck layer among its children
+    (``relu3`` of the small net, ``layer2`` of the ResNet-style one), so the split is a
+    split of the children; ``tail(head(x))`` equals ``model(x)``.
+    """
+    from torch import nn
+
+    names = [name for name, _ in model.named_children()]
+    cut = names.index(layer) + 1
+    children = list(model.named_children())
+    return nn.Sequential(OrderedDict(children[:cut])), nn.Sequential(OrderedDict(children[cut:]))
+
+
 def torch_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -242,6 +279,31 @@ def torch_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
             for p, f in flags:
                 p.requires_grad_(f)
 
+    head, tail = torch_split(model, cfg["layer"])
+
+    def floor_work(x: torch.Tensor, targets: list[int], steps: int = 10, samples: int = 10) -> None:
+        """What the method cannot avoid: the layers before the bottleneck once, then per
+        step the noise, the layers after it on the noisy copies and a backward pass to the
+        mask."""
+        tb = torch.tensor(targets, device=device).repeat_interleave(samples)
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            with torch.no_grad():
+                feat = head(x).unsqueeze(1)  # (N, 1, C, H, W)
+            mask = torch.ones_like(feat, requires_grad=True)
+            for _ in range(steps):
+                noise = torch.randn((len(x), samples, *feat.shape[2:]), device=device)
+                z = (mask * feat + noise).flatten(0, 1)
+                loss = torch.nn.functional.cross_entropy(tail(z), tb)
+                (grad,) = torch.autograd.grad(loss, mask)
+                with torch.no_grad():
+                    mask -= 0.0 * grad
+        finally:
+            for p, f in flags:
+                p.requires_grad_(f)
+
     def forward_all() -> None:
         with torch.no_grad():
             for b in est_batches:
@@ -278,13 +340,15 @@ def torch_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
         "forward": forward_all,
         "estimate": lambda: iba.estimate(model, est_batches, n_samples=len(data)),
         "bare 1": lambda: bare_work(x1, t_n[:1]),
+        "floor 1": lambda: floor_work(x1, t_n[:1]),
         "analyze 1": lambda: iba.analyze(x1, target=t_n[:1], model=model),
         f"bare {n}": lambda: bare_work(x_n, t_n),
+        f"floor {n}": lambda: floor_work(x_n, t_n),
         f"analyze {n}": lambda: iba.analyze(x_n, target=t_n, model=model),
         "readout 1": lambda: readout.analyze(x1),
         f"readout {n}": lambda: readout.analyze(x_n),
     }
-    timings = {} if args.memory_only else interleaved(runs, args.repeats, sync)
+    timings = {} if args.memory_only else interleaved(runs, args.repeats, sync, run_groups(n))
     for key, fn in runs.items():
         measure(key, fn, args.repeats)
     results["n_est"] = len(data)
@@ -336,6 +400,7 @@ def keras_model(cfg: dict[str, Any]) -> Any:
 
 def tf_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
     import tensorflow as tf
 
     from iba_tf import IBACopy, IBAReadout
@@ -376,6 +441,36 @@ def tf_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         finally:
             del layer.call
 
+    # The network is functional, so the layers before and after the bottleneck are
+    # sub-models between its input, the layer's output and its output.  Both run as
+    # ``tf.function``s, as ``IBACopy``'s step does (the first call of each input size
+    # traces; the warm-up call of the timing takes it).
+    head = keras.Model(model.input, layer.output)
+    tail = keras.Model(layer.output, model.output)
+    samples = 10
+    head_fn = tf.function(lambda x: head(x, training=False), autograph=False)
+
+    def floor_step(feat: Any, mask: Any, onehot: Any) -> Any:
+        noise = tf.random.normal((feat.shape[0], samples, *feat.shape[2:]))
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(mask)
+            z = tf.reshape(mask * feat + noise, (-1, *feat.shape[2:]))
+            logits = tail(z, training=False)
+            loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(onehot, logits))
+        return mask - 0.0 * tape.gradient(loss, mask)
+
+    floor_step_fn = tf.function(floor_step, autograph=False)
+
+    def floor_work(x: Any, targets: list[int], steps: int = 10) -> None:
+        """What the method cannot avoid: the layers before the bottleneck once, then per
+        step the noise, the layers after it on the noisy copies and a backward pass to the
+        mask."""
+        onehot = tf.one_hot(np.repeat(targets, samples), cfg["classes"])
+        feat = head_fn(x)[:, None]  # (N, 1, H, W, C)
+        mask = tf.ones_like(feat)
+        for _ in range(steps):
+            mask = floor_step_fn(feat, mask, onehot)
+
     def forward_all() -> None:
         for i in range(0, len(data), 32):
             model(data[i : i + 32], training=False)
@@ -412,13 +507,15 @@ def tf_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "forward": forward_all,
         "estimate": lambda: iba.estimate(data, n_samples=len(data), batch_size=32),
         "bare 1": lambda: bare_work(x1, t_n[:1]),
+        "floor 1": lambda: floor_work(x1, t_n[:1]),
         "analyze 1": lambda: iba.analyze(x1, target=t_n[:1]),
         f"bare {n}": lambda: bare_work(x_n, t_n),
+        f"floor {n}": lambda: floor_work(x_n, t_n),
         f"analyze {n}": lambda: iba.analyze(x_n, target=t_n),
         "readout 1": lambda: readout.analyze(x1),
         f"readout {n}": lambda: readout.analyze(x_n),
     }
-    timings = interleaved(runs, args.repeats)
+    timings = interleaved(runs, args.repeats, groups=run_groups(n))
     for key, fn in runs.items():
         measure(key, fn, args.repeats)
     results["n_est"] = len(data)
@@ -494,36 +591,47 @@ def report(config: str, results: dict[str, dict[str, Any]], n: int, markdown: bo
     backends = list(results)
     rows: list[list[str]] = []
     csv_rows: list[dict[str, Any]] = []
+    # (label, key, reference, ratio only): a ratio-only row repeats a measurement against
+    # another reference and shows the ratio alone.
     measurements = [
-        ("bare forward+backward work, 1 image", "bare 1", None),
-        ("IBA analyze, 1 image", "analyze 1", "bare 1"),
-        (f"bare forward+backward work, {n} images", f"bare {n}", None),
-        (f"IBA analyze, {n} images (one call)", f"analyze {n}", f"bare {n}"),
-        ("Readout analyze, 1 image", "readout 1", "analyze 1"),
-        (f"Readout analyze, {n} images", f"readout {n}", f"analyze {n}"),
-        ("bare forward pass, estimate images", "forward", None),
-        ("IBA estimate, same images", "estimate", "forward"),
+        ("bare forward+backward work, 1 image", "bare 1", None, False),
+        ("floor, 1 image", "floor 1", "bare 1", False),
+        ("IBA analyze, 1 image", "analyze 1", "bare 1", False),
+        ("  IBA analyze / floor, 1 image", "analyze 1", "floor 1", True),
+        (f"bare forward+backward work, {n} images", f"bare {n}", None, False),
+        (f"floor, {n} images", f"floor {n}", f"bare {n}", False),
+        (f"IBA analyze, {n} images (one call)", f"analyze {n}", f"bare {n}", False),
+        (f"  IBA analyze / floor, {n} images", f"analyze {n}", f"floor {n}", True),
+        ("Readout analyze, 1 image", "readout 1", "analyze 1", False),
+        (f"Readout analyze, {n} images", f"readout {n}", f"analyze {n}", False),
+        ("bare forward pass, estimate images", "forward", None, False),
+        ("IBA estimate, same images", "estimate", "forward", False),
     ]
-    for label, key, ref in measurements:
+    for label, key, ref, ratio_only in measurements:
         cells = [label]
         for b in backends:
             r = results[b]
             v, base = r.get(key), r.get(ref) if ref else None
-            cells += [fmt_s(v), fmt_x(v, base) if ref else "", fmt_mib(r.get(key + " peak MiB"))]
+            peak = None if ratio_only else r.get(key + " peak MiB")
+            cells += [
+                "" if ratio_only else fmt_s(v),
+                fmt_x(v, base) if ref else "",
+                "" if ratio_only else fmt_mib(peak),
+            ]
             csv_rows.append(
                 {
                     "config": config,
                     "backend": b,
-                    "measurement": label,
+                    "measurement": label.strip(),
                     "seconds": v,
                     "reference": ref or "",
                     "ratio": (v / base) if v and base else "",
-                    "peak_mib": r.get(key + " peak MiB"),
+                    "peak_mib": "" if peak is None else peak,
                 }
             )
         if len(backends) == 2:
             a, c = results[backends[0]].get(key), results[backends[1]].get(key)
-            cells.append(fmt_x(c, a))
+            cells.append("" if ratio_only else fmt_x(c, a))
         rows.append(cells)
     # Throughput line (images per second).
     cells = ["estimate throughput (images/s)"]
@@ -552,10 +660,20 @@ def report(config: str, results: dict[str, dict[str, Any]], n: int, markdown: bo
         )
     )
     print(
-        "ratio: IBA / bare work, Readout / per-sample IBA, estimate / bare forward; "
+        "ratio: IBA / bare work, floor / bare work, IBA / floor (rows so named), "
+        "Readout / per-sample IBA, estimate / bare forward; "
         "peak MiB: extra resident (or GPU) memory of that measurement"
     )
     print(format_table(headers, rows, markdown=markdown))
+    summary = []
+    for b in backends:
+        r = results[b]
+        parts = [
+            f"{fmt_x(r.get(f'analyze {k}'), r.get(f'floor {k}'))} ({k} image{'s' if k != 1 else ''})"
+            for k in dict.fromkeys([1, n])
+        ]
+        summary.append(f"{BACKEND_NAMES[b]} " + ", ".join(parts))
+    print("IBA analyze / floor: " + "; ".join(summary))
     if len(backends) == 2:
         la, lb = (np.asarray(results[b]["logits"]) for b in backends)
         print(f"same function check: max |logit difference| between backends {np.max(np.abs(la - lb)):.2e}")
