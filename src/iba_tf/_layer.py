@@ -14,6 +14,7 @@ from iba_core.engines import (
     MULTI_INPUT,
     PerSampleBottleneck,
     PerSampleFront,
+    analysis_options,
     input_batches,
     refuse_multi_input,
     settings_of,
@@ -312,14 +313,7 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
         model = model if model is not None else self._engine.model
         with self._engine.using(model):
             return self._maps(
-                as_input(x, model),
-                target=target,
-                loss=model_loss_fn,
-                mode=mode,
-                seed=seed,
-                noise=noise,
-                inputs_per_pass=inputs_per_pass,
-                **overrides,
+                as_input(x, model), target=target, loss=model_loss_fn, **analysis_options(locals())
             )
 
 

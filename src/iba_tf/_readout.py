@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from iba_core.engines import READOUT_BETA, READOUT_LR, ReadoutFront, input_batches
+from iba_core.engines import READOUT_BETA, READOUT_LR, ReadoutFront, input_batches, settings_of
 from iba_core.math import Estimator
 
 from ._backend import all_layers, is_channels_last, resolve_layer
@@ -162,12 +162,7 @@ class IBAReadout(ReadoutFront):
             layers,
             [r.name for r in layers],
             seed=seed,
-            progbar=progbar,
-            sigma=sigma,
-            beta=beta,
-            min_std=min_std,
-            relu=relu,
-            active_neurons_threshold=active_neurons_threshold,
+            **settings_of(locals()),
         )
 
     # -- statistics and training -----------------------------------------------------

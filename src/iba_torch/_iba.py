@@ -13,6 +13,7 @@ import torch
 from iba_core.engines import (
     PerSampleBottleneck,
     PerSampleFront,
+    analysis_options,
     input_batches,
     refuse_multi_input,
     settings_of,
@@ -24,7 +25,9 @@ from ._backend import TorchBackend, model_device, resolve_layer
 _BACKEND = TorchBackend()
 
 
-class IBA(torch.nn.Module, PerSampleFront):
+# ``nn.Module.compile`` (a method) comes first in the MRO and shadows the ``compile`` setting;
+# the setting stays reachable through ``iba.config`` (``iba.config.replace(compile=True)``).
+class IBA(torch.nn.Module, PerSampleFront):  # type: ignore[misc]
     """Per-Sample Information Bottleneck for a PyTorch model.
 
     Two ways to place it:
@@ -175,20 +178,7 @@ class IBA(torch.nn.Module, PerSampleFront):
             raise TypeError(f"input_t must be a torch.Tensor, got {type(input_t).__name__}")
         with self._engine.using(model):
             return self._maps(
-                input_t.detach(),
-                target=target,
-                loss=model_loss_fn,
-                mode=mode,
-                seed=seed,
-                noise=noise,
-                inputs_per_pass=inputs_per_pass,
-                beta=beta,
-                optimization_steps=optimization_steps,
-                min_std=min_std,
-                lr=lr,
-                batch_size=batch_size,
-                progbar=progbar,
-                active_neurons_threshold=active_neurons_threshold,
+                input_t.detach(), target=target, loss=model_loss_fn, **analysis_options(locals())
             )
 
     @contextlib.contextmanager

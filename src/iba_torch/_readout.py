@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from iba_core.engines import READOUT_BETA, READOUT_LR, ReadoutFront, TrainHistory
+from iba_core.engines import READOUT_BETA, READOUT_LR, ReadoutFront, TrainHistory, settings_of
 from iba_core.math import Estimator
 
 from ._backend import TorchBackend, model_device, resolve_layer
@@ -88,12 +88,7 @@ class IBAReadout(ReadoutFront):
             [m for m, _ in resolved],
             [name for _, name in resolved],
             seed=seed,
-            progbar=progbar,
-            sigma=sigma,
-            beta=beta,
-            min_std=min_std,
-            relu=relu,
-            active_neurons_threshold=active_neurons_threshold,
+            **settings_of(locals()),
         )
         self._detached = False
 

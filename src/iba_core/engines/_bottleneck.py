@@ -20,7 +20,7 @@ from ..math._capacity import capacity_from_mask, inject_folded, restriction_mask
 from ..math._estimator import Estimator
 from ..math._linear_ops import smoothing_operands
 from ..math._xp import namespace
-from ._config import FIELDS, IBAConfig
+from ._config import FIELDS, IBAConfig, LiveSettings
 
 MIN_RECOMMENDED_SAMPLES = 1000
 
@@ -182,23 +182,22 @@ def _progress(enabled: bool, **kwargs: Any) -> Any:
     return tqdm(**kwargs)
 
 
-def setting_property(name: str) -> property:
-    """A live, validated view of one :class:`IBAConfig` field on an object with a
-    ``config`` attribute (the bottleneck, every front): assigning replaces the whole
-    configuration through :meth:`IBAConfig.replace`, so the constructor's checks apply."""
+def _given_statistic(name: str, what: str) -> property:
+    """A per-sample feature statistic given directly (channels-first, float64) or ``None``;
+    every assignment is checked and refreshes the cached statistics."""
 
-    def get(self: Any) -> Any:
-        return getattr(self.config, name)
+    def get(self: Bottleneck) -> np.ndarray | None:
+        return self.__dict__.get("_" + name)
 
-    def set_(self: Any, value: Any) -> None:
-        self.config = self.config.replace(**{name: value})
+    def set_(self: Bottleneck, value: Any) -> None:
+        self.__dict__["_" + name] = None if value is None else _float_array(value)
+        self._given_version += 1
+        self._check_given()
 
-    return property(
-        get, set_, doc=f"The ``{name}`` setting (see :class:`IBAConfig`); assignments are validated."
-    )
+    return property(get, set_, doc=f"Given per-sample feature {what} (channels-first, float64), or ``None``.")
 
 
-class Bottleneck:
+class Bottleneck(LiveSettings):
     """A Per-Sample Bottleneck's state at one layer: settings, statistics, hook, optimisation.
 
     The engine (:class:`~iba_core.PerSampleBottleneck`) puts :meth:`__call__` on the layer
@@ -253,39 +252,8 @@ class Bottleneck:
         self._stats_version: Any = None
         self._compiled_steps: dict[Any, Any] = {}
 
-    sigma = setting_property("sigma")
-    beta = setting_property("beta")
-    min_std = setting_property("min_std")
-    optimization_steps = setting_property("optimization_steps")
-    lr = setting_property("lr")
-    batch_size = setting_property("batch_size")
-    initial_alpha = setting_property("initial_alpha")
-    active_neurons_threshold = setting_property("active_neurons_threshold")
-    relu = setting_property("relu")
-    progbar = setting_property("progbar")
-    compile = setting_property("compile")
-
-    @property
-    def feature_mean(self) -> np.ndarray | None:
-        """Given per-sample feature mean (channels-first, float64), or ``None``."""
-        return self._feature_mean
-
-    @feature_mean.setter
-    def feature_mean(self, value: Any) -> None:
-        self._feature_mean = None if value is None else _float_array(value)
-        self._given_version += 1
-        self._check_given()
-
-    @property
-    def feature_std(self) -> np.ndarray | None:
-        """Given per-sample feature std (channels-first, float64), or ``None``."""
-        return self._feature_std
-
-    @feature_std.setter
-    def feature_std(self, value: Any) -> None:
-        self._feature_std = None if value is None else _float_array(value)
-        self._given_version += 1
-        self._check_given()
+    feature_mean = _given_statistic("feature_mean", "mean")
+    feature_std = _given_statistic("feature_std", "std")
 
     def _check_given(self) -> None:
         mean, std = getattr(self, "_feature_mean", None), getattr(self, "_feature_std", None)
@@ -1003,14 +971,17 @@ def estimate_loop(
 
 
 def _caller_level() -> int:
-    """The ``stacklevel`` of the first caller outside iba's packages (the user's line)."""
+    """The ``stacklevel`` of the first caller outside the core and the registered backends'
+    packages (the user's line)."""
+    from ..contract._registry import backend_specs
+
+    packages = {__name__.partition(".")[0]}
+    for spec in backend_specs().values():
+        loader = spec.loader if isinstance(spec.loader, str) else spec.loader.__module__
+        packages.add(loader.partition(".")[0].partition(":")[0])
     frame: FrameType | None = sys._getframe(1)
     level = 1
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
-        "iba_core",
-        "iba_torch",
-        "iba_tf",
-    ):
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in packages:
         frame, level = frame.f_back, level + 1
     return level
 

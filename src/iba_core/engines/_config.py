@@ -123,3 +123,40 @@ class IBAConfig:
 
 #: Names of the settings, in declaration order.
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(IBAConfig))
+
+
+def _setting_property(name: str) -> property:
+    def get(self: Any) -> Any:
+        return getattr(self.config, name)
+
+    def set_(self: Any, value: Any) -> None:
+        self.config = self.config.replace(**{name: value})
+
+    return property(
+        get, set_, doc=f"The ``{name}`` setting (see :class:`IBAConfig`); assignments are validated."
+    )
+
+
+class LiveSettings:
+    """Every :class:`IBAConfig` field as a live, validated attribute of an object with a
+    ``config`` attribute (the bottleneck, every front): assigning ``obj.beta = 1``
+    replaces the whole configuration through :meth:`IBAConfig.replace`, so the
+    constructor's checks apply."""
+
+    config: IBAConfig
+    # The fields' types, for type checkers; the properties are added below.
+    sigma: float | None
+    beta: float
+    min_std: float
+    optimization_steps: int
+    lr: float
+    batch_size: int
+    initial_alpha: float
+    active_neurons_threshold: float
+    relu: bool
+    progbar: bool
+    compile: bool | None
+
+
+for _name in FIELDS:
+    setattr(LiveSettings, _name, _setting_property(_name))

@@ -16,14 +16,28 @@ from typing import Any
 import numpy as np
 
 from ..math._estimator import Estimator
-from ._bottleneck import Bottleneck, setting_property
-from ._config import FIELDS, IBAConfig
+from ._bottleneck import Bottleneck
+from ._config import FIELDS, IBAConfig, LiveSettings
 from ._per_sample import PerSampleBottleneck
 
 
 def settings_of(arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """The :class:`IBAConfig` fields among a front constructor's ``locals()``."""
+    """The :class:`IBAConfig` fields among a front method's ``locals()``."""
     return {k: arguments[k] for k in FIELDS if k in arguments}
+
+
+#: What a front's ``analyze`` hands to :meth:`PerSampleBottleneck.analyze` besides the
+#: inputs, the target and the loss (see :func:`analysis_options`).
+ANALYSIS_OPTIONS = ("mode", "seed", "noise", "inputs_per_pass")
+
+
+def analysis_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The engine's ``analyze`` options and settings among a front's ``locals()``."""
+    return {
+        **{k: arguments[k] for k in ANALYSIS_OPTIONS if k in arguments},
+        **settings_of(arguments),
+        **arguments.get("overrides", {}),
+    }
 
 
 MULTI_INPUT = (
@@ -98,7 +112,7 @@ def input_batches(data: Any, batch_size: int = 32) -> Iterator[Any]:
         yield element
 
 
-class PerSampleFront:
+class PerSampleFront(LiveSettings):
     """The part of every per-sample front that is the same for every framework.
 
     A front sets ``self._engine`` (a :class:`PerSampleBottleneck`) and adds its own
@@ -106,18 +120,6 @@ class PerSampleFront:
     """
 
     _engine: PerSampleBottleneck
-
-    sigma = setting_property("sigma")
-    beta = setting_property("beta")
-    min_std = setting_property("min_std")
-    optimization_steps = setting_property("optimization_steps")
-    lr = setting_property("lr")
-    batch_size = setting_property("batch_size")
-    initial_alpha = setting_property("initial_alpha")
-    active_neurons_threshold = setting_property("active_neurons_threshold")
-    relu = setting_property("relu")
-    progbar = setting_property("progbar")
-    compile = setting_property("compile")
 
     @property
     def engine(self) -> PerSampleBottleneck:
