@@ -519,3 +519,34 @@ def test_torch_iba_module_inserted_twice_is_refused_by_restrict_flow() -> None:
     with pytest.raises(RuntimeError, match="more than once in one forward pass"), iba.restrict_flow():
         twice(x[:1])
     assert_torch_intact(twice, before)
+
+
+def test_nan_inputs_named_by_both_readout_fronts() -> None:
+    # The readout's one-pass analyze goes through the same input check as the per-sample
+    # fronts: the error comes before any pass (and before "not trained yet").
+    from iba_tf import IBAReadout as KerasReadout
+    from iba_torch import IBAReadout as TorchReadout
+
+    model = TorchNet()
+    x = torch_images(16)
+    readout = TorchReadout("conv1", ["conv2", "fc"], model)
+    with pytest.warns(iba_core.FewSamplesWarning):
+        readout.estimate(model, [x])
+    bad = x[:1].clone()
+    bad[0, 1, 2, 3] = float("inf")
+    before = torch_state(model)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        readout.analyze(bad)
+    assert_torch_intact(model, before)
+
+    kmodel, _ = keras_net()
+    kx = keras_images(16)
+    kreadout = KerasReadout("conv1", ["conv2", "fc"], kmodel)
+    with pytest.warns(iba_core.FewSamplesWarning):
+        kreadout.estimate(kx)
+    kbad = kx[:1].copy()
+    kbad[0, 0, 0, 0] = np.nan
+    kbefore = keras_state(kmodel, kx[:1])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        kreadout.analyze(kbad)
+    assert_keras_intact(kmodel, kx[:1], kbefore)
