@@ -1,0 +1,265 @@
+"""The JAX backend for Flax NNX models: ``jax.numpy``, keys, ``jax.value_and_grad``, ``jax.jit``.
+
+A *layer* is a named submodule of an ``nnx.Module`` (``"conv2"``, ``"blocks.0.act"``: the
+path of attributes and list indices), and hooks see what its ``__call__`` takes and
+returns.  Flax images and features are channels-last (``(N, H, W, C)``, ``(N, T, C)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from iba_core.apps.loading import first_line, model_from_factory
+from iba_core.contract import Backend, FeatureHook, Handle, InputSpec, UsageError, resolve_layer
+
+#: The flags ``Module.eval()`` sets: dropout off, batch norm on its running statistics.
+_INFERENCE_FLAGS = ("deterministic", "use_running_average")
+
+#: The hooks on each hooked layer (by ``id``), as ``[hook, on_input]`` entries in order.
+_HOOKS: dict[int, list[list[Any]]] = {}
+_HOOKED_CLASSES: dict[type, type] = {}
+
+
+def _hooked_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``__call__`` runs the hooks of its instance.
+
+    Python looks ``__call__`` up on the class, so a hooked layer gets this class, and its
+    own class back when the last hook comes off.  One subclass per layer class keeps
+    ``nnx.split``'s graph definition, hence ``jax.jit``'s cache, the same from call to call.
+    """
+    if cls not in _HOOKED_CLASSES:
+
+        def __call__(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+            hooks = list(_HOOKS.get(id(self), ()))
+            for hook in (h for h, on_input in hooks if on_input):
+                x = _apply(hook, x)
+            out = cls.__call__(self, x, *args, **kwargs)
+            for hook in (h for h, on_input in hooks if not on_input):
+                out = _apply(hook, out)
+            return out
+
+        hooked = type(cls)(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+        _HOOKED_CLASSES[cls] = hooked
+    return _HOOKED_CLASSES[cls]
+
+
+def _apply(hook: FeatureHook, x: Any) -> Any:
+    out = hook(x)
+    return x if out is None else out
+
+
+class _HookHandle:
+    def __init__(self, layer: Any, entry: list[Any]) -> None:
+        self._layer, self._entry = layer, entry
+
+    def remove(self) -> None:
+        hooks = _HOOKS.get(id(self._layer), [])
+        hooks[:] = [e for e in hooks if e is not self._entry]
+        if not hooks and _HOOKS.pop(id(self._layer), None) is not None:
+            object.__setattr__(self._layer, "__class__", type(self._layer).__bases__[0])
+
+
+def _modules(model: Any) -> dict[str, Any]:
+    """Every submodule of ``model`` by its dotted path (the root left out)."""
+    return {".".join(map(str, path)): m for path, m in nnx.iter_modules(model) if path}
+
+
+def _device(x: Any) -> Any:
+    """The device of a concrete array; ``None`` for tracers and other objects."""
+    concrete = isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+    return next(iter(x.devices())) if concrete else None
+
+
+class _Local(threading.local):
+    def __init__(self) -> None:
+        self.frozen: list[Any] = []  # the models inside frozen(), innermost last
+        self.copies: dict[int, Any] = {}  # while tracing: a model's copy holding traced weights
+
+
+class JaxBackend(Backend):
+    """JAX with Flax NNX models; every compiled function takes the weights as arguments."""
+
+    name = "jax"
+    modules = ("jax", "jaxlib", "flax")
+    channels_last = True
+    # Op-by-op JAX pays a dispatch per operation; a jitted step compiles in about a second.
+    compile_by_default = True
+
+    def __init__(self) -> None:
+        self._local = _Local()
+
+    # -- arrays ----------------------------------------------------------------------
+    def namespace(self) -> Any:
+        return jnp
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    def from_numpy(self, a: np.ndarray, like: Any = None) -> Any:
+        a = np.asarray(a)
+        dtype = like.dtype if like is not None and a.dtype.kind == "f" else None
+        return jax.device_put(jnp.asarray(a, dtype=dtype), _device(like))
+
+    # -- random draws: functional keys -------------------------------------------------
+    def make_generator(self, seed: int, like: Any) -> Any:
+        return jax.device_put(jax.random.key(np.uint32(seed)), _device(like))
+
+    def draw(self, shape: tuple[int, ...], like: Any, generator: Any = None) -> tuple[Any, Any]:
+        """Draws with a split of the key ``generator`` (a fresh random key when ``None``),
+        and the key for the next draw (``None`` stays ``None``)."""
+        key = generator
+        if key is None:
+            key = self.make_generator(int(np.random.SeedSequence().generate_state(1)[0]), like)
+        # Threefry's partitionable form compiles its counters as constants of the draw's
+        # shape (seconds on a CPU for a feature map); the classic form compiles in a tenth.
+        with jax.threefry_partitionable(False):
+            key, sub = jax.random.split(key)
+            sample = jax.random.normal(sub, tuple(int(s) for s in shape), dtype=like.dtype)
+        return sample, (key if generator is not None else None)
+
+    def standard_normal(self, shape: tuple[int, ...], like: Any, generator: Any = None) -> Any:
+        return self.draw(shape, like, generator)[0]
+
+    # -- gradients and compilation --------------------------------------------------------
+    def value_and_grad(self, fn: Callable[..., Any], param: Any, *operands: Any) -> tuple[float, Any]:
+        def checked(p: Any) -> Any:
+            out = fn(p, *operands)
+            if not isinstance(out, jax.core.Tracer):  # computed without p
+                raise ValueError(
+                    f"the loss ({type(out).__name__}) has no gradient path to the mask; "
+                    "compute it from the model's output on the batch it is given"
+                )
+            return out
+
+        value, grad = jax.value_and_grad(checked)(param)
+        return float(value), grad
+
+    def compile_step(self, fn: Callable[..., Any], update: Callable[..., Any]) -> Callable[..., Any] | None:
+        def step(param: Any, state: tuple[Any, ...], operands: tuple[Any, ...]) -> Any:
+            value, grad = jax.value_and_grad(fn)(param, *operands)
+            new_param, *new_state = update(param, grad, *state)
+            return value, new_param, tuple(new_state)
+
+        return self.compile(step)
+
+    def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``jax.jit(fn)``, with the weights of the models in :meth:`frozen` as arguments.
+
+        Arrays a jitted function reads from its closure become constants of the compiled
+        program: kept forever (a later weight update would be ignored) and copied into it.
+        So each call splits the frozen models into graph definition (static: a new one
+        compiles anew) and weights, and the traced function runs :meth:`call` on copies
+        merged from the traced weights; hooks on the originals' layers serve the copies.
+        """
+        local = self._local
+
+        def traced(graphs: tuple[Any, ...], weights: list[Any], args: tuple[Any, ...]) -> Any:
+            copies, aliases = {}, []
+            for model, graph, state in zip(dict.fromkeys(local.frozen), graphs, weights, strict=True):
+                copies[id(model)] = copy = nnx.merge(graph, state)
+                for (_, a), (_, b) in zip(nnx.iter_modules(model), nnx.iter_modules(copy), strict=True):
+                    if id(a) in _HOOKS:
+                        _HOOKS[id(b)] = _HOOKS[id(a)]
+                        aliases.append(id(b))
+            saved, local.copies = local.copies, copies
+            try:
+                return fn(*args)
+            finally:
+                local.copies = saved
+                for key in aliases:
+                    del _HOOKS[key]
+
+        jitted = jax.jit(traced, static_argnums=0)
+
+        def call(*args: Any) -> Any:
+            models = list(dict.fromkeys(local.frozen))  # traced() sees the same list
+            graphs, weights = zip(*map(nnx.split, models), strict=True) if models else ((), ())
+            return jitted(tuple(graphs), list(weights), args)
+
+        return call
+
+    # -- models ------------------------------------------------------------------------
+    def attach(self, model: Any, layer: Any, hook: FeatureHook, *, on_input: bool = False) -> Handle:
+        target = resolve_layer(model, layer, nnx.Module, _modules, where="the model")
+        hooks = _HOOKS.setdefault(id(target), [])
+        if not hooks:  # object.__setattr__: NNX refuses changes inside a JAX trace, and
+            # the suite attaches hooks inside jax.value_and_grad; remove() undoes it.
+            object.__setattr__(target, "__class__", _hooked_class(type(target)))
+        entry = [hook, bool(on_input)]
+        hooks.append(entry)
+        return _HookHandle(target, entry)
+
+    def call(self, model: Any, x: Any) -> Any:
+        copy = self._local.copies.get(id(model))
+        if copy is not None:
+            return copy(x)
+        with self.frozen(model):
+            return model(x)
+
+    @contextlib.contextmanager
+    def frozen(self, model: Any) -> Iterator[Any]:
+        """Every submodule's ``deterministic`` and ``use_running_average`` set (as
+        ``Module.eval()`` does) and restored on exit.  JAX computes no weight gradients
+        unless asked, and :meth:`value_and_grad` asks for the parameter's only."""
+        if model is None:
+            yield model
+            return
+        saved = [
+            (m, flag, getattr(m, flag))
+            for _, m in nnx.iter_modules(model)
+            for flag in _INFERENCE_FLAGS
+            if hasattr(m, flag)
+        ]
+        for m, flag, _ in saved:
+            object.__setattr__(m, flag, True)  # also inside a trace (see attach)
+        self._local.frozen.append(model)
+        try:
+            yield model
+        finally:
+            self._local.frozen.pop()
+            for m, flag, value in saved:
+                object.__setattr__(m, flag, value)
+
+    def layer_names(self, model: Any) -> list[str]:
+        return list(_modules(model))
+
+    def layer_layout(self, model: Any, layer: Any) -> str | None:
+        """The layer's ``data_format`` attribute if it declares one (a module that puts
+        channels first), else ``"channels_last"``: Flax's convolutions, pooling, embeddings
+        and attention all give ``(N, ..., C)``."""
+        target = resolve_layer(model, layer, nnx.Module, _modules)
+        return getattr(target, "data_format", "channels_last")
+
+    # -- the iba command (which asks _plugin.claims_model for --backend auto) ----------------
+    def load_model(self, spec: str, weights: str | None = None, device: str | None = None) -> Any:
+        if weights is not None:
+            raise UsageError("the jax backend reads no --weights file: load the weights in the factory")
+        model = model_from_factory(spec, nnx.Module, "flax.nnx.Module")
+        if device is not None:
+            try:
+                nnx.update(model, jax.device_put(nnx.state(model), jax.devices(device)[0]))
+            except RuntimeError as exc:
+                raise UsageError(f"--device {device!r} is not usable: {first_line(exc)}") from None
+        return model
+
+    def layer_kind(self, model: Any, layer: str) -> str | None:
+        module = _modules(model).get(layer)
+        return type(module).__name__ if module is not None else None
+
+    def describe_input(self, model: Any) -> InputSpec:
+        """Channels-last images; the channels of a convolution taking 1 or 3 (NNX lists
+        submodules by name, not in call order, so the first one is not known)."""
+        in_channels = [m.in_features for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv)]
+        return InputSpec(channels=next((c for c in in_channels if c in (1, 3)), None), channels_last=True)
+
+    def to_device(self, x: Any, model: Any) -> Any:
+        weights = jax.tree.leaves(nnx.state(model))
+        return jax.device_put(x, _device(weights[0])) if weights else x
