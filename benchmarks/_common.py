@@ -83,7 +83,9 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], markdown
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
-        parts = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        parts = [
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
         return ("| " + " | ".join(parts) + " |") if markdown else "  ".join(parts)
 
     out = [line(headers)]

@@ -380,6 +380,40 @@ def main() -> None:
     info = print_header("quality: attribution metrics on cluttered digits")
     log = print
     log(f"model: {source}; bottleneck at {LAYER}; {settings}")
+    methods = build_methods(model, settings, args, log)
+
+    rows: list[dict[str, Any]] = []
+    for seed in range(settings.seeds):
+        data = cluttered_digits(settings.images, split="test", seed=1000 + seed)
+        acc = float((predict(model, data.images) == data.labels).mean())
+        log(f"seed {seed}: {settings.images} test images, model accuracy {acc:.3f}")
+        for name, (explain, sanity) in methods.items():
+            t0 = time.perf_counter()
+            row = evaluate(model, name, explain, data, seed, settings, sanity)
+            rows.append({"method": name, "seed": seed, **row})
+            log(f"  {name:<22} done in {time.perf_counter() - t0:5.1f} s")
+
+    table, summary = summarise(methods, rows)
+    headers = ["method"] + [f"{m} {BETTER[m]}" for m in METRICS]
+    print()
+    print(
+        f"{settings.seeds} seeds x {settings.images} images; mean ± sd over seeds; "
+        "+ higher is better, - lower is better"
+    )
+    print(format_table(headers, table, markdown=args.markdown))
+    per_seed = write_csv(args.csv_dir / "quality_per_seed.csv", rows)
+    summ = write_csv(
+        args.csv_dir / "quality_summary.csv",
+        [{**s, "date": info["date"], "command": info["command"]} for s in summary],
+    )
+    print(f"\nCSV: {per_seed}, {summ}")
+
+
+def build_methods(
+    model: nn.Module, settings: Settings, args: argparse.Namespace, log: Callable[[str], None]
+) -> dict[str, tuple[Explain, bool]]:
+    """The methods to compare, by name, each with whether its sanity check runs
+    (``--methods`` and ``--no-readout`` applied)."""
     estimate_data = cluttered_digits(settings.estimate_samples, split="train", seed=0).images
 
     per_sample = PerSampleIBA(estimate_data)
@@ -396,18 +430,13 @@ def main() -> None:
     if args.methods:
         wanted = [w.strip().lower() for w in args.methods.split(",")]
         methods = {k: v for k, v in methods.items() if any(k.lower().startswith(w) for w in wanted)}
+    return methods
 
-    rows: list[dict[str, Any]] = []
-    for seed in range(settings.seeds):
-        data = cluttered_digits(settings.images, split="test", seed=1000 + seed)
-        acc = float((predict(model, data.images) == data.labels).mean())
-        log(f"seed {seed}: {settings.images} test images, model accuracy {acc:.3f}")
-        for name, (explain, sanity) in methods.items():
-            t0 = time.perf_counter()
-            row = evaluate(model, name, explain, data, seed, settings, sanity)
-            rows.append({"method": name, "seed": seed, **row})
-            log(f"  {name:<22} done in {time.perf_counter() - t0:5.1f} s")
 
+def summarise(
+    methods: dict[str, tuple[Explain, bool]], rows: list[dict[str, Any]]
+) -> tuple[list[list[str]], list[dict[str, Any]]]:
+    """Per method: the table's cells (mean ± sd over seeds) and a summary row for the CSV."""
     table = []
     summary = []
     for name in methods:
@@ -422,19 +451,7 @@ def main() -> None:
             srow[f"{m} sd"] = float(np.std(finite, ddof=1)) if len(finite) > 1 else float("nan")
         table.append(cells)
         summary.append(srow)
-    headers = ["method"] + [f"{m} {BETTER[m]}" for m in METRICS]
-    print()
-    print(
-        f"{settings.seeds} seeds x {settings.images} images; mean ± sd over seeds; "
-        "+ higher is better, - lower is better"
-    )
-    print(format_table(headers, table, markdown=args.markdown))
-    per_seed = write_csv(args.csv_dir / "quality_per_seed.csv", rows)
-    summ = write_csv(
-        args.csv_dir / "quality_summary.csv",
-        [{**s, "date": info["date"], "command": info["command"]} for s in summary],
-    )
-    print(f"\nCSV: {per_seed}, {summ}")
+    return table, summary
 
 
 def predict(model: nn.Module, x: np.ndarray) -> np.ndarray:

@@ -247,7 +247,8 @@ def main() -> None:
     table = [headers, *rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
     for k, r in enumerate(table):
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        print("  ".join(cells))
         if k == 0:
             print("  ".join("-" * w for w in widths))
     print(

@@ -52,7 +52,7 @@ def chunks(images: np.ndarray, size: int) -> list[torch.Tensor]:
 
 
 def correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.array([np.corrcoef(u.ravel(), v.ravel())[0, 1] for u, v in zip(a, b)])
+    return np.array([np.corrcoef(u.ravel(), v.ravel())[0, 1] for u, v in zip(a, b, strict=True)])
 
 
 def run(
@@ -141,9 +141,9 @@ def main() -> None:
         f"\nreadout maps vs Per-Sample IBA maps on {len(x_test)} test images "
         f"({TRAIN_IMAGES} training images, {EPOCHS} epochs, batches of {BATCH})"
     )
-    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)))
     for r in rows:
-        print("  ".join(r[k].ljust(w) for k, w in zip(keys, widths)))
+        print("  ".join(r[k].ljust(w) for k, w in zip(keys, widths, strict=True)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Speed of every available backend on the same network, sizes and weights, in one run.
 
-For each backend (PyTorch, TensorFlow/Keras) and network, in a fresh worker process:
+For each backend (PyTorch, TensorFlow/Keras, and JAX/Flax NNX when the ``iba-jax`` plugin
+is installed; small network only) and network, in a fresh worker process:
 
 * ``analyze`` of 1 and of 16 images (reference defaults: 10 steps, 10 noise samples)
   against the *bare work* any per-sample bottleneck needs: the same number of forward
@@ -11,6 +12,11 @@ For each backend (PyTorch, TensorFlow/Keras) and network, in a fresh worker proc
   standard-normal noise for the ``N * 10`` noisy copies of the feature map, the layers
   after the bottleneck on ``mask * features + noise``, the mean target cross-entropy and
   a backward pass to the mask only.  ``analyze / floor`` is how far IBA is from it.
+* PyTorch's closure form (the reference library's ``analyze(x, loss_of_batch)``: the
+  model runs on the noisy copies of the input) against the bare work; the first
+  ``analyze`` call of the process (tracing and compiling included) against a later one;
+  one call on ``N`` images against ``N`` calls on one image each (``N`` times the
+  one-image time).
 * ``estimate`` throughput (images/s, statistics of the bottleneck layer) against a bare
   forward pass over the same images.
 * Readout ``analyze`` (untrained head; its speed does not depend on training) against
@@ -28,21 +34,24 @@ the same function; the run checks that the logits agree):
 * ``small`` (default): 3x64x64 -> four 3x3 convolutions -> 10 logits, bottleneck on the
   128x16x16 output of ``relu3`` (the network of ``bench_torch.py``/``bench_tf.py``);
 * ``resnet`` (``--full``): a ResNet-18-style network without batch norm on 3x224x224,
-  bottleneck on the 128x28x28 output of ``layer2``; ``resnet56`` (on request) puts it
-  on the 64x56x56 output of ``layer1``.
+  bottleneck on the 128x28x28 output of ``layer2``; ``resnet3`` (``--full``) puts it on
+  the 256x14x14 output of ``layer3``, ``resnet56`` (on request) on the 64x56x56 output
+  of ``layer1``.
 
 Times are medians of ``--repeats`` runs after one warm-up run each (one run only when a
 group's warm-ups took over 10 s).  Each measurement alternates with the ones it is compared
 with (bare work, floor and ``analyze``; bare forward and ``estimate``), so that load changes
 on a shared machine hit them alike; the header prints the load average.
 
-Run: ``python benchmarks/bench_speed.py [--quick | --full] [--backends torch,tf]
+Run: ``python benchmarks/bench_speed.py [--quick | --full] [--backends torch,tf,jax]
 [--configs small,resnet,resnet56] [--device cuda]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import statistics
@@ -51,6 +60,7 @@ import sys
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +87,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "classes": 1000,
         "feature": (128, 28, 28),
         "readout": ["layer2", "layer3", "layer4", "fc"],
+        "n_est": 64,
+    },
+    "resnet3": {
+        "arch": "resnet18",
+        "input": (3, 224, 224),
+        "layer": "layer3",
+        "classes": 1000,
+        "feature": (256, 14, 14),
+        "readout": ["layer3", "layer4", "fc"],
         "n_est": 64,
     },
     "resnet56": {
@@ -134,7 +153,7 @@ def run_groups(n: int) -> list[tuple[str, ...]]:
     """The runs of a worker that are timed together, each group in alternation."""
     return [
         ("forward", "estimate"),
-        ("bare 1", "floor 1", "analyze 1"),
+        ("bare 1", "floor 1", "analyze 1", "closure 1"),
         (f"bare {n}", f"floor {n}", f"analyze {n}"),
         ("readout 1", f"readout {n}"),
     ]
@@ -155,9 +174,10 @@ def interleaved(
     """
     keys = list(runs)
     if groups is None:
-        groups = list(zip(keys[0::2], keys[1::2]))
+        groups = list(zip(keys[0::2], keys[1::2], strict=True))
     out: dict[str, float] = {}
     for group in groups:
+        group = tuple(k for k in group if k in runs)  # e.g. the closure form: PyTorch only
         warm = sum(median_time(runs[k], 1, sync) for k in group)
         times: dict[str, list[float]] = {k: [] for k in group}
         for _ in range(1 if warm > 10 else max(1, repeats)):
@@ -255,54 +275,9 @@ def torch_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     x_n = torch.from_numpy(data[:n]).to(device)
     t_n = [i % cfg["classes"] for i in range(n)]
 
-    def bare_work(x: torch.Tensor, targets: list[int], steps: int = 10, samples: int = 10) -> None:
-        """What a per-sample bottleneck cannot avoid: masked forward, backward to the mask."""
-        xb = x.repeat_interleave(samples, dim=0)
-        tb = torch.tensor(targets, device=device).repeat_interleave(samples)
-        mask = torch.ones((len(x), 1, *cfg["feature"]), device=device, requires_grad=True)
-
-        def hook(_m: Any, _i: Any, out: torch.Tensor) -> torch.Tensor:
-            return (out.reshape(len(x), samples, *out.shape[1:]) * mask).reshape(out.shape)
-
-        handle = layer.register_forward_hook(hook)
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
-        try:
-            for _ in range(steps):
-                loss = torch.nn.functional.cross_entropy(model(xb), tb)
-                (grad,) = torch.autograd.grad(loss, mask)
-                with torch.no_grad():
-                    mask -= 0.0 * grad
-        finally:
-            handle.remove()
-            for p, f in flags:
-                p.requires_grad_(f)
-
+    bare_work = functools.partial(torch_bare_work, model, layer, cfg["feature"], device)
     head, tail = torch_split(model, cfg["layer"])
-
-    def floor_work(x: torch.Tensor, targets: list[int], steps: int = 10, samples: int = 10) -> None:
-        """What the method cannot avoid: the layers before the bottleneck once, then per
-        step the noise, the layers after it on the noisy copies and a backward pass to the
-        mask."""
-        tb = torch.tensor(targets, device=device).repeat_interleave(samples)
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
-        try:
-            with torch.no_grad():
-                feat = head(x).unsqueeze(1)  # (N, 1, C, H, W)
-            mask = torch.ones_like(feat, requires_grad=True)
-            for _ in range(steps):
-                noise = torch.randn((len(x), samples, *feat.shape[2:]), device=device)
-                z = (mask * feat + noise).flatten(0, 1)
-                loss = torch.nn.functional.cross_entropy(tail(z), tb)
-                (grad,) = torch.autograd.grad(loss, mask)
-                with torch.no_grad():
-                    mask -= 0.0 * grad
-        finally:
-            for p, f in flags:
-                p.requires_grad_(f)
+    floor_work = functools.partial(torch_floor_work, model, head, tail, device)
 
     def forward_all() -> None:
         with torch.no_grad():
@@ -321,27 +296,24 @@ def torch_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     with torch.no_grad():
         results["logits"] = model(torch.from_numpy(data[:1]).to(device)).cpu().numpy().ravel()[:10].tolist()
 
-    def measure(key: str, fn: Any, repeats: int) -> None:
-        if not args.memory_only:
-            results[key] = timings[key]
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            fn()
-            sync()
-            results[key + " peak MiB"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        else:
-            with PeakRSS() as peak:
-                fn()
-            results[key + " peak MiB"] = peak.value
+    def closure(targets: list[int], samples: int = 10) -> Any:
+        """The reference library's loss form: the model on each input's noisy copies."""
+        tb = torch.tensor(targets, device=device).repeat_interleave(samples)
+        return lambda batch: torch.nn.functional.cross_entropy(model(batch), tb)
 
     x1 = x_n[:1]
+    if not args.memory_only:  # the first call of the process: any tracing or compiling
+        t0 = time.perf_counter()
+        iba.analyze(x1, target=t_n[:1], model=model)
+        sync()
+        results["first analyze 1"] = time.perf_counter() - t0
     runs = {
         "forward": forward_all,
         "estimate": lambda: iba.estimate(model, est_batches, n_samples=len(data)),
         "bare 1": lambda: bare_work(x1, t_n[:1]),
         "floor 1": lambda: floor_work(x1, t_n[:1]),
         "analyze 1": lambda: iba.analyze(x1, target=t_n[:1], model=model),
+        "closure 1": lambda: iba.analyze(x1, closure(t_n[:1])),
         f"bare {n}": lambda: bare_work(x_n, t_n),
         f"floor {n}": lambda: floor_work(x_n, t_n),
         f"analyze {n}": lambda: iba.analyze(x_n, target=t_n, model=model),
@@ -350,9 +322,101 @@ def torch_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     }
     timings = {} if args.memory_only else interleaved(runs, args.repeats, sync, run_groups(n))
     for key, fn in runs.items():
-        measure(key, fn, args.repeats)
+        if not args.memory_only:
+            results[key] = timings[key]
+        results[key + " peak MiB"] = torch_peak_mib(fn, device, sync)
     results["n_est"] = len(data)
     return results
+
+
+@contextlib.contextmanager
+def torch_frozen(model: Any) -> Iterator[None]:
+    """The model's parameters without gradients inside; their flags restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def torch_bare_work(
+    model: Any,
+    layer: Any,
+    feature: tuple[int, ...],
+    device: Any,
+    x: Any,
+    targets: list[int],
+    steps: int = 10,
+    samples: int = 10,
+) -> None:
+    """What a per-sample bottleneck cannot avoid: masked forward, backward to the mask."""
+    import torch
+
+    xb = x.repeat_interleave(samples, dim=0)
+    tb = torch.tensor(targets, device=device).repeat_interleave(samples)
+    mask = torch.ones((len(x), 1, *feature), device=device, requires_grad=True)
+
+    def hook(_m: Any, _i: Any, out: torch.Tensor) -> torch.Tensor:
+        return (out.reshape(len(x), samples, *out.shape[1:]) * mask).reshape(out.shape)
+
+    handle = layer.register_forward_hook(hook)
+    with torch_frozen(model):
+        try:
+            for _ in range(steps):
+                loss = torch.nn.functional.cross_entropy(model(xb), tb)
+                (grad,) = torch.autograd.grad(loss, mask)
+                with torch.no_grad():
+                    mask -= 0.0 * grad
+        finally:
+            handle.remove()
+
+
+def torch_floor_work(
+    model: Any,
+    head: Any,
+    tail: Any,
+    device: Any,
+    x: Any,
+    targets: list[int],
+    steps: int = 10,
+    samples: int = 10,
+) -> None:
+    """What the method cannot avoid: the layers before the bottleneck once, then per
+    step the noise, the layers after it on the noisy copies and a backward pass to the
+    mask."""
+    import torch
+
+    tb = torch.tensor(targets, device=device).repeat_interleave(samples)
+    with torch_frozen(model):
+        with torch.no_grad():
+            feat = head(x).unsqueeze(1)  # (N, 1, C, H, W)
+        mask = torch.ones_like(feat, requires_grad=True)
+        for _ in range(steps):
+            noise = torch.randn((len(x), samples, *feat.shape[2:]), device=device)
+            z = (mask * feat + noise).flatten(0, 1)
+            loss = torch.nn.functional.cross_entropy(tail(z), tb)
+            (grad,) = torch.autograd.grad(loss, mask)
+            with torch.no_grad():
+                mask -= 0.0 * grad
+
+
+def torch_peak_mib(fn: Callable[[], Any], device: Any, sync: Callable[[], None]) -> float:
+    """The memory one call of ``fn`` takes at its peak, MiB: on a GPU the allocations over
+    those before it, on a CPU the rise of resident memory."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync()
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    with PeakRSS() as peak:
+        fn()
+    return peak.value
 
 
 # -- TensorFlow / Keras ------------------------------------------------------------------
@@ -415,31 +479,7 @@ def tf_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     t_n = [i % cfg["classes"] for i in range(n)]
     layer = model.get_layer(cfg["layer"])
 
-    def bare_work(x: Any, targets: list[int], steps: int = 10, samples: int = 10) -> None:
-        xb = tf.repeat(x, samples, axis=0)
-        onehot = tf.one_hot(np.repeat(targets, samples), cfg["classes"])
-        c, h, w = cfg["feature"]
-        mask = tf.ones((len(targets), 1, h, w, c))
-        current = [mask]
-        original = layer.call
-
-        def masked_call(*a: Any, **k: Any) -> Any:
-            out = original(*a, **k)
-            m = current[0]
-            return tf.reshape(tf.reshape(out, (m.shape[0], samples, *out.shape[1:])) * m, tf.shape(out))
-
-        layer.call = masked_call
-        try:
-            for _ in range(steps):
-                with tf.GradientTape(watch_accessed_variables=False) as tape:
-                    tape.watch(mask)
-                    current[0] = mask
-                    logits = model(xb, training=False)
-                    loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(onehot, logits))
-                grad = tape.gradient(loss, mask)
-                mask = mask - 0.0 * grad
-        finally:
-            del layer.call
+    bare_work = functools.partial(tf_bare_work, model, layer, cfg["classes"], cfg["feature"])
 
     # The network is functional, so the layers before and after the bottleneck are
     # sub-models between its input, the layer's output and its output.  Both run as
@@ -489,20 +529,10 @@ def tf_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
     tf_device = "GPU:0" if gpu else "CPU:0"
 
-    def measure(key: str, fn: Any, repeats: int) -> None:
-        results[key] = timings[key]
-        try:  # TensorFlow's allocator keeps freed memory, so RSS would not show the peak.
-            tf.config.experimental.reset_memory_stats(tf_device)
-            base = tf.config.experimental.get_memory_info(tf_device)["current"]
-            fn()
-            peak = tf.config.experimental.get_memory_info(tf_device)["peak"]
-            results[key + " peak MiB"] = (peak - base) / 2**20
-        except (ValueError, RuntimeError, tf.errors.OpError):
-            with PeakRSS() as rss:
-                fn()
-            results[key + " peak MiB"] = rss.value
-
     x1 = x_n[:1]
+    t0 = time.perf_counter()  # the first call of the process: tracing the step included
+    iba.analyze(x1, target=t_n[:1])
+    results["first analyze 1"] = time.perf_counter() - t0
     runs = {
         "forward": forward_all,
         "estimate": lambda: iba.estimate(data, n_samples=len(data), batch_size=32),
@@ -517,13 +547,228 @@ def tf_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     }
     timings = interleaved(runs, args.repeats, groups=run_groups(n))
     for key, fn in runs.items():
-        measure(key, fn, args.repeats)
+        results[key] = timings[key]
+        results[key + " peak MiB"] = tf_peak_mib(fn, tf_device)
     results["n_est"] = len(data)
     return results
 
 
-WORKERS = {"torch": torch_worker, "tf": tf_worker}
-BACKEND_NAMES = {"torch": "PyTorch", "tf": "TensorFlow"}
+def tf_bare_work(
+    model: Any,
+    layer: Any,
+    classes: int,
+    feature: tuple[int, int, int],
+    x: Any,
+    targets: list[int],
+    steps: int = 10,
+    samples: int = 10,
+) -> None:
+    """What a per-sample bottleneck cannot avoid: masked forward, backward to the mask."""
+    import tensorflow as tf
+
+    xb = tf.repeat(x, samples, axis=0)
+    onehot = tf.one_hot(np.repeat(targets, samples), classes)
+    c, h, w = feature
+    mask = tf.ones((len(targets), 1, h, w, c))
+    current = [mask]
+    original = layer.call
+
+    def masked_call(*a: Any, **k: Any) -> Any:
+        out = original(*a, **k)
+        m = current[0]
+        return tf.reshape(tf.reshape(out, (m.shape[0], samples, *out.shape[1:])) * m, tf.shape(out))
+
+    layer.call = masked_call
+    try:
+        for _ in range(steps):
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(mask)
+                current[0] = mask
+                logits = model(xb, training=False)
+                loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(onehot, logits))
+            grad = tape.gradient(loss, mask)
+            mask = mask - 0.0 * grad
+    finally:
+        del layer.call
+
+
+def tf_peak_mib(fn: Callable[[], Any], tf_device: str) -> float:
+    """The memory one call of ``fn`` takes at its peak, MiB: TensorFlow's own count on the
+    device, or the rise of resident memory where it keeps none."""
+    import tensorflow as tf
+
+    try:  # TensorFlow's allocator keeps freed memory, so RSS would not show the peak.
+        tf.config.experimental.reset_memory_stats(tf_device)
+        base = tf.config.experimental.get_memory_info(tf_device)["current"]
+        fn()
+        peak = tf.config.experimental.get_memory_info(tf_device)["peak"]
+        return (peak - base) / 2**20
+    except (ValueError, RuntimeError, tf.errors.OpError):
+        with PeakRSS() as rss:
+            fn()
+        return rss.value
+
+
+# -- JAX / Flax NNX (the iba-jax plugin) ------------------------------------------------
+def flax_model(cfg: dict[str, Any]) -> Any:
+    """The small network in Flax NNX, channels-last; layers are named submodules."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    if cfg["arch"] != "small":
+        raise SystemExit("the JAX column covers the small network only")
+    weights = make_weights(cfg["arch"], cfg["classes"])
+
+    class ReLU(nnx.Module):
+        def __call__(self, x: Any) -> Any:
+            return nnx.relu(x)
+
+    class Small(nnx.Module):
+        def __init__(self) -> None:
+            rngs = nnx.Rngs(0)
+            for i, (name, c_in, c_out, stride) in enumerate(SMALL_CONVS, start=1):
+                conv = nnx.Conv(c_in, c_out, (3, 3), strides=stride, padding=1, rngs=rngs)
+                conv.kernel.set_value(jnp.asarray(weights[name][0].transpose(2, 3, 1, 0)))
+                conv.bias.set_value(jnp.asarray(weights[name][1]))
+                setattr(self, name, conv)
+                setattr(self, f"relu{i}", ReLU())
+            self.fc = nnx.Linear(SMALL_CONVS[-1][2], cfg["classes"], rngs=rngs)
+            self.fc.kernel.set_value(jnp.asarray(weights["fc"][0].T))
+            self.fc.bias.set_value(jnp.asarray(weights["fc"][1]))
+
+        def head(self, x: Any) -> Any:
+            """The layers up to and including the bottleneck layer ``relu3``."""
+            for i, (name, *_rest) in enumerate(SMALL_CONVS[:3], start=1):
+                x = getattr(self, f"relu{i}")(getattr(self, name)(x))
+            return x
+
+        def tail(self, x: Any) -> Any:
+            return self.fc(self.relu4(self.conv4(x)).mean(axis=(1, 2)))
+
+        def __call__(self, x: Any) -> Any:
+            return self.tail(self.head(x))
+
+    return Small()
+
+
+def jax_reference_work(model: Any, samples: int = 10) -> dict[str, Any]:
+    """What a JAX user writes by hand for the bare work, the floor and a forward pass:
+    jitted steps with the weights as arguments (``nnx.split``)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    graph, state = nnx.split(model)
+
+    def ce(logits: Any, targets: Any) -> Any:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    @jax.jit
+    def bare_step(state: Any, mask: Any, xb: Any, tb: Any) -> Any:
+        def loss(mask: Any) -> Any:
+            m = nnx.merge(graph, state)
+            f = m.head(xb)
+            f = (f.reshape(mask.shape[0], samples, *f.shape[1:]) * mask).reshape(f.shape)
+            return ce(m.tail(f), tb)
+
+        return mask - 0.0 * jax.grad(loss)(mask)
+
+    head = jax.jit(lambda state, x: nnx.merge(graph, state).head(x))
+
+    def bare_work(x: Any, targets: list[int], steps: int = 10) -> None:
+        """Masked forward on the N * 10 copies and backward to the mask."""
+        xb, tb = jnp.repeat(x, samples, axis=0), jnp.repeat(jnp.asarray(targets), samples)
+        mask = jnp.ones((len(targets), 1, *head(state, x[:1]).shape[1:]))
+        for _ in range(steps):
+            mask = bare_step(state, mask, xb, tb)
+        mask.block_until_ready()
+
+    @jax.jit
+    def floor_step(state: Any, feat: Any, mask: Any, tb: Any, key: Any) -> Any:
+        key, sub = jax.random.split(key)
+        noise = jax.random.normal(sub, (feat.shape[0], samples, *feat.shape[2:]))
+
+        def loss(mask: Any) -> Any:
+            z = (mask * feat + noise).reshape(-1, *feat.shape[2:])
+            return ce(nnx.merge(graph, state).tail(z), tb)
+
+        return mask - 0.0 * jax.grad(loss)(mask), key
+
+    def floor_work(x: Any, targets: list[int], steps: int = 10) -> None:
+        """The layers before the bottleneck once, then per step the noise, the layers
+        after it and a backward pass to the mask."""
+        tb = jnp.repeat(jnp.asarray(targets), samples)
+        feat = head(state, x)[:, None]
+        mask, key = jnp.ones_like(feat), jax.random.key(0)
+        for _ in range(steps):
+            mask, key = floor_step(state, feat, mask, tb, key)
+        mask.block_until_ready()
+
+    forward = jax.jit(lambda state, x: nnx.merge(graph, state)(x))
+
+    return {
+        "bare": bare_work,
+        "floor": floor_work,
+        "forward": lambda x: forward(state, x).block_until_ready(),
+    }
+
+
+def jax_closure(model: Any, targets: list[int], samples: int = 10) -> Any:
+    """The reference library's loss form: the model on each input's noisy copies."""
+    import jax.numpy as jnp
+    import optax
+
+    tb = jnp.repeat(jnp.asarray(targets), samples)
+    return lambda batch: optax.softmax_cross_entropy_with_integer_labels(model(batch), tb).mean()
+
+
+def jax_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from iba_core import IBA
+
+    if args.device != "cpu":
+        jax.config.update("jax_platforms", "cuda" if args.device.startswith("cuda") else args.device)
+    model = flax_model(cfg)
+    work = jax_reference_work(model)
+    rng = np.random.default_rng(1)
+    data_cf = rng.standard_normal((cfg["n_est"], *cfg["input"])).astype(np.float32)
+    data = np.ascontiguousarray(data_cf.transpose(0, 2, 3, 1))  # the same images, channels last
+    n = args.images
+    x_n, x1 = jnp.asarray(data[:n]), jnp.asarray(data[:1])
+    t_n = [i % cfg["classes"] for i in range(n)]
+    results: dict[str, Any] = {"device": str(jax.devices()[0]).split(":")[0], "threads": os.cpu_count()}
+    iba = IBA(model, cfg["layer"])
+    iba.estimate(data, n_samples=len(data), batch_size=32)
+    t0 = time.perf_counter()  # the first call of the process: tracing and compiling included
+    iba.analyze(x1, target=t_n[:1])
+    results["first analyze 1"] = time.perf_counter() - t0
+    results["logits"] = np.asarray(model(x1)).ravel()[:10].tolist()
+    runs = {
+        "forward": lambda: [work["forward"](data[i : i + 32]) for i in range(0, len(data), 32)],
+        "estimate": lambda: iba.estimate(data, n_samples=len(data), batch_size=32),
+        "bare 1": lambda: work["bare"](x1, t_n[:1]),
+        "floor 1": lambda: work["floor"](x1, t_n[:1]),
+        "analyze 1": lambda: iba.analyze(x1, target=t_n[:1]),
+        "closure 1": lambda: iba.analyze(x1, loss=jax_closure(model, t_n[:1])),
+        f"bare {n}": lambda: work["bare"](x_n, t_n),
+        f"floor {n}": lambda: work["floor"](x_n, t_n),
+        f"analyze {n}": lambda: iba.analyze(x_n, target=t_n),
+    }
+    groups = [tuple(k for k in g if k in runs) for g in run_groups(n)]  # no readout column
+    results.update(interleaved(runs, args.repeats, jax.effects_barrier, [g for g in groups if g]))
+    for key, fn in runs.items():  # resident memory, as for PyTorch on a CPU
+        with PeakRSS() as peak:
+            fn()
+        results[key + " peak MiB"] = peak.value
+    results["n_est"] = len(data)
+    return results
+
+
+WORKERS = {"torch": torch_worker, "tf": tf_worker, "jax": jax_worker}
+BACKEND_NAMES = {"torch": "PyTorch", "tf": "TensorFlow", "jax": "JAX"}
 
 
 # -- driver ------------------------------------------------------------------------------
@@ -567,7 +812,7 @@ def _worker_json(cmd: list[str], env: dict[str, str]) -> dict[str, Any] | str:
 def available(backend: str) -> bool:
     import importlib.util
 
-    module = {"torch": "torch", "tf": "tensorflow"}[backend]
+    module = {"torch": "torch", "tf": "tensorflow", "jax": "iba_jax"}[backend]  # jax: the plugin
     return importlib.util.find_spec(module) is not None
 
 
@@ -598,15 +843,21 @@ def report(config: str, results: dict[str, dict[str, Any]], n: int, markdown: bo
         ("floor, 1 image", "floor 1", "bare 1", False),
         ("IBA analyze, 1 image", "analyze 1", "bare 1", False),
         ("  IBA analyze / floor, 1 image", "analyze 1", "floor 1", True),
+        ("IBA closure form (copies at the input), 1 image", "closure 1", "bare 1", False),
+        ("first analyze call of the process, 1 image", "first analyze 1", "analyze 1", False),
         (f"bare forward+backward work, {n} images", f"bare {n}", None, False),
         (f"floor, {n} images", f"floor {n}", f"bare {n}", False),
         (f"IBA analyze, {n} images (one call)", f"analyze {n}", f"bare {n}", False),
         (f"  IBA analyze / floor, {n} images", f"analyze {n}", f"floor {n}", True),
+        (f"  one call / {n} single calls, {n} images", f"analyze {n}", f"{n} x analyze 1", True),
         ("Readout analyze, 1 image", "readout 1", "analyze 1", False),
         (f"Readout analyze, {n} images", f"readout {n}", f"analyze {n}", False),
         ("bare forward pass, estimate images", "forward", None, False),
         ("IBA estimate, same images", "estimate", "forward", False),
     ]
+    for r in results.values():  # n single calls of one image each, from the 1-image time
+        if r.get("analyze 1"):
+            r[f"{n} x analyze 1"] = n * r["analyze 1"]
     for label, key, ref, ratio_only in measurements:
         cells = [label]
         for b in backends:
@@ -629,8 +880,8 @@ def report(config: str, results: dict[str, dict[str, Any]], n: int, markdown: bo
                     "peak_mib": "" if peak is None else peak,
                 }
             )
-        if len(backends) == 2:
-            a, c = results[backends[0]].get(key), results[backends[1]].get(key)
+        for other in backends[1:]:  # each other backend against the first
+            a, c = results[backends[0]].get(key), results[other].get(key)
             cells.append("" if ratio_only else fmt_x(c, a))
         rows.append(cells)
     # Throughput line (images per second).
@@ -639,15 +890,13 @@ def report(config: str, results: dict[str, dict[str, Any]], n: int, markdown: bo
         r = results[b]
         fw, es = r.get("forward"), r.get("estimate")
         cells += [f"{r['n_est'] / es:.0f}" if es else "n/a", f"fwd {r['n_est'] / fw:.0f}" if fw else "", ""]
-    if len(backends) == 2:
-        cells.append("")
+    cells += [""] * (len(backends) - 1)
     rows.append(cells)
     headers = ["measurement"]
     for b in backends:
         name = BACKEND_NAMES[b]
         headers += [f"{name} s", "ratio", "peak MiB"]
-    if len(backends) == 2:
-        headers.append(f"{BACKEND_NAMES[backends[1]]}/{BACKEND_NAMES[backends[0]]}")
+    headers += [f"{BACKEND_NAMES[b]}/{BACKEND_NAMES[backends[0]]}" for b in backends[1:]]
     c, h, w = cfg["input"]
     fc, fh, fw_ = cfg["feature"]
     print(
@@ -674,14 +923,17 @@ def report(config: str, results: dict[str, dict[str, Any]], n: int, markdown: bo
         ]
         summary.append(f"{BACKEND_NAMES[b]} " + ", ".join(parts))
     print("IBA analyze / floor: " + "; ".join(summary))
-    if len(backends) == 2:
-        la, lb = (np.asarray(results[b]["logits"]) for b in backends)
-        print(f"same function check: max |logit difference| between backends {np.max(np.abs(la - lb)):.2e}")
+    for other in backends[1:]:
+        la, lb = (np.asarray(results[b]["logits"]) for b in (backends[0], other))
+        print(
+            f"same function check: max |logit difference| {BACKEND_NAMES[other]} - "
+            f"{BACKEND_NAMES[backends[0]]} {np.max(np.abs(la - lb)):.2e}"
+        )
     print()
     return csv_rows
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (small network)")
     parser.add_argument(
@@ -690,9 +942,10 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         default=None,
-        help=f"comma-separated networks among {list(CONFIGS)} (default: small; with --full: small,resnet)",
+        help=f"comma-separated networks among {list(CONFIGS)} "
+        "(default: small; with --full: small,resnet,resnet3)",
     )
-    parser.add_argument("--backends", default="torch,tf")
+    parser.add_argument("--backends", default="torch,tf,jax", help="jax: the iba-jax plugin, if installed")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--images", type=int, default=16, help="images of the batched measurement")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -700,23 +953,52 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def worker_main(args: argparse.Namespace, config: str) -> None:
+    """In a worker process: measure one backend on one network, print the results as JSON."""
+    if args.device == "auto":
+        args.device = "cpu"
+        if args.worker == "torch":
+            import torch
+
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = WORKERS[args.worker](CONFIGS[config], args)
+    print(json.dumps(out))
+
+
+def measure_config(config: str, backends: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Each backend's results on one network, from a worker process each (failures printed)."""
+    results: dict[str, dict[str, Any]] = {}
+    for b in backends:
+        t0 = time.perf_counter()
+        # The 224 px network gets fewer repeats: each analyze takes seconds on a CPU.
+        saved = args.repeats
+        if CONFIGS[config]["arch"] != "small":
+            args.repeats = min(args.repeats, 2 if not args.quick else 1)
+        r = run_worker(b, config, args)
+        args.repeats = saved
+        if isinstance(r, str):
+            print(f"{BACKEND_NAMES[b]} on {config}: {r}")
+            continue
+        print(f"({BACKEND_NAMES[b]} on {config}: {time.perf_counter() - t0:.0f} s)")
+        results[b] = r
+    return results
+
+
+def main() -> None:
+    args = parse_args()
     warnings.simplefilter("ignore")
 
-    configs = args.configs.split(",") if args.configs else ["small", "resnet"] if args.full else ["small"]
+    default = ["small", "resnet", "resnet3"] if args.full else ["small"]
+    configs = args.configs.split(",") if args.configs else default
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         sys.exit(f"unknown network(s) {unknown}; choose among {list(CONFIGS)}")
 
     if args.worker:
-        if args.device == "auto":
-            args.device = "cpu"
-            if args.worker == "torch":
-                import torch
-
-                args.device = "cuda" if torch.cuda.is_available() else "cpu"
-        out = WORKERS[args.worker](CONFIGS[configs[0]], args)
-        print(json.dumps(out))
+        worker_main(args, configs[0])
         return
 
     if args.repeats is None:
@@ -729,20 +1011,7 @@ def main() -> None:
         print(f"skipped (not installed or unknown): {missing}\n")
     all_rows = []
     for config in configs:
-        results: dict[str, dict[str, Any]] = {}
-        for b in backends:
-            t0 = time.perf_counter()
-            # The 224 px network gets fewer repeats: each analyze takes seconds on a CPU.
-            saved = args.repeats
-            if CONFIGS[config]["arch"] != "small":
-                args.repeats = min(args.repeats, 2 if not args.quick else 1)
-            r = run_worker(b, config, args)
-            args.repeats = saved
-            if isinstance(r, str):
-                print(f"{BACKEND_NAMES[b]} on {config}: {r}")
-                continue
-            print(f"({BACKEND_NAMES[b]} on {config}: {time.perf_counter() - t0:.0f} s)")
-            results[b] = r
+        results = measure_config(config, backends, args)
         if results:
             all_rows += report(config, results, args.images, args.markdown)
     rows = [{**r, "date": info["date"], "load": info["load average (1/5/15 min)"]} for r in all_rows]

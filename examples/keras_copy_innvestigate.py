@@ -39,7 +39,7 @@ def main() -> None:
     ).load_npz(estimate)
     maps = again.analyze(to_nhwc(test.images), seed=0)  # (4, 64, 64), bits/pixel
     predicted = again.predict(to_nhwc(test.images)).argmax(axis=1)
-    for label, pred, smap in zip(test.labels, predicted, maps):
+    for label, pred, smap in zip(test.labels, predicted, maps, strict=True):
         print(f"digit {label} (predicted {pred}): {smap.sum():8.1f} bits")
     np.savez(args.out / "keras_maps.npz", saliency_maps=maps)
 

@@ -56,7 +56,7 @@ def main() -> None:
     maps = iba.analyze(x, model=model, target=labels, seed=0)  # (4, 64, 64)
     with iba.restrict_flow():  # the model with the last masks
         restricted = model(x).numpy().argmax(1)
-    for label, pred, smap in zip(labels, restricted, maps):
+    for label, pred, smap in zip(labels, restricted, maps, strict=True):
         print(f"digit {label}: {smap.sum():7.1f} bits; restricted model predicts {pred}")
 
 

@@ -38,12 +38,12 @@ def main() -> None:
     maps = iba.analyze(x, target=target, model=model, seed=0)  # (4, 64, 64), bits/pixel
 
     fig, axes = plt.subplots(1, len(maps), figsize=(4 * len(maps), 3.5))
-    for ax, smap, img, label in zip(axes, maps, test.images, test.labels):
+    for ax, smap, img, label in zip(axes, maps, test.images, test.labels, strict=True):
         plot_saliency_map(smap, img=img[0], ax=ax)
         ax.set_title(f"digit {label}: {smap.sum():.0f} bits")
     fig.tight_layout()
     fig.savefig(args.out / "torch_per_sample.png", dpi=80)
-    for label, smap in zip(test.labels, maps):
+    for label, smap in zip(test.labels, maps, strict=True):
         print(f"digit {label}: {smap.sum():8.1f} bits in total, peak {smap.max():.3f} bits/pixel")
     print(f"figure: {args.out / 'torch_per_sample.png'}")
 

@@ -62,7 +62,7 @@ def main() -> None:
     slow = iba.analyze(x, target=torch.as_tensor(test.labels), model=model, seed=0)
     t_per_sample = time.perf_counter() - t0
 
-    corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(fast, slow)]
+    corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(fast, slow, strict=True)]
     print(
         f"readout: {t_readout / len(x) * 1e3:.1f} ms/image, per-sample: "
         f"{t_per_sample / len(x) * 1e3:.1f} ms/image"

@@ -56,6 +56,35 @@ class StrictModel:
         return x
 
 
+class StrictSequenceModel(StrictModel):
+    """A small classifier of sequences whose logits depend on position ``KEY`` only.
+
+    Input ``(N, 8, 3)`` -> ``proj`` (3 -> 4 channels, ``tanh``; ``(N, 4, 8)`` with
+    ``layout="channels_first"``, ``(N, 8, 4)`` with ``"channels_last"``) -> ``pick``
+    (position ``KEY``: ``(N, 4)``) -> ``fc`` (5 logits).  Both layouts compute the same.
+    """
+
+    T, C, KEY = 8, 4, 2
+
+    def __init__(self, layout: str, dtype: str = "float32", seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.dtype = getattr(xp, dtype)
+        self.w_proj = xp.asarray(rng.standard_normal((3, self.C)) * 1.2, dtype=self.dtype)
+        self.w_fc = xp.asarray(rng.standard_normal((self.C, 5)) * 3.0, dtype=self.dtype)
+        first = layout == "channels_first"
+
+        def proj(x: Any) -> Any:
+            h = xp.tanh(xp.matmul(x, self.w_proj))
+            return xp.permute_dims(h, (0, 2, 1)) if first else h
+
+        self.layers = {
+            "proj": proj,
+            "pick": (lambda h: h[:, :, self.KEY]) if first else (lambda h: h[:, self.KEY, :]),
+            "fc": lambda h: xp.matmul(h, self.w_fc),
+        }
+        self.hooks = {name: [] for name in self.layers}
+
+
 class _Handle:
     def __init__(self, hooks: list[Any], hook: Any) -> None:
         self._hooks, self._hook = hooks, hook

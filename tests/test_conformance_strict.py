@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from iba_core.testing import BackendConformanceTests, ConformanceCase
-from strict_backend import StrictModel
+from strict_backend import StrictModel, StrictSequenceModel
 
 
 def make_model(dtype: str) -> tuple[StrictModel, str]:
@@ -17,6 +17,11 @@ def make_model(dtype: str) -> tuple[StrictModel, str]:
 def make_inputs(n: int, dtype: str, seed: int):
     rng = np.random.default_rng(seed)
     return xp.asarray(rng.standard_normal((n, 3, 6, 6)), dtype=getattr(xp, dtype))
+
+
+def make_sequence_inputs(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return xp.asarray(rng.standard_normal((n, StrictSequenceModel.T, 3)), dtype=xp.float32)
 
 
 class TestStrictConformance(BackendConformanceTests):
@@ -31,4 +36,8 @@ class TestStrictConformance(BackendConformanceTests):
             n_classes=5,
             exact_gradients=False,
             on_input=False,
+            make_sequence_model=lambda layout: (StrictSequenceModel(layout), "proj"),
+            make_sequence_inputs=make_sequence_inputs,
+            sequence_shape=(StrictSequenceModel.C, StrictSequenceModel.T),
+            sequence_key=StrictSequenceModel.KEY,
         )

@@ -32,6 +32,37 @@ def make_model(dtype: str) -> tuple[object, str]:
     return model, "act"
 
 
+SEQ_T, SEQ_C, SEQ_KEY, SEQ_VOCAB = 8, 4, 2, 10
+
+
+def make_sequence_model(layout: str) -> tuple[object, str]:
+    """Token ids (N, 8) -> embedding (N, 8, 3) -> 'proj': Dense (N, 8, 4) or a 1x1
+    channels-first Conv1D (N, 4, 8), tanh -> position 2 -> 5 logits; the same weights."""
+    rng = np.random.default_rng(0)
+    first = layout == "channels_first"
+    ids = keras.Input((SEQ_T,), dtype="int32")
+    h = keras.layers.Embedding(SEQ_VOCAB, 3, name="emb")(ids)
+    if first:
+        h = keras.layers.Permute((2, 1), name="to_cf")(h)
+        h = keras.layers.Conv1D(SEQ_C, 1, data_format="channels_first", activation="tanh", name="proj")(h)
+        h = keras.layers.Lambda(lambda t: t[:, :, SEQ_KEY], name="pick")(h)
+    else:
+        h = keras.layers.Dense(SEQ_C, activation="tanh", name="proj")(h)
+        h = keras.layers.Lambda(lambda t: t[:, SEQ_KEY], name="pick")(h)
+    model = keras.Model(ids, keras.layers.Dense(5, name="fc")(h), name=f"sequence_{layout}")
+    emb = rng.standard_normal((SEQ_VOCAB, 3))
+    w = rng.standard_normal((SEQ_C, 3)) * 1.2
+    fc = rng.standard_normal((5, SEQ_C)) * 3.0
+    model.get_layer("emb").set_weights([emb])
+    model.get_layer("proj").set_weights([w.T[None] if first else w.T, np.zeros(SEQ_C)])
+    model.get_layer("fc").set_weights([fc.T, np.zeros(5)])
+    return model, "proj"
+
+
+def make_sequence_inputs(n: int, seed: int) -> object:
+    return tf.constant(np.random.default_rng(seed).integers(0, SEQ_VOCAB, (n, SEQ_T)), dtype=tf.int32)
+
+
 def make_inputs(n: int, dtype: str, seed: int) -> object:
     rng = np.random.default_rng(seed)
     return tf.constant(rng.standard_normal((n, 12, 12, 3)).astype(dtype))
@@ -82,4 +113,8 @@ class TestTFConformance(BackendConformanceTests):
             model_flags=model_flags,
             mix_flags=mix_flags,
             is_frozen=is_frozen,
+            make_sequence_model=make_sequence_model,
+            make_sequence_inputs=make_sequence_inputs,
+            sequence_shape=(SEQ_C, SEQ_T),
+            sequence_key=SEQ_KEY,
         )

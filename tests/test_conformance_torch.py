@@ -54,6 +54,38 @@ def is_frozen(model: torch.nn.Module) -> bool:
     )
 
 
+SEQ_T, SEQ_C, SEQ_KEY, SEQ_VOCAB = 8, 4, 2, 10
+
+
+class SequenceModel(torch.nn.Module):
+    """Token ids (N, 8) -> embedding (N, 8, 3) -> 'proj': Linear (N, 8, 4) or 1x1 Conv1d
+    (N, 4, 8), tanh -> position 2 -> 5 logits; the same weights in both layouts."""
+
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        rng = np.random.default_rng(0)
+        self.first = layout == "channels_first"
+        self.emb = torch.nn.Embedding(SEQ_VOCAB, 3)
+        self.proj = torch.nn.Conv1d(3, SEQ_C, 1) if self.first else torch.nn.Linear(3, SEQ_C)
+        self.fc = torch.nn.Linear(SEQ_C, 5)
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.as_tensor(rng.standard_normal((SEQ_VOCAB, 3))))
+            w = torch.as_tensor(rng.standard_normal((SEQ_C, 3)) * 1.2, dtype=torch.float32)
+            self.proj.weight.copy_(w.reshape(self.proj.weight.shape))
+            self.proj.bias.zero_()
+            self.fc.weight.copy_(torch.as_tensor(rng.standard_normal((5, SEQ_C)) * 3.0))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        if self.first:
+            return self.fc(torch.tanh(self.proj(h.transpose(1, 2)))[:, :, SEQ_KEY])
+        return self.fc(torch.tanh(self.proj(h))[:, SEQ_KEY])
+
+
+def make_sequence_inputs(n: int, seed: int) -> torch.Tensor:
+    return torch.as_tensor(np.random.default_rng(seed).integers(0, SEQ_VOCAB, (n, SEQ_T)))
+
+
 class TestTorchConformance(BackendConformanceTests):
     @pytest.fixture
     def case(self) -> ConformanceCase:
@@ -68,4 +100,8 @@ class TestTorchConformance(BackendConformanceTests):
             model_flags=model_flags,
             mix_flags=mix_flags,
             is_frozen=is_frozen,
+            make_sequence_model=lambda layout: (SequenceModel(layout).eval(), "proj"),
+            make_sequence_inputs=make_sequence_inputs,
+            sequence_shape=(SEQ_C, SEQ_T),
+            sequence_key=SEQ_KEY,
         )

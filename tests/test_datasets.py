@@ -41,10 +41,10 @@ def test_deterministic_by_seed_and_prefix_stable():
     b = cluttered_digits(12, seed=5)
     c = cluttered_digits(12, seed=6)
     d = cluttered_digits(5, seed=5)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a.images, c.images)
-    for x, y in zip(a, d):  # image i does not depend on how many are made
+    for x, y in zip(a, d, strict=True):  # image i does not depend on how many are made
         np.testing.assert_array_equal(x[:5], y)
 
 
@@ -61,7 +61,7 @@ def test_target_digit_is_inside_its_box_and_clutter_stays_out():
     busy = cluttered_digits(30, seed=1, noise=0.0)
     np.testing.assert_array_equal(clean.boxes, busy.boxes)
     np.testing.assert_array_equal(clean.labels, busy.labels)
-    for img_clean, img_busy, (x0, y0, x1, y1) in zip(clean.images, busy.images, clean.boxes):
+    for img_clean, img_busy, (x0, y0, x1, y1) in zip(clean.images, busy.images, clean.boxes, strict=True):
         inside = np.zeros((64, 64), dtype=bool)
         inside[y0:y1, x0:x1] = True
         # Without clutter all ink is the digit's, and it lies in the box.

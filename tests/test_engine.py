@@ -448,7 +448,7 @@ class KerasFront:
             assert a["layer_flags"] == b["layer_flags"], f"{name}: layer trainable flags"
             assert a["variable_flags"] == b["variable_flags"], f"{name}: variable flags"
             assert len(a["weights"]) == len(b["weights"])
-            for i, (wa, wb) in enumerate(zip(a["weights"], b["weights"])):
+            for i, (wa, wb) in enumerate(zip(a["weights"], b["weights"], strict=True)):
                 np.testing.assert_array_equal(wa, wb, err_msg=f"{name}: weight {i} changed")
         for model in self.models():
             for layer in model.layers:
@@ -600,7 +600,7 @@ class StrictFront:
 
     def check_unchanged(self, before: dict) -> None:
         m = self.model
-        for wa, wb in zip((m.w_conv, m.b_conv, m.w_fc), before["weights"]):
+        for wa, wb in zip((m.w_conv, m.b_conv, m.w_fc), before["weights"], strict=True):
             np.testing.assert_array_equal(to_np(wa), wb)
         for name, hooks in m.hooks.items():
             assert not hooks, f"hook left on {name!r}"
@@ -687,9 +687,10 @@ def test_torch_flags_and_hooks_restored_when_the_loss_raises(kind, make_front):
         with pytest.raises(RuntimeError, match="closure failed"):
             f.analyze_loss(x, loss, seed=0)
     else:
-        # The clean pass and the first step run, the second step raises (a failing first
-        # step is retried with the copies at the input, by design).
-        f.model.trip.arm(3)
+        # The clean pass, the check of the model cut after the layer and the first step
+        # run, the second step raises (a failing first step is retried with the copies at
+        # the input, by design).
+        f.model.trip.arm(4)
         with pytest.raises(RuntimeError, match="tripwire"):
             f.analyze(x, target=2, seed=0)
     f.check_unchanged(before)

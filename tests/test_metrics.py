@@ -288,7 +288,7 @@ def test_spearman_correlation_matches_scipy_with_ties():
     a = rng.integers(0, 5, size=(3, 6, 6)).astype(float)
     b = a + rng.integers(0, 3, size=a.shape)
     ours = metrics.spearman_correlation(a, b)
-    ref = [stats.spearmanr(u.ravel(), v.ravel()).statistic for u, v in zip(a, b)]
+    ref = [stats.spearmanr(u.ravel(), v.ravel()).statistic for u, v in zip(a, b, strict=True)]
     np.testing.assert_allclose(ours, ref, rtol=1e-12)
 
 
@@ -414,7 +414,7 @@ def test_torch_model_randomization_of_gradients(torch):
     )
     assert res.names == ["3", "0"]
     assert np.all(res.spearman[-1] < 0.6)  # maps change once all weights are random
-    assert all(torch.equal(a, b) for a, b in zip(original, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(original, model.parameters(), strict=True))
 
 
 # -- through the TensorFlow backend (layout inferred as channels last) ---------------------

@@ -131,7 +131,7 @@ class TestIBAReadoutKeras:
         readout.analyze(x[:4])
         assert _patched(model) == []
         assert [(layer.name, layer.trainable) for layer in model.layers] == flags
-        for w, w0 in zip(model.get_weights(), weights):
+        for w, w0 in zip(model.get_weights(), weights, strict=True):
             np.testing.assert_array_equal(w, w0)
         np.testing.assert_array_equal(model(x[:4], training=False).numpy(), before)
 

@@ -400,3 +400,29 @@ def test_layer_without_spatial_axes(images, tmp_path, capsys):
         "choose a convolutional layer",
     )
     assert files_under(tmp_path) == []
+
+
+def test_auto_backend_breaks_a_tie_by_what_the_factory_imports(tmp_path, monkeypatch):
+    """Two backends claim every ``file.py:function`` spec; the factory's imports decide."""
+    from iba_core.contract import BackendSpec
+
+    specs = {
+        "alpha": BackendSpec("alpha", modules=("alphaframe",), loader="x:Y", claims=lambda spec: True),
+        "beta": BackendSpec(
+            "beta", modules=("betaframe", "betanets"), loader="x:Y", claims=lambda spec: True
+        ),
+    }
+    loaded = []
+    monkeypatch.setattr(cli, "backend_specs", lambda: specs)
+    monkeypatch.setattr(cli, "load_backend", lambda name: loaded.append(name) or name)
+    factory = tmp_path / "nets.py"
+    factory.write_text("import numpy as np\nfrom betanets import layers\n\ndef make():\n    pass\n")
+    assert cli.select_backend("auto", f"{factory}:make") == "beta"
+    both = tmp_path / "both.py"
+    both.write_text("import alphaframe\nimport betaframe\n")
+    with pytest.raises(cli.UsageError, match=r"claimed by several backends \(alpha, beta\)"):
+        cli.select_backend("auto", f"{both}:make")
+    neither = tmp_path / "neither.py"
+    neither.write_text("import numpy\n")
+    with pytest.raises(cli.UsageError, match="claimed by several backends"):
+        cli.select_backend("auto", f"{neither}:make")

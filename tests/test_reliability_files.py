@@ -254,7 +254,7 @@ def test_ibacopy_refuses_target_for_a_softmax_model():
         x[:1], loss_fn=lambda out: -keras.ops.mean(out[:, 0]), optimization_steps=2, batch_size=2
     )
     assert maps.shape == (8, 8) and np.isfinite(maps).all()
-    for before, after in zip(weights, model.get_weights()):
+    for before, after in zip(weights, model.get_weights(), strict=True):
         np.testing.assert_array_equal(before, after)
 
 

@@ -48,7 +48,7 @@ def assert_torch_intact(model: torch.nn.Module, before: dict) -> None:
         assert torch.equal(v, after["tensors"][k]), k
     for key in ("training", "requires_grad", "hooks"):
         assert after[key] == before[key], key
-    for g0, g1 in zip(before["grad"], after["grad"]):
+    for g0, g1 in zip(before["grad"], after["grad"], strict=True):
         assert (g0 is None) == (g1 is None) and (g0 is None or torch.equal(g0, g1))
 
 
@@ -65,7 +65,7 @@ def keras_state(model: keras.Model, x: np.ndarray) -> dict:
 def assert_keras_intact(model: keras.Model, x: np.ndarray, before: dict) -> None:
     after = keras_state(model, x)
     assert len(after["weights"]) == len(before["weights"])
-    for w0, w1 in zip(before["weights"], after["weights"]):
+    for w0, w1 in zip(before["weights"], after["weights"], strict=True):
         assert np.array_equal(w0, w1)
     assert after["trainable"] == before["trainable"]
     assert not any(after["own_call"])
@@ -245,7 +245,7 @@ def test_keras_functions_traced_outside_are_noisy_inside(keras_explained) -> Non
     # An explanation after predict was traced leaves that function clean.
     iba.analyze(x, model=model, target=[1, 0], seed=1, optimization_steps=2)
     assert np.array_equal(model.predict(x, verbose=0), clean["predict"])
-    for w0, w1 in zip(weights, model.get_weights()):
+    for w0, w1 in zip(weights, model.get_weights(), strict=True):
         assert np.array_equal(w0, w1)
 
 
@@ -463,7 +463,7 @@ def test_refusals_leave_a_deep_copy_equal() -> None:
     iba.estimate(model, [torch_images(8)], progbar=False)
     with pytest.raises(ValueError):
         iba.analyze(torch_images(1), target=0)
-    for p, q in zip(model.state_dict().values(), twin.state_dict().values()):
+    for p, q in zip(model.state_dict().values(), twin.state_dict().values(), strict=True):
         assert torch.equal(p, q)
 
 

@@ -80,7 +80,7 @@ def snapshot(model: keras.Model, x: np.ndarray) -> dict:
 def assert_unchanged(model: keras.Model, before: dict, x: np.ndarray) -> None:
     after = snapshot(model, x)
     assert len(after["weights"]) == len(before["weights"])
-    for a, b in zip(after["weights"], before["weights"]):
+    for a, b in zip(after["weights"], before["weights"], strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(after["outputs"], before["outputs"])
     for key in ("config", "trainable", "trainable_vars", "patched", "layers"):

@@ -53,7 +53,7 @@ def test_identity_unless_active_also_while_training():
     model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     before = [w.copy() for w in model.get_weights()]
     model.fit(x, np.array([0, 1, 2, 0]), epochs=1, verbose=0)
-    assert not all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert not all(np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
     plain.set_weights(model.get_weights())
     np.testing.assert_allclose(model.predict(x, verbose=0), plain(x).numpy(), rtol=1e-6)
     assert iba.get_weights() == []

@@ -14,6 +14,7 @@ The core is layered; each layer imports only the ones above it in this list:
 The framework fronts (``iba_torch``, ``iba_tf``) are thin adapters over the engines.
 """
 
+from ._version import package_version
 from .contract import (
     ENTRY_POINT_GROUP,
     Backend,
@@ -35,7 +36,8 @@ from .engines import (
 )
 from .math import Estimator
 
-__version__ = "0.1.0"
+#: The installed distribution's version (``version`` in pyproject.toml's ``[project]``).
+__version__ = package_version()
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -54,4 +56,18 @@ __all__ = [
     "get_backend",
     "hookimpl",
     "plugin_manager",
+    "plot_token_map",
+    "token_map_html",
 ]
+
+#: Names served from :mod:`iba_core.apps` on first use (they need no framework, but the
+#: apps layer is not loaded with the core).
+_LAZY = {"plot_token_map": "iba_core.apps.tokens", "token_map_html": "iba_core.apps.tokens"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'iba_core' has no attribute {name!r}")

@@ -43,6 +43,20 @@ def is_channels_last(layer: Any = None, data_format: str | None = None) -> bool:
     return fmt == "channels_last"
 
 
+#: Keras layers whose features run along the last axis (``(N, T, C)`` for sequences).
+_LAST_AXIS_LAYERS: tuple[type, ...] = (
+    keras.layers.Dense,
+    keras.layers.EinsumDense,
+    keras.layers.Embedding,
+    keras.layers.MultiHeadAttention,
+    keras.layers.LayerNormalization,
+    keras.layers.RNN,
+    keras.layers.LSTM,
+    keras.layers.GRU,
+    keras.layers.SimpleRNN,
+)
+
+
 # -- finding layers ----------------------------------------------------------------------
 def all_layers(model: Any) -> list[keras.layers.Layer]:
     """Every layer of ``model``, nested ones included, each before its own sublayers
@@ -260,10 +274,14 @@ class TFBackend(TFCliMixin, Backend):
         return _HookHandle(patch, entry)
 
     def layer_layout(self, model: Any, layer: Any) -> str | None:
-        """The layer's ``data_format``, else Keras' ``image_data_format()``."""
+        """The layer's ``data_format``; channels-last for layers that act on the last axis
+        (``Dense``, ``Embedding``, attention, layer norms, recurrent layers: ``(N, T, C)``
+        sequences whatever the image setting); else Keras' ``image_data_format()``."""
         if layer is None:
             return None
         target = resolve_layer(model, layer)
+        if getattr(target, "data_format", None) is None and isinstance(target, _LAST_AXIS_LAYERS):
+            return "channels_last"
         return "channels_last" if is_channels_last(target) else "channels_first"
 
     def call(self, model: Any, x: Any) -> Any:
@@ -291,6 +309,38 @@ class TFBackend(TFCliMixin, Backend):
 
     def layer_names(self, model: Any) -> list[str]:
         return [layer.name for layer in all_layers(model)]
+
+    def split_after(self, model: Any, layer: Any) -> Callable[[Any], Any] | None:
+        """A Functional model from the layer's output to the model's outputs, or ``None``
+        (a subclassed model, a layer called more than once or inside a nested model, a
+        path from the input around the layer).  Building it records nodes on the model's
+        layers; they are removed again, so the model is left as it was."""
+        if not isinstance(model, keras.Model):
+            return None
+        inputs = [x for x in getattr(model, "_operations", ()) if isinstance(x, keras.layers.InputLayer)]
+        layers = [model, *all_layers(model), *inputs]
+        saved = [(x, list(x._inbound_nodes), list(x._outbound_nodes)) for x in layers]
+        try:
+            target = resolve_layer(model, layer)
+            if len(target._inbound_nodes) != 1:
+                return None
+            tail = keras.Model(target.output, model.outputs)
+        except Exception:  # Keras refuses: not a graph, or not connected through the layer
+            return None
+        finally:
+            for x, inbound, outbound in saved:
+                x._inbound_nodes[:] = inbound
+                x._outbound_nodes[:] = outbound
+
+        def after(features: Any) -> Any:
+            return tail(features, training=False)
+
+        return after
+
+    def distributed(self, init: bool = False) -> Any:
+        from ._distributed import collectives
+
+        return collectives()
 
     def pass_size(self, like: Any) -> int | None:
         # CPU caches favour small passes (see iba_torch's backend); accelerators take all.

@@ -101,6 +101,16 @@ class TFCliMixin:
             _devices[model] = dev
         return model
 
+    def demo_text_model(self, device: str | None = None) -> keras.Model:
+        from ._text import text_model
+
+        dev = _device(device)
+        with _on(dev):
+            model = text_model()
+        if dev is not None:
+            _devices[model] = dev
+        return model
+
     def describe_input(self, model: Any) -> InputSpec:
         """Channels and ``(H, W)`` from the model's declared input, channels-last."""
         try:

@@ -137,6 +137,8 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
         # Not a Keras weight (the layer has none): a plain object the tracker ignores.
         self.__dict__["_flow"] = _FlowState()
         self._engine.flow_restrictor = self._restricting
+        # Explanations may run only the model after this layer (Backend.split_after).
+        self._engine.split_layer = self
 
     @property
     def channels_last(self) -> bool:
@@ -198,6 +200,7 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
         """Context: the restriction variables hold the mask terms of ``alpha`` (default:
         the last explanation's), with that explanation's settings; the flag is on."""
         bn = self._engine.bottleneck
+        padding = bn.last_padding if alpha is None else None  # the last analysis' attention mask
         alpha = bn.alpha if alpha is None else alpha
         if alpha is None:
             raise RuntimeError(
@@ -214,7 +217,7 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
         alpha = tf.cast(tf.convert_to_tensor(BACKEND.to_numpy(alpha)), tf.float32)
         if alpha.shape.rank < 2:
             raise ValueError(f"alpha must be mask logits (N, C, ...), got shape {tuple(alpha.shape)}")
-        terms = list(bn.mask_terms(alpha))
+        terms = list(bn.mask_terms(alpha, padding=padding))
         flow = self.__dict__["_flow"]
         if flow.rank is None:
             flow.terms(alpha.shape.rank)

@@ -169,12 +169,18 @@ class TorchBackend(TorchCliMixin, Backend):
             return _HookHandle(module.register_forward_pre_hook(pre_hook))
 
         def forward_hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(
-                    f"the bottleneck layer returns {type(output).__name__}, not a tensor; put "
-                    "the bottleneck on a layer with a single tensor output"
-                )
-            return hook(output)
+            if isinstance(output, torch.Tensor):
+                return hook(output)
+            # Encoder layers (nn.MultiheadAttention, RNNs, Hugging Face-style blocks) return
+            # a tuple whose first element is the features; the rest passes unchanged.
+            if type(output) in (tuple, list) and output and isinstance(output[0], torch.Tensor):
+                out = hook(output[0])
+                return None if out is None else type(output)((out, *output[1:]))
+            raise TypeError(
+                f"the bottleneck layer returns {type(output).__name__}, not a tensor (or a "
+                "tuple whose first element is the features); put the bottleneck on a layer "
+                "with a tensor output"
+            )
 
         return _HookHandle(module.register_forward_hook(forward_hook))
 
@@ -220,6 +226,27 @@ class TorchBackend(TorchCliMixin, Backend):
     def layer_names(self, model: Any) -> list[str]:
         return [n for n, _ in model.named_modules() if n]
 
+    def layer_layout(self, model: Any, layer: Any) -> str | None:
+        """The layout of a module's features where its type says it for sure (see
+        :func:`module_layout`); ``None`` otherwise (images are then read channels-first,
+        sequences refused until ``layout=`` is given)."""
+        if layer is None:
+            return None
+        return module_layout(model, resolve_layer(model, layer))
+
+    def split_after(self, model: Any, layer: Any) -> Callable[[Any], Any] | None:
+        """The model after the layer, traced with ``torch.fx`` (``None`` if it cannot be)."""
+        from ._split import split_after
+
+        if not isinstance(model, torch.nn.Module) or type(model).__name__ == "OptimizedModule":
+            return None
+        return split_after(model, resolve_layer(model, layer))
+
+    def distributed(self, init: bool = False) -> Any:
+        from ._distributed import collectives
+
+        return collectives(init)
+
     def pass_size(self, like: Any) -> int | None:
         # Measured on a 2-core CPU (benchmarks/bench_torch.py): per-sample cost of a
         # small conv net grows ~2x from batches of 20 to 160 as activations leave cache.
@@ -227,6 +254,143 @@ class TorchBackend(TorchCliMixin, Backend):
 
     def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         return torch.compile(fn)
+
+
+# -- layouts of sequence features ----------------------------------------------------
+_nn = torch.nn
+#: Modules whose rank-3 output is ``(N, C, T)``.
+_CHANNELS_FIRST: tuple[type, ...] = (
+    _nn.Conv1d,
+    _nn.ConvTranspose1d,
+    _nn.MaxPool1d,
+    _nn.AvgPool1d,
+    _nn.AdaptiveAvgPool1d,
+    _nn.AdaptiveMaxPool1d,
+    _nn.LPPool1d,
+    _nn.BatchNorm1d,
+    _nn.InstanceNorm1d,
+    _nn.ConstantPad1d,
+    _nn.ReflectionPad1d,
+    _nn.ReplicationPad1d,
+    _nn.Upsample,
+    _nn.Conv2d,
+    _nn.Conv3d,
+    _nn.ConvTranspose2d,
+    _nn.BatchNorm2d,
+    _nn.MaxPool2d,
+    _nn.AvgPool2d,
+)
+#: Modules that act on the last axis, so a rank-3 output is ``(N, T, C)``.
+_CHANNELS_LAST: tuple[type, ...] = (_nn.Embedding, _nn.Linear, _nn.Bilinear)
+#: Norms over the last axis when their ``normalized_shape`` has one entry.
+_LAST_AXIS_NORMS: tuple[type, ...] = (_nn.LayerNorm, _nn.RMSNorm)
+#: Batch-first-aware sequence modules: ``(N, T, C)`` with ``batch_first=True``.
+_BATCH_FIRST: tuple[type, ...] = (
+    _nn.TransformerEncoderLayer,
+    _nn.TransformerDecoderLayer,
+    _nn.TransformerEncoder,
+    _nn.TransformerDecoder,
+    _nn.Transformer,
+    _nn.MultiheadAttention,
+    _nn.RNNBase,
+)
+#: Modules that keep the layout of their input (element-wise or shape-preserving).
+_KEEPS_LAYOUT: tuple[type, ...] = (
+    _nn.Identity,
+    _nn.Dropout,
+    _nn.ReLU,
+    _nn.ReLU6,
+    _nn.LeakyReLU,
+    _nn.PReLU,
+    _nn.ELU,
+    _nn.SELU,
+    _nn.CELU,
+    _nn.GELU,
+    _nn.SiLU,
+    _nn.Mish,
+    _nn.Tanh,
+    _nn.Sigmoid,
+    _nn.Hardtanh,
+    _nn.Hardswish,
+    _nn.Hardsigmoid,
+    _nn.Softplus,
+)
+#: Class names of Hugging Face ``transformers`` blocks whose hidden states are
+#: ``(N, T, C)`` (recognised by module path and name, without importing the package).
+_HF_BLOCK = ("Embeddings", "Layer", "Block", "Attention", "SelfOutput", "Output", "Intermediate", "Encoder")
+_HF_CONV = ("Conv", "FeatureEncoder", "FeatureExtractor", "FeatureProjection", "Pool")
+
+
+def module_layout(model: Any, module: torch.nn.Module) -> str | None:
+    """The layout of ``module``'s rank-3 features where it is safe to say.
+
+    Channels-first for 1-D convolutions, pooling and batch norm (``(N, C, T)``);
+    channels-last for embeddings, linear layers, layer norms, batch-first transformer
+    layers, attention and RNNs, and Hugging Face ``transformers`` blocks (``(N, T, C)``);
+    an activation or dropout in an ``nn.Sequential`` takes the layout of the module before
+    it.  A sequence-first module (``batch_first=False``) is refused: its features do not
+    have the batch axis first.  ``None`` for anything else.
+    """
+    if isinstance(module, _BATCH_FIRST):
+        first = _batch_first(module)
+        if first is False:
+            raise ValueError(
+                f"{type(module).__name__} has batch_first=False: its features are (T, N, C), "
+                "without the batch axis first; build it with batch_first=True (the weights "
+                "are the same) to explain it"
+            )
+        return "channels_last" if first else None
+    if isinstance(module, _CHANNELS_FIRST):
+        return "channels_first"
+    if isinstance(module, _CHANNELS_LAST):
+        return "channels_last"
+    if isinstance(module, _LAST_AXIS_NORMS):
+        shape = module.normalized_shape
+        return "channels_last" if isinstance(shape, (tuple, list)) and len(shape) == 1 else None
+    kind = type(module)
+    if kind.__module__.startswith("transformers."):
+        name = kind.__name__
+        if name.endswith(_HF_BLOCK) and not any(part in name for part in _HF_CONV):
+            return "channels_last"
+        return None
+    if isinstance(module, _KEEPS_LAYOUT) and model is not None:
+        return _layout_before(model, module)
+    return None
+
+
+def _batch_first(module: torch.nn.Module) -> bool | None:
+    if isinstance(module, (_nn.TransformerEncoder, _nn.TransformerDecoder)):
+        first = module.layers[0] if len(module.layers) else None
+        return None if first is None else _batch_first(first)
+    if isinstance(module, _nn.Transformer):
+        return _batch_first(module.encoder)
+    if isinstance(module, (_nn.TransformerEncoderLayer, _nn.TransformerDecoderLayer)):
+        return bool(module.self_attn.batch_first)
+    value = getattr(module, "batch_first", None)
+    return None if value is None else bool(value)
+
+
+def _layout_before(model: torch.nn.Module, module: torch.nn.Module) -> str | None:
+    """The layout of the module that feeds ``module`` in the ``nn.Sequential`` holding it
+    (skipping other layout-keeping modules); ``None`` when there is none to look at."""
+    for parent in model.modules():
+        if not isinstance(parent, _nn.Sequential):
+            continue
+        children = list(parent)
+        if not any(c is module for c in children):
+            continue
+        index = next(i for i, c in enumerate(children) if c is module)
+        for before in reversed(children[:index]):
+            if isinstance(before, _KEEPS_LAYOUT):
+                continue
+            while isinstance(before, _nn.Sequential) and len(before):
+                before = before[-1]
+            try:
+                return module_layout(model, before)
+            except ValueError:
+                return None
+        return None
+    return None
 
 
 def model_device(model: torch.nn.Module | None) -> torch.device | None:

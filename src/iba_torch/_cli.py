@@ -105,6 +105,14 @@ class TorchCliMixin:
         model = demo_cnn()
         return model.to(dev) if dev is not None else model
 
+    def demo_text_model(self, device: str | None = None) -> torch.nn.Module:
+        from ._text import text_model
+
+        dev = _device(device)
+        torch.set_num_threads(1)  # as for the demo CNN: tiny model, often a busy machine
+        model = text_model()
+        return model.to(dev) if dev is not None else model
+
     def describe_input(self, model: Any) -> InputSpec:
         """Channels from the first 2-D convolution; PyTorch modules declare no size."""
         channels = None

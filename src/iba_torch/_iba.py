@@ -44,8 +44,12 @@ class IBA(torch.nn.Module, PerSampleFront):  # type: ignore[misc]
     ``initial_alpha``, ``active_neurons_threshold``, ``relu`` and ``progbar``: they read
     and write the live settings, validated like the constructor.  ``sigma`` is the
     smoothing std in feature-map pixels; ``input_or_output="input"`` restricts the
-    layer's input instead of its output; ``layout`` is the layer's feature layout
-    (default ``"channels_first"``, PyTorch's ``(N, C, ...)``).
+    layer's input instead of its output; ``layout`` is the layer's feature layout,
+    ``"channels_first"`` (``(N, C, ...)``) or ``"channels_last"`` (``(N, ..., C)``).  By
+    default it is inferred where the module's type says it for sure (``nn.Conv1d`` and
+    pooling: channels-first; ``nn.Embedding``, ``nn.Linear``, batch-first transformer
+    layers and Hugging Face blocks: channels-last); otherwise images are read
+    channels-first and sequences ``(N, A, B)`` are refused until ``layout`` is given.
     """
 
     def __init__(
@@ -116,11 +120,16 @@ class IBA(torch.nn.Module, PerSampleFront):  # type: ignore[misc]
         n_samples: int = 10000,
         progbar: bool | None = None,
         reset: bool = True,
+        distributed: bool | str | None = None,
     ) -> Estimator:
         """Estimate the mean and std of the layer's features over ``dataloader``.
 
         ``dataloader`` yields tensors or ``(x, y, ...)`` tuples.  The model runs in eval
         mode without gradients, only up to the bottleneck layer; its flags are restored.
+        ``distributed=True`` under ``torch.distributed`` (``torchrun``): every process
+        calls this and all end with the exact estimate over all processes' batches
+        (``"shared"``: each process reads the same batches, which are dealt out;
+        ``"own"``: each reads its own shard; ``True`` tells them apart).
         """
         self._check_attached()
         device = torch.device(device) if device is not None else model_device(model)
@@ -134,7 +143,9 @@ class IBA(torch.nn.Module, PerSampleFront):  # type: ignore[misc]
                 yield x.to(device) if device is not None else x
 
         with self._engine.using(model), torch.no_grad():
-            return self._engine.estimate(batches(), n_samples=n_samples, progbar=progbar, reset=reset)
+            return self._engine.estimate(
+                batches(), n_samples=n_samples, progbar=progbar, reset=reset, distributed=distributed
+            )
 
     # -- explanation ---------------------------------------------------------------
     def analyze(
@@ -155,6 +166,8 @@ class IBA(torch.nn.Module, PerSampleFront):  # type: ignore[misc]
         noise: str = "backend",
         progbar: bool | None = None,
         inputs_per_pass: int | None = None,
+        attention_mask: Any = None,
+        distributed: bool | None = None,
     ) -> np.ndarray:
         """Explain a batch of inputs; returns NumPy maps in bits.
 
@@ -171,6 +184,16 @@ class IBA(torch.nn.Module, PerSampleFront):  # type: ignore[misc]
         ``mode="saliency"``: ``(H, W)`` for ``N == 1`` else ``(N, H, W)``, bits per
         pixel, totalling the capacity; ``mode="capacity"``: the channel-summed capacity
         in bits at feature-map resolution.
+
+        Sequences (token ids ``(N, T)``, never cast to float, or embeddings): maps are
+        ``(N, T)`` bits per token; ``attention_mask`` ``(N, T)`` (1 = real token, 0 =
+        padding, as Hugging Face's) gives padded tokens no noise and exactly 0 bits.  The
+        layer's layout is inferred for known modules (``nn.Conv1d``: ``(N, C, T)``;
+        ``nn.Embedding``, ``nn.Linear``, batch-first transformer layers: ``(N, T, C)``)
+        and must be given as ``layout=`` otherwise.
+
+        ``distributed=True`` under ``torch.distributed``: every process calls this with
+        the same inputs, each explains its share and all get every map, in input order.
         """
         self._check_attached()
         refuse_multi_input(input_t, "input_t")

@@ -171,6 +171,7 @@ class IBAReadout(ReadoutFront):
         validation: float | Iterable[Any] | None = 0.1,
         schedule: str = "cosine",
         warn: bool = True,
+        distributed: bool | str | None = None,
     ) -> TrainHistory:
         """Train the readout network (the model stays frozen); returns each epoch's mean
         training loss, a list whose ``history`` attribute holds one dict per epoch (also
@@ -195,6 +196,10 @@ class IBAReadout(ReadoutFront):
         capacity are shown in the progress bar and recorded in the history.  A
         :class:`iba_core.engines.NotConvergedWarning` says when training has
         clearly not converged (``warn=False`` silences it).
+
+        ``distributed=True`` under ``torch.distributed``: every process calls this and
+        takes its share of every batch; the gradients are summed across processes, so
+        each makes the update one process would make on the whole batch.
         """
         model = self._check(model)
         device = torch.device(device) if device is not None else model_device(model)
@@ -213,6 +218,7 @@ class IBAReadout(ReadoutFront):
                 validation=validation,
                 schedule=schedule,
                 warn=warn,
+                distributed=distributed,
             )
         return history
 

@@ -1,4 +1,4 @@
-"""The ``iba`` command: ``iba demo``, ``iba explain`` and ``iba layers``.
+"""The ``iba`` command: ``iba demo``, ``iba explain``, ``iba layers`` and ``iba merge-estimates``.
 
 The command knows no framework.  It reaches backends only through the plugin registry
 (:func:`iba_core.get_backend`): ``--backend NAME`` takes a registered backend's name or
@@ -21,6 +21,12 @@ warnings are shown as one ``iba: warning: ...`` line each (:func:`one_line_warni
 While a command runs, what native libraries write straight to file descriptor 2 (C/C++
 start-up logging) is kept off the terminal; Python's own stderr (warnings, progress
 bars, these messages) is not affected.
+
+``iba explain`` runs unchanged under ``torchrun --nproc_per_node=K`` (or any launcher of
+a backend's distributed runtime, see :meth:`~iba_core.Backend.distributed`): each process
+estimates on its share of the estimation images (merged exactly) and explains its share
+of the ``--batch-size`` chunks; rank 0 gathers the maps and writes the same files a single
+process writes.  Messages then name the rank.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +109,8 @@ def select_backend(choice: str, model_spec: str) -> Backend:
             continue
         if claims:
             claiming.append(name)
+    if len(claiming) > 1:  # a factory's source says which framework it builds with
+        claiming = _importing(model_spec, claiming, specs) or claiming
     if len(claiming) == 1:
         return load_backend(claiming[0])
     listed = ", ".join(installed) or "none"
@@ -119,6 +127,31 @@ def select_backend(choice: str, model_spec: str) -> Backend:
         "or 'file.py:function', or a model file your backend reads, or choose the backend "
         "with --backend NAME"
     )
+
+
+def _importing(model_spec: str, names: list[str], specs: Mapping[str, Any]) -> list[str]:
+    """Those of the backends ``names`` whose framework modules the source of the factory
+    ``model_spec`` (``file.py:fn`` or ``package.module:fn``) imports, read as text
+    without running it; empty when the source cannot be found or names none of them."""
+    import importlib.util
+    import re
+
+    where = model_spec.rpartition(":")[0] if ":" in model_spec else model_spec
+    path = Path(where)
+    if not path.suffix == ".py":
+        try:
+            found = importlib.util.find_spec(where)
+        except (ImportError, ValueError):
+            return []
+        if found is None or not found.origin or not found.origin.endswith(".py"):
+            return []
+        path = Path(found.origin)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    imported = set(re.findall(r"^\s*(?:from|import)\s+([A-Za-z_][A-Za-z0-9_]*)", text, re.MULTILINE))
+    return [n for n in names if imported & {m.split(".")[0] for m in specs[n].modules}]
 
 
 def demo_backend(choice: str | None) -> Backend:
@@ -241,50 +274,62 @@ def layer_table(backend: Backend, model: Any, input_shape: tuple[int, ...]) -> l
     names = list(backend.layer_names(model))
     zeros = np.zeros((1, *input_shape), dtype=np.float32)
     shapes: dict[str, str] = {}
-
-    def recorder(seen: dict[str, str], name: str) -> Callable[[Any], None]:
-        def hook(features: Any) -> None:
-            shape = str(tuple(None if s is None else int(s) for s in tuple(features.shape)[1:]))
-            if name not in seen:
-                seen[name] = shape
-            elif not seen[name].endswith("(called again)"):
-                seen[name] = f"{seen[name]} (called again)"
-
-        return hook
-
-    def run_with_hooks(group: list[str]) -> dict[str, str] | None:
-        seen: dict[str, str] = {}
-        handles = []
-        try:
-            for name in group:
-                handles.append(backend.attach(model, name, recorder(seen, name)))
-            with backend.frozen(model):
-                backend.call(model, to_backend(backend, model, zeros))
-        except Exception:
-            return None
-        finally:
-            for handle in reversed(handles):
-                with contextlib.suppress(Exception):
-                    handle.remove()
-        return seen
-
-    def probe(group: list[str]) -> None:
-        seen = run_with_hooks(group)
-        if seen is not None:
-            shapes.update(seen)
-        elif len(group) == 1:
-            shapes[group[0]] = "(not a tensor)"
-        else:
-            probe(group[: len(group) // 2])
-            probe(group[len(group) // 2 :])
-
-    seen = run_with_hooks(names)
+    seen = _shapes_with_hooks(backend, model, zeros, names)
     if seen is None:
         run_model(backend, model, zeros)  # a model that fails on its own is the user's mistake
-        probe(names)
+        _probe_layers(backend, model, zeros, names, shapes)
     else:
         shapes.update(seen)
     return [(name, shapes.get(name, "-")) for name in names]
+
+
+def _shape_recorder(seen: dict[str, str], name: str) -> Callable[[Any], None]:
+    """A hook writing layer ``name``'s per-sample output shape into ``seen``."""
+
+    def hook(features: Any) -> None:
+        shape = str(tuple(None if s is None else int(s) for s in tuple(features.shape)[1:]))
+        if name not in seen:
+            seen[name] = shape
+        elif not seen[name].endswith("(called again)"):
+            seen[name] = f"{seen[name]} (called again)"
+
+    return hook
+
+
+def _shapes_with_hooks(
+    backend: Backend, model: Any, zeros: np.ndarray, group: list[str]
+) -> dict[str, str] | None:
+    """The output shapes of the layers in ``group`` from one pass with a recording hook on
+    each (``None`` if that pass fails); the hooks are removed in every case."""
+    seen: dict[str, str] = {}
+    handles = []
+    try:
+        for name in group:
+            handles.append(backend.attach(model, name, _shape_recorder(seen, name)))
+        with backend.frozen(model):
+            backend.call(model, to_backend(backend, model, zeros))
+    except Exception:
+        return None
+    finally:
+        for handle in reversed(handles):
+            with contextlib.suppress(Exception):
+                handle.remove()
+    return seen
+
+
+def _probe_layers(
+    backend: Backend, model: Any, zeros: np.ndarray, group: list[str], shapes: dict[str, str]
+) -> None:
+    """Fill ``shapes`` for ``group``, splitting it in halves while a pass with its hooks
+    fails; a single layer that still fails is marked ``'(not a tensor)'``."""
+    seen = _shapes_with_hooks(backend, model, zeros, group)
+    if seen is not None:
+        shapes.update(seen)
+    elif len(group) == 1:
+        shapes[group[0]] = "(not a tensor)"
+    else:
+        _probe_layers(backend, model, zeros, group[: len(group) // 2], shapes)
+        _probe_layers(backend, model, zeros, group[len(group) // 2 :], shapes)
 
 
 def _layer_kind(backend: Backend, model: Any, name: str) -> str | None:
@@ -358,10 +403,31 @@ def explain_batch(
     return maps[None] if maps.ndim == 2 else maps
 
 
-def estimate(engine: Any, batches: Any, n_samples: int, progbar: bool) -> None:
+def estimate(engine: Any, batches: Any, n_samples: int, progbar: bool, distributed: Any = None) -> None:
     """Estimate the feature statistics (warnings, e.g. too few samples, are shown by
-    :func:`one_line_warnings`)."""
-    engine.estimate(batches, n_samples=n_samples, progbar=progbar and sys.stderr.isatty())
+    :func:`one_line_warnings`); ``distributed`` as for
+    :func:`~iba_core.engines.estimate_loop`."""
+    engine.estimate(
+        batches, n_samples=n_samples, progbar=progbar and sys.stderr.isatty(), distributed=distributed
+    )
+
+
+#: How messages name this process in a data-parallel run (``" [rank 1/4]"``), else "";
+#: and the collectives to close when the command ends.
+_RANK_LABEL: dict[str, Any] = {"label": "", "dist": None}
+
+
+def start_distributed(backend: Backend) -> Any:
+    """The backend's :class:`~iba_core.contract.Collectives` when the command was started
+    as one of several processes (e.g. by ``torchrun``), its runtime started from the
+    launcher's environment; else ``None``.  Messages then name the rank."""
+    dist = backend.distributed(init=True)
+    if dist is None or dist.shards < 2:
+        return None
+    _RANK_LABEL["dist"] = dist
+    if dist.processes > 1:
+        _RANK_LABEL["label"] = f" [{dist.describe()}]"
+    return dist
 
 
 # -- files ------------------------------------------------------------------------------
@@ -628,7 +694,7 @@ def _progress(iterable: Any, **kwargs: Any) -> Any:
 
 
 def _warn(message: str) -> None:
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
+    print(f"{PROG}{_RANK_LABEL['label']}: warning: {message}", file=sys.stderr)
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:
@@ -644,8 +710,12 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
 
 # -- iba demo ---------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
+    if getattr(args, "task", "image") == "text":
+        from .text_demo import cmd_text_demo
+
+        return cmd_text_demo(args)
     from .datasets import cluttered_digits
-    from .demo import DEMO_LAYER, demo_figure
+    from .demo import BOX_COLOR, DEMO_LAYER, demo_figure
     from .metrics import bounding_box_score
 
     t0 = time.perf_counter()
@@ -685,9 +755,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     chance = box_area / float(maps.shape[1] * maps.shape[2])
     title = (
         f"IBA on cluttered digits ({backend.name}, bottleneck at {DEMO_LAYER}, "
-        f"{c}x{h}x{w}): green/white box = the digit"
+        f"{c}x{h}x{w}): {BOX_COLOR} box = the digit"
+        + ("; one colour scale for all maps" if args.shared_scale else "")
     )
-    png = demo_figure(test.images, maps, test.boxes, test.labels, predicted, scores, title=title)
+    shared = args.shared_scale
+    png = demo_figure(
+        test.images, maps, test.boxes, test.labels, predicted, scores, title=title, shared_scale=shared
+    )
     npz = npz_bytes(
         saliency_maps=maps.astype(np.float32),
         images=test.images,
@@ -773,7 +847,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
         print(f"{'layer':<{width}}  {'type':<{kind_width}}  output shape")
     else:
         print(f"{'layer':<{width}}  output shape")
-    for (name, out_shape), kind in zip(rows, kinds):
+    for (name, out_shape), kind in zip(rows, kinds, strict=True):
         if show_kinds:
             print(f"{name:<{width}}  {kind or '-':<{kind_width}}  {out_shape}")
         else:
@@ -782,15 +856,11 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .demo import overlay_figure
+    if getattr(args, "texts", None):
+        from .text_explain import cmd_explain_text
 
-    if args.estimate is None and args.estimate_from is None:
-        raise UsageError(
-            "the bottleneck needs feature statistics: give --estimate-from FOLDER "
-            "(images like the ones to explain) or --estimate FILE.npz"
-        )
-    if args.estimate is not None and args.estimate_from is not None:
-        raise UsageError("give either --estimate-from or --estimate, not both")
+        return cmd_explain_text(args)
+    _check_image_options(args)
     size = _size(args.size)
     out = check_out(Path(args.out))
     if args.save_estimate is not None:
@@ -800,7 +870,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.estimate is not None and not Path(args.estimate).is_file():
         raise UsageError(f"--estimate: no such file: {args.estimate}")
 
-    backend, model, inputs = _open_model(args)
+    backend = select_backend(args.backend, args.model)
+    # Under torchrun (or another launcher of the backend's runtime): one shard per process.
+    dist = start_distributed(backend)
+    model = backend.load_model(args.model, weights=args.weights, device=args.device)
+    inputs = backend.describe_input(model)
     size = size or inputs.size
     channels = _channels(args, inputs)
     channels_last = inputs.channels_last
@@ -810,87 +884,238 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     _check_layer(backend, model, args.layer)
     logits = predict(backend, model, x)
-    n_classes = int(logits.shape[1])
     predicted = logits.argmax(axis=1)
-    if args.target is not None:
-        if not 0 <= args.target < n_classes:
-            raise UsageError(
-                f"--target {args.target} is out of range: the model has "
-                f"{n_classes} classes (0..{n_classes - 1})"
-            )
-        targets = np.full(len(x), args.target, dtype=np.int64)
-    else:
-        targets = predicted.astype(np.int64)
+    targets = _explained_targets(args.target, predicted, int(logits.shape[1]), len(x))
     engine, feature_shape = open_bottleneck(
         backend, model, args.layer, inputs, x[:1], beta=args.beta, optimization_steps=args.steps
     )
+    if dist is not None:
+        from ..engines._distributed import agree, fingerprint
+
+        agree(
+            dist,
+            "the images, targets and settings",
+            (fingerprint(x), fingerprint(targets), args.layer, args.beta, args.steps, args.seed, args.noise),
+            "start every process with the same command line, on the same files",
+        )
 
     if args.estimate is not None:
         engine.estimator = _load_estimate(Path(args.estimate), feature_shape, args.layer)
     else:
-        count = min(len(estimate_paths), args.n_samples)
         # Statistics must match the explained images' feature shape: same pixel size.
         est_size = size or (x.shape[1:3] if channels_last else x.shape[2:4])
-        est_x = (
-            to_backend(backend, model, load_images(chunk, channels, est_size, mean, std, channels_last))
-            for chunk in _path_chunks(estimate_paths[:count], 64)
-        )
-        estimate(engine, est_x, count, progbar=True)
+        count = min(len(estimate_paths), args.n_samples)
+        load = lambda chunk: load_images(chunk, channels, est_size, mean, std, channels_last)
+        _estimate_from_images(backend, engine, model, estimate_paths[:count], load, dist)
 
-    maps = []
-    chunks = range(0, len(x), args.batch_size)
-    for i in _progress(chunks, desc="explain", unit="batch"):
-        # Image k draws its noise from stream seed + k, whatever the batch size.
-        maps.append(
-            explain_batch(
-                backend,
-                engine,
-                model,
-                x[i : i + args.batch_size],
-                targets[i : i + args.batch_size],
-                seed=args.seed + i,
-                noise=args.noise,
-            )
-        )
+    maps = _explain_chunks(args, backend, engine, model, x, targets, dist)
+    if maps is None:  # rank 0 writes the files
+        return 0
     maps_arr = np.concatenate(maps).astype(np.float32)
     bits = maps_arr.reshape(len(maps_arr), -1).sum(axis=1)
 
-    names = _unique_names(image_paths)
-    files: dict[str, bytes] = {}
     shown = x if channels_last else np.moveaxis(x, 1, -1)
-    shown = shown * std + mean
-    for name, m, img, t, p, b in zip(names, maps_arr, shown, targets, predicted, bits):
-        title = f"{name}: class {int(t)} (predicted {int(p)}), {b:.1f} bits"
-        files[f"{name}_saliency.png"] = overlay_figure(m, np.clip(img, 0, 1), title)
-    files["saliency_maps.npz"] = npz_bytes(
-        saliency_maps=maps_arr,
-        files=np.array([str(p) for p in image_paths]),
-        targets=targets,
-        predicted=predicted,
-        total_bits=bits,
-        layer=np.str_(args.layer),
-    )
-    table = io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["file", "target", "predicted", "total_bits", "max_bits_per_pixel", "saliency_png"])
-    for path, name, t, p, b, m in zip(image_paths, names, targets, predicted, bits, maps_arr):
-        writer.writerow(
-            [str(path), int(t), int(p), f"{b:.4f}", f"{float(m.max()):.6f}", f"{name}_saliency.png"]
-        )
-    files["summary.csv"] = table.getvalue().encode()
+    files = _explain_files(args.layer, image_paths, maps_arr, shown * std + mean, targets, predicted, bits)
     extra: dict[Path, Callable[[Path], None]] = {}
     if args.save_estimate is not None:
-        state = engine.estimator.state_dict()
-
-        def save_estimate(tmp: Path) -> None:
-            with open(tmp, "wb") as fh:  # a file object: np.savez adds no suffix
-                np.savez(fh, **state)
-
-        extra[Path(args.save_estimate)] = save_estimate
+        extra[Path(args.save_estimate)] = _npz_writer(engine.estimator.state_dict())
     write_outputs(out, files, extra)
     print(
         f"explained {len(x)} images at layer {args.layer}: mean {bits.mean():.1f} bits "
         f"per image; wrote {len(files)} files to {out}"
+    )
+    return 0
+
+
+def _check_image_options(args: argparse.Namespace) -> None:
+    """The options of ``iba explain --images`` that must be given, or not, together."""
+    if not args.images:
+        raise UsageError("give --images (image files or folders) or --texts (a text file and --tokenizer)")
+    for option in ("tokenizer", "max_length", "pad_id", "layout"):
+        if getattr(args, option, None) is not None:
+            raise UsageError(f"--{option.replace('_', '-')} is for --texts")
+    if args.estimate is None and args.estimate_from is None:
+        raise UsageError(
+            "the bottleneck needs feature statistics: give --estimate-from FOLDER "
+            "(images like the ones to explain) or --estimate FILE.npz"
+        )
+    if args.estimate is not None and args.estimate_from is not None:
+        raise UsageError("give either --estimate-from or --estimate, not both")
+
+
+def _explained_targets(target: int | None, predicted: np.ndarray, n_classes: int, n: int) -> np.ndarray:
+    """The class explained for each of ``n`` inputs: ``--target`` or the predicted one."""
+    if target is None:
+        return predicted.astype(np.int64)
+    if not 0 <= target < n_classes:
+        raise UsageError(
+            f"--target {target} is out of range: the model has {n_classes} classes (0..{n_classes - 1})"
+        )
+    return np.full(n, target, dtype=np.int64)
+
+
+def _estimate_from_images(
+    backend: Backend,
+    engine: Any,
+    model: Any,
+    paths: Sequence[Path],
+    load: Callable[[list[Path]], np.ndarray],
+    dist: Any,
+) -> None:
+    """Estimate the feature statistics on the images at ``paths``, read 64 at a time by
+    ``load``; under a distributed run each process reads chunks rank, rank + K, ...,
+    merged in order."""
+    chunks = list(_path_chunks(paths, 64))
+    if dist is not None:
+        chunks = chunks[dist.rank :: dist.processes]
+    batches = (to_backend(backend, model, load(chunk)) for chunk in chunks)
+    estimate(engine, batches, len(paths), progbar=True, distributed=None if dist is None else "own")
+
+
+def _explain_chunks(
+    args: argparse.Namespace,
+    backend: Backend,
+    engine: Any,
+    model: Any,
+    x: np.ndarray,
+    targets: np.ndarray,
+    dist: Any,
+) -> list[np.ndarray] | None:
+    """The maps of every ``--batch-size`` chunk of ``x``, in order (chunk c is explained
+    by shard c % K and gathered on every process); ``None`` on processes other than rank 0."""
+    chunks = range(0, len(x), args.batch_size)
+    shards = 1 if dist is None else dist.shards
+    local = (0,) if dist is None else dist.local_shards()
+
+    def explain_here() -> dict[int, np.ndarray]:
+        """The maps of this process's chunks (chunk c goes to shard c % K)."""
+        from ..engines import data_parallel
+
+        done = {}
+        mine = [(c, i) for c, i in enumerate(chunks) if c % shards in local]
+        shown = _progress(mine, desc="explain", unit="batch") if dist is None or dist.is_main else mine
+        with data_parallel(False):
+            for c, i in shown:
+                with contextlib.nullcontext() if dist is None else dist.on_shard(c % shards):
+                    # Image k draws its noise from stream seed + k, whatever the batch size.
+                    done[c] = explain_batch(
+                        backend,
+                        engine,
+                        model,
+                        x[i : i + args.batch_size],
+                        targets[i : i + args.batch_size],
+                        seed=args.seed + i,
+                        noise=args.noise,
+                    )
+        return done
+
+    if dist is None:
+        explained = explain_here()
+    else:
+        from ..engines._distributed import exchange
+
+        explained = {}
+        for part in exchange(dist, explain_here):
+            explained.update(part)
+        if not dist.is_main:
+            return None
+    return [explained[c] for c in range(len(chunks))]
+
+
+def _explain_files(
+    layer: str,
+    image_paths: Sequence[Path],
+    maps: np.ndarray,
+    images: np.ndarray,
+    targets: np.ndarray,
+    predicted: np.ndarray,
+    bits: np.ndarray,
+) -> dict[str, bytes]:
+    """The files ``iba explain`` writes: one overlay PNG per image (``images`` channels-last,
+    in [0, 1] before clipping), ``saliency_maps.npz`` and ``summary.csv``."""
+    from .demo import overlay_figure
+
+    names = _unique_names(image_paths)
+    files: dict[str, bytes] = {}
+    for name, m, img, t, p, b in zip(names, maps, images, targets, predicted, bits, strict=True):
+        title = f"{name}: class {int(t)} (predicted {int(p)}), {b:.1f} bits"
+        files[f"{name}_saliency.png"] = overlay_figure(m, np.clip(img, 0, 1), title)
+    files["saliency_maps.npz"] = npz_bytes(
+        saliency_maps=maps,
+        files=np.array([str(p) for p in image_paths]),
+        targets=targets,
+        predicted=predicted,
+        total_bits=bits,
+        layer=np.str_(layer),
+    )
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["file", "target", "predicted", "total_bits", "max_bits_per_pixel", "saliency_png"])
+    for path, name, t, p, b, m in zip(image_paths, names, targets, predicted, bits, maps, strict=True):
+        writer.writerow(
+            [str(path), int(t), int(p), f"{b:.4f}", f"{float(m.max()):.6f}", f"{name}_saliency.png"]
+        )
+    files["summary.csv"] = table.getvalue().encode()
+    return files
+
+
+def _npz_writer(state: dict[str, Any]) -> Callable[[Path], None]:
+    """A writer of ``state`` as an ``.npz`` file at the path it is given."""
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez adds no suffix
+            np.savez(fh, **state)
+
+    return save
+
+
+# -- iba merge-estimates -----------------------------------------------------------------
+def cmd_merge_estimates(args: argparse.Namespace) -> int:
+    """Merge estimates saved on different machines (or shards) into one, exactly."""
+    from ..math import Estimator, SavedStateError
+
+    out = check_writable(Path(args.output), "-o", folder=False)
+    merged = Estimator()
+    first: tuple[str, Any] | None = None
+    for name in args.estimates:
+        path = Path(name)
+        if not path.is_file():
+            raise UsageError(f"no such file: {name}")
+        try:
+            est = Estimator.load(path)
+        except (SavedStateError, OSError) as exc:
+            raise UsageError(_one_line(str(exc))) from None
+        if first is None:
+            first = (name, est)
+            merged.layer, merged.layout = est.layer, est.layout
+        else:
+            ref_name, ref = first
+            for what, mine, theirs in (
+                ("layer", est.layer, ref.layer),
+                ("feature shape", est.shape, ref.shape),
+                ("layout", est.layout, ref.layout),
+            ):
+                if mine != theirs:
+                    raise UsageError(
+                        f"cannot merge {name} into {ref_name}: {what} {mine!r} differs from "
+                        f"{theirs!r}; merge only estimates of the same layer of the same model"
+                    )
+        merged.merge(est)
+    state: dict[str, Any] = merged.state_dict()
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez adds no suffix
+            np.savez(fh, **state)
+
+    with OutputSet() as outputs:
+        try:
+            outputs.stage(out, save)
+            outputs.commit()
+        except OSError as exc:
+            raise RunFailure(f"cannot write {exc.filename or out}: {exc.strerror or exc}") from None
+    print(
+        f"merged {len(args.estimates)} estimates of layer {merged.layer or '(unnamed)'}: "
+        f"{merged.n} samples, feature shape {merged.shape}; wrote {out}"
     )
     return 0
 
@@ -997,7 +1222,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Estimate the bottleneck statistics of a small pretrained CNN, explain "
         "test images of cluttered handwritten digits in one batched call, and "
         "score how much of each map falls on the digit's box. Writes demo.png "
-        "and saliency_maps.npz to --out.",
+        "and saliency_maps.npz to --out. With --task text: a small transformer on "
+        "synthetic sentences whose label is decided by known evidence words; per-token "
+        "maps in bits, scored by the share of the top-k tokens on the evidence. Writes "
+        "text_demo.html, text_demo.png and token_maps.npz.",
+    )
+    demo.add_argument(
+        "--task",
+        choices=["image", "text"],
+        default="image",
+        help="image: the CNN on cluttered digits (default); text: the transformer on synthetic sentences",
     )
     demo.add_argument(
         "--backend",
@@ -1025,6 +1259,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         type=int_in(1, DEMO_MAX_ESTIMATE, " (the demo makes these images in memory, 16 KiB each)"),
         help=f"images to estimate the feature statistics on (default: 1000, at most {DEMO_MAX_ESTIMATE:,})",
+    )
+    demo.add_argument(
+        "--shared-scale",
+        action="store_true",
+        help="draw every map on one colour scale (0 to the largest value of all maps), so that "
+        "colours compare across images (default: each map to its own maximum)",
     )
     demo.set_defaults(func=cmd_demo)
 
@@ -1091,8 +1331,47 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="layer to put the bottleneck at (see 'iba layers MODEL')",
     )
+    explain.add_argument("--images", nargs="+", metavar="PATH", help="image files or folders to explain")
     explain.add_argument(
-        "--images", required=True, nargs="+", metavar="PATH", help="image files or folders to explain"
+        "--texts",
+        nargs="+",
+        metavar="FILE.txt",
+        help="text files to explain, one example per line (instead of --images; needs "
+        "--tokenizer). Writes token_maps.json, token_bits.csv and token_maps.npz (bits per token; "
+        "--estimate-from then takes text files too)",
+    )
+    explain.add_argument(
+        "--tokenizer",
+        metavar="SPEC",
+        help="with --texts: 'package.module:factory' or 'file.py:factory', a callable returning "
+        "the tokenizer (or the tokenizer itself): a callable text -> list of token ids (or a "
+        "mapping with 'input_ids'), or an object with encode(text). Token strings come from its "
+        "convert_ids_to_tokens(ids), id_to_token(id) or vocab if it has one; its pad_token_id "
+        "pads shorter texts. The model gets the ids (N, T) alone",
+    )
+    explain.add_argument(
+        "--max-length",
+        type=int_in(1),
+        metavar="T",
+        help="with --texts: pad (and cut) every text to T tokens (default: the longest text's length)",
+    )
+    explain.add_argument(
+        "--pad-id",
+        type=int_in(0),
+        metavar="ID",
+        help="with --texts: the padding token id (default: the tokenizer's pad_token_id, else 0); "
+        "padded positions get no noise and 0 bits",
+    )
+    explain.add_argument(
+        "--layout",
+        choices=["channels_last", "channels_first"],
+        help="with --texts: the layer's feature layout, (N, T, C) or (N, C, T), where the "
+        "backend cannot tell it from the layer (default: inferred, else refused)",
+    )
+    explain.add_argument(
+        "--html",
+        action="store_true",
+        help="with --texts: also write token_maps.html (tokens coloured by bits)",
     )
     explain.add_argument(
         "--estimate-from",
@@ -1163,6 +1442,18 @@ def build_parser() -> argparse.ArgumentParser:
         "NumPy's, the same numbers in every backend and on every device",
     )
     explain.set_defaults(func=cmd_explain)
+
+    merge = sub.add_parser(
+        "merge-estimates",
+        help="merge feature statistics saved on different machines into one",
+        description="Merge estimates written by --save-estimate (or Estimator.save) on "
+        "different data, e.g. on different machines, into the estimate of all their data "
+        "together (exactly: Chan's formula). Estimates of different layers, feature shapes or "
+        "layouts are refused.",
+    )
+    merge.add_argument("estimates", nargs="+", metavar="FILE.npz", help="estimates to merge")
+    merge.add_argument("-o", "--output", required=True, metavar="FILE.npz", help="the merged estimate")
+    merge.set_defaults(func=cmd_merge_estimates)
     return parser
 
 
@@ -1177,10 +1468,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     prog = f"{PROG} {args.command}"
+    _RANK_LABEL.update(label="", dist=None)
     try:
         with one_line_warnings(), quiet_native_stderr():
             return int(args.func(args))
     except UsageError as exc:
+        prog += _RANK_LABEL["label"]
         print(f"{prog}: error: {_one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -1189,11 +1482,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("IBA_DEBUG"):
             raise
+        prog += _RANK_LABEL["label"]
         print(
             f"{prog}: error: {type(exc).__name__}: {_one_line(str(exc))} (set IBA_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )
         return 1
+    finally:
+        if _RANK_LABEL["dist"] is not None:  # a runtime the command started ends with it
+            with contextlib.suppress(Exception):
+                _RANK_LABEL["dist"].close()
 
 
 @contextlib.contextmanager

@@ -131,6 +131,31 @@ def cluttered_digits(
         boxes (N, 4) int64 as (x0, y0, x1, y1))``.
     """
     n = int(n)
+    lo, hi = _checked_scale(n, split, scale, size, n_clutter, noise)
+    digits, digit_labels = load_digits_split(split)
+    images = np.zeros((n, 1, size, size), dtype=np.float32)
+    labels = np.zeros(n, dtype=np.int64)
+    boxes = np.zeros((n, 4), dtype=np.int64)
+    split_id = _SPLITS.index(split)
+    for i in range(n):
+        # One stream per image: image i is the same whatever n is.
+        rng = np.random.default_rng([int(seed), split_id, i])
+        canvas = np.zeros((size, size), dtype=np.float64)
+        k, box = _place_target(rng, canvas, digits, lo, hi)
+        for _ in range(int(rng.integers(n_clutter // 2, n_clutter + 1))):
+            _place_fragment(rng, canvas, digits, lo, hi, box)
+        if noise > 0:
+            canvas += rng.normal(0.0, noise, size=canvas.shape)
+        images[i, 0] = np.clip(canvas, 0.0, 1.0)
+        labels[i] = digit_labels[k]
+        boxes[i] = box
+    return ClutteredDigits(images, labels, boxes)
+
+
+def _checked_scale(
+    n: int, split: str, scale: tuple[float, float], size: int, n_clutter: int, noise: float
+) -> tuple[float, float]:
+    """The scale range ``(lo, hi)``, once the arguments of :func:`cluttered_digits` are checked."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if split not in _SPLITS:
@@ -142,47 +167,53 @@ def cluttered_digits(
         raise ValueError(f"size {size} is too small for digits scaled up to {hi}x (8 px each)")
     if n_clutter < 0 or noise < 0:
         raise ValueError("n_clutter and noise must be >= 0")
-    digits, digit_labels = load_digits_split(split)
-    images = np.zeros((n, 1, size, size), dtype=np.float32)
-    labels = np.zeros(n, dtype=np.int64)
-    boxes = np.zeros((n, 4), dtype=np.int64)
-    split_id = _SPLITS.index(split)
-    for i in range(n):
-        # One stream per image: image i is the same whatever n is.
-        rng = np.random.default_rng([int(seed), split_id, i])
-        canvas = np.zeros((size, size), dtype=np.float64)
-        k = int(rng.integers(len(digits)))
-        s = rng.uniform(lo, hi)
-        h = round(8 * s)
-        w = round(8 * s * rng.uniform(0.9, 1.1))
-        patch = _scale(digits[k], h, w)
-        y, x = int(rng.integers(size - h + 1)), int(rng.integers(size - w + 1))
-        canvas[y : y + h, x : x + w] = patch
-        ink = _ink_box(patch)
-        assert ink is not None  # every load_digits digit has ink
-        box = (x + ink[0], y + ink[1], x + ink[2], y + ink[3])
-        for _ in range(int(rng.integers(n_clutter // 2, n_clutter + 1))):
-            j = int(rng.integers(len(digits)))
-            s = rng.uniform(lo, hi)
-            full = _scale(digits[j], round(8 * s), round(8 * s * rng.uniform(0.9, 1.1)))
-            fh = int(rng.integers(full.shape[0] // 3, full.shape[0] // 2 + 1))
-            fw = int(rng.integers(full.shape[1] // 3, full.shape[1] // 2 + 1))
-            fy = int(rng.integers(full.shape[0] - fh + 1))
-            fx = int(rng.integers(full.shape[1] - fw + 1))
-            frag = full[fy : fy + fh, fx : fx + fw]
-            frag_ink = _ink_box(frag)
-            if frag_ink is None:
-                continue
-            for _try in range(10):
-                py, px = int(rng.integers(size - fh + 1)), int(rng.integers(size - fw + 1))
-                placed = (px + frag_ink[0], py + frag_ink[1], px + frag_ink[2], py + frag_ink[3])
-                if not _overlaps(placed, box, margin=2):
-                    region = canvas[py : py + fh, px : px + fw]
-                    np.maximum(region, frag, out=region)
-                    break
-        if noise > 0:
-            canvas += rng.normal(0.0, noise, size=canvas.shape)
-        images[i, 0] = np.clip(canvas, 0.0, 1.0)
-        labels[i] = digit_labels[k]
-        boxes[i] = box
-    return ClutteredDigits(images, labels, boxes)
+    return lo, hi
+
+
+def _place_target(
+    rng: np.random.Generator, canvas: np.ndarray, digits: np.ndarray, lo: float, hi: float
+) -> tuple[int, tuple[int, int, int, int]]:
+    """Draw the target digit into ``canvas`` at a random scale and position: its index in
+    ``digits`` and the box ``(x0, y0, x1, y1)`` of its ink."""
+    size = canvas.shape[0]
+    k = int(rng.integers(len(digits)))
+    s = rng.uniform(lo, hi)
+    h = round(8 * s)
+    w = round(8 * s * rng.uniform(0.9, 1.1))
+    patch = _scale(digits[k], h, w)
+    y, x = int(rng.integers(size - h + 1)), int(rng.integers(size - w + 1))
+    canvas[y : y + h, x : x + w] = patch
+    ink = _ink_box(patch)
+    assert ink is not None  # every load_digits digit has ink
+    return k, (x + ink[0], y + ink[1], x + ink[2], y + ink[3])
+
+
+def _place_fragment(
+    rng: np.random.Generator,
+    canvas: np.ndarray,
+    digits: np.ndarray,
+    lo: float,
+    hi: float,
+    box: tuple[int, int, int, int],
+) -> None:
+    """Draw a random crop of a random digit into ``canvas`` where its ink keeps 2 px
+    away from ``box`` (up to 10 tries; none if it never fits or the crop has no ink)."""
+    size = canvas.shape[0]
+    j = int(rng.integers(len(digits)))
+    s = rng.uniform(lo, hi)
+    full = _scale(digits[j], round(8 * s), round(8 * s * rng.uniform(0.9, 1.1)))
+    fh = int(rng.integers(full.shape[0] // 3, full.shape[0] // 2 + 1))
+    fw = int(rng.integers(full.shape[1] // 3, full.shape[1] // 2 + 1))
+    fy = int(rng.integers(full.shape[0] - fh + 1))
+    fx = int(rng.integers(full.shape[1] - fw + 1))
+    frag = full[fy : fy + fh, fx : fx + fw]
+    frag_ink = _ink_box(frag)
+    if frag_ink is None:
+        return
+    for _try in range(10):
+        py, px = int(rng.integers(size - fh + 1)), int(rng.integers(size - fw + 1))
+        placed = (px + frag_ink[0], py + frag_ink[1], px + frag_ink[2], py + frag_ink[3])
+        if not _overlaps(placed, box, margin=2):
+            region = canvas[py : py + fh, px : px + fw]
+            np.maximum(region, frag, out=region)
+            return

@@ -77,7 +77,12 @@ def _pyplot() -> Any:
     return plt
 
 
-def _draw_box(ax: Any, box: Sequence[int], color: str = "lime") -> None:
+#: Colour of the ground-truth box, on the image and on the map alike: magenta is neither a
+#: grey of the image nor a colour of the map's "jet" scale.
+BOX_COLOR = "magenta"
+
+
+def _draw_box(ax: Any, box: Sequence[int], color: str = BOX_COLOR) -> None:
     from matplotlib.patches import Rectangle
 
     x0, y0, x1, y1 = (int(v) for v in box)
@@ -105,13 +110,17 @@ def demo_figure(
     columns: int = 4,
     title: str | None = None,
     dpi: int = 100,
+    shared_scale: bool = False,
 ) -> bytes:
     """The demo's figure as PNG bytes: per image, the input with its box, then the map.
 
     ``images`` ``(N, 1, H, W)`` or ``(N, H, W)``; ``maps`` ``(N, H, W)`` in bits per pixel.
     Each image takes two panels, one above the other: the input with the ground-truth box
     (title: true and predicted class), and the saliency map over it (title: total bits
-    and the fraction of the top-n pixels inside the box).
+    and the fraction of the top-n pixels inside the box).  The box has the same colour
+    (:data:`BOX_COLOR`) on both.  Each map's colour scale runs from 0 to its own maximum,
+    or, with ``shared_scale=True``, to the maximum over all maps, so that colours compare
+    across images.
     """
     from .plotting import plot_saliency_map
 
@@ -120,6 +129,7 @@ def demo_figure(
     if images.ndim == 4:
         images = images[:, 0]
     n = len(images)
+    vmax = float(np.max(maps)) if shared_scale and np.size(maps) else None
     cols = max(1, min(columns, n))
     rows = -(-n // cols)
     fig, axes = plt.subplots(2 * rows, cols, figsize=(3.1 * cols, 5.6 * rows), squeeze=False)
@@ -132,7 +142,7 @@ def demo_figure(
         top.imshow(images[i], cmap="Greys_r", vmin=0.0, vmax=1.0, interpolation="nearest")
         top.set_xticks([])
         top.set_yticks([])
-        _draw_box(top, boxes[i])
+        _draw_box(top, boxes[i], color=BOX_COLOR)
         ok = int(predicted[i]) == int(labels[i])
         top.set_title(
             f"digit {int(labels[i])}, predicted {int(predicted[i])}",
@@ -147,8 +157,9 @@ def demo_figure(
             colorbar_label="bits / pixel",
             colorbar_fontsize=8,
             colorbar_size=0.5,
+            vmax=vmax,
         )
-        _draw_box(bottom, boxes[i], color="white")
+        _draw_box(bottom, boxes[i], color=BOX_COLOR)
         bottom.set_title(f"{float(maps[i].sum()):.1f} bits, {box_scores[i]:.0%} in box", fontsize=10)
     if title:
         fig.suptitle(title, fontsize=11)

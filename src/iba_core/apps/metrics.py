@@ -466,7 +466,7 @@ def bounding_box_score(saliency: Any, boxes: Any) -> np.ndarray:
         raise ValueError(f"saliency must be (N, H, W), got shape {s.shape}")
     masks = _regions(boxes, len(s), s.shape[1:])
     scores = np.empty(len(s))
-    for i, (m, inside) in enumerate(zip(s.reshape(len(s), -1), masks.reshape(len(s), -1))):
+    for i, (m, inside) in enumerate(zip(s.reshape(len(s), -1), masks.reshape(len(s), -1), strict=True)):
         n = int(inside.sum())
         if n == 0:
             raise ValueError(f"box/mask {i} is empty (or outside the {s.shape[1:]} map)")

@@ -18,6 +18,7 @@ from ._backend import (
     UsageError,
     attached,
 )
+from ._collectives import Collectives, DistributedError, LocalShards
 from ._helpers import lazy_exports, resolve_layer
 from ._registry import (
     ENTRY_POINT_GROUP,
@@ -38,9 +39,12 @@ __all__ = [
     "LAYOUTS",
     "Backend",
     "BackendSpec",
+    "Collectives",
+    "DistributedError",
     "FeatureHook",
     "Handle",
     "InputSpec",
+    "LocalShards",
     "RunFailure",
     "UsageError",
     "attached",

@@ -10,6 +10,8 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from ._collectives import Collectives
+
 FeatureHook = Callable[[Any], Any]
 """Called with a layer's features ``(N, ...)`` as the layer produces them; returns
 replacement features (the same per-sample shape, a whole multiple of the rows), or
@@ -215,6 +217,18 @@ class Backend(abc.ABC):
         """
         return None
 
+    def split_after(self, model: Any, layer: Any) -> Callable[[Any], Any] | None:
+        """The model after ``layer``: a function of the layer's output (in the layer's own
+        layout) that returns the model's output, or ``None`` (the default: not known).
+
+        With it, an explanation runs the layers before the bottleneck once per input
+        instead of once per optimisation step.  Return ``None`` wherever the model's output
+        depends on its input other than through the layer (a skip connection around it),
+        or the layer runs more than once; the engine also checks the result against the
+        whole model on the clean pass and runs the whole model if they differ.
+        """
+        return None
+
     def pass_size(self, like: Any) -> int | None:
         """Suggested largest number of samples per model pass on ``like``'s device.
 
@@ -240,6 +254,12 @@ class Backend(abc.ABC):
         """The pretrained demo CNN of ``iba demo`` (1x64x64 cluttered digits, 10 classes)."""
         raise UsageError(f"the {self.name} backend has no demo model")
 
+    def demo_text_model(self, device: str | None = None) -> Any:
+        """The pretrained transformer of ``iba demo --task text``: token ids ``(N, T)``
+        (:mod:`iba_core.apps.text_task`, pad id 0) to logits ``(N, 4)``, with a layer
+        ``"embeddings"`` of channels-last features ``(N, T, D)``."""
+        raise UsageError(f"the {self.name} backend has no text demo model")
+
     def layer_kind(self, model: Any, layer: str) -> str | None:
         """What kind of layer ``layer`` is (e.g. its class name), for ``iba layers``."""
         return None
@@ -251,6 +271,16 @@ class Backend(abc.ABC):
     def to_device(self, x: Any, model: Any) -> Any:
         """``x`` on the device of ``model``'s weights (unchanged by default)."""
         return x
+
+    # -- data-parallel runs (optional) -------------------------------------------------
+    def distributed(self, init: bool = False) -> Collectives | None:
+        """The :class:`~iba_core.contract.Collectives` of the framework's distributed
+        runtime when this process is part of a data-parallel run of several shards (e.g.
+        ``torch.distributed`` initialised with more than one process, or a
+        ``tf.distribute`` strategy over several devices in scope); ``None`` otherwise
+        (the default).  ``init=True`` (the ``iba`` command) lets the backend start the
+        runtime from its launcher's environment (e.g. ``torchrun``'s variables)."""
+        return None
 
     # -- detection -----------------------------------------------------------------
     def owns(self, obj: Any) -> bool:

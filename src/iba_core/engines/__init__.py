@@ -15,6 +15,7 @@ from ._bottleneck import (
     repeat_inputs,
 )
 from ._config import FIELDS, IBAConfig
+from ._distributed import data_parallel
 from ._front import (
     IBA,
     MULTI_INPUT,
@@ -67,6 +68,7 @@ __all__ = [
     "analysis_options",
     "check_output_rows",
     "class_indices",
+    "data_parallel",
     "estimate_loop",
     "in_layout",
     "input_batches",

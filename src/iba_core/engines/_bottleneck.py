@@ -18,9 +18,10 @@ from ..math._adam import adam_init, adam_kernel, adam_scalars
 from ..math._capacity import capacity as capacity_fn
 from ..math._capacity import capacity_from_mask, inject_folded, restriction_mask
 from ..math._estimator import Estimator
-from ..math._linear_ops import smoothing_operands
+from ..math._linear_ops import smoothing_matrix, smoothing_operands
 from ..math._xp import namespace
 from ._config import FIELDS, IBAConfig, LiveSettings
+from ._distributed import agree, collectives, sharded_estimate
 
 MIN_RECOMMENDED_SAMPLES = 1000
 
@@ -248,6 +249,8 @@ class Bottleneck(LiveSettings):
         self._calls = 0
         self._per_pass = False
         self._last_features: Any = None
+        self._last_padding: np.ndarray | None = None
+        self._active_padding: np.ndarray | None = None
         self._stats_cache: dict[Any, tuple[Any, Any, Any]] = {}
         self._stats_version: Any = None
         self._compiled_steps: dict[Any, Any] = {}
@@ -406,7 +409,11 @@ class Bottleneck(LiveSettings):
             alpha = xp.broadcast_to(alpha, tuple(features.shape))
         fns = _step_functions(backend, config.sigma, config.relu, False)
         operands = smoothing_operands(features, config.sigma, features.ndim - 2)
-        mask = fns.mask(alpha, active, mean * active, std * active, operands)
+        padding, pad_terms = self._active_padding, None
+        if padding is not None and features.ndim == 3 and tuple(padding.shape) == (n, int(features.shape[2])):
+            # The last explanation's attention mask: its padding passes unchanged.
+            active, pad_terms, operands = padding_terms(backend, features, padding, active, config.sigma)
+        mask = fns.mask(alpha, active, mean * active, std * active, operands, pad_terms)
         return self._inject(model_features, noise, (*mask, fns.inject))
 
     def _noisy_copies(self, features: Any, noise: Any) -> Any:
@@ -456,10 +463,13 @@ class Bottleneck(LiveSettings):
         alpha: Any = None,
         mask: tuple[Any, ...] | None = None,
         noise: Any = None,
+        padding: np.ndarray | None = None,
     ) -> Iterator[None]:
         saved = (self._mode, self._active_alpha, self._mask, self._noise, self._calls, self._recorder)
+        saved_padding = self._active_padding
         self._mode = mode
         self._active_alpha, self._mask, self._noise, self._calls = alpha, mask, noise, 0
+        self._active_padding = padding
         self._recorder = FeatureRecorder()
         if mode == "record":
             self._recorder.start(self._require_backend(), interrupt=interrupt)
@@ -468,6 +478,7 @@ class Bottleneck(LiveSettings):
         finally:
             self._recorder.stop()
             (self._mode, self._active_alpha, self._mask, self._noise, self._calls, self._recorder) = saved
+            self._active_padding = saved_padding
 
     def recording(self, *, interrupt: bool = False) -> contextlib.AbstractContextManager[None]:
         """Context: the hook records the features it sees (in ``recorded``).
@@ -498,12 +509,20 @@ class Bottleneck(LiveSettings):
     def restricting(
         self, alpha: Any | None = None, noise: Any = None
     ) -> contextlib.AbstractContextManager[None]:
-        """Context: the hook injects noise with mask logits ``alpha`` (default: the last),
-        with the settings of the last explanation."""
+        """Context: the hook injects noise with mask logits ``alpha`` (default: the last,
+        with the last explanation's attention mask: padding passes unchanged), with the
+        settings of the last explanation."""
+        padding = self._last_padding if alpha is None else None
         alpha = self.alpha if alpha is None else alpha
         if alpha is None:
             raise RuntimeError("no mask to restrict the flow with: call analyze() first")
-        return self._state("restrict", alpha=alpha, noise=noise)
+        return self._state("restrict", alpha=alpha, noise=noise, padding=padding)
+
+    @property
+    def last_padding(self) -> np.ndarray | None:
+        """The attention mask ``(N, T)`` of the last explanation (1 = real, 0 = padding;
+        NumPy), or ``None``."""
+        return self._last_padding
 
     @staticmethod
     @contextlib.contextmanager
@@ -514,20 +533,26 @@ class Bottleneck(LiveSettings):
         except _StopForward:
             pass
 
-    def mask_terms(self, alpha: Any) -> tuple[Any, Any, Any]:
+    def mask_terms(self, alpha: Any, padding: np.ndarray | None = None) -> tuple[Any, Any, Any]:
         """``(lambda * active, (1 - lambda) * mean * active, (1 - lambda) * std * active)``
         for mask logits ``alpha`` ``(N, C, ...)``, each shaped like ``alpha``, with the
         settings of the last explanation: the terms of the injection ``Z = lambda_a * R +
-        mu_a + sigma_a * eps``, for a front that injects noise in its own traced code."""
+        mu_a + sigma_a * eps``, for a front that injects noise in its own traced code.
+        ``padding``: an attention mask ``(N, T)`` for sequence logits ``(N, C, T)`` (e.g.
+        :attr:`last_padding`): padded positions then pass unchanged."""
         backend = self._require_backend()
         config = self.last_config or self.config
         mean, std, active = self._stats_like(alpha, backend, config)
         fns = _step_functions(backend, config.sigma, config.relu, False)
         operands = smoothing_operands(alpha, config.sigma, alpha.ndim - 2)
+        pad_terms = None
+        if padding is not None:
+            active, pad_terms, operands = padding_terms(backend, alpha, padding, active, config.sigma)
         xp = backend.namespace()
         shape = tuple(int(n) for n in alpha.shape)
         return tuple(
-            xp.reshape(t, shape) for t in fns.mask(alpha, active, mean * active, std * active, operands)
+            xp.reshape(t, shape)
+            for t in fns.mask(alpha, active, mean * active, std * active, operands, pad_terms)
         )
 
     def capacity(self, features: Any = None, alpha: Any = None) -> Any:
@@ -547,7 +572,14 @@ class Bottleneck(LiveSettings):
         if str(alpha.dtype) != str(features.dtype):
             alpha = xp.astype(alpha, features.dtype)
         mean, std, active = self._stats_like(features, backend, config)
-        return capacity_fn(features, alpha, mean, std, active=active, sigma=config.sigma)
+        padding = self._last_padding
+        if padding is None or int(padding.shape[0]) != int(features.shape[0]):
+            return capacity_fn(features, alpha, mean, std, active=active, sigma=config.sigma)
+        # The padding of the last explanation: zero at padded positions, smoothed per input.
+        active, _, operands = padding_terms(backend, features, padding, active, config.sigma)
+        alpha = xp.broadcast_to(alpha, tuple(features.shape))
+        lam, one_minus = restriction_mask(alpha, config.sigma, operands)
+        return capacity_from_mask((features - mean) / std, alpha, lam, one_minus, active, config.sigma)
 
     def _require_backend(self) -> Backend:
         if self.backend is None:
@@ -570,13 +602,14 @@ class Bottleneck(LiveSettings):
         n_samples: int = 10000,
         progbar: bool | None = None,
         reset: bool = True,
+        distributed: bool | str | None = None,
     ) -> Estimator:
         """Estimate the feature statistics over ``batches``.
 
         ``run_batch(batch)`` runs the model on one batch (moving it to the device as
         needed); the hook records the layer's features and ends the pass right after the
         layer.  Stops after ``n_samples`` samples.  Warns (:class:`FewSamplesWarning`)
-        below 1,000 samples.
+        below 1,000 samples.  ``distributed``: see :func:`estimate_loop`.
         """
         backend = self._require_backend()
         if reset:
@@ -592,6 +625,7 @@ class Bottleneck(LiveSettings):
             [self.estimator],
             n_samples=n_samples,
             progbar=self.config.progbar if progbar is None else progbar,
+            distributed=distributed,
         )
         return self.estimator
 
@@ -609,6 +643,7 @@ class Bottleneck(LiveSettings):
         compile_step: bool = False,
         check_path: bool = False,
         features: Any = None,
+        padding: np.ndarray | None = None,
         **overrides: Any,
     ) -> Any:
         """Optimise one mask per input and return its capacity ``(N, C, ...)`` in nats.
@@ -632,6 +667,13 @@ class Bottleneck(LiveSettings):
         ``check_path=True`` (for losses the engine did not write) differentiates the first
         step's model term on its own, so a loss without a gradient path to the mask
         raises instead of giving a map that ignores the model.
+
+        ``padding``: for sequence features ``(N, C, T)``, a NumPy ``(N, T)`` array, 1 at
+        real positions and 0 at padded ones (an attention mask).  Padded positions get no
+        noise (the features pass unchanged) and exactly zero capacity, the capacity term
+        is each input's mean over its real positions, and the mask is smoothed along each
+        input's real positions only; so the real positions' result does not depend on
+        what the padding holds (see :func:`padding_terms`).
 
         ``copies`` says where the ``batch_size`` copies of each input are made.
         ``"input"`` (the reference library's contract): ``model_loss`` is called with
@@ -662,31 +704,13 @@ class Bottleneck(LiveSettings):
             raise ValueError("analyze() needs at least one input")
         bs, steps = cfg.batch_size, cfg.optimization_steps
 
-        if features is None:
-            # One short pass (ended after the layer) gives the features and validates the
-            # setup.
-            with self.recording(interrupt=True):
-                with self.interruptible():
-                    if targets is None:
-                        model_loss(x)
-                    else:
-                        model_loss(x, None)
-                if not self._recorder.features:
-                    raise RuntimeError(
-                        "the model loss function never ran the bottleneck layer; it must run "
-                        "the model that contains the layer on the batch it is given"
-                    )
-                features = self._recorder.features[0]
-        if int(features.shape[0]) != n:
-            raise ValueError(
-                f"the layer saw a batch of {features.shape[0]} for {n} inputs; "
-                "the model must keep the batch axis first"
-            )
+        features = self._features_of(model_loss, x, targets is not None, features)
         # The mask, its Adam state, the statistics and the noise in float32 for 16-bit
         # models; the noisy features go back to the model in its own dtype.
         features = working_precision(xp, features)
         mean, std, active = self._stats_like(features, backend, cfg)
         sample_shape = tuple(int(s) for s in features.shape[1:])
+        active, pad_terms, operands = _smoothing_and_padding(backend, features, padding, active, cfg.sigma)
 
         batch = x if copies == "layer" else repeat_inputs(xp, x, bs)
         r = (features - mean) / std  # normalised features, constant across steps
@@ -698,7 +722,6 @@ class Bottleneck(LiveSettings):
         )
         m, v = adam_init(alpha)[1:]
         source = _Noise(backend, features, n, bs, seed, noise)
-        operands = smoothing_operands(features, cfg.sigma, features.ndim - 2)
         target_rows = (
             ()
             if targets is None
@@ -711,7 +734,7 @@ class Bottleneck(LiveSettings):
         bar = _progress(cfg.progbar, total=steps, desc="analyze", unit="step")
         for i in range(steps):
             eps = source.draw(sample_shape)
-            args = (eps, batch, r, active, mean_a, std_a, operands, *target_rows)
+            args = (eps, batch, r, active, mean_a, std_a, operands, pad_terms, *target_rows)
             adam = (m, v, *adam_scalars(i + 1, cfg.lr, like=alpha))
             try:
                 value, new_alpha, (m, v) = (first_step if i == 0 else step)(alpha, adam, args)
@@ -720,14 +743,9 @@ class Bottleneck(LiveSettings):
                     raise
                 # The model cannot take the copies at the layer: make them at the input.
                 copies, batch = "input", repeat_inputs(xp, x, bs)
-                args = (eps, batch, r, active, mean_a, std_a, operands, *target_rows)
+                args = (eps, batch, r, active, mean_a, std_a, operands, pad_terms, *target_rows)
                 value, new_alpha, (m, v) = first_step(alpha, adam, args)
-            value = float(value)
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"the loss became {value} at step {i}; check the model loss function "
-                    "(it must be finite for the given inputs) and the feature statistics"
-                )
+            _check_finite_loss(float(value), i)
             alpha = new_alpha
             if bar is not None:
                 bar.update(1)
@@ -736,8 +754,38 @@ class Bottleneck(LiveSettings):
         self.copies_made_at = copies
         self.alpha = backend.stop_gradient(alpha)
         self._last_features = features
+        self._last_padding = None if padding is None else np.asarray(padding, dtype=np.float64)
         self.last_config = cfg
-        return capacity_fn(features, self.alpha, mean, std, active=active, sigma=cfg.sigma)
+        # Compiled with the step: op by op, a compiler (XLA) would compile each operation
+        # on a first call.
+        compiled = compile_step or (backend.compile_by_default if cfg.compile is None else cfg.compile)
+        fns = _step_functions(backend, cfg.sigma, cfg.relu, bool(compiled))
+        return fns.capacity(self.alpha, r, active, operands)
+
+    def _features_of(self, model_loss: Callable[..., Any], x: Any, with_targets: bool, features: Any) -> Any:
+        """The layer's features for the batch ``x`` (channels-first): ``features`` when
+        given, else recorded by one short pass (ended after the layer) that also validates
+        the setup; checked to keep the batch axis first."""
+        n = int(x.shape[0])
+        if features is None:
+            with self.recording(interrupt=True):
+                with self.interruptible():
+                    if with_targets:
+                        model_loss(x, None)
+                    else:
+                        model_loss(x)
+                if not self._recorder.features:
+                    raise RuntimeError(
+                        "the model loss function never ran the bottleneck layer; it must run "
+                        "the model that contains the layer on the batch it is given"
+                    )
+                features = self._recorder.features[0]
+        if int(features.shape[0]) != n:
+            raise ValueError(
+                f"the layer saw a batch of {features.shape[0]} for {n} inputs; "
+                "the model must keep the batch axis first"
+            )
+        return features
 
     def _step(
         self,
@@ -748,7 +796,7 @@ class Bottleneck(LiveSettings):
         with_targets: bool,
     ) -> Callable[..., Any]:
         """``(alpha, (m, v, step_size, bias2_sqrt), (eps, batch, r, active, mean_a, std_a,
-        smoothing, *targets)) -> (loss, new alpha, (m, v))``: one optimisation step with
+        smoothing, padding, *targets)) -> (loss, new alpha, (m, v))``: one optimisation step with
         its Adam update, a pure function of its operands (compiled whole, once per loss and
         settings, when ``compile_step`` and the backend can)."""
         # Without a whole-step compile, the step's array parts may still be compiled
@@ -770,9 +818,10 @@ class Bottleneck(LiveSettings):
             mean_a: Any,
             std_a: Any,
             smoothing: Any,
+            padding: Any,
             *targets: Any,
         ) -> Any:
-            mask, cap_term = fns.terms(a, r, active, mean_a, std_a, smoothing)
+            mask, cap_term = fns.terms(a, r, active, mean_a, std_a, smoothing, padding)
             with self._state("restrict", mask=(*mask, fns.inject), noise=eps):
                 model_term = model_loss(batch, *targets)
                 if self._calls == 0:
@@ -820,9 +869,10 @@ class Bottleneck(LiveSettings):
             mean_a: Any,
             std_a: Any,
             smoothing: Any,
+            padding: Any,
             *targets: Any,
         ) -> Any:
-            mask = fns.mask(a, active, mean_a, std_a, smoothing)
+            mask = fns.mask(a, active, mean_a, std_a, smoothing, padding)
             with self._state("restrict", mask=(*mask, fns.inject), noise=eps):
                 model_term = model_loss(batch, *targets)
                 if self._calls == 0:
@@ -841,15 +891,15 @@ class Bottleneck(LiveSettings):
                 model_term = backend.namespace().astype(model_term, a.dtype)
             return model_term * int(a.shape[0])
 
-        def capacity_part(a: Any, r: Any, active: Any, smoothing: Any) -> Any:
-            return cfg.beta * fns.terms(a, r, active, r, r, smoothing)[1]
+        def capacity_part(a: Any, r: Any, active: Any, smoothing: Any, padding: Any) -> Any:
+            return cfg.beta * fns.terms(a, r, active, r, r, smoothing, padding)[1]
 
         def step(a: Any, adam: tuple[Any, ...], args: tuple[Any, ...]) -> tuple[float, Any, tuple[Any, Any]]:
-            eps, batch, r, active, mean_a, std_a, smoothing, *targets = args
+            eps, batch, r, active, mean_a, std_a, smoothing, padding, *targets = args
             v1, g1 = backend.value_and_grad(
-                model_part, a, eps, batch, r, active, mean_a, std_a, smoothing, *targets
+                model_part, a, eps, batch, r, active, mean_a, std_a, smoothing, padding, *targets
             )
-            v2, g2 = backend.value_and_grad(capacity_part, a, r, active, smoothing)
+            v2, g2 = backend.value_and_grad(capacity_part, a, r, active, smoothing, padding)
             new_a, m, v = fns.adam(a, g1 + g2, *adam)
             return float(v1) + float(v2), new_a, (m, v)
 
@@ -892,6 +942,7 @@ class Bottleneck(LiveSettings):
             raise ValueError(f"inputs_per_pass must be an integer >= 1, got {inputs_per_pass!r}")
         k = int(inputs_per_pass)
         recorded = optimize_kwargs.pop("features", None)
+        padding = optimize_kwargs.pop("padding", None)
         if k >= n:
             return self.optimize(
                 loss_for(0, n),
@@ -900,6 +951,7 @@ class Bottleneck(LiveSettings):
                 seed=seed,
                 config=cfg,
                 features=recorded,
+                padding=padding,
                 **optimize_kwargs,
             )
         if seed is not None and not isinstance(seed, (int, np.integer)) and isinstance(seed, Sequence):
@@ -916,6 +968,7 @@ class Bottleneck(LiveSettings):
                     config=cfg,
                     targets=None if targets is None else targets[start:stop],
                     features=None if recorded is None else recorded[start:stop, ...],
+                    padding=None if padding is None else padding[start:stop],
                     seed=_seeds_for(seed, start, stop),
                     **optimize_kwargs,
                 )
@@ -924,6 +977,7 @@ class Bottleneck(LiveSettings):
             features.append(self._last_features)
         self.alpha = xp.concat(alphas, axis=0)
         self._last_features = xp.concat(features, axis=0)
+        self._last_padding = None if padding is None else np.asarray(padding, dtype=np.float64)
         return xp.concat(caps, axis=0)
 
 
@@ -935,38 +989,94 @@ def estimate_loop(
     *,
     n_samples: int,
     progbar: bool,
+    distributed: bool | str | None = None,
 ) -> None:
     """The estimation loop of every engine: record features, update the estimates.
 
     ``record(batch)`` returns one feature array per estimator (the first one sets the
     batch's sample count).  Stops after ``n_samples`` samples of the first estimator;
-    warns (:class:`FewSamplesWarning`) below 1,000.
+    warns (:class:`FewSamplesWarning`) below 1,000.  In a data-parallel run (see
+    :func:`~iba_core.engines.data_parallel`) the shards share the batches and every
+    process ends with the same, merged estimate.  ``distributed``: ``None`` (data-parallel
+    when the runtime is active), ``False`` (alone), ``True`` (required), ``"shared"`` or
+    ``"own"`` (required; every process reads the same batches, or each its own; by
+    default the processes' first batches tell).
     """
     if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
         raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
     first = estimators[0]
-    bar = _progress(progbar, total=n_samples, desc="estimate", unit="sample")
+    dist = collectives(backend, distributed)
+    if dist is not None:
+        agree(
+            dist,
+            "the layers estimated",
+            [e.layer for e in estimators],
+            "every process must estimate the same layers of the same model",
+        )
+    shown = progbar and (dist is None or dist.is_main)  # one bar: rank 0's
+    bar = _progress(shown, total=n_samples, desc="estimate", unit="sample")
     try:
-        for batch in batches:
-            features = record(batch)
-            take = min(int(features[0].shape[0]), int(n_samples) - first.n)
-            for est, f in zip(estimators, features):
-                est.update(backend.to_numpy(f[:take, ...]))
-            if bar is not None:
-                bar.update(take)
-            if first.n >= n_samples:
-                break
+        if dist is not None:
+            split = distributed if isinstance(distributed, str) else None
+            sharded_estimate(
+                dist, backend, batches, record, estimators, n_samples=int(n_samples), bar=bar, split=split
+            )
+        else:
+            _estimate_alone(backend, batches, record, estimators, n_samples, bar)
     finally:
         if bar is not None:
             bar.close()
     if first.n == 0:
         raise ValueError("the data yielded no batches; nothing was estimated")
-    if first.n < MIN_RECOMMENDED_SAMPLES:
+    if first.n < MIN_RECOMMENDED_SAMPLES and (dist is None or dist.is_main):
         warnings.warn(
             f"the statistics rest on {first.n} samples; the reference uses about "
             f"10,000 and at least {MIN_RECOMMENDED_SAMPLES} are recommended",
             FewSamplesWarning,
             stacklevel=_caller_level(),
+        )
+
+
+def _estimate_alone(
+    backend: Backend,
+    batches: Iterable[Any],
+    record: Callable[[Any], list[Any]],
+    estimators: Sequence[Estimator],
+    n_samples: int,
+    bar: Any,
+) -> None:
+    """The estimation loop of one process: update ``estimators`` until the first one
+    holds ``n_samples`` samples or the batches run out."""
+    first = estimators[0]
+    for batch in batches:
+        features = record(batch)
+        take = min(int(features[0].shape[0]), int(n_samples) - first.n)
+        for est, f in zip(estimators, features, strict=True):
+            est.update(backend.to_numpy(f[:take, ...]))
+        if bar is not None:
+            bar.update(take)
+        if first.n >= n_samples:
+            break
+
+
+def _smoothing_and_padding(
+    backend: Backend, features: Any, padding: np.ndarray | None, active: Any, sigma: float | None
+) -> tuple[Any, Any, Any]:
+    """``(active, padding terms, smoothing operands)`` of the optimisation: without
+    ``padding`` the statistics' ``active`` mask, no padding terms and the plain smoothing
+    operands; with it, those of :func:`padding_terms`."""
+    operands = smoothing_operands(features, sigma, features.ndim - 2)
+    if padding is None:
+        return active, None, operands
+    return padding_terms(backend, features, padding, active, sigma)
+
+
+def _check_finite_loss(value: float, step: int) -> None:
+    """Stop the optimisation when the loss of step ``step`` (0-based) is NaN or infinite."""
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"the loss became {value} at step {step}; check the model loss function "
+            "(it must be finite for the given inputs) and the feature statistics"
         )
 
 
@@ -991,6 +1101,7 @@ class _StepFunctions(NamedTuple):
     mask: Callable[..., tuple[Any, Any, Any]]
     inject: Callable[..., Any]
     adam: Callable[..., tuple[Any, Any, Any]]
+    capacity: Callable[..., Any]
 
 
 _STEP_FUNCTIONS: dict[tuple[Any, ...], _StepFunctions] = {}
@@ -999,52 +1110,123 @@ _STEP_FUNCTIONS: dict[tuple[Any, ...], _StepFunctions] = {}
 def _step_functions(backend: Backend, sigma: float | None, relu: bool, compiled: bool) -> _StepFunctions:
     """The pure array parts of an optimisation step, compiled by the backend if asked.
 
-    ``mask(alpha, active, mean * active, std * active, smoothing_operands)`` returns the
-    mask terms ``(lambda * active, (1 - lambda) * mean * active, (1 - lambda) * std *
-    active)`` shaped ``(N, 1, C, ...)`` to meet the noisy copies of each input;
+    ``mask(alpha, active, mean * active, std * active, smoothing_operands, padding)``
+    returns the mask terms ``(lambda * active, (1 - lambda) * mean * active, (1 - lambda) *
+    std * active)`` shaped ``(N, 1, C, ...)`` to meet the noisy copies of each input
+    (``padding``: ``None``, or the :func:`padding_terms` ``(passthrough, scale)``, with
+    ``active`` then zero at padded positions);
     ``terms(alpha, r, active, mean * active, std * active, smoothing_operands)`` returns
     them and the sum over inputs of each one's mean capacity.  The mask depends on alpha
     only and all copies of an input share it, so it (and the capacity, from the recorded
     features) is computed once per input.  ``inject(features, lambda_a, mu_a, sigma_a,
     eps)`` makes the noisy copies (see :meth:`Bottleneck._inject`) and ``adam`` is
-    :func:`iba_core.math.adam_kernel`.  They close over nothing but settings, so one
-    compiled set serves every bottleneck.
+    :func:`iba_core.math.adam_kernel`; ``capacity(alpha, r, active, smoothing_operands)``
+    is the capacity map in nats (clipped at 0, as reported).  They close over nothing but
+    settings, so one compiled set serves every bottleneck.
     """
     key = (type(backend), backend.name, sigma, relu, compiled)
     cached = _STEP_FUNCTIONS.get(key)
     if cached is not None:
         return cached
 
-    def grouped_mask(lam: Any, one_minus: Any, active: Any, mean_a: Any, std_a: Any) -> tuple[Any, Any, Any]:
+    def grouped_mask(
+        lam: Any, one_minus: Any, active: Any, mean_a: Any, std_a: Any, padding: Any = None
+    ) -> tuple[Any, Any, Any]:
         xp = namespace(lam)
-        mask = (lam * active, one_minus * mean_a, one_minus * std_a)
+        lam_a = lam * active
+        if padding is not None:  # padded positions pass unchanged: lambda_a = 1 there
+            lam_a = lam_a + padding[0]
+        mask = (lam_a, one_minus * mean_a, one_minus * std_a)
         return tuple(xp.expand_dims(m, axis=1) for m in mask)
 
     def mask(
-        a: Any, active: Any, mean_a: Any, std_a: Any, operands: tuple[Any, ...] | None
+        a: Any,
+        active: Any,
+        mean_a: Any,
+        std_a: Any,
+        operands: tuple[Any, ...] | None,
+        padding: tuple[Any, Any] | None = None,
     ) -> tuple[Any, Any, Any]:
         lam, one_minus = restriction_mask(a, sigma, operands)
-        return grouped_mask(lam, one_minus, active, mean_a, std_a)
+        return grouped_mask(lam, one_minus, active, mean_a, std_a, padding)
 
     def terms(
-        a: Any, r: Any, active: Any, mean_a: Any, std_a: Any, operands: tuple[Any, ...] | None
+        a: Any,
+        r: Any,
+        active: Any,
+        mean_a: Any,
+        std_a: Any,
+        operands: tuple[Any, ...] | None,
+        padding: tuple[Any, Any] | None = None,
     ) -> tuple[tuple[Any, Any, Any], Any]:
         xp = namespace(a)
         lam, one_minus = restriction_mask(a, sigma, operands)
         cap = capacity_from_mask(r, a, lam, one_minus, active, sigma, clip=False)
         # The sum over inputs of each input's mean capacity (no sizes: a compiled
-        # function may see them as unknown).
+        # function may see them as unknown); with padding, the mean over the real
+        # positions only (``padding[1]`` rescales each input's mean).
         per_input = xp.mean(cap, axis=tuple(range(1, cap.ndim)))
-        return grouped_mask(lam, one_minus, active, mean_a, std_a), xp.sum(per_input)
+        if padding is not None:
+            per_input = per_input * padding[1]
+        return grouped_mask(lam, one_minus, active, mean_a, std_a, padding), xp.sum(per_input)
 
     def inject(grouped: Any, lam: Any, shift: Any, scale: Any, eps: Any) -> Any:
         return inject_folded(grouped, lam, shift, scale, eps, relu)
 
-    fns = _StepFunctions(terms, mask, inject, adam_kernel())
+    def capacity_map(a: Any, r: Any, active: Any, operands: tuple[Any, ...] | None) -> Any:
+        lam, one_minus = restriction_mask(a, sigma, operands)
+        return capacity_from_mask(r, a, lam, one_minus, active, sigma)
+
+    fns = _StepFunctions(terms, mask, inject, adam_kernel(), capacity_map)
     if compiled:
         fns = _StepFunctions(*(backend.compile(f) for f in fns))
     _STEP_FUNCTIONS[key] = fns
     return fns
+
+
+def padding_terms(
+    backend: Backend, features: Any, padding: np.ndarray, active: Any, sigma: float | None
+) -> tuple[Any, tuple[Any, Any], tuple[Any, ...] | None]:
+    """What an attention mask changes in the optimisation of sequence features.
+
+    ``features`` are channels-first ``(N, C, T)``; ``padding`` is NumPy ``(N, T)``, 1 at
+    real positions and 0 at padded ones; ``active`` the per-sample ``(C, T)`` mask of
+    active elements.  Returns ``(active * keep, (passthrough, scale), smoothing)``:
+    ``active`` zero at padded positions ``(N, C, T)`` (no noise, no capacity there);
+    ``passthrough = 1 - keep`` ``(N, 1, T)``, added to ``lambda * active`` so that padded
+    features pass unchanged (``Z = R``); ``scale = T / T_real`` per input, which turns the
+    mean capacity over all ``C * T`` elements into the mean over the real ones; and per-input
+    smoothing matrices ``(N, T, T)`` (transposed, for a right product) that smooth along
+    each input's real positions as if they were the whole sequence and leave padded ones
+    alone (``None`` without smoothing).
+    """
+    shape = tuple(int(s) for s in features.shape)
+    pad = np.asarray(padding, dtype=np.float64)
+    if len(shape) != 3:
+        raise ValueError(
+            f"attention_mask= needs sequence features (N, C, T) or (N, T, C); the layer gives "
+            f"features of shape {shape} (channels first); explain without a mask, or put the "
+            "bottleneck on a sequence layer"
+        )
+    n, _, t = shape
+    if pad.shape != (n, t):
+        raise ValueError(
+            f"attention_mask has shape {pad.shape} but the layer's sequence features are "
+            f"{shape} (channels first): the mask needs one entry per input and position of "
+            f"the layer, shape ({n}, {t})"
+        )
+    keep = backend.from_numpy(pad[:, None, :], like=features)
+    passthrough = backend.from_numpy(1.0 - pad[:, None, :], like=features)
+    scale = backend.from_numpy(t / pad.sum(axis=1), like=features)
+    smoothing = None
+    if sigma:
+        mats = np.zeros((n, t, t), dtype=np.float64)
+        for i in range(n):
+            real = np.flatnonzero(pad[i] > 0)
+            mats[i] = np.eye(t)
+            mats[i][np.ix_(real, real)] = smoothing_matrix(len(real), float(sigma))
+        smoothing = (backend.from_numpy(np.ascontiguousarray(np.swapaxes(mats, 1, 2)), like=features),)
+    return active * keep, (passthrough, scale), smoothing
 
 
 def check_output_rows(rows: int, n_inputs: int, copies: int) -> None:

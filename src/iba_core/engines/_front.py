@@ -28,7 +28,7 @@ def settings_of(arguments: Mapping[str, Any]) -> dict[str, Any]:
 
 #: What a front's ``analyze`` hands to :meth:`PerSampleBottleneck.analyze` besides the
 #: inputs, the target and the loss (see :func:`analysis_options`).
-ANALYSIS_OPTIONS = ("mode", "seed", "noise", "inputs_per_pass")
+ANALYSIS_OPTIONS = ("mode", "seed", "noise", "inputs_per_pass", "attention_mask", "distributed")
 
 
 def analysis_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -85,31 +85,39 @@ def input_batches(data: Any, batch_size: int = 32) -> Iterator[Any]:
     if isinstance(data, Mapping):
         refuse_multi_input(data, "the data")
     if hasattr(data, "shape") and hasattr(data, "__getitem__"):
-        shape = tuple(data.shape)
-        if len(shape) < 1 or shape[0] == 0:
-            raise ValueError(f"expected a batch of inputs (N, ...), got shape {shape}")
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        n = int(shape[0])
-        for start in range(0, n, int(batch_size)):
-            yield data[start : min(n, start + int(batch_size)), ...]
+        yield from _array_batches(data, batch_size)
         return
-    if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not hasattr(data, "__iter__"):
-        elements: Iterable[Any] = (data[i] for i in range(len(data)))
-    elif isinstance(data, Iterable):
-        elements = data
-    else:
-        raise TypeError(
-            f"cannot iterate over data of type {type(data).__name__}; give an "
-            "array of inputs or an iterable of batches x or (x, y)"
-        )
-    for element in elements:
+    for element in _elements(data):
         if isinstance(element, (tuple, list)):
             if not element:
                 raise ValueError("the data yielded an empty tuple; expected x or (x, y)")
             element = element[0]
         refuse_multi_input(element, "a batch's x")
         yield element
+
+
+def _array_batches(data: Any, batch_size: int) -> Iterator[Any]:
+    """An array or tensor of inputs ``(N, ...)`` cut into ``batch_size`` (the last one shorter)."""
+    shape = tuple(data.shape)
+    if len(shape) < 1 or shape[0] == 0:
+        raise ValueError(f"expected a batch of inputs (N, ...), got shape {shape}")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    n = int(shape[0])
+    for start in range(0, n, int(batch_size)):
+        yield data[start : min(n, start + int(batch_size)), ...]
+
+
+def _elements(data: Any) -> Iterable[Any]:
+    """The batches of an iterable, or of a sequence with ``len`` and indexing only."""
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not hasattr(data, "__iter__"):
+        return (data[i] for i in range(len(data)))
+    if isinstance(data, Iterable):
+        return data
+    raise TypeError(
+        f"cannot iterate over data of type {type(data).__name__}; give an "
+        "array of inputs or an iterable of batches x or (x, y)"
+    )
 
 
 class PerSampleFront(LiveSettings):
@@ -227,11 +235,16 @@ class IBA(PerSampleFront):
         batch_size: int = 32,
         progbar: bool | None = None,
         reset: bool = True,
+        distributed: bool | str | None = None,
     ) -> Estimator:
         """Estimate the layer's feature mean and std over ``data`` (an array of inputs,
-        cut into ``batch_size``, or an iterable of ``x`` / ``(x, y)`` batches)."""
+        cut into ``batch_size``, or an iterable of ``x`` / ``(x, y)`` batches).
+        ``distributed``: see :meth:`iba_core.PerSampleBottleneck.estimate` (data-parallel
+        runs, README "Data sets larger than one device")."""
         batches = (self._tensor(b) for b in input_batches(data, batch_size))
-        return self._engine.estimate(batches, n_samples=n_samples, progbar=progbar, reset=reset)
+        return self._engine.estimate(
+            batches, n_samples=n_samples, progbar=progbar, reset=reset, distributed=distributed
+        )
 
     def analyze(
         self,
@@ -244,11 +257,16 @@ class IBA(PerSampleFront):
         seed: Any = None,
         noise: str = "backend",
         inputs_per_pass: int | None = None,
+        attention_mask: Any = None,
+        distributed: bool | None = None,
         **overrides: Any,
     ) -> np.ndarray:
         """Maps of a batch of inputs, NumPy, bits per pixel: ``(H, W)`` for one input, else
-        ``(N, H, W)``.  See :meth:`iba_core.PerSampleBottleneck.analyze` for ``target``,
-        ``loss``, ``output_loss``, ``mode``, ``seed``, ``noise`` and the overrides."""
+        ``(N, H, W)`` (sequences: ``(T,)`` / ``(N, T)``, bits per position).  See
+        :meth:`iba_core.PerSampleBottleneck.analyze` for ``target``, ``loss``,
+        ``output_loss``, ``mode``, ``seed``, ``noise``, ``attention_mask`` (``(N, T)``,
+        1 = real token, 0 = padding: 0 bits there), ``distributed`` (data-parallel
+        runs) and the overrides."""
         return self._maps(
             self._tensor(x),
             target=target,
@@ -258,6 +276,8 @@ class IBA(PerSampleFront):
             seed=seed,
             noise=noise,
             inputs_per_pass=inputs_per_pass,
+            attention_mask=attention_mask,
+            distributed=distributed,
             **overrides,
         )
 

@@ -20,12 +20,14 @@ from typing import Any
 import numpy as np
 
 from ..contract._backend import Backend
+from ..contract._collectives import Collectives
 from ..contract._registry import get_backend
 from ..math._capacity import explanation_maps
 from ..math._estimator import Estimator
-from ._bottleneck import Bottleneck
+from ._bottleneck import Bottleneck, is_half
 from ._config import IBAConfig
-from ._layout import check_layout, in_layout
+from ._distributed import clean_chunk, collectives, rows_of, seeds_of, shard_unit, sharded_analyze
+from ._layout import check_layout, in_layout, layer_layout
 
 #: What ``target=`` accepts besides class indices.
 TARGET_MODES = ("predicted", "all")
@@ -136,10 +138,37 @@ def prepared_inputs(backend: Backend, x: Any, model: Any = None) -> Any:
     return x
 
 
+def padding_mask(backend: Backend, attention_mask: Any, n: int) -> np.ndarray:
+    """An attention mask ``(N, T)`` (NumPy or the backend's type; 1/True = real token,
+    0/False = padding) checked and as a float64 NumPy array of 0 and 1."""
+    if hasattr(attention_mask, "shape") and not isinstance(attention_mask, np.ndarray):
+        attention_mask = backend.to_numpy(attention_mask)
+    a = np.asarray(attention_mask)
+    if a.dtype.kind not in "biuf":
+        raise ValueError(f"attention_mask must hold 0/1 or booleans, got dtype {a.dtype}")
+    if a.ndim != 2 or a.shape[0] != n:
+        raise ValueError(
+            f"attention_mask must have shape (N, T) = ({n}, T): one row per input, one entry "
+            f"per position (1 = real token, 0 = padding); got shape {a.shape}"
+        )
+    if not np.all((a == 0) | (a == 1)):
+        raise ValueError("attention_mask must hold only 0/1 (or False/True): 1 = real token, 0 = padding")
+    empty = np.flatnonzero(a.sum(axis=1) == 0)
+    if empty.size:
+        raise ValueError(
+            f"attention_mask marks no real token in input(s) {empty.tolist()}; every input needs at least one"
+        )
+    return a.astype(np.float64)
+
+
 # -- one lock per model ---------------------------------------------------------------
 _LOCKS_GUARD = threading.Lock()
 _LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_BY_ID: dict[int, threading.RLock] = {}
+
+
+def _no_tail(features: Any) -> Any:  # the cache's "the backend cannot cut this model"
+    raise AssertionError("never called")
 
 
 def model_lock(obj: Any) -> threading.RLock:
@@ -171,7 +200,8 @@ class PerSampleBottleneck:
             model whose forward calls :meth:`hook`.
         layout: ``"channels_first"`` (``(N, C, ...)``) or ``"channels_last"`` (``(N, ...,
             C)``) features; default: what the backend knows about the layer
-            (:meth:`Backend.layer_layout`), else channels-first.
+            (:meth:`Backend.layer_layout`), else channels-first for images while sequence
+            features ``(N, A, B)`` are refused until it is given (see :attr:`layout_known`).
         input_layout: layout of the model's inputs, for the size of saliency maps;
             default: the backend's (:attr:`Backend.channels_last`).
         bottleneck: a :class:`Bottleneck` to use (statistics, settings), else a new one.
@@ -214,14 +244,23 @@ class PerSampleBottleneck:
         bottleneck.backend = backend
         #: The core :class:`Bottleneck`: settings, statistics, last mask.
         self.bottleneck = bottleneck
-        if layout is None and layer is not None:
-            layout = backend.layer_layout(model, layer)
-        self.layout = check_layout(layout or "channels_first")
+        layout = layer_layout(backend, model, layer, layout)
+        #: Whether the layer's layout is declared or known to the backend.  An unknown one
+        #: reads images channels-first and refuses sequences (see :func:`in_layout`).
+        self.layout_known = layout is not None
+        self.layout = layout or "channels_first"
         # The inputs' layout (for the size of saliency maps): as given, else the framework's.
         default_input = "channels_last" if backend.channels_last else "channels_first"
         self.input_layout = check_layout(input_layout or default_input, "input_layout")
+        self._input_layout_given = input_layout is not None
         self._layer_name = layer_name
-        self._hook = in_layout(backend, bottleneck, self.layout)
+        self._hook = in_layout(
+            backend,
+            bottleneck,
+            layout,
+            label=f"layer {self.layer_name!r}" if self.layer_name else "the bottleneck layer",
+            busy=lambda: bottleneck.busy,
+        )
         if layer is not None:  # unknown layer names fail now, listing the model's layers
             backend.attach(model, layer, lambda f: None, on_input=self.on_input).remove()
         #: A front's own ``restrict_flow`` machinery (a context manager taking ``alpha``)
@@ -341,20 +380,25 @@ class PerSampleBottleneck:
         progbar: bool | None = None,
         reset: bool = True,
         run: Callable[[Any], Any] | None = None,
+        distributed: bool | str | None = None,
     ) -> Estimator:
         """Estimate the mean and std of the layer's features over ``batches``.
 
         ``batches`` yields model inputs in the backend's type (``run(batch)`` runs the
         model on one batch if the inputs need more than ``Backend.call``).  The model runs
         frozen and only up to the layer.  Stops after ``n_samples`` samples; warns
-        (:class:`FewSamplesWarning`) below 1,000.
+        (:class:`FewSamplesWarning`) below 1,000.  Under the framework's distributed
+        runtime the shards share the batches and every process ends with the same merged
+        estimate (``distributed``: see :func:`~iba_core.engines.estimate_loop`).
         """
         if self.model is None and run is None:
             raise ValueError("estimate() needs the model that contains the layer")
         run = run if run is not None else self._run
+        # Named before estimating, so processes of a data-parallel run can compare layers.
+        self.bottleneck.estimator.layer, self.bottleneck.estimator.layout = self.layer_name, self.layout
         with self.session():
             estimator = self.bottleneck.estimate(
-                run, batches, n_samples=n_samples, progbar=progbar, reset=reset
+                run, batches, n_samples=n_samples, progbar=progbar, reset=reset, distributed=distributed
             )
         estimator.layer, estimator.layout = self.layer_name, self.layout
         return estimator
@@ -371,6 +415,8 @@ class PerSampleBottleneck:
         seed: Any = None,
         noise: str = "backend",
         inputs_per_pass: int | None = None,
+        attention_mask: Any = None,
+        distributed: bool | None = None,
         **overrides: Any,
     ) -> Any:
         """Explain a batch of ``N`` inputs; returns maps ``(N, ...)`` in bits (backend type).
@@ -393,10 +439,60 @@ class PerSampleBottleneck:
         resolution.  ``seed``: input ``i`` draws from the noise stream ``seed + i``;
         ``noise``: ``"backend"`` or ``"numpy"``.  ``**overrides``: settings for this call
         (``beta=``, ``optimization_steps=``, ...), validated like the constructor's.
+
+        Sequences: features ``(N, C, T)`` or ``(N, T, C)`` give per-position maps ``(N, T)``
+        (at the input's length in ``"saliency"`` mode; token ids ``(N, T)`` are used as
+        they are, never cast to float).  ``attention_mask``: array-like ``(N, T)`` over the
+        layer's positions, 1/True for real tokens and 0/False for padding (as Hugging
+        Face's): padded positions get no noise and exactly 0 bits, so inputs of different
+        lengths, padded to one length, are explained in one call.  The model is still
+        called with ``x`` alone (a model that needs the mask derives it from the ids).
+
+        Under the framework's distributed runtime (``torchrun``, a ``tf.distribute``
+        strategy in scope) every process calls ``analyze`` with the same inputs: each
+        shard explains its share of the inputs (whole clean passes, see
+        :func:`~iba_core.engines._distributed.clean_chunk`) and the maps are gathered in
+        input order on every process (the same maps as one process makes with the same
+        seed).
+        Processes given different inputs each explain their own.  ``distributed``:
+        ``False`` works alone, see :func:`~iba_core.engines.data_parallel`.
         """
         if mode not in ("saliency", "capacity"):
             raise ValueError(f"mode must be 'saliency' or 'capacity', got {mode!r}")
         cfg = self.config.override(**overrides)
+        self._check_request(target, loss, output_loss)
+        if mode == "saliency":
+            self._check_spatial()
+        x = self._prepare(x)
+        n = int(x.shape[0])
+        dist = collectives(self.backend, distributed)
+        if dist is not None:
+            options = locals()
+            return self._analyze_sharded(dist, x, target, seed, inputs_per_pass, cfg, attention_mask, options)
+        padding = None if attention_mask is None else padding_mask(self.backend, attention_mask, n)
+        with self.session():
+            loss_fn, copies, compile_step, soft, features, batch = self._optimised_loss(
+                x, target, loss, output_loss, cfg, inputs_per_pass
+            )
+            cap = self.bottleneck.explain(
+                lambda start, stop: loss_fn,
+                batch,
+                targets=soft,
+                inputs_per_pass=inputs_per_pass,
+                seed=seed,
+                config=cfg,
+                noise=noise,
+                copies=copies,
+                compile_step=bool(compile_step),
+                check_path=target is None,
+                features=features,
+                padding=padding,
+            )
+        return self._maps_of(cap, x, mode, padding)
+
+    def _check_request(self, target: Any, loss: Any, output_loss: Any) -> None:
+        """Refuse an :meth:`analyze` call that does not say, in exactly one way, what is
+        explained, or that cannot run yet."""
         given = [
             k for k, v in (("target", target), ("loss", loss), ("output_loss", output_loss)) if v is not None
         ]
@@ -423,41 +519,98 @@ class PerSampleBottleneck:
             )
         if isinstance(target, str) and target not in TARGET_MODES:
             class_indices(target, 1)  # raises with the list of what is accepted
-        if mode == "saliency":
-            self._check_spatial()
-        x = self._prepare(x)
+
+    def _optimised_loss(
+        self,
+        x: Any,
+        target: Any,
+        loss: Callable[[Any], Any] | None,
+        output_loss: Callable[[Any], Any] | None,
+        cfg: IBAConfig,
+        inputs_per_pass: int | None,
+    ) -> tuple[Callable[..., Any], str, bool, np.ndarray | None, Any, Any]:
+        """What the optimisation of :meth:`analyze` runs (inside :meth:`session`):
+        ``(loss function, where the copies are made, whether the step is compiled, the
+        soft targets, the layer's features, the batch the steps start from)``."""
         n = int(x.shape[0])
-        with self.session():
-            soft: np.ndarray | None = None
-            features = None
-            if target is not None:
-                compile_step = self.backend.compile_by_default if cfg.compile is None else cfg.compile
-                soft, features = self._soft_targets(x, target, n, compile_step)
-                loss_fn, copies = self._target_loss(), "layer"
-            elif output_loss is not None:
-                loss_fn, copies = self._output_loss(output_loss), "layer"
-                compile_step = bool(cfg.compile)  # a user's loss is traced only when asked
-            else:
-                assert loss is not None  # exactly one of target, loss and output_loss
-                loss_fn, copies, compile_step = loss, "input", bool(cfg.compile)
-            if compile_step is None:
-                compile_step = self.backend.compile_by_default
-            cap = self.bottleneck.explain(
-                lambda start, stop: loss_fn,
-                x,
-                targets=soft,
-                inputs_per_pass=inputs_per_pass,
-                seed=seed,
-                config=cfg,
-                noise=noise,
-                copies=copies,
-                compile_step=bool(compile_step),
-                check_path=target is None,
-                features=features,
-            )
-        return explanation_maps(
-            cap, tuple(int(s) for s in x.shape), mode, channels_last=self.input_layout == "channels_last"
+        soft: np.ndarray | None = None
+        features, batch = None, x
+        if target is not None:
+            compile_step = self.backend.compile_by_default if cfg.compile is None else cfg.compile
+            chunk = clean_chunk(self.backend, x, cfg.batch_size, inputs_per_pass)
+            soft, features, logits = self._soft_targets(x, target, n, compile_step, chunk)
+            tail = self._tail(features, logits)
+            loss_fn, copies = self._target_loss(tail), "layer"
+            if tail is not None:  # the steps start from the features: no layer before
+                batch = self._layer_features(features)
+        elif output_loss is not None:
+            loss_fn, copies = self._output_loss(output_loss), "layer"
+            compile_step = bool(cfg.compile)  # a user's loss is traced only when asked
+        else:
+            assert loss is not None  # exactly one of target, loss and output_loss
+            loss_fn, copies, compile_step = loss, "input", bool(cfg.compile)
+        if compile_step is None:
+            compile_step = self.backend.compile_by_default
+        return loss_fn, copies, bool(compile_step), soft, features, batch
+
+    def _maps_of(self, cap: Any, x: Any, mode: str, padding: np.ndarray | None) -> Any:
+        """The maps of :meth:`analyze` from the capacity ``cap`` (nats) of inputs ``x``."""
+        input_layout = self.input_layout
+        if cap.ndim == 3 and len(tuple(x.shape)) == 3 and not self._input_layout_given:
+            input_layout = self.layout  # a sequence model keeps one layout from its input on
+        maps = explanation_maps(
+            cap, tuple(int(s) for s in x.shape), mode, channels_last=input_layout == "channels_last"
         )
+        if padding is not None and tuple(maps.shape) == padding.shape:
+            # Exactly 0 bits on padding also after a resize to the input's length.
+            maps = maps * self.backend.from_numpy(padding, like=maps)
+        return maps
+
+    def _analyze_sharded(
+        self,
+        dist: Collectives,
+        x: Any,
+        target: Any,
+        seed: Any,
+        inputs_per_pass: int | None,
+        cfg: IBAConfig,
+        attention_mask: Any,
+        arguments: dict[str, Any],
+    ) -> Any:
+        """:meth:`analyze` of ``x`` shared out over the shards of ``dist``, maps gathered
+        in input order (see :mod:`iba_core.engines._distributed`)."""
+        options = {k: arguments[k] for k in ("loss", "output_loss", "mode", "noise")}
+        options.update(arguments["overrides"], distributed=False)
+        backend, n = self.backend, int(x.shape[0])
+        unit, k = shard_unit(backend, x, cfg.batch_size, inputs_per_pass, dist.shards)
+
+        def explain_part(start: int, stop: int) -> Any:
+            return self.analyze(
+                x[start:stop, ...],
+                target=rows_of(target, n, start, stop, backend),
+                seed=seeds_of(seed, start, stop, n, backend),
+                attention_mask=rows_of(attention_mask, n, start, stop, backend),
+                inputs_per_pass=k,
+                **options,
+            )
+
+        def explain_alone() -> Any:
+            return self.analyze(
+                x,
+                target=target,
+                seed=seed,
+                attention_mask=attention_mask,
+                inputs_per_pass=inputs_per_pass,
+                **options,
+            )
+
+        given = (target, seed, attention_mask, inputs_per_pass, options)
+        maps = sharded_analyze(
+            dist, backend, x, unit=unit, explain_part=explain_part, explain_alone=explain_alone, given=given
+        )
+        # The masks and features stay with the shards that made them.
+        self.bottleneck.alpha = self.bottleneck._last_features = None
+        return maps
 
     def _check_spatial(self) -> None:
         """Refuse saliency maps for a layer whose features have no spatial or sequence
@@ -499,12 +652,15 @@ class PerSampleBottleneck:
         self._loss_cache[(kind, id(self.model))] = (self.model, fn)
         return fn
 
-    def _soft_targets(self, x: Any, target: Any, n: int, compiled: bool = False) -> tuple[np.ndarray, Any]:
+    def _soft_targets(
+        self, x: Any, target: Any, n: int, compiled: bool = False, chunk: int | None = None
+    ) -> tuple[np.ndarray, Any, np.ndarray]:
         """The class distribution ``(N, K)`` each input is explained for (one-hot for class
-        indices and ``"predicted"``), and the layer's features ``(N, C, ...)``, from one
-        clean pass over the inputs."""
+        indices and ``"predicted"``), the layer's features ``(N, C, ...)`` and the logits
+        (NumPy, float64), from one clean pass over the inputs, ``chunk`` inputs at a time
+        (default: the backend's :meth:`~Backend.pass_size`)."""
         backend = self.backend
-        limit = backend.pass_size(x) or n
+        limit = chunk or backend.pass_size(x) or n
         clean = self._clean_pass(compiled)
         logits, features = [], []
         for start in range(0, n, limit):
@@ -525,26 +681,76 @@ class PerSampleBottleneck:
         k = z.shape[1]
         f = features[0] if len(features) == 1 else backend.namespace().concat(features, axis=0)
         if isinstance(target, str) and target == "all":
-            z = z - z.max(axis=1, keepdims=True)
-            p = np.exp(z)
-            return p / p.sum(axis=1, keepdims=True), f
+            p = np.exp(z - z.max(axis=1, keepdims=True))
+            return p / p.sum(axis=1, keepdims=True), f, z
         if isinstance(target, str):  # "predicted"
             indices = z.argmax(axis=1)
         else:
             indices = class_indices(target, n)
             _check_in_range(indices, k)
-        return np.eye(k, dtype=np.float64)[indices], f
+        return np.eye(k, dtype=np.float64)[indices], f, z
 
-    def _target_loss(self) -> Callable[..., Any]:
+    #: Whether a ``target=`` explanation may run only the part of the model after the
+    #: layer in its steps, where the backend can cut the model there
+    #: (:meth:`Backend.split_after`); the layers before it then run once per input.
+    split_model: bool = True
+    #: Where the model may be cut when the bottleneck is itself a layer of the model
+    #: (``layer=None``): that layer (set by such a layer, e.g. Keras' ``IBALayer``).
+    split_layer: Any = None
+
+    def _tail(self, features: Any, logits: np.ndarray) -> Callable[[Any], Any] | None:
+        """The model after the layer (a function of the layer's raw features), if the
+        backend can cut the model there and the cut reproduces the clean pass's logits."""
+        layer = self.split_layer if self.layer is None else self.layer
+        if not self.split_model or layer is None or self.on_input or self.model is None:
+            return None
+        tail = self._cached("tail")
+        if tail is None:
+            tail = self._cache("tail", self.backend.split_after(self.model, layer) or _no_tail)
+        if tail is _no_tail:
+            return None
+        # Checked on every call (a cut traced earlier could miss a change to the model):
+        # one pass of the layers after the bottleneck over the first inputs.
+        rows = min(int(features.shape[0]), self.backend.pass_size(features) or int(features.shape[0]))
+        try:
+            out = model_logits(tail(self._layer_features(features[:rows, ...])))
+            got = self.backend.to_numpy(out).astype(np.float64)
+        except Exception:
+            return None
+        want = logits[:rows]
+        if got.shape != want.shape or not np.isfinite(want).all():
+            return None
+        tol = 3e-2 if is_half(features.dtype) else 3.5e-4  # ~sqrt(eps) of the model's dtype
+        if not np.allclose(got, want, rtol=tol, atol=tol * (1.0 + float(np.abs(want).max(initial=0.0)))):
+            return None
+        return tail
+
+    def _layer_features(self, features: Any) -> Any:
+        """Channels-first features back in the layer's own layout."""
+        rank = features.ndim
+        if self.layout == "channels_first" or rank < 3:
+            return features
+        return self.backend.namespace().permute_dims(features, (0, *range(2, rank), 1))
+
+    def _target_loss(self, tail: Callable[[Any], Any] | None = None) -> Callable[..., Any]:
         """``(batch, target_rows) -> mean cross-entropy``: one function per engine, so a
-        compiled step is reused from call to call."""
-        cached = self._cached("target")
+        compiled step is reused from call to call.  With ``tail`` (the model after the
+        layer), ``batch`` holds the layer's features and the step runs the bottleneck and
+        the tail only."""
+        kind = "target" if tail is None else "target after the layer"
+        cached = self._cached(kind)
         if cached is not None:
             return cached
-        backend, model = self.backend, self.model
+        backend, model, hook = self.backend, self.model, self.hook
+
+        def forward(batch: Any) -> Any:
+            if tail is None:
+                return backend.call(model, batch)
+            noisy = hook(batch)
+            return tail(batch if noisy is None else noisy)
 
         def target_loss(batch: Any, target_rows: Any) -> Any:
-            logits = model_logits(backend.call(model, batch))
+            logits = model_logits(forward(batch))
             if target_rows is None:  # the first, recording pass never gets here
                 return logits
             if len(tuple(logits.shape)) != 2:
@@ -562,7 +768,7 @@ class PerSampleBottleneck:
                 logits = backend.namespace().astype(logits, target_rows.dtype)
             return backend.cross_entropy(logits, target_rows)
 
-        return self._cache("target", target_loss)
+        return self._cache(kind, target_loss)
 
     def _output_loss(self, output_loss: Callable[[Any], Any]) -> Callable[..., Any]:
         run = self.backend.call

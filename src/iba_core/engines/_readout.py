@@ -22,17 +22,20 @@ and a readout trained on one framework loads on another (its state is plain NumP
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from ..contract._backend import Backend
+from ..contract._collectives import Collectives
 from ..math._adam import AdamState, adam_init, adam_update
 from ..math._capacity import cross_entropy, explanation_maps
 from ..math._estimator import (
@@ -47,6 +50,7 @@ from ..math._estimator import (
 from ..math._linear_ops import resize_bilinear
 from ..math._xp import device, namespace, to_numpy
 from ._bottleneck import Bottleneck, FeatureRecorder, _caller_level, _progress, estimate_loop
+from ._distributed import collectives, describe, exchange
 from ._layout import in_layout, layer_layout
 from ._per_sample import prepared_inputs
 
@@ -214,7 +218,7 @@ def readout_input(
     xp = namespace(features[0])
     size = tuple(int(s) for s in size)
     parts = []
-    for f, mean, std in zip(features, means, stds):
+    for f, mean, std in zip(features, means, stds, strict=True):
         r = (f - mean) / std
         n, c = int(r.shape[0]), int(r.shape[1])
         if r.ndim == 2:
@@ -361,6 +365,145 @@ def _not_converged(records: list[dict[str, Any]], steps: int) -> str | None:
     return None
 
 
+def _split_of(dist: Collectives, backend: Backend, batches: Iterable[TrainBatch]) -> str:
+    """``"shared"`` when every process's first training batch is the same, else ``"own"``."""
+    first = next(iter(batches), None)
+    mine = None if first is None else describe(backend, first[0])
+    return "shared" if len(set(dist.all_gather(mine))) == 1 and mine is not None else "own"
+
+
+def _rows_of(dist: Collectives, batch: TrainBatch, split: str | None) -> slice:
+    """The rows of a training batch this process trains on: an equal share of a batch
+    that every process holds, or all of its own batch."""
+    if split != "shared":
+        return slice(0, int(batch[0].shape[0]))
+    n = int(batch[0].shape[0])
+    shards, rank = dist.processes, dist.rank
+    return slice(rank * n // shards, (rank + 1) * n // shards)
+
+
+def _rows(batch: TrainBatch, rows: slice) -> TrainBatch:
+    x, targets = batch
+    if rows == slice(0, int(x.shape[0])) or rows == slice(None):
+        return batch
+    if targets is not None and hasattr(targets, "__getitem__") and len(targets) == int(x.shape[0]):
+        targets = targets[rows]
+    return x[rows, ...], targets
+
+
+def _summed_step(
+    dist: Collectives, backend: Backend, local_step: Callable[[], tuple[Any, ...]]
+) -> tuple[float, Any, int, Any]:
+    """One training step shared by the processes: the loss and gradient of the whole
+    batch, the row-weighted sum of every process's (the same sum, in rank order, on every
+    process)."""
+    kept: dict[str, Any] = {}
+
+    def work() -> tuple[float, Any, int]:
+        value, grad, n, local_inputs = local_step()
+        kept["grad"], kept["inputs"] = grad, local_inputs
+        return float(value), None if grad is None else np.asarray(backend.to_numpy(grad)), n
+
+    parts = exchange(dist, work)
+    if any(n == 0 for _, _, n in parts):  # known to every process: all raise
+        raise ValueError(
+            f"a process got no rows of a training batch of {sum(n for _, _, n in parts)}: give "
+            f"batches of at least as many rows as there are processes ({dist.processes})"
+        )
+    total = sum(n for _, _, n in parts)
+    value = sum(v * n for v, _, n in parts) / total
+    grad = sum(g.astype(np.float64) * (n / total) for _, g, n in parts)
+    return value, backend.from_numpy(np.asarray(grad), like=kept["grad"]), total, kept["inputs"]
+
+
+def _check_train_settings(epochs: int, lr: float, beta: float, schedule: str) -> None:
+    """Refuse settings of :meth:`ReadoutBottleneck.train` that cannot train."""
+    if int(epochs) != epochs or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not (beta >= 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be finite and >= 0, got {beta!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+def _no_batches(bar: Any, epoch: int, skipped: list[TrainBatch], every: int) -> NoReturn:
+    """Close the epoch's progress bar and say why it trained on nothing."""
+    if bar is not None:
+        bar.close()
+    if skipped:
+        raise ValueError(
+            f"the data yielded no batches in epoch {epoch + 1} to train on: "
+            f"every {every}th batch is held out (validation); give more "
+            "batches or validation=None"
+        )
+    raise ValueError(
+        f"the data yielded no batches in epoch {epoch + 1}; give data that can "
+        "be iterated once per epoch (a list or a DataLoader, not a generator)"
+    )
+
+
+def _check_estimate_formats(state: Mapping[str, np.ndarray], remedy: str) -> None:
+    """Refuse a readout state holding an estimate without the current format mark."""
+    for prefix in sorted(
+        {
+            k.rsplit(".", 1)[0] + "."
+            for k in state
+            if k.startswith(("readout.", "bottleneck.")) and k.endswith(".mean")
+        }
+    ):
+        check_format(
+            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
+            (ESTIMATE_FORMAT,),
+            f"estimate {prefix[:-1]!r} in the readout state",
+            remedy,
+        )
+
+
+def _saved_head_params(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The head's saved parameters (``head.*``), refused unless finite numbers."""
+    head_params = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
+    for name, value in head_params.items():
+        if value.dtype.kind not in "iuf" or not np.all(np.isfinite(value)):
+            raise SavedStateError(
+                f"the readout head's {name!r} holds {value.dtype} values "
+                "that are not finite numbers; train the readout again"
+            )
+    return head_params
+
+
+def _saved_config(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The settings saved with a readout (``{}`` when the state has none)."""
+    try:
+        config: dict[str, Any] = json.loads(str(state.get("config", "{}")))
+    except json.JSONDecodeError:
+        raise SavedStateError(
+            "the readout state's 'config' is not the JSON that save() "
+            "writes; train and save the readout again"
+        ) from None
+    return config
+
+
+@dataclasses.dataclass
+class _TrainRun:
+    """One call of :meth:`ReadoutBottleneck.train`: its settings, and the state kept from
+    step to step (the noise generator, the steps made, the steps per epoch once known)."""
+
+    batch_loss: Callable[..., Any]
+    model_loss: Callable[[Any, Any], Any] | None
+    lr: float
+    schedule: str
+    epochs: int
+    every: int
+    per_epoch: int | None
+    seed: int | None
+    dist: Collectives | None
+    split: str | None
+    generator: Any = None
+    step: int = 0
+
+
 class ReadoutBottleneck:
     """A Readout Bottleneck on one layer of a frozen model, for any backend.
 
@@ -432,7 +575,7 @@ class ReadoutBottleneck:
         with contextlib.ExitStack() as stack:
             hooks: list[tuple[Any, Callable[[Any], Any]]] = [
                 (self.layer, self.bottleneck),
-                *zip(self.readout_layers, self._recorders),
+                *zip(self.readout_layers, self._recorders, strict=True),
             ]
             for layer, hook in hooks:
                 layout = layer_layout(backend, model, layer, None)
@@ -457,7 +600,7 @@ class ReadoutBottleneck:
         for r in self._recorders:
             r.features = []
         n = int(bn_features.shape[0])
-        for label, f in zip(self.labels, features):
+        for label, f in zip(self.labels, features, strict=True):
             if int(f.shape[0]) != n:
                 raise ValueError(
                     f"readout layer {label} gave a batch of {f.shape[0]}, the "
@@ -518,7 +661,7 @@ class ReadoutBottleneck:
 
     def _build_head(self) -> None:
         bn_shape, shapes = self.feature_shapes()
-        for label, shape in zip(self.labels, shapes):
+        for label, shape in zip(self.labels, shapes, strict=True):
             if len(shape) > 1 and len(shape) != len(bn_shape):
                 raise ValueError(
                     f"readout layer {label} gives features of shape {shape}: {len(shape) - 1} "
@@ -551,7 +694,7 @@ class ReadoutBottleneck:
     def readout_input(self, features: Sequence[Any], bn_features: Any) -> Any:
         """The head's input for recorded features (see :func:`readout_input`)."""
         _, shapes = self.feature_shapes()
-        for label, f, shape in zip(self.labels, features, shapes):
+        for label, f, shape in zip(self.labels, features, shapes, strict=True):
             got = tuple(int(s) for s in f.shape[1:])
             if got != shape:
                 raise ValueError(
@@ -670,6 +813,7 @@ class ReadoutBottleneck:
         progbar: bool | None = None,
         compile: bool | Callable[[Callable[..., Any]], Callable[..., Any]] = False,
         warn: bool = True,
+        distributed: bool | str | None = None,
     ) -> TrainHistory:
         """Train the head with Adam; returns the mean training loss of each epoch
         (a :class:`TrainHistory`: a list, with the per-epoch records in ``.history``).
@@ -705,120 +849,48 @@ class ReadoutBottleneck:
         :meth:`Backend.compile` (or through ``compile`` itself when it is a callable, e.g.
         ``tf.function`` with options); ``model_loss`` must then be traceable.  Compiling
         happens once per call (and per batch shape).
+
+        Under the framework's distributed runtime (see
+        :func:`~iba_core.engines.data_parallel`) the processes share each step: when every
+        process is given the same batches (``distributed="shared"``), each takes an equal
+        share of each batch's rows (and of its noise); when each reads its own
+        (``"own"``, e.g. through a ``DistributedSampler``), each takes its batch.  The
+        gradients are summed over the processes, weighted by their rows, so every process
+        makes the same update, equal to one process's on the whole batch to round-off.
+        ``None`` tells the two apart by the first batch.
         """
-        if int(epochs) != epochs or epochs < 1:
-            raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
-        if not (lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if not (beta >= 0 and math.isfinite(beta)):
-            raise ValueError(f"beta must be finite and >= 0, got {beta!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        _check_train_settings(epochs, lr, beta, schedule)
         every = _holdout_period(validation)
         # A number is a fraction (``every`` > 0); otherwise held-out batches or None.
         held_out = None if every or validation is None or isinstance(validation, (int, float)) else validation
         self._require_statistics()
         progbar = self.progbar if progbar is None else progbar
         backend = self.backend
-        generator = None
         epochs = int(epochs)
         per_epoch = _length(batches)
         if per_epoch is not None and every:
             per_epoch -= per_epoch // every
         history = TrainHistory()
         start_steps = self.steps
-
-        def batch_loss(p: Any, x: Any, inputs: Any, bn_features: Any, targets: Any, noise: Any) -> Any:
-            return self.loss(p, x, inputs, bn_features, targets, noise, beta=beta, model_loss=model_loss)
-
-        if callable(compile):
-            batch_loss = compile(batch_loss)
-        elif compile:
-            batch_loss = backend.compile(batch_loss)
-        step = 0
+        dist = collectives(backend, distributed)
+        split = None
+        if dist is not None:
+            split = distributed if isinstance(distributed, str) else _split_of(dist, backend, batches)
+        run = _TrainRun(
+            batch_loss=self._batch_loss(beta, model_loss, compile),
+            model_loss=model_loss,
+            lr=lr,
+            schedule=schedule,
+            epochs=epochs,
+            every=every,
+            per_epoch=per_epoch,
+            seed=seed,
+            dist=dist,
+            split=split,
+        )
         with self.attached():
             for epoch in range(epochs):
-                total, count, losses, rate = 0.0, 0, [], float(lr)
-                skipped: list[TrainBatch] = []
-                bar = _progress(progbar, desc=f"train epoch {epoch + 1}/{epochs}", unit="batch")
-                for i, batch in enumerate(batches):
-                    if every and i % every == every - 1:
-                        skipped.append(batch)
-                        continue
-                    x, inputs, bn_features, targets = self._batch(batch, model_loss)
-                    params = self._params_like(bn_features)
-                    if seed is not None and generator is None:
-                        generator = backend.make_generator(int(seed), bn_features)
-                    noise = backend.standard_normal(
-                        tuple(bn_features.shape), like=bn_features, generator=generator
-                    )
-
-                    def fn(
-                        p: Any,
-                        x: Any = x,
-                        inputs: Any = inputs,
-                        bn_features: Any = bn_features,
-                        targets: Any = targets,
-                        noise: Any = noise,
-                    ) -> Any:
-                        return batch_loss(p, x, inputs, bn_features, targets, noise)
-
-                    value, grad = backend.value_and_grad(fn, params)
-                    if not math.isfinite(value):
-                        raise FloatingPointError(
-                            f"the training loss became {value} at step {self.steps}; lower lr "
-                            "or check the model loss and the feature statistics"
-                        )
-                    if self._adam is None:
-                        self._adam = adam_init(params)
-                    total_steps = None if per_epoch is None else per_epoch * epochs
-                    rate = learning_rate(lr, step, total_steps, schedule)
-                    params, self._adam = adam_update(params, grad, self._adam, lr=rate)
-                    self._params = backend.stop_gradient(params)
-                    self.steps += 1
-                    step += 1
-                    n = int(bn_features.shape[0])
-                    total, count = total + value * n, count + n
-                    losses.append(float(value))
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{value:.4g}", lr=f"{rate:.2g}")
-                if count == 0:
-                    if bar is not None:
-                        bar.close()
-                    if skipped:
-                        raise ValueError(
-                            f"the data yielded no batches in epoch {epoch + 1} to train on: "
-                            f"every {every}th batch is held out (validation); give more "
-                            "batches or validation=None"
-                        )
-                    raise ValueError(
-                        f"the data yielded no batches in epoch {epoch + 1}; give data that can "
-                        "be iterated once per epoch (a list or a DataLoader, not a generator)"
-                    )
-                if per_epoch is None:
-                    per_epoch = len(losses)
-                record: dict[str, Any] = {
-                    "epoch": epoch + 1,
-                    "loss": total / count,
-                    "lr": rate,
-                    "steps": len(losses),
-                }
-                check = skipped if every else held_out
-                if check is not None and (skipped or not every):
-                    val_loss, val_cap, val_alpha = self._held_out(check, beta, model_loss)
-                    record.update(val_loss=val_loss, val_capacity=val_cap, val_alpha=val_alpha)
-                    if bar is not None:
-                        bar.set_postfix(
-                            loss=f"{record['loss']:.4g}",
-                            val_loss=f"{val_loss:.4g}",
-                            val_capacity=f"{val_cap:.3g}",
-                        )
-                else:
-                    record["alpha"] = self._alpha_mean(inputs)
-                if bar is not None:
-                    bar.close()
-                record["batch_losses"] = losses
+                record = self._train_epoch(run, batches, epoch, beta, held_out, progbar)
                 history.append(record["loss"])
                 history.history.append(record)
         self.history = history
@@ -834,6 +906,131 @@ class ReadoutBottleneck:
                     stacklevel=_caller_level(),
                 )
         return history
+
+    def _batch_loss(
+        self,
+        beta: float,
+        model_loss: Callable[[Any, Any], Any] | None,
+        compile: bool | Callable[[Callable[..., Any]], Callable[..., Any]],
+    ) -> Callable[..., Any]:
+        """:meth:`loss` as a function of ``(params, x, inputs, bn_features, targets,
+        noise)``, compiled as ``train``'s ``compile`` asks."""
+
+        def batch_loss(p: Any, x: Any, inputs: Any, bn_features: Any, targets: Any, noise: Any) -> Any:
+            return self.loss(p, x, inputs, bn_features, targets, noise, beta=beta, model_loss=model_loss)
+
+        if callable(compile):
+            return compile(batch_loss)
+        if compile:
+            return self.backend.compile(batch_loss)
+        return batch_loss
+
+    def _train_epoch(
+        self,
+        run: _TrainRun,
+        batches: Iterable[TrainBatch],
+        epoch: int,
+        beta: float,
+        held_out: Iterable[TrainBatch] | None,
+        progbar: bool,
+    ) -> dict[str, Any]:
+        """One epoch of :meth:`train` (inside :meth:`attached`): its record for
+        :class:`TrainHistory`."""
+        total, count, losses, rate = 0.0, 0, [], float(run.lr)
+        skipped: list[TrainBatch] = []
+        inputs = None
+        shown = progbar and (run.dist is None or run.dist.is_main)  # one bar: rank 0's
+        bar = _progress(shown, desc=f"train epoch {epoch + 1}/{run.epochs}", unit="batch")
+        for i, batch in enumerate(batches):
+            if run.every and i % run.every == run.every - 1:
+                skipped.append(batch)
+                continue
+            value, n, rate, inputs = self._train_step(run, batch)
+            total, count = total + value * n, count + n
+            losses.append(float(value))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4g}", lr=f"{rate:.2g}")
+        if count == 0:
+            _no_batches(bar, epoch, skipped, run.every)
+        if run.per_epoch is None:
+            run.per_epoch = len(losses)
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": total / count,
+            "lr": rate,
+            "steps": len(losses),
+        }
+        check = skipped if run.every else held_out
+        if check is not None and (skipped or not run.every):
+            val_loss, val_cap, val_alpha = self._held_out(check, beta, run.model_loss)
+            record.update(val_loss=val_loss, val_capacity=val_cap, val_alpha=val_alpha)
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4g}",
+                    val_loss=f"{val_loss:.4g}",
+                    val_capacity=f"{val_cap:.3g}",
+                )
+        else:
+            record["alpha"] = self._alpha_mean(inputs)
+        if bar is not None:
+            bar.close()
+        record["batch_losses"] = losses
+        return record
+
+    def _train_step(self, run: _TrainRun, batch: TrainBatch) -> tuple[Any, int, float, Any]:
+        """One Adam step on one training batch (shared by the processes under a
+        distributed run): ``(loss, rows, learning rate, the head's inputs)``."""
+        if run.dist is None:
+            value, grad, n, inputs = self._local_step(run, batch, slice(None))
+        else:
+            rows = _rows_of(run.dist, batch, run.split)
+            local_step = functools.partial(self._local_step, run, batch, rows)
+            value, grad, n, inputs = _summed_step(run.dist, self.backend, local_step)
+        params = self._params_like(grad)
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"the training loss became {value} at step {self.steps}; lower lr "
+                "or check the model loss and the feature statistics"
+            )
+        if self._adam is None:
+            self._adam = adam_init(params)
+        total_steps = None if run.per_epoch is None else run.per_epoch * run.epochs
+        rate = learning_rate(run.lr, run.step, total_steps, run.schedule)
+        params, self._adam = adam_update(params, grad, self._adam, lr=rate)
+        self._params = self.backend.stop_gradient(params)
+        self.steps += 1
+        run.step += 1
+        return value, n, rate, inputs
+
+    def _local_step(self, run: _TrainRun, batch: TrainBatch, rows: slice) -> tuple[Any, ...]:
+        """``(loss, gradient, rows, the head's inputs)`` of this process's ``rows`` of a
+        training batch (``(0.0, None, 0, None)`` when it has none)."""
+        backend = self.backend
+        if rows.start is not None and rows.start == rows.stop:
+            return 0.0, None, 0, None
+        x, inputs, bn_features, targets = self._batch(_rows(batch, rows), run.model_loss)
+        params = self._params_like(bn_features)
+        if run.seed is not None and run.generator is None:
+            run.generator = backend.make_generator(int(run.seed), bn_features)
+        # The noise of the whole batch, as one process draws it, then these rows.
+        whole = int(batch[0].shape[0]) if run.split == "shared" else int(bn_features.shape[0])
+        noise = backend.standard_normal(
+            (whole, *tuple(bn_features.shape)[1:]), like=bn_features, generator=run.generator
+        )[rows if run.split == "shared" else slice(None), ...]
+
+        def fn(
+            p: Any,
+            x: Any = x,
+            inputs: Any = inputs,
+            bn_features: Any = bn_features,
+            targets: Any = targets,
+            noise: Any = noise,
+        ) -> Any:
+            return run.batch_loss(p, x, inputs, bn_features, targets, noise)
+
+        value, grad = backend.value_and_grad(fn, params)
+        return value, grad, int(bn_features.shape[0]), inputs
 
     def _alpha_mean(self, inputs: Any) -> float:
         """Mean mask logit of the head on one batch of its inputs."""
@@ -986,37 +1183,8 @@ class ReadoutBottleneck:
         state = {k: np.asarray(v) for k, v in state.items()}
         remedy = "train the readout again (estimate() and train()/fit()) and save() it"
         check_format(state, (_FORMAT,), "readout state", remedy)
-        for prefix in sorted(
-            {
-                k.rsplit(".", 1)[0] + "."
-                for k in state
-                if k.startswith(("readout.", "bottleneck.")) and k.endswith(".mean")
-            }
-        ):
-            check_format(
-                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
-                (ESTIMATE_FORMAT,),
-                f"estimate {prefix[:-1]!r} in the readout state",
-                remedy,
-            )
-        n_layers = len(self.readout_layers)
-        saved = {int(k.split(".")[1]) for k in state if k.startswith("readout.")}
-        if saved != set(range(n_layers)):
-            raise ValueError(
-                f"the weights were trained with {len(saved)} readout layers, this readout has {n_layers}"
-            )
-        estimators: list[Estimator] = []
-        shapes: list[tuple[int, ...]] = []
-        old_shapes = [e.shape if e.n > 0 else None for e in self.estimators]
-        for i in range(n_layers):
-            est = Estimator()
-            est.load_state_dict(
-                {k[len(f"readout.{i}.") :]: v for k, v in state.items() if k.startswith(f"readout.{i}.")},
-                expected_shape=old_shapes[i],
-            )
-            assert est.shape is not None  # a loaded estimate (n >= 1) has its shape
-            estimators.append(est)
-            shapes.append(est.shape)
+        _check_estimate_formats(state, remedy)
+        estimators, shapes = self._saved_readout_estimators(state)
         bn_state = {
             k[len("bottleneck.") :]: v
             for k, v in state.items()
@@ -1046,21 +1214,8 @@ class ReadoutBottleneck:
                 f"{tuple(bn_shape)}, this layer gives {tuple(old_bn)}"
             )
         head = ReadoutHead(sum(s[0] for s in shapes), int(bn_shape[0]))
-        head_params = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
-        for name, value in head_params.items():
-            if value.dtype.kind not in "iuf" or not np.all(np.isfinite(value)):
-                raise SavedStateError(
-                    f"the readout head's {name!r} holds {value.dtype} values "
-                    "that are not finite numbers; train the readout again"
-                )
-        flat = head.pack(head_params)
-        try:
-            saved_config = json.loads(str(state.get("config", "{}")))
-        except json.JSONDecodeError:
-            raise SavedStateError(
-                "the readout state's 'config' is not the JSON that save() "
-                "writes; train and save the readout again"
-            ) from None
+        flat = head.pack(_saved_head_params(state))
+        saved_config = _saved_config(state)
         differs = {
             k: (v, saved_config[k])
             for k, v in self.config().items()
@@ -1080,6 +1235,31 @@ class ReadoutBottleneck:
         self.head, self._params, self._adam = head, flat, None
         self.steps = int(state.get("steps", 1))
         self._stats_cache.clear()
+
+    def _saved_readout_estimators(
+        self, state: Mapping[str, np.ndarray]
+    ) -> tuple[list[Estimator], list[tuple[int, ...]]]:
+        """The estimate of each readout layer in ``state`` and its feature shape: one per
+        readout layer of this readout, of the shape of its current estimate (if any)."""
+        n_layers = len(self.readout_layers)
+        saved = {int(k.split(".")[1]) for k in state if k.startswith("readout.")}
+        if saved != set(range(n_layers)):
+            raise ValueError(
+                f"the weights were trained with {len(saved)} readout layers, this readout has {n_layers}"
+            )
+        estimators: list[Estimator] = []
+        shapes: list[tuple[int, ...]] = []
+        old_shapes = [e.shape if e.n > 0 else None for e in self.estimators]
+        for i in range(n_layers):
+            est = Estimator()
+            est.load_state_dict(
+                {k[len(f"readout.{i}.") :]: v for k, v in state.items() if k.startswith(f"readout.{i}.")},
+                expected_shape=old_shapes[i],
+            )
+            assert est.shape is not None  # a loaded estimate (n >= 1) has its shape
+            estimators.append(est)
+            shapes.append(est.shape)
+        return estimators, shapes
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`state_dict` to an ``.npz`` file; returns the file written

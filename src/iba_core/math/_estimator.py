@@ -292,52 +292,10 @@ class Estimator:
                 f"written by Estimator.save()/state_dict(); {remedy}"
             )
         check_format(state, (ESTIMATE_FORMAT,), "estimate", remedy)
-        arrays = {}
-        for key in ("mean", "m2", "nonzero"):
-            a = np.asarray(state[key])
-            if a.dtype.kind not in "iuf":
-                raise SavedStateError(f"the estimate's {key!r} holds {a.dtype} values, not numbers; {remedy}")
-            a = a.astype(np.float64)
-            if not np.all(np.isfinite(a)):
-                raise SavedStateError(f"the estimate's {key!r} holds NaN/inf values; {remedy}")
-            arrays[key] = a
-        mean, m2, nonzero = arrays["mean"], arrays["m2"], arrays["nonzero"]
-        n_arr = np.asarray(state["n"])
-        if (
-            n_arr.size != 1
-            or n_arr.dtype.kind not in "iuf"
-            or not np.isfinite(n_arr).all()
-            or n_arr.reshape(()) != np.round(n_arr)
-        ):
-            raise SavedStateError(
-                f"the estimate's sample count 'n' must be one whole number, got {n_arr!r}; {remedy}"
-            )
-        n = int(n_arr.reshape(()))
-        if n < 1:
-            raise SavedStateError(f"the estimate holds no samples (n = {n}); {remedy}")
-        text = {}
-        for key in ("layer", "layout"):
-            if key in state:
-                v = np.asarray(state[key])
-                if v.dtype.kind != "U" or v.ndim != 0:
-                    raise SavedStateError(
-                        f"the estimate's {key!r} must be a string, got {v.dtype} {v.shape}; {remedy}"
-                    )
-                text[key] = str(v)
-        if not (mean.shape == m2.shape == nonzero.shape):
-            raise SavedStateError(
-                f"inconsistent estimate: mean {mean.shape}, m2 {m2.shape}, nonzero "
-                f"{nonzero.shape} (they must have one shape); {remedy}"
-            )
-        if np.any(m2 < 0):
-            raise SavedStateError(
-                f"the estimate's 'm2' (sums of squared deviations) holds negative values; {remedy}"
-            )
-        if np.any(nonzero < 0) or np.any(nonzero > n):
-            raise SavedStateError(
-                f"the estimate's 'nonzero' counts must lie in [0, n = {n}], "
-                f"got [{nonzero.min():g}, {nonzero.max():g}]; {remedy}"
-            )
+        mean, m2, nonzero = (_finite_numbers(state, key, remedy) for key in ("mean", "m2", "nonzero"))
+        n = _sample_count(state, remedy)
+        text = {key: _saved_text(state, key, remedy) for key in ("layer", "layout") if key in state}
+        _check_statistics(mean, m2, nonzero, n, remedy)
         layer, layout = text.get("layer"), text.get("layout")
         if expected_layer is not None and layer is not None and layer != expected_layer:
             raise SavedStateError(
@@ -389,3 +347,58 @@ class Estimator:
 
     def __repr__(self) -> str:
         return f"Estimator(n={self.n}, shape={self.shape})"
+
+
+def _finite_numbers(state: Mapping[str, Any], key: str, remedy: str) -> np.ndarray:
+    """``state[key]`` as float64, refused unless it holds finite numbers."""
+    a = np.asarray(state[key])
+    if a.dtype.kind not in "iuf":
+        raise SavedStateError(f"the estimate's {key!r} holds {a.dtype} values, not numbers; {remedy}")
+    a = a.astype(np.float64)
+    if not np.all(np.isfinite(a)):
+        raise SavedStateError(f"the estimate's {key!r} holds NaN/inf values; {remedy}")
+    return a
+
+
+def _sample_count(state: Mapping[str, Any], remedy: str) -> int:
+    """The saved sample count ``n``: one whole number >= 1."""
+    n_arr = np.asarray(state["n"])
+    if (
+        n_arr.size != 1
+        or n_arr.dtype.kind not in "iuf"
+        or not np.isfinite(n_arr).all()
+        or n_arr.reshape(()) != np.round(n_arr)
+    ):
+        raise SavedStateError(
+            f"the estimate's sample count 'n' must be one whole number, got {n_arr!r}; {remedy}"
+        )
+    n = int(n_arr.reshape(()))
+    if n < 1:
+        raise SavedStateError(f"the estimate holds no samples (n = {n}); {remedy}")
+    return n
+
+
+def _saved_text(state: Mapping[str, Any], key: str, remedy: str) -> str:
+    """``state[key]`` (``"layer"`` or ``"layout"``), refused unless it is one string."""
+    v = np.asarray(state[key])
+    if v.dtype.kind != "U" or v.ndim != 0:
+        raise SavedStateError(f"the estimate's {key!r} must be a string, got {v.dtype} {v.shape}; {remedy}")
+    return str(v)
+
+
+def _check_statistics(mean: np.ndarray, m2: np.ndarray, nonzero: np.ndarray, n: int, remedy: str) -> None:
+    """Refuse statistics of different shapes, negative ``m2`` or counts outside ``[0, n]``."""
+    if not (mean.shape == m2.shape == nonzero.shape):
+        raise SavedStateError(
+            f"inconsistent estimate: mean {mean.shape}, m2 {m2.shape}, nonzero "
+            f"{nonzero.shape} (they must have one shape); {remedy}"
+        )
+    if np.any(m2 < 0):
+        raise SavedStateError(
+            f"the estimate's 'm2' (sums of squared deviations) holds negative values; {remedy}"
+        )
+    if np.any(nonzero < 0) or np.any(nonzero > n):
+        raise SavedStateError(
+            f"the estimate's 'nonzero' counts must lie in [0, n = {n}], "
+            f"got [{nonzero.min():g}, {nonzero.max():g}]; {remedy}"
+        )

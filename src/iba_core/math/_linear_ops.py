@@ -257,10 +257,10 @@ def _resize_matrices(
     size: tuple[int, ...], in_shape: tuple[int, ...], preserve_sum: bool
 ) -> tuple[np.ndarray | None, ...]:
     if preserve_sum:
-        mats = [np.array(mass_preserving_matrix(o, i)) for o, i in zip(size, in_shape)]
+        mats = [np.array(mass_preserving_matrix(o, i)) for o, i in zip(size, in_shape, strict=True)]
         mats[0] *= math.prod(in_shape) / math.prod(size)
     else:
-        mats = [np.array(bilinear_matrix(o, i)) for o, i in zip(size, in_shape)]
+        mats = [np.array(bilinear_matrix(o, i)) for o, i in zip(size, in_shape, strict=True)]
     out = []
     for m in mats:
         identity = m.shape[0] == m.shape[1] and np.array_equal(m, np.eye(m.shape[0]))

@@ -14,16 +14,18 @@ smaller classes).  Every test then runs against that backend::
                                    input_size=(12, 12), feature_shape=(8, 6, 6))
 
 Capabilities a backend lacks are declared in the case (e.g. ``float64=False``,
-``on_input=False``), never tested with ``if backend == ...``; what only the framework can
-see (gradients stored on weights, training flags) the case reads with small callables
-(``weight_gradients``, ``model_flags``, ``mix_flags``, ``is_frozen``), and a test whose
-callable is ``None`` is skipped with the reason.  :class:`PromiseTests` checks the
-promises of the :class:`~iba_core.contract.Backend` contract through its API alone:
-``value_and_grad`` passes operands through, is correct through a model and writes no
-weight gradients; ``frozen`` restores every flag, also after an exception; hooks see
-the layer's input or output as the layer produces it, stack in attach order and come off
-in any order; seeded generators reproduce and advance on every draw.  Reference values
-come from NumPy and, when it is installed, array-api-strict.  Requires pytest.
+``on_input=False``; no ``make_sequence_model``: the rank-3 :class:`SequenceTests`, both
+layouts and attention masks, are skipped), never tested with ``if backend == ...``; what
+only the framework can see (gradients stored on weights, training flags) the case reads
+with small callables (``weight_gradients``, ``model_flags``, ``mix_flags``,
+``is_frozen``), and a test whose callable is ``None`` is skipped with the reason.
+:class:`PromiseTests` checks the promises of the :class:`~iba_core.contract.Backend`
+contract through its API alone: ``value_and_grad`` passes operands through, is correct
+through a model and writes no weight gradients; ``frozen`` restores every flag, also
+after an exception; hooks see the layer's input or output as the layer produces it,
+stack in attach order and come off in any order; seeded generators reproduce and advance
+on every draw.  Reference values come from NumPy and, when it is installed,
+array-api-strict.  Requires pytest.
 
 Fixtures in these classes follow what pytest 10 keeps.  pytest 9.1 deprecates fixtures
 of class (or wider) scope written as instance methods, with
@@ -51,6 +53,7 @@ from ._suite import (
     NamespaceTests,
     PerSampleTests,
     PromiseTests,
+    SequenceTests,
 )
 
 __all__ = [
@@ -64,4 +67,5 @@ __all__ = [
     "PromiseTests",
     "ReadoutCase",
     "ReadoutTests",
+    "SequenceTests",
 ]

@@ -189,7 +189,9 @@ def train_reference_readout(case: ReadoutCase) -> TrainedReadout:
     with backend.frozen(model):
         readout_maps = backend.to_numpy(saliency_map(readout.analyze(x), IMAGE_SIZE))
     per_sample = per_sample_maps(backend, model, readout.bottleneck, x, labels)
-    corr = np.array([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(readout_maps, per_sample)])
+    corr = np.array(
+        [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(readout_maps, per_sample, strict=True)]
+    )
     return TrainedReadout(readout, model, history, before, after, readout_maps, per_sample, corr, x)
 
 
@@ -288,7 +290,7 @@ class ReadoutTests:
             readout_input([t(f) for f in feats], [t(m) for m in means], [t(s) for s in stds], (6, 6))
         )
         parts = []
-        for f, m, s in zip(feats, means, stds):
+        for f, m, s in zip(feats, means, stds, strict=True):
             r = (f.astype(np.float64) - m) / s
             if r.ndim == 2:
                 r = np.broadcast_to(r[:, :, None, None], (*r.shape, 6, 6))
@@ -373,7 +375,7 @@ class ReadoutTests:
         assert all(v.dtype == np.float64 for v in got.values()), {k: v.dtype for k, v in got.items()}
         # The NumPy references in float64: agreement to round-off (1e-12), which a
         # detour through float32 (1e-7) would miss.
-        parts = [(f - m) / s_ for f, m, s_ in zip(feats, means, stds)]
+        parts = [(f - m) / s_ for f, m, s_ in zip(feats, means, stds, strict=True)]
         parts[1] = _bilinear_reference(parts[1], (6, 6))
         expected = np.concatenate(parts, axis=1)
         np.testing.assert_allclose(got["input"], expected, rtol=1e-12, atol=1e-12)
@@ -440,7 +442,7 @@ class ReadoutTests:
         # more than its share of the map.
         images, _ = blob_images(HELD_OUT, 3)
         shares = []
-        for m, image in zip(maps, np.abs(images).sum(1)):
+        for m, image in zip(maps, np.abs(images).sum(1), strict=True):
             by, bx = np.unravel_index(np.argmax(image), image.shape)
             yy, xx = np.mgrid[0 : IMAGE_SIZE[0], 0 : IMAGE_SIZE[1]]
             near = (np.abs(yy - by) <= 2) & (np.abs(xx - bx) <= 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, TypedDict
+from typing import Any, ClassVar, TypedDict
 
 import array_api_compat.numpy as np_xp
 import numpy as np
@@ -73,6 +73,18 @@ class ConformanceCase:
             is caught.  ``None``: the flags are left as ``make_model`` sets them.
         is_frozen: ``model -> bool``: whether the model is in inference mode with no
             weight trainable, as :meth:`Backend.frozen` promises.  ``None``: not checked.
+        make_sequence_model: ``layout -> (model, layer)`` for ``layout`` in
+            :data:`~iba_core.contract.LAYOUTS`: a small float32 classifier of sequences
+            (``n_classes`` logits) whose ``layer`` gives features ``(N, C, T)``
+            (``"channels_first"``) or ``(N, T, C)`` (``"channels_last"``) and whose logits
+            depend on those features at position ``sequence_key`` only.  The two models
+            compute the same function with the same weights.  ``None``: the sequence tests
+            (:class:`SequenceTests`) are skipped.
+        make_sequence_inputs: ``(n, seed) -> inputs`` of the sequence models (token ids
+            ``(n, T)`` or float features; integers are never cast by the engine).
+        sequence_shape: ``(C, T)``, the channels-first per-sample shape of the sequence
+            layer's features.
+        sequence_key: the position the sequence models' logits depend on.
     """
 
     backend: str
@@ -91,6 +103,10 @@ class ConformanceCase:
     model_flags: Callable[[Any], Any] | None = None
     mix_flags: Callable[[Any], None] | None = None
     is_frozen: Callable[[Any], bool] | None = None
+    make_sequence_model: Callable[[str], tuple[Any, Any]] | None = None
+    make_sequence_inputs: Callable[[int, int], Any] | None = None
+    sequence_shape: tuple[int, int] = (0, 0)
+    sequence_key: int = 0
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -565,7 +581,7 @@ class PerSampleTests(_Base):
                 )
             alphas.append(backend.to_numpy(bn.alpha))
         assert caps[0].shape == (3, *case.feature_shape) and alphas[2].shape == caps[0].shape
-        for cap, alpha in zip(caps[1:], alphas[1:]):
+        for cap, alpha in zip(caps[1:], alphas[1:], strict=True):
             # float64: differences are round-off, amplified a little by Adam (see above).
             np.testing.assert_allclose(cap, caps[0], rtol=1e-7, atol=1e-9)
             np.testing.assert_allclose(alpha, alphas[0], rtol=1e-7, atol=1e-9)
@@ -782,7 +798,7 @@ class PromiseTests(_Base):
         ]
         after = case.weight_gradients(model)
         assert len(after) == len(before)
-        for i, (b, a) in enumerate(zip(before, after)):
+        for i, (b, a) in enumerate(zip(before, after, strict=True)):
             if b is None:
                 assert a is None, f"value_and_grad wrote a gradient on weight {i}"
             else:
@@ -956,7 +972,7 @@ class PromiseTests(_Base):
             return out
 
         first, again, other = draws(3), draws(3), draws(4)
-        for a, b in zip(first, again):
+        for a, b in zip(first, again, strict=True):
             np.testing.assert_array_equal(a, b)  # the same seed: the same sequence
         # Each draw advances the generator: no value repeats among 30 continuous draws.
         assert not np.any(first[0] == first[1]) and not np.any(first[1] == first[2])
@@ -984,7 +1000,117 @@ class PromiseTests(_Base):
             assert abs(np.mean(np.abs(s) < 1.0) - 0.6827) < 0.04
 
 
+class SequenceTests(_Base):
+    """Rank-3 features in both layouts: layouts declared, reported or refused, attention
+    masks, per-position maps (issue 13).  Needs the case's ``make_sequence_model``."""
+
+    #: Settings that keep the sequence tests fast on every backend (a finite-difference
+    #: one included) while the map still finds the one position that matters (no
+    #: smoothing: it would spread that position's bits onto its neighbours).
+    SETTINGS: ClassVar[dict[str, Any]] = {
+        "beta": 0.1,
+        "batch_size": 3,
+        "optimization_steps": 10,
+        "sigma": None,
+    }
+
+    @staticmethod
+    def _require(case: ConformanceCase) -> tuple[Callable[[str], tuple[Any, Any]], Callable[[int, int], Any]]:
+        if case.make_sequence_model is None or case.make_sequence_inputs is None:
+            pytest.skip("the case has no sequence model (make_sequence_model)")
+        return case.make_sequence_model, case.make_sequence_inputs
+
+    def _engine(self, case: ConformanceCase, backend: Backend, layout: str) -> tuple[Any, Any]:
+        from ..engines import PerSampleBottleneck
+
+        make_model, make_inputs = self._require(case)
+        model, layer = make_model(layout)
+        engine = PerSampleBottleneck(backend, model, layer, layout=layout, **self.SETTINGS)
+        engine.estimate([make_inputs(24, 100)], n_samples=24)
+        return engine, make_inputs
+
+    @pytest.mark.parametrize("layout", LAYOUTS)
+    def test_sequence_layout_is_reported_right_or_not_at_all(
+        self, case: ConformanceCase, backend: Backend, layout: str
+    ) -> None:
+        make_model, make_inputs = self._require(case)
+        model, layer = make_model(layout)
+        assert backend.layer_layout(model, layer) in (layout, None)
+        seen = _record(backend, model, layer, make_inputs(2, 0))
+        c, t = case.sequence_shape
+        assert seen.shape == ((2, c, t) if layout == "channels_first" else (2, t, c))
+
+    @pytest.mark.filterwarnings("ignore::iba_core.FewSamplesWarning")
+    @pytest.mark.parametrize("layout", LAYOUTS)
+    def test_the_position_that_matters_gets_the_most_bits(
+        self, case: ConformanceCase, backend: Backend, layout: str
+    ) -> None:
+        engine, make_inputs = self._engine(case, backend, layout)
+        assert engine.estimator.mean().shape == tuple(case.sequence_shape)
+        bits = backend.to_numpy(engine.analyze(make_inputs(2, 1), target=[0, 1], seed=0, mode="capacity"))
+        assert bits.shape == (2, case.sequence_shape[1])
+        assert np.all(bits >= 0)
+        np.testing.assert_array_equal(bits.argmax(axis=1), case.sequence_key)
+
+    @pytest.mark.filterwarnings("ignore::iba_core.FewSamplesWarning")
+    def test_both_layouts_give_the_same_statistics_and_capacity(
+        self, case: ConformanceCase, backend: Backend
+    ) -> None:
+        # The channels-first features the engine works on are the same in both layouts;
+        # so is the capacity of the initial mask (an optimised mask is compared in float64
+        # elsewhere: Adam amplifies float32 round-off of near-zero gradients).
+        engines = [self._engine(case, backend, layout) for layout in LAYOUTS]
+        means = [e.estimator.mean() for e, _ in engines]
+        stds = [e.estimator.std() for e, _ in engines]
+        np.testing.assert_allclose(means[0], means[1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stds[0], stds[1], rtol=1e-5, atol=1e-6)
+        maps = [
+            backend.to_numpy(
+                e.analyze(make(2, 1), target=[0, 1], mode="capacity", optimization_steps=0, sigma=1.0)
+            )
+            for e, make in engines
+        ]
+        assert maps[0].shape == (2, case.sequence_shape[1]) and np.all(maps[0] > 0)
+        np.testing.assert_allclose(maps[0], maps[1], rtol=1e-4, atol=1e-6 * float(maps[0].max()))
+
+    @pytest.mark.filterwarnings("ignore::iba_core.FewSamplesWarning")
+    @pytest.mark.parametrize("layout", LAYOUTS)
+    def test_padding_gets_exactly_zero_bits(
+        self, case: ConformanceCase, backend: Backend, layout: str
+    ) -> None:
+        engine, make_inputs = self._engine(case, backend, layout)
+        t, key = case.sequence_shape[1], case.sequence_key
+        mask = np.ones((2, t), dtype=bool)
+        mask[1, key + 4 :] = False  # the second input is shorter (needs T >= key + 5)
+        x = make_inputs(2, 1)
+        # With smoothing, which works along each input's real positions only.
+        opts: dict[str, Any] = {"mode": "capacity", "sigma": 1.0}
+        bits = backend.to_numpy(engine.analyze(x, target=[0, 1], seed=[4, 5], attention_mask=mask, **opts))
+        assert np.all(bits[~mask] == 0.0) and np.all(bits[mask] > 0)
+        if not case.exact_gradients:
+            return  # Adam amplifies finite-difference errors: alone and together differ slightly
+        alone = backend.to_numpy(
+            engine.analyze(x[1:2, ...], target=[1], seed=[5], attention_mask=mask[1:], **opts)
+        )
+        np.testing.assert_allclose(alone[0], bits[1], rtol=1e-4, atol=1e-6 * float(bits.max()))
+
+    @pytest.mark.parametrize("layout", LAYOUTS)
+    def test_an_unknown_sequence_layout_is_refused_and_the_hook_removed(
+        self, case: ConformanceCase, backend: Backend, layout: str
+    ) -> None:
+        make_model, make_inputs = self._require(case)
+        model, layer = make_model(layout)
+        x = make_inputs(2, 0)
+        before = backend.to_numpy(backend.call(model, x))
+        bn = Bottleneck()
+        bn.backend = backend
+        with pytest.raises(ValueError, match="layout='channels_last'"):
+            with attached(backend, model, layer, in_layout(backend, bn, None)):
+                bn.record(lambda: backend.call(model, x))
+        np.testing.assert_array_equal(backend.to_numpy(backend.call(model, x)), before)
+
+
 class BackendConformanceTests(
-    NamespaceTests, GradientTests, EstimationTests, HookTests, PromiseTests, PerSampleTests
+    NamespaceTests, GradientTests, EstimationTests, HookTests, PromiseTests, PerSampleTests, SequenceTests
 ):
     """Every conformance test; inherit it and provide the ``case`` fixture."""
