@@ -94,22 +94,12 @@ class TFCliMixin:
     def demo_model(self, device: str | None = None) -> keras.Model:
         from ._demo import demo_cnn
 
-        dev = _device(device)
-        with _on(dev):
-            model = demo_cnn()
-        if dev is not None:
-            _devices[model] = dev
-        return model
+        return _built_on(device, demo_cnn)
 
     def demo_text_model(self, device: str | None = None) -> keras.Model:
         from ._text import text_model
 
-        dev = _device(device)
-        with _on(dev):
-            model = text_model()
-        if dev is not None:
-            _devices[model] = dev
-        return model
+        return _built_on(device, text_model)
 
     def describe_input(self, model: Any) -> InputSpec:
         """Channels and ``(H, W)`` from the model's declared input, channels-last."""
@@ -144,3 +134,13 @@ class TFCliMixin:
             if candidate.name == layer:
                 return type(candidate).__name__
         return None
+
+
+def _built_on(device: str | None, make: Any) -> keras.Model:
+    """``make()`` built on ``device`` (default: TensorFlow's choice), remembered for inputs."""
+    dev = _device(device)
+    with _on(dev):
+        model = make()
+    if dev is not None:
+        _devices[model] = dev
+    return model

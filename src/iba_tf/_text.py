@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from iba_core.apps.text_task import CLASSES, MAX_LENGTH, PAD_ID, VOCAB, text_weights
+from iba_core.apps.text_task import PAD_ID, TEXT_CONFIG, TEXT_LAYER, text_weights
 
 __all__ = [
     "TEXT_CONFIG",
@@ -33,17 +33,6 @@ __all__ = [
     "text_weights_path",
 ]
 
-#: The same sizes as ``iba_torch._text.TEXT_CONFIG``.
-TEXT_CONFIG = {
-    "vocab": len(VOCAB),
-    "max_length": MAX_LENGTH,
-    "width": 32,
-    "layers": 2,
-    "heads": 2,
-    "mlp": 64,
-    "classes": len(CLASSES),
-}
-TEXT_LAYER = "embeddings"
 _NEG = -1e9
 _EPS = 1e-5  # PyTorch's LayerNorm epsilon (Keras' default is 1e-3)
 

@@ -98,20 +98,12 @@ class TorchCliMixin:
     def demo_model(self, device: str | None = None) -> torch.nn.Module:
         from ._demo import demo_cnn
 
-        dev = _device(device)
-        # The demo network is tiny: one thread is as fast as several on an idle machine and
-        # many times faster on a busy one, where OpenMP threads wait for each other.
-        torch.set_num_threads(1)
-        model = demo_cnn()
-        return model.to(dev) if dev is not None else model
+        return _demo_on(device, demo_cnn)
 
     def demo_text_model(self, device: str | None = None) -> torch.nn.Module:
         from ._text import text_model
 
-        dev = _device(device)
-        torch.set_num_threads(1)  # as for the demo CNN: tiny model, often a busy machine
-        model = text_model()
-        return model.to(dev) if dev is not None else model
+        return _demo_on(device, text_model)
 
     def describe_input(self, model: Any) -> InputSpec:
         """Channels from the first 2-D convolution; PyTorch modules declare no size."""
@@ -132,3 +124,13 @@ class TorchCliMixin:
         """The class name of the module called ``layer`` (for ``iba layers``)."""
         module = dict(model.named_modules()).get(layer) if layer else None
         return type(module).__name__ if module is not None else None
+
+
+def _demo_on(device: str | None, make: Any) -> torch.nn.Module:
+    """A demo network from ``make()`` on ``device``.  The demo networks are tiny: one thread
+    is as fast as several on an idle machine and many times faster on a busy one, where
+    OpenMP threads wait for each other."""
+    dev = _device(device)
+    torch.set_num_threads(1)
+    model = make()
+    return model.to(dev) if dev is not None else model

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from iba_core.apps.text_task import CLASSES, MAX_LENGTH, PAD_ID, VOCAB, text_weights
+from iba_core.apps.text_task import PAD_ID, TEXT_CONFIG, TEXT_LAYER, text_weights
 
 __all__ = [
     "TEXT_CONFIG",
@@ -35,18 +35,6 @@ __all__ = [
     "text_weights_path",
 ]
 
-#: The demo network's size: vocabulary, sequence length, width, layers, heads, MLP width.
-TEXT_CONFIG = {
-    "vocab": len(VOCAB),
-    "max_length": MAX_LENGTH,
-    "width": 32,
-    "layers": 2,
-    "heads": 2,
-    "mlp": 64,
-    "classes": len(CLASSES),
-}
-#: The layer ``iba demo --task text`` puts the bottleneck on (channels-last ``(N, T, D)``).
-TEXT_LAYER = "embeddings"
 _NEG = -1e9  # added to the attention scores of padded keys
 
 

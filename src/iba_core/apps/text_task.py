@@ -25,6 +25,8 @@ import numpy as np
 
 __all__ = [
     "CLASSES",
+    "TEXT_CONFIG",
+    "TEXT_LAYER",
     "FILLER",
     "MAX_LENGTH",
     "MIN_LENGTH",
@@ -61,6 +63,19 @@ VOCAB: tuple[str, ...] = (PAD, *(w for c in CLASSES for w in TOPIC_WORDS[c]), *F
 _TOPIC_IDS = np.array([[VOCAB.index(w) for w in TOPIC_WORDS[c]] for c in CLASSES])
 _FILLER_IDS = np.array([VOCAB.index(w) for w in FILLER])
 MIN_LENGTH, MAX_LENGTH = 12, 32
+#: The demo transformer's sizes, the same in every framework: vocabulary, sequence length,
+#: width, layers, heads, MLP width, classes.
+TEXT_CONFIG: dict[str, int] = {
+    "vocab": len(VOCAB),
+    "max_length": MAX_LENGTH,
+    "width": 32,
+    "layers": 2,
+    "heads": 2,
+    "mlp": 64,
+    "classes": len(CLASSES),
+}
+#: The layer ``iba demo --task text`` puts the bottleneck on (channels-last ``(N, T, D)``).
+TEXT_LAYER = "embeddings"
 
 
 @dataclasses.dataclass(frozen=True)
