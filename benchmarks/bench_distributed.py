@@ -82,7 +82,9 @@ def _worker(rank: int, world: int, folder: str, opts: dict) -> None:
         images, data = images.to(device), data.to(device)
         iba = IBA(model, "5")
         batches = [data[i : i + 32] for i in range(0, len(data), 32)]
-        kw = dict(target="predicted", noise="numpy", optimization_steps=opts["steps"])
+        # Data-parallel work is asked for (a process group alone changes nothing).
+        parallel = {"distributed": True} if world > 1 else {}
+        kw = dict(target="predicted", noise="numpy", optimization_steps=opts["steps"], **parallel)
 
         def sync() -> None:
             if cuda:
@@ -90,10 +92,10 @@ def _worker(rank: int, world: int, folder: str, opts: dict) -> None:
             if world > 1:
                 dist.barrier()
 
-        iba.estimate(model, batches[:2], n_samples=64)  # warm-up
+        iba.estimate(model, batches[:2], n_samples=64, **parallel)  # warm-up
         sync()
         t0 = time.perf_counter()
-        iba.estimate(model, batches, n_samples=len(data))
+        iba.estimate(model, batches, n_samples=len(data), **parallel)
         sync()
         t_est = time.perf_counter() - t0
         iba.analyze(images[: 2 * world * 3], seed=1, **kw)  # warm-up
@@ -132,7 +134,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process (default 1)")
-    parser.add_argument("--images", type=int, default=64, help="images explained (default 64)")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=120,
+        help="images explained (default 120: the inputs are shared out in units of one CPU pass, "
+        "30 images, so 120 give each of 1, 2 or 4 processes the same work)",
+    )
     parser.add_argument("--estimate", type=int, default=512, help="images estimated on (default 512)")
     parser.add_argument("--steps", type=int, default=10, help="optimisation steps (default 10)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from iba_core.apps.cli import main
+from iba_core.apps.cli import smoothing as cli_smoothing
 
 pytest.importorskip("sklearn")
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,6 +330,25 @@ def test_explain_with_a_saved_estimate_and_a_fixed_target(folders, explained, tm
     with np.load(tmp_path / "b" / "saliency_maps.npz") as f:
         assert f["targets"].tolist() == [3] * 5
         assert not np.allclose(f["saliency_maps"], maps)
+
+
+@torch_only
+def test_explain_sigma_sets_the_smoothing(folders, explained, tmp_path):
+    """``--sigma 1`` is the default for images; ``--sigma 0`` turns smoothing off."""
+    _, ref, est = explained
+    images = str(folders["root"] / "images")
+    common = ["explain", MODEL, "--layer", LAYER, "--images", images, "--estimate", str(est)]
+    common += ["--noise", "numpy"]
+    for sigma in ("1", "0"):
+        assert main([*common, "--sigma", sigma, "--out", str(tmp_path / sigma)]) == 0
+    with (
+        np.load(ref / "saliency_maps.npz") as default,
+        np.load(tmp_path / "1" / "saliency_maps.npz") as one,
+        np.load(tmp_path / "0" / "saliency_maps.npz") as none,
+    ):
+        np.testing.assert_allclose(one["saliency_maps"], default["saliency_maps"], rtol=1e-4, atol=1e-6)
+        assert not np.allclose(none["saliency_maps"], default["saliency_maps"], rtol=1e-2)
+    assert cli_smoothing(None, default=1.0) == 1.0 and cli_smoothing(0.0, default=1.0) is None
 
 
 @torch_only

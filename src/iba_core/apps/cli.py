@@ -886,8 +886,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     logits = predict(backend, model, x)
     predicted = logits.argmax(axis=1)
     targets = _explained_targets(args.target, predicted, int(logits.shape[1]), len(x))
+    sigma = smoothing(args.sigma, default=1.0)
     engine, feature_shape = open_bottleneck(
-        backend, model, args.layer, inputs, x[:1], beta=args.beta, optimization_steps=args.steps
+        backend, model, args.layer, inputs, x[:1], beta=args.beta, optimization_steps=args.steps, sigma=sigma
     )
     if dist is not None:
         from ..engines._distributed import agree, fingerprint
@@ -895,7 +896,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
         agree(
             dist,
             "the images, targets and settings",
-            (fingerprint(x), fingerprint(targets), args.layer, args.beta, args.steps, args.seed, args.noise),
+            (
+                fingerprint(x),
+                fingerprint(targets),
+                args.layer,
+                args.beta,
+                sigma,
+                args.steps,
+                args.seed,
+                args.noise,
+            ),
             "start every process with the same command line, on the same files",
         )
 
@@ -1180,6 +1190,13 @@ def int_in(low: int, high: int | None = None, why: str = "") -> Callable[[str], 
     return parse
 
 
+def smoothing(value: float | None, default: float | None) -> float | None:
+    """``--sigma``: ``default`` when not given, ``None`` (no smoothing) for 0."""
+    if value is None:
+        return default
+    return float(value) or None
+
+
 def real(low: float | None = None, *, strict: bool = False) -> Callable[[str], float]:
     """An argparse ``type``: a finite number (``>= low``, or ``> low`` if ``strict``)."""
 
@@ -1424,6 +1441,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument(
         "--beta", type=real(0), default=10.0, help="weight of the information term (default: 10)"
+    )
+    explain.add_argument(
+        "--sigma",
+        type=real(0),
+        default=None,
+        help="smoothing of the mask, in cells of the layer's feature map (default: 1 for images, "
+        "none for --texts; 0: none)",
     )
     explain.add_argument(
         "--steps", type=int_in(0), default=10, help="optimisation steps per batch (default: 10)"

@@ -281,7 +281,15 @@ def _token_bottleneck(
 
     try:
         engine = PerSampleBottleneck(
-            backend, model, args.layer, layout=args.layout, beta=args.beta, optimization_steps=args.steps
+            backend,
+            model,
+            args.layer,
+            layout=args.layout,
+            beta=args.beta,
+            optimization_steps=args.steps,
+            # No smoothing along the tokens unless asked: neighbouring tokens are not
+            # neighbouring pixels (the text demo measured it: docs/tutorials/sequences.md).
+            sigma=cli.smoothing(args.sigma, default=None),
         )
         feature_shape = engine.feature_shape(_tensor(backend, model, ids[:1]))
     except LookupError as exc:

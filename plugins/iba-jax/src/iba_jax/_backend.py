@@ -26,6 +26,8 @@ _INFERENCE_FLAGS = ("deterministic", "use_running_average")
 #: The hooks on each hooked layer (by ``id``), as ``[hook, on_input]`` entries in order.
 _HOOKS: dict[int, list[list[Any]]] = {}
 _HOOKED_CLASSES: dict[type, type] = {}
+#: Changes whenever a hook is attached or removed (a model's graph definition with it).
+_HOOK_CHANGES = [0]
 
 
 def _hooked_class(cls: type) -> type:
@@ -63,6 +65,7 @@ class _HookHandle:
     def remove(self) -> None:
         hooks = _HOOKS.get(id(self._layer), [])
         hooks[:] = [e for e in hooks if e is not self._entry]
+        _HOOK_CHANGES[0] += 1
         if not hooks and _HOOKS.pop(id(self._layer), None) is not None:
             object.__setattr__(self._layer, "__class__", type(self._layer).__bases__[0])
 
@@ -81,6 +84,9 @@ def _device(x: Any) -> Any:
 class _Local(threading.local):
     def __init__(self) -> None:
         self.frozen: list[Any] = []  # the models inside frozen(), innermost last
+        # Inside frozen(): each model's (hook changes, graph definition, weights), split
+        # once per context instead of once per compiled call (the weights cannot change).
+        self.splits: dict[int, tuple[int, Any, Any]] = {}
         self.copies: dict[int, Any] = {}  # while tracing: a model's copy holding traced weights
 
 
@@ -179,9 +185,15 @@ class JaxBackend(Backend):
 
         jitted = jax.jit(traced, static_argnums=0)
 
+        def split(model: Any) -> tuple[Any, Any]:
+            cached = local.splits.get(id(model))
+            if cached is None or cached[0] != _HOOK_CHANGES[0]:
+                cached = local.splits[id(model)] = (_HOOK_CHANGES[0], *nnx.split(model))
+            return cached[1], cached[2]
+
         def call(*args: Any) -> Any:
             models = list(dict.fromkeys(local.frozen))  # traced() sees the same list
-            graphs, weights = zip(*map(nnx.split, models), strict=True) if models else ((), ())
+            graphs, weights = zip(*map(split, models), strict=True) if models else ((), ())
             return jitted(tuple(graphs), list(weights), args)
 
         return call
@@ -195,6 +207,7 @@ class JaxBackend(Backend):
             object.__setattr__(target, "__class__", _hooked_class(type(target)))
         entry = [hook, bool(on_input)]
         hooks.append(entry)
+        _HOOK_CHANGES[0] += 1
         return _HookHandle(target, entry)
 
     def call(self, model: Any, x: Any) -> Any:
@@ -225,6 +238,8 @@ class JaxBackend(Backend):
             yield model
         finally:
             self._local.frozen.pop()
+            if model not in self._local.frozen:  # the weights may change from here on
+                self._local.splits.pop(id(model), None)
             for m, flag, value in saved:
                 object.__setattr__(m, flag, value)
 
