@@ -158,6 +158,16 @@ def _worker(rank: int, folder: str, scenario: str) -> None:
             with _nothing():
                 own = iba.estimate(model, batches[rank::WORLD], n_samples=10_000, progbar=False)
             out["own_mean"], out["own_m2"], out["own_n"] = own.mean(), own.state_dict()["m2"], own.n
+            # Asked for by the argument alone, through both fronts.
+            import iba_core
+
+            with data_parallel(False), _nothing():
+                mine_only = batches[rank::WORLD]
+                torch_front = iba.estimate(model, mine_only, progbar=False, distributed=True)
+                generic = iba_core.IBA(model, "relu2").estimate(
+                    [b.numpy() for b in mine_only], progbar=False, distributed=True
+                )
+            out["front_n"] = np.asarray([torch_front.n, generic.n])
             # Different inputs on different processes: each explains its own.
             mine = x[rank::WORLD]
             out["own_maps"] = iba.analyze(mine, target=targets[rank::WORLD], seed=5, noise="numpy")
@@ -200,6 +210,7 @@ def test_two_processes_estimate_and_explain_as_one(tmp_path):
         assert int(got["rank0_alone_n"]) == (6 if rank == 0 else -1)
         # Own shards merged: the estimate of all batches.
         assert int(got["own_n"]) == 30
+        assert got["front_n"].tolist() == [30, 30]  # distributed=True on both fronts
         with _nothing():
             from iba_torch import IBA
 

@@ -673,6 +673,29 @@ def test_cli_explains_a_text_file_per_token(text_cli, capsys):
 
 
 @pytest.mark.torch
+def test_cli_texts_are_not_smoothed_unless_asked(text_cli, capsys):
+    """``--sigma``: none by default for ``--texts`` (as ``--sigma 0``), smoothing when given."""
+    import torch
+
+    from iba_core.apps.cli import main
+
+    root, _ = text_cli
+    spec = str(root / "textmodel.py")
+    common = ["explain", f"{spec}:model", "--backend", "torch", "--layer", "proj"]
+    common += ["--texts", str(root / "texts.txt"), "--tokenizer", f"{spec}:tokenizer"]
+    common += ["--estimate-from", str(root / "est.txt"), "--max-length", str(T), "--beta", "0.1"]
+    bits = {}
+    for name, extra in (("default", []), ("again", []), ("0", ["--sigma", "0"]), ("1", ["--sigma", "1"])):
+        torch.manual_seed(0)  # the factory's layers draw their biases from torch's generator
+        assert main([*common, *extra, "--out", str(root / name)]) == 0, capsys.readouterr().err
+        with np.load(root / name / "token_maps.npz") as data:
+            bits[name] = data["bits"]
+    np.testing.assert_allclose(bits["default"], bits["again"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(bits["default"], bits["0"], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(bits["1"], bits["default"], rtol=1e-2)
+
+
+@pytest.mark.torch
 def test_cli_text_mistakes_are_one_line_errors(text_cli, capsys):
     from iba_core.apps.cli import main
 

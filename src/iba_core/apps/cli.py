@@ -944,10 +944,15 @@ def _check_image_options(args: argparse.Namespace) -> None:
     for option in ("tokenizer", "max_length", "pad_id", "layout"):
         if getattr(args, option, None) is not None:
             raise UsageError(f"--{option.replace('_', '-')} is for --texts")
+    check_estimate_source(args, "FOLDER (images like the ones to explain)")
+
+
+def check_estimate_source(args: argparse.Namespace, source: str) -> None:
+    """Exactly one of ``--estimate`` and ``--estimate-from SOURCE`` (``source`` says what
+    ``--estimate-from`` takes)."""
     if args.estimate is None and args.estimate_from is None:
         raise UsageError(
-            "the bottleneck needs feature statistics: give --estimate-from FOLDER "
-            "(images like the ones to explain) or --estimate FILE.npz"
+            f"the bottleneck needs feature statistics: give --estimate-from {source} or --estimate FILE.npz"
         )
     if args.estimate is not None and args.estimate_from is not None:
         raise UsageError("give either --estimate-from or --estimate, not both")

@@ -262,13 +262,9 @@ def _check_text_options(args: argparse.Namespace) -> None:
         raise UsageError("give either --images or --texts, not both")
     if args.tokenizer is None:
         raise UsageError("--texts needs --tokenizer module:factory (a callable returning the tokenizer)")
-    if args.estimate is None and args.estimate_from is None:
-        raise UsageError(
-            "the bottleneck needs feature statistics: give --estimate-from FILE.txt (texts like "
-            "the ones to explain, one per line) or --estimate FILE.npz"
-        )
-    if args.estimate is not None and args.estimate_from is not None:
-        raise UsageError("give either --estimate-from or --estimate, not both")
+    from .cli import check_estimate_source
+
+    check_estimate_source(args, "FILE.txt (texts like the ones to explain, one per line)")
 
 
 def _token_bottleneck(

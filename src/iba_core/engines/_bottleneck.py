@@ -822,18 +822,8 @@ class Bottleneck(LiveSettings):
             *targets: Any,
         ) -> Any:
             mask, cap_term = fns.terms(a, r, active, mean_a, std_a, smoothing, padding)
-            with self._state("restrict", mask=(*mask, fns.inject), noise=eps):
-                model_term = model_loss(batch, *targets)
-                if self._calls == 0:
-                    raise RuntimeError("the model loss function never ran the bottleneck layer")
-            if getattr(model_term, "ndim", 0) != 0:
-                raise ValueError(
-                    "the model loss function must return a scalar (the mean loss over the "
-                    f"batch), got shape {tuple(model_term.shape)}"
-                )
-            if str(getattr(model_term, "dtype", a.dtype)) != str(a.dtype):
-                model_term = backend.namespace().astype(model_term, a.dtype)
-            return model_term * int(a.shape[0]) + beta * cap_term
+            model_term = self._model_term(backend, model_loss, (*mask, fns.inject), eps, batch, targets, a)
+            return model_term + beta * cap_term
 
         update = fns.adam
         compiled = backend.compile_step(loss, update) if compile_step else None
@@ -850,6 +840,40 @@ class Bottleneck(LiveSettings):
             self._compiled_steps.clear()
         self._compiled_steps[key] = compiled
         return compiled
+
+    def _model_term(
+        self,
+        backend: Backend,
+        model_loss: Callable[..., Any],
+        mask: tuple[Any, ...],
+        eps: Any,
+        batch: Any,
+        targets: Sequence[Any],
+        a: Any,
+        *,
+        require_tensor: bool = False,
+    ) -> Any:
+        """The step's model term: ``model_loss(batch, *targets)`` run with the hook
+        injecting noise under ``mask``, checked to be a scalar, in the mask's dtype, times
+        the number of inputs.  ``require_tensor``: a loss that is not an array (a Python
+        number) is refused too."""
+        with self._state("restrict", mask=mask, noise=eps):
+            model_term = model_loss(batch, *targets)
+            if self._calls == 0:
+                raise RuntimeError("the model loss function never ran the bottleneck layer")
+        if require_tensor and not hasattr(model_term, "shape"):
+            raise ValueError(
+                f"the model loss function returned a {type(model_term).__name__}; it must "
+                "return a scalar tensor computed from the model's output (the mean loss)"
+            )
+        if getattr(model_term, "ndim", 0) != 0:
+            raise ValueError(
+                "the model loss function must return a scalar (the mean loss over the "
+                f"batch), got shape {tuple(model_term.shape)}"
+            )
+        if str(getattr(model_term, "dtype", a.dtype)) != str(a.dtype):
+            model_term = backend.namespace().astype(model_term, a.dtype)
+        return model_term * int(a.shape[0])
 
     def _checked_step(
         self, backend: Backend, model_loss: Callable[..., Any], cfg: IBAConfig
@@ -873,23 +897,9 @@ class Bottleneck(LiveSettings):
             *targets: Any,
         ) -> Any:
             mask = fns.mask(a, active, mean_a, std_a, smoothing, padding)
-            with self._state("restrict", mask=(*mask, fns.inject), noise=eps):
-                model_term = model_loss(batch, *targets)
-                if self._calls == 0:
-                    raise RuntimeError("the model loss function never ran the bottleneck layer")
-            if not hasattr(model_term, "shape"):
-                raise ValueError(
-                    f"the model loss function returned a {type(model_term).__name__}; it must "
-                    "return a scalar tensor computed from the model's output (the mean loss)"
-                )
-            if getattr(model_term, "ndim", 0) != 0:
-                raise ValueError(
-                    "the model loss function must return a scalar (the mean loss over the "
-                    f"batch), got shape {tuple(model_term.shape)}"
-                )
-            if str(model_term.dtype) != str(a.dtype):
-                model_term = backend.namespace().astype(model_term, a.dtype)
-            return model_term * int(a.shape[0])
+            return self._model_term(
+                backend, model_loss, (*mask, fns.inject), eps, batch, targets, a, require_tensor=True
+            )
 
         def capacity_part(a: Any, r: Any, active: Any, smoothing: Any, padding: Any) -> Any:
             return cfg.beta * fns.terms(a, r, active, r, r, smoothing, padding)[1]
