@@ -153,7 +153,7 @@ def run_groups(n: int) -> list[tuple[str, ...]]:
     """The runs of a worker that are timed together, each group in alternation."""
     return [
         ("forward", "estimate"),
-        ("bare 1", "floor 1", "analyze 1", "closure 1"),
+        ("bare 1", "floor 1", "analyze 1", "closure 1", "bare+noise 1"),
         (f"bare {n}", f"floor {n}", f"analyze {n}"),
         ("readout 1", f"readout {n}"),
     ]
@@ -314,6 +314,7 @@ def torch_worker(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
         "floor 1": lambda: floor_work(x1, t_n[:1]),
         "analyze 1": lambda: iba.analyze(x1, target=t_n[:1], model=model),
         "closure 1": lambda: iba.analyze(x1, closure(t_n[:1])),
+        "bare+noise 1": lambda: bare_work(x1, t_n[:1], noise=True),
         f"bare {n}": lambda: bare_work(x_n, t_n),
         f"floor {n}": lambda: floor_work(x_n, t_n),
         f"analyze {n}": lambda: iba.analyze(x_n, target=t_n, model=model),
@@ -351,8 +352,12 @@ def torch_bare_work(
     targets: list[int],
     steps: int = 10,
     samples: int = 10,
+    noise: bool = False,
 ) -> None:
-    """What a per-sample bottleneck cannot avoid: masked forward, backward to the mask."""
+    """What a per-sample bottleneck cannot avoid: masked forward, backward to the mask.
+
+    ``noise=True`` also draws, each step, the standard noise for the copies at the
+    bottleneck's shape (the closure form's floor: it cannot avoid the draw either)."""
     import torch
 
     xb = x.repeat_interleave(samples, dim=0)
@@ -366,6 +371,8 @@ def torch_bare_work(
     with torch_frozen(model):
         try:
             for _ in range(steps):
+                if noise:
+                    torch.randn((len(x) * samples, *feature), device=device)
                 loss = torch.nn.functional.cross_entropy(model(xb), tb)
                 (grad,) = torch.autograd.grad(loss, mask)
                 with torch.no_grad():
@@ -844,11 +851,14 @@ def report(config: str, results: dict[str, dict[str, Any]], n: int, markdown: bo
         ("IBA analyze, 1 image", "analyze 1", "bare 1", False),
         ("  IBA analyze / floor, 1 image", "analyze 1", "floor 1", True),
         ("IBA closure form (copies at the input), 1 image", "closure 1", "bare 1", False),
+        ("bare work + the noise draw, 1 image", "bare+noise 1", "bare 1", False),
+        ("  IBA closure form / (bare work + noise), 1 image", "closure 1", "bare+noise 1", True),
         ("first analyze call of the process, 1 image", "first analyze 1", "analyze 1", False),
         (f"bare forward+backward work, {n} images", f"bare {n}", None, False),
         (f"floor, {n} images", f"floor {n}", f"bare {n}", False),
         (f"IBA analyze, {n} images (one call)", f"analyze {n}", f"bare {n}", False),
         (f"  IBA analyze / floor, {n} images", f"analyze {n}", f"floor {n}", True),
+        (f"  floor, {n} images / {n} single floors", f"floor {n}", f"{n} x floor 1", True),
         (f"  one call / {n} single calls, {n} images", f"analyze {n}", f"{n} x analyze 1", True),
         ("Readout analyze, 1 image", "readout 1", "analyze 1", False),
         (f"Readout analyze, {n} images", f"readout {n}", f"analyze {n}", False),
@@ -856,8 +866,7 @@ def report(config: str, results: dict[str, dict[str, Any]], n: int, markdown: bo
         ("IBA estimate, same images", "estimate", "forward", False),
     ]
     for r in results.values():  # n single calls of one image each, from the 1-image time
-        if r.get("analyze 1"):
-            r[f"{n} x analyze 1"] = n * r["analyze 1"]
+        r.update({f"{n} x {w} 1": n * r[f"{w} 1"] for w in ("analyze", "floor") if r.get(f"{w} 1")})
     for label, key, ref, ratio_only in measurements:
         cells = [label]
         for b in backends:

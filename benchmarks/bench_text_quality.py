@@ -75,7 +75,10 @@ def iba_method(estimate_samples: int) -> Method:
         iba = IBA(model.embeddings, layout="channels_last", sigma=None, beta=10)
         iba.estimate(
             model,
-            [torch.from_numpy(est.ids[i : i + 250]) for i in range(0, estimate_samples, 250)],
+            [  # padded positions stay out of the statistics
+                {"input_ids": torch.from_numpy(est.ids[i : i + 250]), "attention_mask": est.mask[i : i + 250]}
+                for i in range(0, estimate_samples, 250)
+            ],
             n_samples=estimate_samples,
         )
         maps = iba.analyze(

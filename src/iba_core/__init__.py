@@ -33,6 +33,7 @@ from .engines import (
     IBAConfig,
     PerSampleBottleneck,
     ReadoutBottleneck,
+    UnseenPositionsWarning,
 )
 from .math import Estimator
 
@@ -51,6 +52,7 @@ __all__ = [
     "PerSampleBottleneck",
     "ReadoutBottleneck",
     "RunFailure",
+    "UnseenPositionsWarning",
     "UsageError",
     "available_backends",
     "get_backend",

@@ -201,12 +201,19 @@ class IBACopy(PerSampleFront):
         batch_size: int = 32,
         progbar: bool | None = None,
         reset: bool = True,
+        attention_mask: Any = None,
     ) -> Estimator:
         """Estimate the mean and std of the features over ``data`` (a NumPy array, a
-        ``tf.data.Dataset`` or a generator of ``x`` / ``(x, y)`` batches); see
-        :meth:`IBALayer.estimate`."""
+        ``tf.data.Dataset`` or a generator of ``x`` / ``(x, y)`` batches); padded sequences
+        with ``attention_mask`` or mapping batches, see :meth:`IBALayer.estimate`."""
         return self.iba_layer.estimate(
-            self.model, data, n_samples=n_samples, batch_size=batch_size, progbar=progbar, reset=reset
+            self.model,
+            data,
+            n_samples=n_samples,
+            batch_size=batch_size,
+            progbar=progbar,
+            reset=reset,
+            attention_mask=attention_mask,
         )
 
     # -- explanation -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ from iba_core.engines import (
     PerSampleBottleneck,
     PerSampleFront,
     analysis_options,
-    input_batches,
+    estimation_batches,
     refuse_multi_input,
     settings_of,
 )
@@ -273,6 +273,7 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
         batch_size: int = 32,
         progbar: bool | None = None,
         reset: bool = True,
+        attention_mask: Any = None,
     ) -> Estimator:
         """Estimate the mean and std of this layer's input over ``data``.
 
@@ -280,8 +281,21 @@ class IBALayer(keras.layers.Layer, PerSampleFront):
         into batches of ``batch_size``), a ``tf.data.Dataset`` or a generator of ``x`` or
         ``(x, y)`` batches.  The model runs in inference mode and only up to this layer.
         Stops after ``n_samples`` samples.
+
+        Padded sequences: an array of token ids with ``attention_mask`` ``(N, T)`` (1 =
+        real token, 0 = padding), or batches ``{"input_ids": ids, "attention_mask": mask}``
+        (alone or as the ``x`` of ``(x, y)``, as a Hugging Face tokenizer makes them).  The
+        model is called with the ids alone, and each position's mean and std are taken
+        over the sequences in which it is real (see
+        :func:`iba_core.engines.estimation_batches`).
         """
-        batches = (as_input(b, model) for b in input_batches(data, batch_size))
+        batches = estimation_batches(
+            data,
+            batch_size,
+            attention_mask=attention_mask,
+            backend=BACKEND,
+            convert=lambda b: as_input(b, model),
+        )
         with self._engine.using(model):
             return self._engine.estimate(batches, n_samples=n_samples, progbar=progbar, reset=reset)
 

@@ -14,7 +14,7 @@ from iba_core.engines import (
     PerSampleBottleneck,
     PerSampleFront,
     analysis_options,
-    input_batches,
+    estimation_batches,
     refuse_multi_input,
     settings_of,
 )
@@ -121,11 +121,21 @@ class IBA(torch.nn.Module, PerSampleFront):  # type: ignore[misc]
         progbar: bool | None = None,
         reset: bool = True,
         distributed: bool | str | None = None,
+        attention_mask: Any = None,
     ) -> Estimator:
         """Estimate the mean and std of the layer's features over ``dataloader``.
 
-        ``dataloader`` yields tensors or ``(x, y, ...)`` tuples.  The model runs in eval
-        mode without gradients, only up to the bottleneck layer; its flags are restored.
+        ``dataloader`` yields tensors or ``(x, y, ...)`` tuples (or is one tensor of
+        inputs ``(N, ...)``, read in batches of 32).  The model runs in eval mode without
+        gradients, only up to the bottleneck layer; its flags are restored.
+
+        Padded sequences: batches ``{"input_ids": ids, "attention_mask": mask}`` (as a
+        Hugging Face tokenizer or collator makes them; ``"labels"`` are ignored), or one
+        tensor of ids with ``attention_mask`` ``(N, T)`` (1 = real token, 0 = padding).
+        The model is called with the ids alone, and each position's mean and std are
+        taken over the sequences in which it is real (see
+        :func:`iba_core.engines.estimation_batches`).
+
         ``distributed=True`` under ``torch.distributed`` (``torchrun``): every process
         calls this and all end with the exact estimate over all processes' batches
         (``"shared"``: each process reads the same batches, which are dealt out;
@@ -134,17 +144,19 @@ class IBA(torch.nn.Module, PerSampleFront):  # type: ignore[misc]
         self._check_attached()
         device = torch.device(device) if device is not None else model_device(model)
 
-        def batches() -> Iterator[torch.Tensor]:
-            for x in input_batches(dataloader):
-                if not isinstance(x, torch.Tensor):
-                    raise TypeError(
-                        f"the data loader must yield tensors or (x, y) tuples, got {type(x).__name__}"
-                    )
-                yield x.to(device) if device is not None else x
+        def on_device(x: Any) -> torch.Tensor:
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(
+                    f"the data loader must yield tensors or (x, y) tuples, got {type(x).__name__}"
+                )
+            return x.to(device) if device is not None else x
 
+        batches = estimation_batches(
+            dataloader, attention_mask=attention_mask, backend=self._engine.backend, convert=on_device
+        )
         with self._engine.using(model), torch.no_grad():
             return self._engine.estimate(
-                batches(), n_samples=n_samples, progbar=progbar, reset=reset, distributed=distributed
+                batches, n_samples=n_samples, progbar=progbar, reset=reset, distributed=distributed
             )
 
     # -- explanation ---------------------------------------------------------------

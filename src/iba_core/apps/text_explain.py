@@ -12,8 +12,10 @@ token strings for the outputs come from its ``convert_ids_to_tokens(ids)`` or
 ``id_to_token(id)`` if it has one, else its ``vocab`` (a list or a token -> id mapping),
 else the ids themselves.  Its ``pad_token_id`` (else ``--pad-id``, default 0) fills the
 positions after each text: texts of different lengths are explained together, each with
-its attention mask, so padding gets no noise and exactly 0 bits.  The model is called with
-the token ids ``(N, T)`` alone (integers, never cast to float).
+its attention mask, so padding gets no noise and exactly 0 bits; the texts of
+``--estimate-from`` are padded alike, and their padding stays out of the feature
+statistics.  The model is called with the token ids ``(N, T)`` alone (integers, never
+cast to float).
 """
 
 from __future__ import annotations
@@ -211,8 +213,18 @@ def cmd_explain_text(args: argparse.Namespace) -> int:
     if args.estimate is not None:
         engine.estimator = cli._load_estimate(Path(args.estimate), tuple(feature_shape), args.layer)
     else:
-        est_ids, _ = encode(tokenizer, est_texts[: args.n_samples], length, pad_id)
-        batches = (_tensor(backend, model, est_ids[i : i + 64]) for i in range(0, len(est_ids), 64))
+        from ..engines import estimation_batches
+
+        # The estimation texts' padding stays out of the statistics (as it gets no noise
+        # in the explanation).
+        est_ids, est_mask = encode(tokenizer, est_texts[: args.n_samples], length, pad_id)
+        batches = estimation_batches(
+            est_ids,
+            64,
+            attention_mask=est_mask,
+            backend=backend,
+            convert=lambda ids: _tensor(backend, model, ids),
+        )
         engine.estimate(batches, n_samples=len(est_ids), progbar=False)
 
     bits = _token_maps(args, backend, model, engine, ids, mask, targets)

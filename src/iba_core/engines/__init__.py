@@ -21,11 +21,13 @@ from ._front import (
     MULTI_INPUT,
     PerSampleFront,
     analysis_options,
+    estimation_batches,
     input_batches,
     refuse_multi_input,
     settings_of,
 )
 from ._layout import in_layout, layer_layout
+from ._padding import MaskedBatch, UnseenPositionsWarning
 from ._per_sample import (
     TARGET_MODES,
     PerSampleBottleneck,
@@ -58,6 +60,7 @@ __all__ = [
     "Bottleneck",
     "FewSamplesWarning",
     "IBAConfig",
+    "MaskedBatch",
     "NotConvergedWarning",
     "PerSampleBottleneck",
     "PerSampleFront",
@@ -65,11 +68,13 @@ __all__ = [
     "ReadoutFront",
     "ReadoutHead",
     "TrainHistory",
+    "UnseenPositionsWarning",
     "analysis_options",
     "check_output_rows",
     "class_indices",
     "data_parallel",
     "estimate_loop",
+    "estimation_batches",
     "in_layout",
     "input_batches",
     "layer_layout",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 import sys
@@ -16,12 +17,13 @@ import numpy as np
 from ..contract._backend import Backend
 from ..math._adam import adam_init, adam_kernel, adam_scalars
 from ..math._capacity import capacity as capacity_fn
-from ..math._capacity import capacity_from_mask, inject_folded, restriction_mask
+from ..math._capacity import capacity_from_mask, capacity_partials, inject_folded, restriction_mask
 from ..math._estimator import Estimator
-from ..math._linear_ops import smoothing_matrix, smoothing_operands
-from ..math._xp import namespace
+from ..math._linear_ops import adjoint_operands, apply_operands, smoothing_matrix, smoothing_operands
+from ..math._xp import namespace, sigmoid_pair
 from ._config import FIELDS, IBAConfig, LiveSettings
 from ._distributed import agree, collectives, sharded_estimate
+from ._padding import record_masked, warn_unseen
 
 MIN_RECOMMENDED_SAMPLES = 1000
 
@@ -728,7 +730,9 @@ class Bottleneck(LiveSettings):
             else (backend.from_numpy(np.repeat(np.asarray(targets), bs, axis=0), like=features),)
         )
         step = self._step(backend, model_loss, cfg, compile_step, targets is not None)
-        first_step = self._checked_step(backend, model_loss, cfg) if check_path else step
+        first_step = step
+        if check_path:
+            first_step = self._eager_step(backend, model_loss, cfg, False, require_tensor=True)
         mean_a, std_a = mean * active, std * active
 
         bar = _progress(cfg.progbar, total=steps, desc="analyze", unit="step")
@@ -825,17 +829,9 @@ class Bottleneck(LiveSettings):
             model_term = self._model_term(backend, model_loss, (*mask, fns.inject), eps, batch, targets, a)
             return model_term + beta * cap_term
 
-        update = fns.adam
-        compiled = backend.compile_step(loss, update) if compile_step else None
+        compiled = backend.compile_step(loss, fns.adam) if compile_step else None
         if compiled is None:
-
-            def compiled(
-                a: Any, adam: tuple[Any, ...], args: tuple[Any, ...]
-            ) -> tuple[Any, Any, tuple[Any, Any]]:
-                value, grad = backend.value_and_grad(loss, a, *args)
-                new_a, m, v = update(a, grad, *adam)
-                return value, new_a, (m, v)
-
+            compiled = self._eager_step(backend, model_loss, cfg, bool(parts))
         if len(self._compiled_steps) > 16:
             self._compiled_steps.clear()
         self._compiled_steps[key] = compiled
@@ -875,43 +871,58 @@ class Bottleneck(LiveSettings):
             model_term = backend.namespace().astype(model_term, a.dtype)
         return model_term * int(a.shape[0])
 
-    def _checked_step(
-        self, backend: Backend, model_loss: Callable[..., Any], cfg: IBAConfig
+    def _eager_step(
+        self,
+        backend: Backend,
+        model_loss: Callable[..., Any],
+        cfg: IBAConfig,
+        parts: bool,
+        *,
+        require_tensor: bool = False,
     ) -> Callable[..., tuple[float, Any, tuple[Any, Any]]]:
-        """The first step of a user's loss, with the model term differentiated on its own:
-        a loss with no gradient path to the mask (detached, a Python number) makes the
-        backend's ``value_and_grad`` raise instead of giving a map that ignores the model.
-        The sum of the two gradients is the step's gradient, for no extra model pass."""
-        fns = _step_functions(backend, cfg.sigma, cfg.relu, False)
+        """The step op by op: only the model term goes through the backend's autograd,
+        with respect to ``lambda`` and ``1 - lambda`` (stacked); the capacity term's
+        gradient and the chain back to alpha through the smoothing and the sigmoid are
+        written out (:func:`~iba_core.math._capacity.capacity_partials`), which takes
+        about half the operations of differentiating the whole loss.  It is also the
+        check of a user's loss: a loss with no gradient path to the mask (detached, a
+        Python number with ``require_tensor``) makes ``value_and_grad`` raise instead of
+        giving a map that ignores the model."""
+        fns = _step_functions(backend, cfg.sigma, cfg.relu, parts)
+        beta = cfg.beta
 
         def model_part(
-            a: Any,
+            pair: Any,
             eps: Any,
             batch: Any,
-            r: Any,
             active: Any,
             mean_a: Any,
             std_a: Any,
-            smoothing: Any,
             padding: Any,
             *targets: Any,
         ) -> Any:
-            mask = fns.mask(a, active, mean_a, std_a, smoothing, padding)
+            lam = pair[0, ...]
+            mask = fns.grouped(lam, pair[1, ...], active, mean_a, std_a, padding)
             return self._model_term(
-                backend, model_loss, (*mask, fns.inject), eps, batch, targets, a, require_tensor=True
+                backend,
+                model_loss,
+                (*mask, fns.inject),
+                eps,
+                batch,
+                targets,
+                lam,
+                require_tensor=require_tensor,
             )
-
-        def capacity_part(a: Any, r: Any, active: Any, smoothing: Any, padding: Any) -> Any:
-            return cfg.beta * fns.terms(a, r, active, r, r, smoothing, padding)[1]
 
         def step(a: Any, adam: tuple[Any, ...], args: tuple[Any, ...]) -> tuple[float, Any, tuple[Any, Any]]:
             eps, batch, r, active, mean_a, std_a, smoothing, padding, *targets = args
-            v1, g1 = backend.value_and_grad(
-                model_part, a, eps, batch, r, active, mean_a, std_a, smoothing, padding, *targets
+            pair, slope = fns.relax(a, smoothing)
+            value, grad = backend.value_and_grad(
+                model_part, pair, eps, batch, active, mean_a, std_a, padding, *targets
             )
-            v2, g2 = backend.value_and_grad(capacity_part, a, r, active, smoothing, padding)
-            new_a, m, v = fns.adam(a, g1 + g2, *adam)
-            return float(v1) + float(v2), new_a, (m, v)
+            weight = beta / math.prod(int(k) for k in a.shape[1:])
+            cap, new_a, m, v = fns.descend(a, pair, slope, grad, r, active, smoothing, padding, weight, *adam)
+            return float(value) + beta * float(cap), new_a, (m, v)
 
         return step
 
@@ -1004,8 +1015,12 @@ def estimate_loop(
     """The estimation loop of every engine: record features, update the estimates.
 
     ``record(batch)`` returns one feature array per estimator (the first one sets the
-    batch's sample count).  Stops after ``n_samples`` samples of the first estimator;
-    warns (:class:`FewSamplesWarning`) below 1,000.  In a data-parallel run (see
+    batch's sample count).  A batch may be a :class:`~iba_core.engines.MaskedBatch`:
+    ``record`` then gets its inputs, and the padded positions of its attention mask stay
+    out of the statistics (each estimate's features must be sequences with one position
+    per mask entry); warns (:class:`~iba_core.engines.UnseenPositionsWarning`) when some
+    position was padding in every sequence.  Stops after ``n_samples`` samples of the
+    first estimator; warns (:class:`FewSamplesWarning`) below 1,000.  In a data-parallel run (see
     :func:`~iba_core.engines.data_parallel`) the shards share the batches and every
     process ends with the same, merged estimate.  ``distributed``: ``None`` (data-parallel
     when the runtime is active), ``False`` (alone), ``True`` (required), ``"shared"`` or
@@ -1045,6 +1060,8 @@ def estimate_loop(
             FewSamplesWarning,
             stacklevel=_caller_level(),
         )
+    if dist is None or dist.is_main:
+        warn_unseen(estimators, stacklevel=_caller_level())
 
 
 def _estimate_alone(
@@ -1059,10 +1076,10 @@ def _estimate_alone(
     holds ``n_samples`` samples or the batches run out."""
     first = estimators[0]
     for batch in batches:
-        features = record(batch)
-        take = min(int(features[0].shape[0]), int(n_samples) - first.n)
-        for est, f in zip(estimators, features, strict=True):
-            est.update(backend.to_numpy(f[:take, ...]))
+        features = record_masked(backend, record, batch)
+        take = min(int(features[0][0].shape[0]), int(n_samples) - first.n)
+        for est, (f, mask) in zip(estimators, features, strict=True):
+            est.update(backend.to_numpy(f[:take, ...]), None if mask is None else mask[:take])
         if bar is not None:
             bar.update(take)
         if first.n >= n_samples:
@@ -1112,6 +1129,9 @@ class _StepFunctions(NamedTuple):
     inject: Callable[..., Any]
     adam: Callable[..., tuple[Any, Any, Any]]
     capacity: Callable[..., Any]
+    relax: Callable[..., tuple[Any, Any]]
+    grouped: Callable[..., tuple[Any, Any, Any]]
+    descend: Callable[..., tuple[Any, Any, Any, Any]]
 
 
 _STEP_FUNCTIONS: dict[tuple[Any, ...], _StepFunctions] = {}
@@ -1187,11 +1207,67 @@ def _step_functions(backend: Backend, sigma: float | None, relu: bool, compiled:
         lam, one_minus = restriction_mask(a, sigma, operands)
         return capacity_from_mask(r, a, lam, one_minus, active, sigma)
 
-    fns = _StepFunctions(terms, mask, inject, adam_kernel(), capacity_map)
+    descend = functools.partial(_descend, sigma, adam_kernel())
+    fns = _StepFunctions(terms, mask, inject, adam_kernel(), capacity_map, _relax, grouped_mask, descend)
     if compiled:
         fns = _StepFunctions(*(backend.compile(f) for f in fns))
     _STEP_FUNCTIONS[key] = fns
     return fns
+
+
+def _relax(a: Any, operands: tuple[Any, ...] | None) -> tuple[Any, Any]:
+    """``(pair, slope)``: ``lambda`` and ``1 - lambda`` (each smoothed from its own sigmoid)
+    stacked on a new leading axis, and ``d sigmoid(alpha) / d alpha``."""
+    xp = namespace(a)
+    s, s_bar = sigmoid_pair(xp, a)
+    pair = xp.concat([xp.expand_dims(s, axis=0), xp.expand_dims(s_bar, axis=0)], axis=0)
+    if operands is not None:  # both smoothed in one product
+        pair = apply_operands(pair, operands)
+    return pair, s * s_bar
+
+
+def _descend(
+    sigma: float | None,
+    adam: Callable[..., tuple[Any, Any, Any]],
+    a: Any,
+    pair: Any,
+    slope: Any,
+    grad: Any,
+    r: Any,
+    active: Any,
+    operands: tuple[Any, ...] | None,
+    padding: tuple[Any, Any] | None,
+    weight: float,
+    m: Any,
+    v: Any,
+    step_size: Any,
+    bias2_sqrt: Any,
+) -> tuple[Any, Any, Any, Any]:
+    """The capacity term and its gradient by hand, chained with the model term's gradient
+    ``grad`` (with respect to :func:`_relax`'s ``pair``) back to alpha, then Adam.
+
+    ``weight``: beta over the number of elements of one input (the derivative of beta
+    times an input's mean capacity), rescaled per input to its real positions with
+    ``padding``.  Returns ``(sum over inputs of the mean capacity, new alpha, m, v)``.
+    """
+    xp = namespace(a)
+    lam, one_minus = pair[0, ...], pair[1, ...]
+    cap, d_lam, d_one_minus, d_alpha = capacity_partials(r, a, lam, one_minus, active, sigma)
+    per_input = xp.mean(cap, axis=tuple(range(1, cap.ndim)))
+    if padding is not None:
+        per_input = per_input * padding[1]
+        scale = padding[1]
+        for _ in range(1, cap.ndim):
+            scale = xp.expand_dims(scale, axis=-1)
+        weight = weight * scale
+    through_mask = (grad[0, ...] + weight * d_lam) - (grad[1, ...] + weight * d_one_minus)
+    if operands is not None:
+        through_mask = apply_operands(through_mask, adjoint_operands(operands))
+    g = through_mask * slope
+    if d_alpha is not None:
+        g = g + weight * d_alpha
+    new_a, m, v = adam(a, g, m, v, step_size, bias2_sqrt)
+    return xp.sum(per_input), new_a, m, v
 
 
 def padding_terms(

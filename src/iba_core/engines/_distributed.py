@@ -44,6 +44,7 @@ import numpy as np
 from ..contract._backend import Backend
 from ..contract._collectives import Collectives, DistributedError
 from ..math._estimator import Estimator
+from ._padding import record_masked
 
 T = TypeVar("T")
 
@@ -175,6 +176,9 @@ def sharded_estimate(
     takes its process's next batch, read as batch ``j * K + s``), or ``None`` to tell
     by comparing the processes' first batches.
 
+    Batches may be :class:`~iba_core.engines.MaskedBatch` es: each shard's statistics then
+    leave the padding out, with per-element counts that the merge combines exactly.
+
     Round by round, each shard records the features of one batch; the processes exchange
     the batches' sample counts (so the sample limit cuts where one process would cut),
     then each batch's own statistics (count, mean, sum of squared deviations, non-zero
@@ -199,7 +203,7 @@ def sharded_estimate(
     counted = 0
     while counted < n_samples:
         taken, exhausted = _deal(stream, shards, local, same_data)
-        features: dict[int, list[np.ndarray]] = {}
+        features: dict[int, list[tuple[np.ndarray, np.ndarray | None]]] = {}
         work = functools.partial(_record_shards, dist, backend, record, taken, features, exhausted)
         outcomes = exchange(dist, work)
         sizes = {s: n for sizes_p, _ in outcomes for s, n in sizes_p.items()}
@@ -245,27 +249,27 @@ def _record_shards(
     backend: Backend,
     record: Callable[[Any], list[Any]],
     taken: dict[int, Any],
-    features: dict[int, list[np.ndarray]],
+    features: dict[int, list[tuple[np.ndarray, np.ndarray | None]]],
     exhausted: bool,
 ) -> tuple[dict[int, int], bool]:
-    """Record the features of each shard's batch into ``features``: ``({shard: samples},
-    exhausted)`` for the exchange."""
+    """Record the features (and element masks) of each shard's batch into ``features``:
+    ``({shard: samples}, exhausted)`` for the exchange."""
     for s, b in taken.items():
         with dist.on_shard(s):
-            features[s] = [np.asarray(backend.to_numpy(f)) for f in record(b)]
-    return {s: int(f[0].shape[0]) for s, f in features.items()}, exhausted
+            features[s] = [(np.asarray(backend.to_numpy(f)), m) for f, m in record_masked(backend, record, b)]
+    return {s: int(f[0][0].shape[0]) for s, f in features.items()}, exhausted
 
 
 def _shard_statistics(
-    features: dict[int, list[np.ndarray]], takes: dict[int, int]
+    features: dict[int, list[tuple[np.ndarray, np.ndarray | None]]], takes: dict[int, int]
 ) -> dict[int, list[dict[str, np.ndarray]]]:
     """Each shard's statistics of its first ``takes[s]`` samples (shards taking none are left out)."""
     out = {}
     for s, fs in features.items():
         if takes[s] > 0:
             parts = [Estimator() for _ in fs]
-            for est, f in zip(parts, fs, strict=True):
-                est.update(f[: takes[s]])
+            for est, (f, m) in zip(parts, fs, strict=True):
+                est.update(f[: takes[s]], None if m is None else m[: takes[s]])
             out[s] = [est.state_dict() for est in parts]
     return out
 

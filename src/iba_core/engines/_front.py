@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from ..contract._backend import Backend
 from ..math._estimator import Estimator
 from ._bottleneck import Bottleneck
 from ._config import FIELDS, IBAConfig, LiveSettings
+from ._padding import MaskedBatch, checked_padding, with_inputs
 from ._per_sample import PerSampleBottleneck
 
 
@@ -94,6 +96,113 @@ def input_batches(data: Any, batch_size: int = 32) -> Iterator[Any]:
             element = element[0]
         refuse_multi_input(element, "a batch's x")
         yield element
+
+
+#: Keys of a mapping batch (Hugging Face style) besides ``input_ids`` and ``attention_mask``
+#: that an estimate ignores: the labels.
+LABEL_KEYS = ("labels", "label")
+
+
+def estimation_batches(
+    data: Any,
+    batch_size: int = 32,
+    *,
+    attention_mask: Any = None,
+    backend: Backend,
+    convert: Callable[[Any], Any] | None = None,
+) -> Iterator[Any]:
+    """The batches ``estimate`` reads from ``data``: model inputs ``x``, or
+    :class:`MaskedBatch` es ``(x, attention_mask)`` whose padded positions stay out of the
+    feature statistics.
+
+    ``data`` is one of
+
+    - an array or tensor of inputs ``(N, ...)``, cut into ``batch_size``; with
+      ``attention_mask`` ``(N, T)`` (1/True = real token, 0/False = padding) cut alike;
+    - a mapping with ``"input_ids"`` ``(N, T)`` and ``"attention_mask"`` ``(N, T)`` (a
+      tokenizer's output for the whole data set), cut the same way;
+    - an iterable of batches (a ``DataLoader``, a ``tf.data.Dataset``, a generator, a
+      list, a Keras ``PyDataset``), each ``x``, ``(x, y, ...)``, or a mapping
+      ``{"input_ids": x, "attention_mask": m}`` (alone or as the ``x`` of a tuple; the
+      keys ``"labels"``/``"label"`` are ignored), or a :class:`MaskedBatch`.  The masks
+      of such data travel in its batches: ``attention_mask=`` is refused for it.
+
+    The model is run on ``x`` (the ``input_ids``) alone; ``convert(x)`` (optional) turns
+    each batch's inputs into what the model takes (e.g. a tensor on its device).  An
+    ``attention_mask=`` given here is checked at once (shape, 0/1, a real token in every
+    row), before any model pass.
+    """
+    batches = _estimation_batches(data, batch_size, attention_mask, backend)
+    return batches if convert is None else (with_inputs(b, convert) for b in batches)
+
+
+def _estimation_batches(data: Any, batch_size: int, attention_mask: Any, backend: Backend) -> Iterator[Any]:
+    if isinstance(data, Mapping) and "input_ids" in data:
+        x, mask = _mapping_inputs(data, "the data")
+        if attention_mask is not None and mask is not None:
+            raise ValueError(
+                "the data holds an 'attention_mask' and attention_mask= was given too; give it once"
+            )
+        data, attention_mask = x, mask if attention_mask is None else attention_mask
+    if hasattr(data, "shape") and hasattr(data, "__getitem__"):
+        if attention_mask is None:
+            return _array_batches(data, batch_size)
+        shape = tuple(data.shape)
+        if len(shape) < 1 or shape[0] == 0:
+            raise ValueError(f"expected a batch of inputs (N, ...), got shape {shape}")
+        padding = checked_padding(backend, attention_mask, int(shape[0]), "estimate(attention_mask=)")
+        return _with_rows(_array_batches(data, batch_size), padding)
+    if attention_mask is not None:
+        raise ValueError(
+            "attention_mask= goes with data given as one array of inputs (N, T); data given "
+            "in batches carries each batch's mask in the batch: a mapping {'input_ids': x, "
+            "'attention_mask': mask} (alone or as the x of an (x, y) tuple)"
+        )
+    if isinstance(data, Mapping):
+        refuse_multi_input(data, "the data")
+    return (_estimation_batch(element) for element in _elements(data))
+
+
+def _with_rows(batches: Iterator[Any], padding: np.ndarray) -> Iterator[MaskedBatch]:
+    """Each batch of consecutive inputs with its rows of ``padding``."""
+    start = 0
+    for x in batches:
+        stop = start + int(x.shape[0])
+        yield MaskedBatch(x, padding[start:stop])
+        start = stop
+
+
+def _estimation_batch(element: Any) -> Any:
+    """One batch of an iterable: ``x`` or a :class:`MaskedBatch` (see :func:`estimation_batches`)."""
+    if isinstance(element, MaskedBatch):
+        refuse_multi_input(element.inputs, "a batch's inputs")
+        return element
+    if isinstance(element, (tuple, list)):
+        if not element:
+            raise ValueError("the data yielded an empty tuple; expected x or (x, y)")
+        element = element[0]
+    if isinstance(element, Mapping):
+        x, mask = _mapping_inputs(element, "a batch")
+        return x if mask is None else MaskedBatch(x, mask)
+    refuse_multi_input(element, "a batch's x")
+    return element
+
+
+def _mapping_inputs(data: Mapping[str, Any], what: str) -> tuple[Any, Any]:
+    """``(input_ids, attention_mask or None)`` of a mapping; other keys than the labels
+    are refused (the model is run on the ids alone)."""
+    if "input_ids" not in data:
+        refuse_multi_input(data, what)
+    extra = sorted(set(data) - {"input_ids", "attention_mask", *LABEL_KEYS})
+    if extra:
+        raise ValueError(
+            f"{what} holds {sorted(data)}: the model is run on 'input_ids' alone and "
+            f"'attention_mask' marks the padding; leave out {extra} (e.g. "
+            "return_token_type_ids=False in the tokenizer call), or wrap the model so that "
+            "it takes one tensor"
+        )
+    refuse_multi_input(data["input_ids"], f"{what}'s input_ids")
+    return data["input_ids"], data.get("attention_mask")
 
 
 def _array_batches(data: Any, batch_size: int) -> Iterator[Any]:
@@ -236,12 +345,24 @@ class IBA(PerSampleFront):
         progbar: bool | None = None,
         reset: bool = True,
         distributed: bool | str | None = None,
+        attention_mask: Any = None,
     ) -> Estimator:
         """Estimate the layer's feature mean and std over ``data`` (an array of inputs,
         cut into ``batch_size``, or an iterable of ``x`` / ``(x, y)`` batches).
+
+        Sequences with padding: give ``attention_mask`` ``(N, T)`` (1 = real token, 0 =
+        padding) with an array of inputs, or batches ``{"input_ids": x, "attention_mask":
+        mask}``; each position's statistics are then taken over the sequences in which it
+        is real (see :func:`iba_core.engines.estimation_batches`).
         ``distributed``: see :meth:`iba_core.PerSampleBottleneck.estimate` (data-parallel
         runs, README "Data sets larger than one device")."""
-        batches = (self._tensor(b) for b in input_batches(data, batch_size))
+        batches = estimation_batches(
+            data,
+            batch_size,
+            attention_mask=attention_mask,
+            backend=self._engine.backend,
+            convert=self._tensor,
+        )
         return self._engine.estimate(
             batches, n_samples=n_samples, progbar=progbar, reset=reset, distributed=distributed
         )

@@ -385,7 +385,13 @@ class PerSampleBottleneck:
         """Estimate the mean and std of the layer's features over ``batches``.
 
         ``batches`` yields model inputs in the backend's type (``run(batch)`` runs the
-        model on one batch if the inputs need more than ``Backend.call``).  The model runs
+        model on one batch if the inputs need more than ``Backend.call``), or
+        :class:`~iba_core.engines.MaskedBatch` es ``(inputs, attention_mask)`` of
+        sequences: the model runs on the inputs, and each position's statistics are taken
+        over the sequences in which the mask marks it real (1 = real token, 0 = padding,
+        ``(B, T)`` over the layer's positions; positions that were never real get their
+        channel's statistics over all real positions, with an
+        :class:`~iba_core.engines.UnseenPositionsWarning`).  The model runs
         frozen and only up to the layer.  Stops after ``n_samples`` samples; warns
         (:class:`FewSamplesWarning`) below 1,000.  Under the framework's distributed
         runtime the shards share the batches and every process ends with the same merged

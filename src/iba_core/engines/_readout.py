@@ -40,6 +40,7 @@ from ..math._adam import AdamState, adam_init, adam_update
 from ..math._capacity import cross_entropy, explanation_maps
 from ..math._estimator import (
     ESTIMATE_FORMAT,
+    MASKED_ESTIMATE_FORMAT,
     Estimator,
     SavedStateError,
     check_format,
@@ -455,7 +456,7 @@ def _check_estimate_formats(state: Mapping[str, np.ndarray], remedy: str) -> Non
     ):
         check_format(
             {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
-            (ESTIMATE_FORMAT,),
+            (ESTIMATE_FORMAT, MASKED_ESTIMATE_FORMAT),
             f"estimate {prefix[:-1]!r} in the readout state",
             remedy,
         )

@@ -107,6 +107,36 @@ def capacity_from_mask(
     return cap
 
 
+def capacity_partials(
+    r: Any, alpha: Any, lam: Any, one_minus: Any, active: Any, sigma: float | None
+) -> tuple[Any, Any, Any, Any]:
+    """:func:`capacity_from_mask` (unclipped) with its partial derivatives, for a step
+    that chains them by hand instead of differentiating the capacity through autograd.
+
+    Returns ``(cap, d_lambda, d_one_minus, d_alpha)``: the capacity and its derivatives
+    with respect to ``lambda`` and ``1 - lambda`` taken as independent arrays (the chain
+    back to ``alpha`` through the smoothing is the caller's), and ``d_alpha``, the part
+    that depends on ``alpha`` directly: without smoothing ``-log(1 - lambda)`` is
+    ``softplus(alpha)``, whose derivative ``sigmoid(alpha) = lambda`` is used as is
+    (``None`` with smoothing).  All are multiplied by ``active`` when given.
+    """
+    xp = namespace(r)
+    m = lam * r
+    smoothed = bool(sigma) and _n_spatial(alpha) > 0
+    cap = 0.5 * (m * m + one_minus * one_minus - 1.0) - _log_one_minus(alpha, one_minus, sigma)
+    d_lam = m * r
+    if smoothed:
+        d_one_minus = one_minus - 1.0 / (one_minus + float(_finfo_tiny(xp, alpha.dtype)))
+        d_alpha = None
+    else:
+        d_one_minus, d_alpha = one_minus, lam
+    if active is not None:
+        act = xp.astype(active, cap.dtype)
+        cap, d_lam, d_one_minus = cap * act, d_lam * act, d_one_minus * act
+        d_alpha = None if d_alpha is None else d_alpha * act
+    return cap, d_lam, d_one_minus, d_alpha
+
+
 def restrict(
     features: Any,
     alpha: Any,

@@ -213,6 +213,22 @@ def apply_operands(x: Any, operands: tuple[Any, ...]) -> Any:
     return x
 
 
+def adjoint_operands(operands: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The operands of the adjoint (transposed) operator of :func:`apply_operands`:
+    ``apply_operands(g, adjoint_operands(ops))`` is the gradient of
+    ``sum(g * apply_operands(x, ops))`` with respect to ``x``.  Every matrix is
+    transposed over its last two axes (batched matrices keep their leading axis)."""
+    out: list[Any] = []
+    for m in operands:
+        if m is None:
+            out.append(None)
+            continue
+        xp = namespace(m)
+        axes = (*range(m.ndim - 2), m.ndim - 1, m.ndim - 2)
+        out.append(xp.permute_dims(m, axes))
+    return tuple(out)
+
+
 def apply_separable(x: Any, matrices: list[np.ndarray | None]) -> Any:
     """Apply one NumPy matrix per trailing axis of ``x``: ``M_k`` acts on axis ``-d + k``.
 

@@ -1094,6 +1094,33 @@ class SequenceTests(_Base):
         )
         np.testing.assert_allclose(alone[0], bits[1], rtol=1e-4, atol=1e-6 * float(bits.max()))
 
+    @pytest.mark.filterwarnings("ignore::iba_core.FewSamplesWarning")
+    @pytest.mark.parametrize("layout", LAYOUTS)
+    def test_padding_stays_out_of_the_estimate(
+        self, case: ConformanceCase, backend: Backend, layout: str
+    ) -> None:
+        from ..engines import MaskedBatch, PerSampleBottleneck
+
+        make_model, make_inputs = self._require(case)
+        model, layer = make_model(layout)
+        t = case.sequence_shape[1]
+        mask = np.ones((6, t))
+        for i, length in enumerate((t, t - 1, 1, 2, t - 2, t // 2)):
+            mask[i, length:] = 0
+        x = make_inputs(6, 2)
+        engine = PerSampleBottleneck(backend, model, layer, layout=layout)
+        est = engine.estimate(
+            [MaskedBatch(x[:4, ...], mask[:4]), MaskedBatch(x[4:, ...], mask[4:])], n_samples=6
+        )
+        f = _channels_first(_record(backend, model, layer, x), layout).astype(np.float64)  # (6, C, T)
+        np.testing.assert_array_equal(est.counts(), np.broadcast_to(mask.sum(axis=0), f.shape[1:]))
+        scale = float(np.abs(f).max())
+        for p in range(t):
+            real = f[mask[:, p] > 0, :, p]
+            np.testing.assert_allclose(est.mean()[:, p], real.mean(axis=0), rtol=1e-5, atol=1e-6 * scale)
+            spread = real.std(axis=0, ddof=1) if len(real) > 1 else np.zeros(f.shape[1])
+            np.testing.assert_allclose(est.std()[:, p], spread, rtol=1e-4, atol=1e-6 * scale)
+
     @pytest.mark.parametrize("layout", LAYOUTS)
     def test_an_unknown_sequence_layout_is_refused_and_the_hook_removed(
         self, case: ConformanceCase, backend: Backend, layout: str
