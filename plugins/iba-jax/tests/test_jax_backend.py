@@ -122,8 +122,12 @@ def test_draws_are_functional(backend: Any) -> None:
     np.testing.assert_array_equal(np.asarray(a), np.asarray(again))
     assert not np.any(np.asarray(a) == np.asarray(b))
     fresh = [np.asarray(backend.draw((4, 5), like, None)[0]) for _ in range(2)]
-    assert backend.draw((4, 5), like, None)[1] is None
     assert not np.any(fresh[0] == fresh[1]), "unseeded draws must differ"
+    # An unseeded draw hands back a key for the next one (no fresh entropy every step),
+    # whose draw differs from the first.
+    first, following = backend.draw((4, 5), like, None)
+    assert following is not None
+    assert not np.any(np.asarray(first) == np.asarray(backend.draw((4, 5), like, following)[0]))
 
 
 def test_loss_without_gradient_path_is_refused(backend: Any) -> None:
@@ -216,3 +220,62 @@ def test_results_stay_on_the_inputs_device(backend: Any) -> None:
     assert like.devices() == {device}
     sample, _ = backend.draw((2, 3), x, backend.make_generator(0, x))
     assert sample.devices() == {device}
+
+
+class SkipNet(ConformanceNet):
+    """ConformanceNet with a path around ``act``: the input's mean joins the logits."""
+
+    def __call__(self, x: Any) -> Any:
+        return super().__call__(x) + x.mean(axis=(1, 2, 3))[:, None]
+
+
+def test_the_tail_is_the_model_after_the_layer(backend: Any) -> None:
+    x, seen = _inputs(3), []
+    for model, agrees in ((ConformanceNet(jnp.float32), True), (SkipNet(jnp.float32), False)):
+        handle = backend.attach(model, "act", lambda f: seen.append(f))
+        try:
+            with backend.frozen(model):
+                want = np.asarray(backend.call(model, x))
+                tail = backend.split_after(model, "act")
+                got, other = np.asarray(tail(seen[-1])), np.asarray(tail(seen[-1] * 0.5))
+        finally:
+            handle.remove()
+        assert np.allclose(got, want, rtol=1e-5, atol=1e-6) == agrees  # the skip needs the input
+        assert not np.allclose(other, got, atol=1e-3)  # the output follows the features given
+        assert type(model.act) is Act  # the layer's own class again
+
+
+@pytest.mark.parametrize("net", [ConformanceNet, SkipNet])
+def test_the_steps_run_the_layers_before_the_bottleneck_once(net: type) -> None:
+    """Op by op (``compile=False``) every step of the whole model runs conv1's Python; the
+    compiled tail traces it once.  A path around the layer makes the engine run it all."""
+    backend, maps, runs = get_backend("jax"), [], []
+    for split in (True, False):
+        iba = _estimated(net(jnp.float32), optimization_steps=6, compile=False)
+        iba.engine.split_model = split
+        handle = backend.attach(iba.model, "conv1", lambda f, split=split: runs.append(split))
+        try:
+            maps.append(np.asarray(iba.analyze(_inputs(2), target=[0, 3], seed=5)))
+        finally:
+            handle.remove()
+    np.testing.assert_allclose(maps[0], maps[1], rtol=1e-5, atol=1e-7 * float(np.abs(maps[1]).max()))
+    assert runs.count(False) >= 6  # the whole model in each step
+    assert (runs.count(True) < 6) == (net is ConformanceNet)
+
+
+def test_compiled_functions_fall_back_to_xla_defaults(monkeypatch: Any) -> None:
+    from iba_jax import _backend
+
+    assert _backend._compiler_options() == _backend._OPTIONS  # this XLA knows the option
+    monkeypatch.setattr(_backend, "_OPTIONS", {"xla_no_such_option": ""})
+    _backend._compiler_options.cache_clear()
+    try:
+        assert _backend._compiler_options() == {}
+    finally:
+        monkeypatch.undo()
+        _backend._compiler_options.cache_clear()
+
+
+def test_passes_fit_a_cpu_cache(backend: Any) -> None:
+    # 80 samples a pass on a CPU: 8 inputs with the default 10 noise copies each.
+    assert backend.pass_size(jnp.zeros(2, device=jax.devices("cpu")[0])) == 80

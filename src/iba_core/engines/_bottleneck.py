@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..contract._backend import Backend
-from ..math._adam import adam_init, adam_kernel, adam_scalars
+from ..math._adam import adam_init, adam_kernel, adam_schedule
 from ..math._capacity import capacity as capacity_fn
 from ..math._capacity import capacity_from_mask, capacity_partials, inject_folded, restriction_mask
 from ..math._estimator import Estimator
@@ -735,11 +735,12 @@ class Bottleneck(LiveSettings):
             first_step = self._eager_step(backend, model_loss, cfg, False, require_tensor=True)
         mean_a, std_a = mean * active, std * active
 
+        schedule = adam_schedule(steps, cfg.lr, like=alpha)
         bar = _progress(cfg.progbar, total=steps, desc="analyze", unit="step")
         for i in range(steps):
             eps = source.draw(sample_shape)
             args = (eps, batch, r, active, mean_a, std_a, operands, pad_terms, *target_rows)
-            adam = (m, v, *adam_scalars(i + 1, cfg.lr, like=alpha))
+            adam = (m, v, schedule[i, 0], schedule[i, 1])
             try:
                 value, new_alpha, (m, v) = (first_step if i == 0 else step)(alpha, adam, args)
             except Exception:
