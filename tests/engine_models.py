@@ -155,3 +155,14 @@ def channels_last_twin(model: nn.Sequential) -> nn.Sequential:
 def images(n: int, seed: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, 8, 8, generator=gen) * scale + shift
+
+
+def model_flags(model: nn.Module) -> tuple:
+    """What an explanation must leave as it found it: train/eval flags, ``requires_grad``,
+    hook counts and ``.grad`` of every module and parameter."""
+    return (
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
+        [p.grad for p in model.parameters()],
+    )

@@ -130,12 +130,9 @@ class OpaqueModel(nn.Module):
 
 
 def _flags(model: nn.Module) -> tuple:
-    return (
-        [m.training for m in model.modules()],
-        [p.requires_grad for p in model.parameters()],
-        [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
-        [p.grad for p in model.parameters()],
-    )
+    from engine_models import model_flags
+
+    return model_flags(model)
 
 
 @pytest.mark.torch
