@@ -32,30 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, print_header
 
 
-def make_model():  # type: ignore[no-untyped-def]
-    """The speed benchmarks' CNN: 3x64x64 -> ... -> 128x16x16 (layer '5') -> 10 logits."""
-    import torch
-    from torch import nn
-
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1, stride=2),
-        nn.ReLU(),
-        nn.Conv2d(64, 128, 3, padding=1, stride=2),
-        nn.ReLU(),  # '5': 128x16x16, the bottleneck
-        nn.Conv2d(128, 128, 3, padding=1, stride=2),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(128, 10),
-    ).eval()
-
-
 def _worker(rank: int, world: int, folder: str, opts: dict) -> None:
     import torch
     import torch.distributed as dist
+    from bench_torch import make_model
 
     from iba_core import FewSamplesWarning
     from iba_torch import IBA
@@ -78,7 +58,7 @@ def _worker(rank: int, world: int, folder: str, opts: dict) -> None:
         rng = np.random.default_rng(0)
         images = torch.as_tensor(rng.normal(size=(opts["images"], 3, 64, 64)), dtype=torch.float32)
         data = torch.as_tensor(rng.normal(size=(opts["estimate"], 3, 64, 64)), dtype=torch.float32)
-        model = make_model().to(device)
+        model = make_model().to(device)  # the speed benchmarks' CNN; layer '5': 128x16x16
         images, data = images.to(device), data.to(device)
         iba = IBA(model, "5")
         batches = [data[i : i + 32] for i in range(0, len(data), 32)]

@@ -82,7 +82,7 @@ def explain_text(
 ) -> TextDemoResult:
     """Estimate on ``estimate_samples`` generated sequences, then explain ``n`` fresh ones
     (their labels as targets) in one call; ``settings`` override :data:`TEXT_DEMO_SETTINGS`."""
-    from ..engines import MaskedBatch, PerSampleBottleneck, model_logits
+    from ..engines import PerSampleBottleneck, estimation_batches, model_logits
 
     estimation = make_text_task(estimate_samples, seed=_ESTIMATE_SEED + seed)
     test = make_text_task(n, seed=_TEST_SEED + seed)
@@ -90,9 +90,12 @@ def explain_text(
         backend, model, TEXT_DEMO_LAYER, layout="channels_last", **{**TEXT_DEMO_SETTINGS, **settings}
     )
     engine.estimate(
-        (  # padded positions stay out of the statistics
-            MaskedBatch(_ids(backend, model, estimation.ids[i : i + 250]), estimation.mask[i : i + 250])
-            for i in range(0, estimate_samples, 250)
+        estimation_batches(  # padded positions stay out of the statistics
+            estimation.ids,
+            250,
+            attention_mask=estimation.mask,
+            backend=backend,
+            convert=lambda ids: _ids(backend, model, ids),
         ),
         n_samples=estimate_samples,
         progbar=False,

@@ -121,18 +121,16 @@ def capacity_partials(
     (``None`` with smoothing).  All are multiplied by ``active`` when given.
     """
     xp = namespace(r)
-    m = lam * r
-    smoothed = bool(sigma) and _n_spatial(alpha) > 0
-    cap = 0.5 * (m * m + one_minus * one_minus - 1.0) - _log_one_minus(alpha, one_minus, sigma)
-    d_lam = m * r
-    if smoothed:
+    cap = capacity_from_mask(r, alpha, lam, one_minus, active, sigma, clip=False)
+    d_lam = lam * r * r
+    if bool(sigma) and _n_spatial(alpha) > 0:  # the derivative of log(1 - lambda + tiny)
         d_one_minus = one_minus - 1.0 / (one_minus + float(_finfo_tiny(xp, alpha.dtype)))
         d_alpha = None
     else:
         d_one_minus, d_alpha = one_minus, lam
     if active is not None:
         act = xp.astype(active, cap.dtype)
-        cap, d_lam, d_one_minus = cap * act, d_lam * act, d_one_minus * act
+        d_lam, d_one_minus = d_lam * act, d_one_minus * act
         d_alpha = None if d_alpha is None else d_alpha * act
     return cap, d_lam, d_one_minus, d_alpha
 
