@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from iba_torch import IBA  # noqa: E402
+from iba_torch._backend import TorchBackend  # noqa: E402
 from iba_torch._split import split_after  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore:the statistics rest on")]
@@ -211,3 +212,44 @@ def test_other_loss_forms_run_the_whole_model():
     assert first == [2]
     b = iba.analyze(x, closure, seed=0, optimization_steps=2)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # copies at the input: round-off
+
+
+class ReplacingBackend(TorchBackend):
+    """PyTorch without its own cut, declaring that compiled functions leave unused work
+    out (``Backend.prunes_unused``): the engine then cuts the model itself, by replacing
+    the layer's output in a run on zeros.  (Eager PyTorch prunes nothing, so here the
+    layers before still run, on zeros; the maps must not depend on it.)"""
+
+    prunes_unused = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs_on_zeros = 0
+
+    def split_after(self, model, layer):
+        return None
+
+    def call(self, model, x):
+        self.runs_on_zeros += int(not torch.any(x != 0))
+        return super().call(model, x)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_engines_own_cut_gives_the_whole_models_maps(name):
+    from iba_core.engines import PerSampleBottleneck
+
+    make, layer_of, _ = CASES[name]
+    model = make().eval()
+    backend = ReplacingBackend()
+    engine = PerSampleBottleneck(backend, model, layer_of(model), optimization_steps=4)
+    engine.estimate(batches(), progbar=False)
+    x = images(3)
+    maps = engine.analyze(x, target=[0, 1, 4], seed=2).numpy()
+    # The cut is checked once against the clean pass; where it holds (no path around the
+    # layer: torch.fx is not needed, so the untraceable model is cut too) the 4 steps use it.
+    holds = name not in ("a layer inside a block", "skip around the layer")
+    assert backend.runs_on_zeros == (5 if holds else 1)
+    engine.split_model = False
+    expected = engine.analyze(x, target=[0, 1, 4], seed=2).numpy()
+    np.testing.assert_allclose(maps, expected, **SAME)
+    assert not layer_of(model)._forward_hooks  # nothing left on the user's model

@@ -230,16 +230,25 @@ class SkipNet(ConformanceNet):
 
 
 def test_the_tail_is_the_model_after_the_layer(backend: Any) -> None:
+    """The engine's own cut (``Backend.prunes_unused``): the model on zeros, compiled, with
+    the layer's output replaced by the features given."""
+    from iba_core.engines import PerSampleBottleneck
+
+    assert backend.split_after(ConformanceNet(jnp.float32), "act") is None  # the core cuts
     x, seen = _inputs(3), []
     for model, agrees in ((ConformanceNet(jnp.float32), True), (SkipNet(jnp.float32), False)):
+        engine = PerSampleBottleneck(backend, model, "act")
+        engine._input_like = (tuple(x.shape[1:]), x.dtype)
         handle = backend.attach(model, "act", lambda f: seen.append(f))
         try:
             with backend.frozen(model):
                 want = np.asarray(backend.call(model, x))
-                tail = backend.split_after(model, "act")
-                got, other = np.asarray(tail(seen[-1])), np.asarray(tail(seen[-1] * 0.5))
         finally:
             handle.remove()
+        with engine.session():  # the engine's hook on the layer
+            tail = engine._replacing_tail()
+            assert tail is not None
+            got, other = np.asarray(tail(seen[-1])), np.asarray(tail(seen[-1] * 0.5))
         assert np.allclose(got, want, rtol=1e-5, atol=1e-6) == agrees  # the skip needs the input
         assert not np.allclose(other, got, atol=1e-3)  # the output follows the features given
         assert type(model.act) is Act  # the layer's own class again

@@ -82,12 +82,18 @@ class Backend(abc.ABC):
         compile_by_default: whether the engine compiles the whole optimisation step with
             :meth:`compile_step` unless told otherwise: worth it where eager operations
             are expensive and compiling is quick.
+        prunes_unused: whether :meth:`compile` leaves out of a compiled function the work
+            whose result it never uses (XLA does).  Where :meth:`split_after` cannot cut
+            a model, the engine then cuts it itself: the whole model, compiled, on zeros,
+            with the layer's output replaced by the features given, so the layers before
+            the layer drop out of the program.
     """
 
     name: ClassVar[str] = ""
     modules: ClassVar[tuple[str, ...]] = ()
     channels_last: ClassVar[bool] = False
     compile_by_default: ClassVar[bool] = False
+    prunes_unused: ClassVar[bool] = False
 
     # -- arrays --------------------------------------------------------------------
     @abc.abstractmethod

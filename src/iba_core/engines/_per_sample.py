@@ -267,6 +267,10 @@ class PerSampleBottleneck:
         #: for a bottleneck that is a layer of the model (Keras' ``IBALayer`` keeps the
         #: restriction in variables that traced functions read); ``None``: the hook's.
         self.flow_restrictor: Callable[[Any], Any] | None = None
+        # What the hook returns instead of the layer's output while the engine's own cut
+        # runs, and the per-sample shape and dtype of the model's last inputs.
+        self._replacement: Any = None
+        self._input_like: tuple[tuple[int, ...], Any] | None = None
         # Stable functions (so compiled steps are reused), by kind and model.
         self._loss_cache: dict[tuple[Any, int], tuple[Any, Callable[..., Any]]] = {}
 
@@ -318,6 +322,8 @@ class PerSampleBottleneck:
     # -- the hook and the session -----------------------------------------------------
     def hook(self, features: Any) -> Any:
         """The layer hook: features in the layer's layout; replacement or ``None``."""
+        if self._replacement is not None:  # the engine's own cut (see _replacing_tail)
+            return self._replacement
         return self._hook(features)
 
     @contextlib.contextmanager
@@ -545,6 +551,7 @@ class PerSampleBottleneck:
             compile_step = self.backend.compile_by_default if cfg.compile is None else cfg.compile
             chunk = clean_chunk(self.backend, x, cfg.batch_size, inputs_per_pass)
             soft, features, logits = self._soft_targets(x, target, n, compile_step, chunk)
+            self._input_like = (tuple(int(k) for k in x.shape[1:]), x.dtype)
             tail = self._tail(features, logits)
             loss_fn, copies = self._target_loss(tail), "layer"
             if tail is not None:  # the steps start from the features: no layer before
@@ -712,7 +719,8 @@ class PerSampleBottleneck:
             return None
         tail = self._cached("tail")
         if tail is None:
-            tail = self._cache("tail", self.backend.split_after(self.model, layer) or _no_tail)
+            cut = self.backend.split_after(self.model, layer) or self._replacing_tail()
+            tail = self._cache("tail", cut or _no_tail)
         if tail is _no_tail:
             return None
         # Checked on every call (a cut traced earlier could miss a change to the model):
@@ -730,6 +738,28 @@ class PerSampleBottleneck:
         if not np.allclose(got, want, rtol=tol, atol=tol * (1.0 + float(np.abs(want).max(initial=0.0)))):
             return None
         return tail
+
+    def _replacing_tail(self) -> Callable[[Any], Any] | None:
+        """The model after the layer, for a backend whose compiled functions leave unused
+        work out (:attr:`Backend.prunes_unused`): the whole model on zeros shaped like the
+        last inputs, with the hook returning the features given instead of the layer's
+        output, compiled.  ``None`` elsewhere, and when the bottleneck is a layer of the
+        model (its hook is not the engine's to replace)."""
+        if not self.backend.prunes_unused or self.layer is None:
+            return None
+        backend, model = self.backend, self.model
+
+        def tail(features: Any) -> Any:
+            assert self._input_like is not None  # set by every explanation with a target
+            shape, dtype = self._input_like
+            zeros = backend.namespace().zeros((int(features.shape[0]), *shape), dtype=dtype)
+            saved, self._replacement = self._replacement, features
+            try:
+                return backend.call(model, zeros)
+            finally:
+                self._replacement = saved
+
+        return backend.compile(tail)
 
     def _layer_features(self, features: Any) -> Any:
         """Channels-first features back in the layer's own layout."""

@@ -101,7 +101,6 @@ class _Local(threading.local):
         # once per context instead of once per compiled call (the weights cannot change).
         self.splits: dict[int, tuple[int, Any, Any]] = {}
         self.copies: dict[int, Any] = {}  # while tracing: a model's copy holding traced weights
-        self.inputs: dict[int, Any] = {}  # each model's last input: (shape per sample, dtype)
 
 
 class JaxBackend(Backend):
@@ -112,6 +111,7 @@ class JaxBackend(Backend):
     channels_last = True
     # Op-by-op JAX pays a dispatch per operation; a jitted step compiles in about a second.
     compile_by_default = True
+    prunes_unused = True  # XLA leaves out what a compiled function never uses
 
     def __init__(self) -> None:
         self._local = _Local()
@@ -234,25 +234,7 @@ class JaxBackend(Backend):
         _HOOK_CHANGES[0] += 1
         return _HookHandle(target, entry)
 
-    def split_after(self, model: Any, layer: Any) -> Callable[[Any], Any] | None:
-        """The model run on zeros shaped like its last input, with the hooked ``layer``'s
-        output replaced (for the engine, whose hook is on the layer): compiled, the
-        layers before ``layer`` reach no output and are left out of the program."""
-        target = resolve_layer(model, layer, nnx.Module, _modules)
-
-        def tail(features: Any) -> Any:
-            shape, dtype = self._local.inputs[id(model)]
-            hooks = _HOOKS[id(target)]  # shared with the traced copies: replaced in place
-            saved, hooks[:] = hooks[:], [[lambda _: features, False]]
-            try:
-                return self.call(model, jnp.zeros((features.shape[0], *shape), dtype))
-            finally:
-                hooks[:] = saved
-
-        return self.compile(tail)
-
     def call(self, model: Any, x: Any) -> Any:
-        self._local.inputs[id(model)] = (tuple(x.shape[1:]), x.dtype)
         copy = self._local.copies.get(id(model))
         if copy is not None:
             return copy(x)
