@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from iba_core import contract
-from iba_core.contract import Backend, FeatureHook, Handle
+from iba_core.contract import Backend, FeatureHook, Handle, HookList
 
 from . import _namespace
 from ._cli import TFCliMixin
@@ -81,17 +81,18 @@ def all_layers(model: Any) -> list[keras.layers.Layer]:
     return found
 
 
+def named_layers(model: Any) -> dict[str, keras.layers.Layer]:
+    """Every layer of ``model`` by its name (the first of :func:`all_layers` with a name)."""
+    found: dict[str, keras.layers.Layer] = {}
+    for candidate in all_layers(model):
+        found.setdefault(candidate.name, candidate)
+    return found
+
+
 def resolve_layer(model: Any, layer: Any) -> keras.layers.Layer:
     """A Keras layer given directly, or found by name anywhere in ``model``."""
-
-    def named(m: Any) -> dict[str, Any]:
-        found: dict[str, Any] = {}
-        for candidate in all_layers(m):
-            found.setdefault(candidate.name, candidate)
-        return found
-
     return contract.resolve_layer(
-        model, layer, keras.layers.Layer, named, where=f"model {getattr(model, 'name', '?')!r}"
+        model, layer, keras.layers.Layer, named_layers, where=f"model {getattr(model, 'name', '?')!r}"
     )
 
 
@@ -111,7 +112,7 @@ class _Patch:
         self.had_own_call = "call" in layer.__dict__
         self.previous = layer.__dict__.get("call")
         self.original = layer.call  # bound method (or the previous instance attribute)
-        self.hooks: list[tuple[FeatureHook, bool]] = []
+        self.hooks = HookList(self._removed)
 
         def call(*args: Any, **kwargs: Any) -> Any:
             return self(*args, **kwargs)
@@ -120,7 +121,7 @@ class _Patch:
         self.function = call
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        hooks = list(self.hooks)
+        hooks = list(self.hooks.entries)
         if any(on_input for _, on_input in hooks):
             if args and isinstance(args[0], np.ndarray):  # e.g. model(numpy_batch)
                 args = (tf.convert_to_tensor(args[0]), *args[1:])
@@ -143,6 +144,10 @@ class _Patch:
                     out = _apply(hook, out, self.layer.name)
         return out
 
+    def _removed(self, hooks: HookList) -> None:
+        if not hooks.entries:
+            self.restore()
+
     def restore(self) -> None:
         if self.had_own_call:
             self.layer.call = self.previous
@@ -164,21 +169,6 @@ def _apply(hook: FeatureHook, x: Any, name: str) -> Any:
             f"features of shape {tuple(x.shape)}"
         )
     return out
-
-
-class _HookHandle:
-    def __init__(self, patch: _Patch, entry: tuple[FeatureHook, bool]) -> None:
-        self._patch: _Patch | None = patch
-        self._entry = entry
-
-    def remove(self) -> None:
-        patch = self._patch
-        if patch is None:
-            return
-        self._patch = None
-        patch.hooks = [e for e in patch.hooks if e is not self._entry]
-        if not patch.hooks:
-            patch.restore()
 
 
 def _active_patch(layer: keras.layers.Layer) -> _Patch | None:
@@ -350,9 +340,7 @@ class TFBackend(TFCliMixin, Backend):
         if patch is None:
             patch = _Patch(target)
             target.call = patch.function
-        entry = (hook, bool(on_input))
-        patch.hooks.append(entry)
-        return _HookHandle(patch, entry)
+        return patch.hooks.add(hook, on_input=on_input)
 
     def layer_layout(self, model: Any, layer: Any) -> str | None:
         """The layer's ``data_format``; channels-last for layers that act on the last axis
@@ -388,8 +376,8 @@ class TFBackend(TFCliMixin, Backend):
                 if v.trainable != flag:
                     v.trainable = flag
 
-    def layer_names(self, model: Any) -> list[str]:
-        return [layer.name for layer in all_layers(model)]
+    def named_layers(self, model: Any) -> dict[str, keras.layers.Layer]:
+        return named_layers(model)
 
     def split_after(self, model: Any, layer: Any) -> Callable[[Any], Any] | None:
         """A Functional model from the layer's output to the model's outputs, or ``None``

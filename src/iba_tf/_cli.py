@@ -126,15 +126,6 @@ class TFCliMixin:
         with tf.device(dev):
             return tf.identity(x)
 
-    def layer_kind(self, model: Any, layer: str) -> str | None:
-        """The class name of the layer called ``layer`` (for ``iba layers``)."""
-        from ._backend import all_layers
-
-        for candidate in all_layers(model):
-            if candidate.name == layer:
-                return type(candidate).__name__
-        return None
-
 
 def _built_on(device: str | None, make: Any) -> keras.Model:
     """``make()`` built on ``device`` (default: TensorFlow's choice), remembered for inputs."""

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from iba_core import contract
-from iba_core.contract import Backend, FeatureHook, Handle
+from iba_core.contract import Backend, FeatureHook, Handle, assigned
 
 from ._cli import TorchCliMixin
 
@@ -198,18 +198,12 @@ class TorchBackend(TorchCliMixin, Backend):
             with _freeze_what_runs():
                 yield model
             return
-        modes = [(m, m.training) for m in model.modules()]
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        try:
-            model.eval()
-            for p, _ in flags:
-                p.requires_grad_(False)
+        # The flags model.eval() and requires_grad_(False) set, on every module and parameter.
+        with (
+            assigned(model.modules(), {"training": False}),
+            assigned(model.parameters(), {"requires_grad": False}),
+        ):
             yield model
-        finally:
-            for m, training in modes:
-                m.training = training
-            for p, flag in flags:
-                p.requires_grad_(flag)
 
     def layer_name(self, model: Any, layer: Any) -> str | None:
         """The layer's dotted name, without a wrapper's prefix (``torch.compile``,
@@ -223,8 +217,8 @@ class TorchBackend(TorchCliMixin, Backend):
             return layer
         return next((n for n, m in inner.named_modules() if m is layer and n), None)
 
-    def layer_names(self, model: Any) -> list[str]:
-        return [n for n, _ in model.named_modules() if n]
+    def named_layers(self, model: Any) -> dict[str, torch.nn.Module]:
+        return named_layers(model)
 
     def layer_layout(self, model: Any, layer: Any) -> str | None:
         """The layout of a module's features where its type says it for sure (see

@@ -120,11 +120,6 @@ class TorchCliMixin:
         device = _model_device(model) if isinstance(model, torch.nn.Module) else None
         return x if device is None or not isinstance(x, torch.Tensor) else x.to(device)
 
-    def layer_kind(self, model: Any, layer: str) -> str | None:
-        """The class name of the module called ``layer`` (for ``iba layers``)."""
-        module = dict(model.named_modules()).get(layer) if layer else None
-        return type(module).__name__ if module is not None else None
-
 
 def _demo_on(device: str | None, make: Any) -> torch.nn.Module:
     """A demo network from ``make()`` on ``device``.  The demo networks are tiny: one thread

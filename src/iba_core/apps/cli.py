@@ -55,7 +55,7 @@ from ..contract import (
     backend_specs,
     get_backend,
 )
-from .loading import first_line
+from .loading import factory_imports, first_line
 
 __all__ = ["CliError", "CliFailure", "OutputSet", "build_parser", "layer_table", "main", "select_backend"]
 
@@ -131,26 +131,9 @@ def select_backend(choice: str, model_spec: str) -> Backend:
 
 def _importing(model_spec: str, names: list[str], specs: Mapping[str, Any]) -> list[str]:
     """Those of the backends ``names`` whose framework modules the source of the factory
-    ``model_spec`` (``file.py:fn`` or ``package.module:fn``) imports, read as text
-    without running it; empty when the source cannot be found or names none of them."""
-    import importlib.util
-    import re
-
-    where = model_spec.rpartition(":")[0] if ":" in model_spec else model_spec
-    path = Path(where)
-    if not path.suffix == ".py":
-        try:
-            found = importlib.util.find_spec(where)
-        except (ImportError, ValueError):
-            return []
-        if found is None or not found.origin or not found.origin.endswith(".py"):
-            return []
-        path = Path(found.origin)
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    imported = set(re.findall(r"^\s*(?:from|import)\s+([A-Za-z_][A-Za-z0-9_]*)", text, re.MULTILINE))
+    ``model_spec`` imports (:func:`~iba_core.apps.loading.factory_imports`: read as text,
+    not run); empty when the source cannot be found or names none of them."""
+    imported = factory_imports(model_spec)
     return [n for n in names if imported & {m.split(".")[0] for m in specs[n].modules}]
 
 

@@ -4,7 +4,8 @@ The ``iba`` command names a model by a *spec*: ``package.module:factory`` or
 ``file.py:factory`` (a callable returning the model, or the model itself), or a file a
 backend reads.  A backend imports a factory with :func:`model_from_factory` (or
 :func:`import_factory`) and reports mistakes as one-line :class:`~iba_core.UsageError`\\ s,
-using :func:`first_line` to quote an exception.  Nothing here imports a framework.
+using :func:`first_line` to quote an exception; a plugin recognises its framework's
+factories with :func:`factory_imports`.  Nothing here imports a framework.
 """
 
 from __future__ import annotations
@@ -12,19 +13,51 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..contract import UsageError
 
-__all__ = ["first_line", "import_factory", "model_from_factory"]
+__all__ = ["factory_imports", "first_line", "import_factory", "model_from_factory"]
+
+#: The first module of each ``import`` or ``from`` statement, as far as its first dot.
+_IMPORTED = re.compile(r"^\s*(?:from|import)\s+([A-Za-z_][A-Za-z0-9_]*)", re.MULTILINE)
 
 
 def first_line(exc: BaseException) -> str:
     """``"TypeName: first line of the message"``, to quote an exception in one line."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def factory_imports(spec: str) -> set[str]:
+    """The top-level modules that the source of the factory ``spec`` (``file.py:function``
+    or ``package.module:function``) imports, read as text, not run.
+
+    A plugin's :attr:`~iba_core.BackendSpec.claims` uses it to recognise a factory that
+    builds its framework's models without importing anything (``"flax" in
+    factory_imports(spec)``).  Empty when ``spec`` is not a factory spec or its source
+    file cannot be found or read.
+    """
+    source, colon, _ = spec.rpartition(":")
+    if not colon or not source:
+        return set()
+    path = Path(source)
+    if path.suffix != ".py":
+        try:
+            found = importlib.util.find_spec(source)
+        except Exception:  # finding a module imports its parent package, which may fail
+            return set()
+        if found is None or not found.origin or not found.origin.endswith(".py"):
+            return set()
+        path = Path(found.origin)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    return set(_IMPORTED.findall(text))
 
 
 def _exit_call(exc: SystemExit) -> str:

@@ -19,7 +19,7 @@ from ._backend import (
     attached,
 )
 from ._collectives import Collectives, DistributedError, LocalShards
-from ._helpers import lazy_exports, resolve_layer
+from ._helpers import HookList, assigned, lazy_exports, resolve_layer
 from ._registry import (
     ENTRY_POINT_GROUP,
     BackendSpec,
@@ -43,10 +43,12 @@ __all__ = [
     "DistributedError",
     "FeatureHook",
     "Handle",
+    "HookList",
     "InputSpec",
     "LocalShards",
     "RunFailure",
     "UsageError",
+    "assigned",
     "attached",
     "available_backends",
     "backend_specs",

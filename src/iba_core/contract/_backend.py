@@ -5,12 +5,13 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from ._collectives import Collectives
+from ._helpers import resolve_layer
 
 FeatureHook = Callable[[Any], Any]
 """Called with a layer's features ``(N, ...)`` as the layer produces them; returns
@@ -66,8 +67,9 @@ class Backend(abc.ABC):
     tensors, random draws, gradients with respect to the bottleneck parameters, a way
     to put a hook on a layer of a model, and conversions.  Every algorithm and all of
     the explanation workflow live in the core.  Subclass it, implement the abstract
-    methods, and register an instance of :class:`BackendSpec` from an ``iba.backends``
-    entry point (see :mod:`iba_core.contract.hookspecs`).
+    methods and the random draws (:meth:`standard_normal`, or :meth:`draw_keyed` with
+    :attr:`functional_keys`), and register an instance of :class:`BackendSpec` from an
+    ``iba.backends`` entry point (see :mod:`iba_core.contract.hookspecs`).
 
     Everything a backend may declare is declared here, once, with its default.
 
@@ -87,6 +89,12 @@ class Backend(abc.ABC):
             a model, the engine then cuts it itself: the whole model, compiled, on zeros,
             with the layer's output replaced by the features given, so the layers before
             the layer drop out of the program.
+        functional_keys: whether the framework's random generators are functional keys
+            (JAX) rather than stateful objects: the backend then implements
+            :meth:`draw_keyed` instead of :meth:`standard_normal`, and :meth:`draw` passes
+            each key on (a fresh one when none is given).
+        layer_type: the class (or classes) of the layer objects :meth:`attach` takes,
+            for :meth:`resolve` (e.g. ``torch.nn.Module``).
     """
 
     name: ClassVar[str] = ""
@@ -94,6 +102,8 @@ class Backend(abc.ABC):
     channels_last: ClassVar[bool] = False
     compile_by_default: ClassVar[bool] = False
     prunes_unused: ClassVar[bool] = False
+    functional_keys: ClassVar[bool] = False
+    layer_type: ClassVar[type | tuple[type, ...]] = ()
 
     # -- arrays --------------------------------------------------------------------
     @abc.abstractmethod
@@ -109,13 +119,26 @@ class Backend(abc.ABC):
         """Make a tensor from NumPy on ``like``'s device (with ``like``'s dtype for floats)."""
 
     # -- random draws ---------------------------------------------------------------
-    @abc.abstractmethod
     def standard_normal(self, shape: tuple[int, ...], like: Any, generator: Any = None) -> Any:
         """Draw ``N(0, 1)`` samples of ``shape`` on ``like``'s device and dtype.
 
-        A ``generator`` from :meth:`make_generator` is *stateful*: it advances on every
-        draw, so two successive draws differ (the conformance suite checks it).
+        A backend with stateful generators implements this.  A ``generator`` from
+        :meth:`make_generator` advances on every draw, so two successive draws differ (the
+        conformance suite checks it); ``None`` draws from the framework's global state.
+        With :attr:`functional_keys` the default returns :meth:`draw`'s sample.
         """
+        if not self.functional_keys:
+            raise NotImplementedError(
+                f"backend {self.name!r} implements neither standard_normal nor, with "
+                "functional_keys = True, draw_keyed"
+            )
+        return self.draw(shape, like, generator)[0]
+
+    def draw_keyed(self, shape: tuple[int, ...], like: Any, key: Any) -> tuple[Any, Any]:
+        """With :attr:`functional_keys`: ``N(0, 1)`` samples of ``shape`` on ``like``'s
+        device and dtype drawn with ``key`` (from :meth:`make_generator`), and the key for
+        the next draw (e.g. a split of ``key``).  The same key gives the same samples."""
+        raise NotImplementedError(f"backend {self.name!r} declares functional_keys but has no draw_keyed")
 
     def make_generator(self, seed: int, like: Any) -> Any:
         """A seeded random generator (or key) for :meth:`draw` on ``like``'s device."""
@@ -124,11 +147,16 @@ class Backend(abc.ABC):
     def draw(self, shape: tuple[int, ...], like: Any, generator: Any = None) -> tuple[Any, Any]:
         """``N(0, 1)`` samples and the generator to use for the next draw.
 
-        The engine draws only through this method.  The default calls
-        :meth:`standard_normal` with a stateful generator and returns that same generator;
-        a backend with functional keys (JAX) splits the key and returns the new one.
+        The engine draws only through this method.  Stateful generators: the samples of
+        :meth:`standard_normal` and the same generator.  With :attr:`functional_keys`:
+        :meth:`draw_keyed` with the key (``None``: a fresh key from :meth:`make_generator`
+        with a random seed), which returns the next key.
         """
-        return self.standard_normal(shape, like=like, generator=generator), generator
+        if not self.functional_keys:
+            return self.standard_normal(shape, like=like, generator=generator), generator
+        if generator is None:
+            generator = self.make_generator(int(np.random.SeedSequence().generate_state(1)[0]), like)
+        return self.draw_keyed(shape, like, generator)
 
     def stop_gradient(self, x: Any) -> Any:
         """``x`` cut from the autograd graph."""
@@ -202,9 +230,21 @@ class Backend(abc.ABC):
         """
         return contextlib.nullcontext()
 
+    def named_layers(self, model: Any) -> Mapping[str, Any]:
+        """Every layer of ``model`` that :meth:`attach` accepts by name, by its name (empty
+        by default).  :meth:`resolve`, :meth:`layer_names` and :meth:`layer_kind` read it."""
+        return {}
+
+    def resolve(self, model: Any, layer: Any) -> Any:
+        """The layer object ``layer`` names: a :attr:`layer_type` given directly, or a name
+        in :meth:`named_layers`; a wrong name raises ``LookupError`` listing the model's
+        layers (see :func:`~iba_core.contract.resolve_layer`)."""
+        return resolve_layer(model, layer, self.layer_type, self.named_layers)
+
     def layer_names(self, model: Any) -> list[str]:
-        """Names of the layers of ``model`` that :meth:`attach` accepts."""
-        return []
+        """Names of the layers of ``model`` that :meth:`attach` accepts: those of
+        :meth:`named_layers` by default."""
+        return list(self.named_layers(model))
 
     def layer_name(self, model: Any, layer: Any) -> str | None:
         """The name of ``layer`` (a name is returned as it is), saved with estimates;
@@ -267,8 +307,10 @@ class Backend(abc.ABC):
         raise UsageError(f"the {self.name} backend has no text demo model")
 
     def layer_kind(self, model: Any, layer: str) -> str | None:
-        """What kind of layer ``layer`` is (e.g. its class name), for ``iba layers``."""
-        return None
+        """What kind of layer ``layer`` is, for ``iba layers``: by default the class name of
+        the layer :meth:`named_layers` gives it, ``None`` if unknown."""
+        found = self.named_layers(model).get(layer)
+        return None if found is None else type(found).__name__
 
     def describe_input(self, model: Any) -> InputSpec:
         """What ``model`` declares about its image input (channels, size, layout)."""

@@ -1014,11 +1014,13 @@ class ReadoutBottleneck:
         params = self._params_like(bn_features)
         if run.seed is not None and run.generator is None:
             run.generator = backend.make_generator(int(run.seed), bn_features)
-        # The noise of the whole batch, as one process draws it, then these rows.
+        # The noise of the whole batch, as one process draws it, then these rows.  Drawn
+        # through draw(), which passes a functional key on (JAX) so each step differs.
         whole = int(batch[0].shape[0]) if run.split == "shared" else int(bn_features.shape[0])
-        noise = backend.standard_normal(
-            (whole, *tuple(bn_features.shape)[1:]), like=bn_features, generator=run.generator
-        )[rows if run.split == "shared" else slice(None), ...]
+        noise, run.generator = backend.draw(
+            (whole, *tuple(bn_features.shape)[1:]), bn_features, run.generator
+        )
+        noise = noise[rows if run.split == "shared" else slice(None), ...]
 
         def fn(
             p: Any,
@@ -1053,7 +1055,7 @@ class ReadoutBottleneck:
             x, inputs, bn_features, targets = self._batch(batch, model_loss)
             if generator is None:
                 generator = backend.make_generator(0, bn_features)
-            noise = backend.standard_normal(tuple(bn_features.shape), like=bn_features, generator=generator)
+            noise, generator = backend.draw(tuple(bn_features.shape), bn_features, generator)
             params = self._params_like(bn_features)
             alpha = backend.stop_gradient(head(params, inputs))
             value = self.loss(
@@ -1087,9 +1089,7 @@ class ReadoutBottleneck:
                 x, inputs, bn_features, targets = self._batch(batch, model_loss)
                 if seed is not None and generator is None:
                     generator = backend.make_generator(int(seed), bn_features)
-                noise = backend.standard_normal(
-                    tuple(bn_features.shape), like=bn_features, generator=generator
-                )
+                noise, generator = backend.draw(tuple(bn_features.shape), bn_features, generator)
                 value = self.loss(
                     self._params_like(bn_features),
                     x,

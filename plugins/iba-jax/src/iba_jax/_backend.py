@@ -19,13 +19,14 @@ import numpy as np
 from flax import nnx
 
 from iba_core.apps.loading import first_line, model_from_factory
-from iba_core.contract import Backend, FeatureHook, Handle, InputSpec, UsageError, resolve_layer
+from iba_core.contract import Backend, FeatureHook, Handle, HookList, InputSpec, UsageError, assigned
 
 #: The flags ``Module.eval()`` sets: dropout off, batch norm on its running statistics.
-_INFERENCE_FLAGS = ("deterministic", "use_running_average")
+_INFERENCE_FLAGS = {"deterministic": True, "use_running_average": True}
 
-#: The hooks on each hooked layer (by ``id``), as ``[hook, on_input]`` entries in order.
-_HOOKS: dict[int, list[list[Any]]] = {}
+#: The hooks on each hooked layer, by the layer's ``id``.
+_HOOKS: dict[int, HookList] = {}
+_NO_HOOKS = HookList()
 _HOOKED_CLASSES: dict[type, type] = {}
 #: Changes whenever a hook is attached or removed (a model's graph definition with it).
 _HOOK_CHANGES = [0]
@@ -53,39 +54,21 @@ def _hooked_class(cls: type) -> type:
     if cls not in _HOOKED_CLASSES:
 
         def __call__(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-            hooks = list(_HOOKS.get(id(self), ()))
-            for hook in (h for h, on_input in hooks if on_input):
-                x = _apply(hook, x)
-            out = cls.__call__(self, x, *args, **kwargs)
-            for hook in (h for h, on_input in hooks if not on_input):
-                out = _apply(hook, out)
-            return out
+            hooks = _HOOKS.get(id(self), _NO_HOOKS)
+            out = cls.__call__(self, hooks.run(x, on_input=True), *args, **kwargs)
+            return hooks.run(out)
 
         hooked = type(cls)(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
         _HOOKED_CLASSES[cls] = hooked
     return _HOOKED_CLASSES[cls]
 
 
-def _apply(hook: FeatureHook, x: Any) -> Any:
-    out = hook(x)
-    return x if out is None else out
-
-
-class _HookHandle:
-    def __init__(self, layer: Any, entry: list[Any]) -> None:
-        self._layer, self._entry = layer, entry
-
-    def remove(self) -> None:
-        hooks = _HOOKS.get(id(self._layer), [])
-        hooks[:] = [e for e in hooks if e is not self._entry]
-        _HOOK_CHANGES[0] += 1
-        if not hooks and _HOOKS.pop(id(self._layer), None) is not None:
-            object.__setattr__(self._layer, "__class__", type(self._layer).__bases__[0])
-
-
-def _modules(model: Any) -> dict[str, Any]:
-    """Every submodule of ``model`` by its dotted path (the root left out)."""
-    return {".".join(map(str, path)): m for path, m in nnx.iter_modules(model) if path}
+def _removed(layer: Any, hooks: HookList) -> None:
+    """After a hook on ``layer`` is removed: its own class back once it has none."""
+    _HOOK_CHANGES[0] += 1
+    if not hooks.entries and _HOOKS.get(id(layer)) is hooks:
+        del _HOOKS[id(layer)]
+        object.__setattr__(layer, "__class__", type(layer).__bases__[0])
 
 
 def _device(x: Any) -> Any:
@@ -112,6 +95,8 @@ class JaxBackend(Backend):
     # Op-by-op JAX pays a dispatch per operation; a jitted step compiles in about a second.
     compile_by_default = True
     prunes_unused = True  # XLA leaves out what a compiled function never uses
+    functional_keys = True  # make_generator gives a key; draw_keyed splits it
+    layer_type = nnx.Module
 
     def __init__(self) -> None:
         self._local = _Local()
@@ -132,21 +117,14 @@ class JaxBackend(Backend):
     def make_generator(self, seed: int, like: Any) -> Any:
         return jax.device_put(jax.random.key(np.uint32(seed)), _device(like))
 
-    def draw(self, shape: tuple[int, ...], like: Any, generator: Any = None) -> tuple[Any, Any]:
-        """Draws with a split of the key ``generator`` (a fresh random key when ``None``),
-        and the key for the next draw."""
-        key = generator
-        if key is None:
-            key = self.make_generator(int(np.random.SeedSequence().generate_state(1)[0]), like)
+    def draw_keyed(self, shape: tuple[int, ...], like: Any, key: Any) -> tuple[Any, Any]:
+        """Draws with a split of ``key``, and the key for the next draw."""
         # Threefry's partitionable form compiles its counters as constants of the draw's
         # shape (seconds on a CPU for a feature map); the classic form compiles in a tenth.
         with jax.threefry_partitionable(False):
             key, sub = jax.random.split(key)
             sample = jax.random.normal(sub, tuple(int(s) for s in shape), dtype=like.dtype)
         return sample, key
-
-    def standard_normal(self, shape: tuple[int, ...], like: Any, generator: Any = None) -> Any:
-        return self.draw(shape, like, generator)[0]
 
     # -- gradients and compilation --------------------------------------------------------
     def value_and_grad(self, fn: Callable[..., Any], param: Any, *operands: Any) -> tuple[float, Any]:
@@ -224,15 +202,13 @@ class JaxBackend(Backend):
 
     # -- models ------------------------------------------------------------------------
     def attach(self, model: Any, layer: Any, hook: FeatureHook, *, on_input: bool = False) -> Handle:
-        target = resolve_layer(model, layer, nnx.Module, _modules, where="the model")
-        hooks = _HOOKS.setdefault(id(target), [])
-        if not hooks:  # object.__setattr__: NNX refuses changes inside a JAX trace, and
-            # the suite attaches hooks inside jax.value_and_grad; remove() undoes it.
+        target = self.resolve(model, layer)
+        if id(target) not in _HOOKS:  # object.__setattr__: NNX refuses changes inside a JAX
+            # trace, and the suite attaches hooks inside jax.value_and_grad; _removed undoes it.
+            _HOOKS[id(target)] = HookList(functools.partial(_removed, target))
             object.__setattr__(target, "__class__", _hooked_class(type(target)))
-        entry = [hook, bool(on_input)]
-        hooks.append(entry)
         _HOOK_CHANGES[0] += 1
-        return _HookHandle(target, entry)
+        return _HOOKS[id(target)].add(hook, on_input=on_input)
 
     def call(self, model: Any, x: Any) -> Any:
         copy = self._local.copies.get(id(model))
@@ -250,29 +226,24 @@ class JaxBackend(Backend):
             yield model
             return
         modules = [m for _, m in nnx.iter_modules(model)]
-        saved = [
-            (m, flag, getattr(m, flag)) for m in modules for flag in _INFERENCE_FLAGS if hasattr(m, flag)
-        ]
-        for m, flag, _ in saved:
-            object.__setattr__(m, flag, True)  # also inside a trace (see attach)
-        self._local.frozen.append(model)
-        try:
-            yield model
-        finally:
-            self._local.frozen.pop()
-            if model not in self._local.frozen:  # the weights may change from here on
-                self._local.splits.pop(id(model), None)
-            for m, flag, value in saved:
-                object.__setattr__(m, flag, value)
+        with assigned(modules, _INFERENCE_FLAGS, object.__setattr__):  # also inside a trace (see attach)
+            self._local.frozen.append(model)
+            try:
+                yield model
+            finally:
+                self._local.frozen.pop()
+                if model not in self._local.frozen:  # the weights may change from here on
+                    self._local.splits.pop(id(model), None)
 
-    def layer_names(self, model: Any) -> list[str]:
-        return list(_modules(model))
+    def named_layers(self, model: Any) -> dict[str, Any]:
+        """Every submodule of ``model`` by its dotted path (the root left out)."""
+        return {".".join(map(str, path)): m for path, m in nnx.iter_modules(model) if path}
 
     def layer_layout(self, model: Any, layer: Any) -> str | None:
         """The layer's ``data_format`` attribute if it declares one (a module that puts
         channels first), else ``"channels_last"``: Flax's convolutions, pooling, embeddings
         and attention all give ``(N, ..., C)``."""
-        target = resolve_layer(model, layer, nnx.Module, _modules)
+        target = self.resolve(model, layer)
         return getattr(target, "data_format", "channels_last")
 
     # -- the iba command (which asks _plugin.claims_model for --backend auto) ----------------
@@ -286,10 +257,6 @@ class JaxBackend(Backend):
             except RuntimeError as exc:
                 raise UsageError(f"--device {device!r} is not usable: {first_line(exc)}") from None
         return model
-
-    def layer_kind(self, model: Any, layer: str) -> str | None:
-        module = _modules(model).get(layer)
-        return type(module).__name__ if module is not None else None
 
     def describe_input(self, model: Any) -> InputSpec:
         """Channels-last images; the channels of a convolution taking 1 or 3 (NNX lists

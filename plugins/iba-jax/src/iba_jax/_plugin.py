@@ -8,25 +8,17 @@ implementation registers a :class:`iba_core.BackendSpec` that loads the backend 
 from __future__ import annotations
 
 import importlib.util
-import re
 from collections.abc import Callable
-from pathlib import Path
 
 from iba_core import BackendSpec, hookimpl
-
-_IMPORTS_FLAX = re.compile(r"^\s*(from|import)\s+flax\b", re.MULTILINE)
+from iba_core.apps.loading import factory_imports
 
 
 def claims_model(spec: str) -> bool:
     """Whether the ``iba`` command's MODEL is a factory (``file.py:function`` or
     ``package.module:function``) in a Python file that imports Flax; the file is read,
     not run."""
-    source = spec.rpartition(":")[0]
-    try:
-        path = source if source.endswith(".py") else importlib.util.find_spec(source).origin  # type: ignore[union-attr]
-        return bool(_IMPORTS_FLAX.search(Path(str(path)).read_text(encoding="utf-8", errors="replace")))
-    except Exception:  # no such file or module: not a Flax factory
-        return False
+    return "flax" in factory_imports(spec)
 
 
 @hookimpl
