@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent(
 
     rng = np.random.default_rng(1)
     data = rng.normal(size=(30, 12, 12, 1)).astype(np.float32)
-    x = rng.normal(size=(40, 12, 12, 1)).astype(np.float32)  # clean passes of 30 and 10
+    x = rng.normal(size=(40, 12, 12, 1)).astype(np.float32)
     targets = rng.integers(0, 5, size=40)
     out = {}
     for name, strategy in (("one", None), ("two", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))):

@@ -111,3 +111,42 @@ def test_eager_step_matches_whole_loss_autograd(case):
     np.testing.assert_allclose(eager, whole, **TOL)
     if how.get("padding"):
         assert np.all(eager[1, 6:] == 0) and np.all(eager[2, 4:] == 0)
+
+
+class OnePassBackend(TorchBackend):
+    """PyTorch as on an accelerator: no limit on the samples of a pass."""
+
+    def pass_size(self, like):
+        return None
+
+
+@pytest.mark.parametrize("case", ["image, smoothed", "image, relu", "sequence, smoothed, padding"])
+def test_the_model_runs_input_by_input_with_the_same_masks(case):
+    """On a CPU the op-by-op step runs the model after the cut on each input's copies in
+    turn (the memory of one input); the masks are those of one pass over all inputs."""
+    kind, settings, how = CASES[case]
+    rng = np.random.default_rng(1)
+    if kind == "image":
+        model, x = _image_model(), torch.from_numpy(rng.standard_normal((3, 2, 6, 6)))
+    else:
+        model, x = _sequence_model(), torch.from_numpy(rng.standard_normal((3, 2, 9)))
+    kwargs: dict = {"target": [0, 2, 1]}
+    if how.get("padding"):
+        mask = np.ones((3, 9))
+        mask[0, 5:] = 0
+        kwargs["attention_mask"] = mask
+    rows: list[int] = []
+    handle = model[-1].register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+    try:
+        by_input, by_input_alpha = _maps(TorchBackend(), model, x, settings=settings, **kwargs)
+        seen, rows[:] = list(rows), []
+        together, together_alpha = _maps(OnePassBackend(), model, x, settings=settings, **kwargs)
+    finally:
+        handle.remove()
+    # The clean pass (3 inputs) and the check of the cut (3), then the 4 steps: 3 runs of
+    # one input's 3 copies each, or one run of all 9 copies.
+    assert seen == [3, 3] + [3] * 3 * STEPS["optimization_steps"]
+    assert rows == [3, 3] + [9] * STEPS["optimization_steps"]
+    assert np.abs(by_input_alpha - STEPS["initial_alpha"]).max() > 0.1
+    np.testing.assert_allclose(by_input_alpha, together_alpha, **TOL)
+    np.testing.assert_allclose(by_input, together, **TOL)

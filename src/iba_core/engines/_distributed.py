@@ -307,18 +307,19 @@ def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
 # -- explanation -------------------------------------------------------------------------
 def clean_chunk(backend: Backend, x: Any, copies: int, inputs_per_pass: int | None) -> int:
     """Inputs per clean pass (the one pass without noise that finds the targets and the
-    layer's features): a whole number of optimisation passes that fits the backend's
-    :meth:`~Backend.pass_size` (all inputs where it sets no limit).  Aligning the two is
-    what lets a data-parallel run give each shard whole clean passes and still make
-    exactly the passes one process makes."""
+    layer's features): those of one optimisation pass where the backend limits its passes
+    (:meth:`~Backend.pass_size`), all inputs where it does not.  The whole model on as
+    many inputs as an optimisation pass explains takes no more memory than that pass, so
+    the clean pass does not set the peak of a call on many inputs; and a data-parallel
+    run that gives each shard whole clean passes makes exactly the passes one process
+    makes."""
     n = int(x.shape[0])
     limit = backend.pass_size(x)
     if limit is None:
         return n
     if inputs_per_pass is not None and not _whole(inputs_per_pass):
         return limit  # Bottleneck.explain refuses it with a clear message
-    k = int(inputs_per_pass) if inputs_per_pass is not None else max(1, limit // copies)
-    return k * max(1, limit // k)
+    return int(inputs_per_pass) if inputs_per_pass is not None else max(1, limit // copies)
 
 
 def _whole(value: Any) -> bool:
