@@ -1143,13 +1143,10 @@ def test_outputs_with_logits_work_with_targets(wrapper, how):
         iba = iba_core.IBA(wrapped, "inner.conv2", estimator=est, **FAST)
         run = lambda **kw: iba.analyze(x, **kw)
     for target in (2, [1, 4], "predicted"):
-        # The plain model is cut after the layer and its steps take the inputs one by one;
-        # the wrapped one, whose output is an object, runs whole: the same sums, rounded
-        # differently.
         np.testing.assert_allclose(
             run(target=target, seed=0),
             plain.analyze(x, target=target, seed=0),
-            **ROUNDOFF,
+            **EXACT,
             err_msg=f"target={target!r}",
         )
 

@@ -178,9 +178,8 @@ def test_the_layers_after_the_cut_see_every_noisy_copy():
     iba = explainer(model, model[2])
     rows = counting(model[5])
     iba.analyze(images(2), target="predicted", model=model, seed=0, optimization_steps=3)
-    # The clean pass, the check of the cut, then three steps on 2 x 10 noisy copies: on a
-    # CPU (the backend limits its passes) each input's 10 copies run on their own.
-    assert rows == [2, 2] + [10, 10] * 3
+    # The clean pass, the check of the cut, then three steps on 2 x 10 noisy copies.
+    assert rows == [2, 2, 20, 20, 20]
 
 
 def test_a_changed_model_is_not_explained_with_an_old_cut():
@@ -247,10 +246,9 @@ def test_the_engines_own_cut_gives_the_whole_models_maps(name):
     x = images(3)
     maps = engine.analyze(x, target=[0, 1, 4], seed=2).numpy()
     # The cut is checked once against the clean pass; where it holds (no path around the
-    # layer: torch.fx is not needed, so the untraceable model is cut too) the 4 steps use
-    # it, on each of the 3 inputs' copies in turn (a CPU: the backend limits its passes).
+    # layer: torch.fx is not needed, so the untraceable model is cut too) the 4 steps use it.
     holds = name not in ("a layer inside a block", "skip around the layer")
-    assert backend.runs_on_zeros == (1 + 4 * 3 if holds else 1)
+    assert backend.runs_on_zeros == (5 if holds else 1)
     engine.split_model = False
     expected = engine.analyze(x, target=[0, 1, 4], seed=2).numpy()
     np.testing.assert_allclose(maps, expected, **SAME)

@@ -119,10 +119,9 @@ class TestReferenceAPI:
         assert maps.shape == (5, 12, 12)
         # Clean passes of 2 + 2 + 1 inputs (their logits: the targets' class count; no more
         # inputs at once than an optimisation pass), the check of the model cut after the
-        # layer on the 5, then 2 steps each of 2 + 2 + 1 inputs, 10 copies each, the
-        # model after the cut run on each input's copies in turn (the user's hook on a
-        # layer after the cut still runs).
-        assert passes == [2, 2, 1, 5] + [10] * 2 * 2 + [10] * 2 * 2 + [10] * 2
+        # layer on the 5, then 2 steps each of 2 + 2 + 1 inputs, 10 copies each (the
+        # user's hook on a layer after the cut still runs).
+        assert passes == [2, 2, 1, 5] + [20] * 2 + [20] * 2 + [10] * 2
         again = iba.analyze(images(5)[4:], target=0, model=model, seed=4, optimization_steps=2)
         np.testing.assert_allclose(maps[4], again, rtol=1e-4, atol=1e-6)
 

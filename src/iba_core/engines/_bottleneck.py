@@ -646,7 +646,6 @@ class Bottleneck(LiveSettings):
         check_path: bool = False,
         features: Any = None,
         padding: np.ndarray | None = None,
-        per_input: bool = False,
         **overrides: Any,
     ) -> Any:
         """Optimise one mask per input and return its capacity ``(N, C, ...)`` in nats.
@@ -677,13 +676,6 @@ class Bottleneck(LiveSettings):
         is each input's mean over its real positions, and the mask is smoothed along each
         input's real positions only; so the real positions' result does not depend on
         what the padding holds (see :func:`padding_terms`).
-
-        ``per_input=True`` says that ``model_loss`` with ``targets`` takes the rows of any
-        inputs (the engine's loss after the model's cut, whose targets are operands): where
-        the backend limits its passes (:meth:`~iba_core.Backend.pass_size`, CPUs), the
-        op-by-op step then runs the model on one input's copies at a time, so the
-        model's memory is that of one input while the mask's arithmetic runs once for all.
-        The sum is the same; only its rounding may differ.
 
         ``copies`` says where the ``batch_size`` copies of each input are made.
         ``"input"`` (the reference library's contract): ``model_loss`` is called with
@@ -737,14 +729,10 @@ class Bottleneck(LiveSettings):
             if targets is None
             else (backend.from_numpy(np.repeat(np.asarray(targets), bs, axis=0), like=features),)
         )
-        # Where the backend limits its passes, the op-by-op step may run the model on one
-        # input's copies at a time: the memory of one input's model pass, while the mask's
-        # arithmetic runs once for all inputs of the pass.
-        per_input = per_input and targets is not None and n > 1 and backend.pass_size(features) is not None
-        step = self._step(backend, model_loss, cfg, compile_step, targets is not None, per_input)
+        step = self._step(backend, model_loss, cfg, compile_step, targets is not None)
         first_step = step
         if check_path:
-            first_step = self._eager_step(backend, model_loss, cfg, False, per_input, require_tensor=True)
+            first_step = self._eager_step(backend, model_loss, cfg, False, require_tensor=True)
         mean_a, std_a = mean * active, std * active
 
         schedule = adam_schedule(steps, cfg.lr, like=alpha)
@@ -811,17 +799,15 @@ class Bottleneck(LiveSettings):
         cfg: IBAConfig,
         compile_step: bool,
         with_targets: bool,
-        per_input: bool = False,
     ) -> Callable[..., Any]:
         """``(alpha, (m, v, step_size, bias2_sqrt), (eps, batch, r, active, mean_a, std_a,
         smoothing, padding, *targets)) -> (loss, new alpha, (m, v))``: one optimisation step with
         its Adam update, a pure function of its operands (compiled whole, once per loss and
-        settings, when ``compile_step`` and the backend can).  ``per_input``: the op-by-op
-        step runs the model on each input's copies in turn (see :meth:`_eager_step`)."""
+        settings, when ``compile_step`` and the backend can)."""
         # Without a whole-step compile, the step's array parts may still be compiled
         # (worth it where eager operations are expensive).
         parts = not compile_step and (backend.compile_by_default if cfg.compile is None else cfg.compile)
-        key = (model_loss, cfg.beta, cfg.sigma, cfg.relu, with_targets, compile_step, parts, per_input)
+        key = (model_loss, cfg.beta, cfg.sigma, cfg.relu, with_targets, compile_step, parts)
         cached = self._compiled_steps.get(key)
         if cached is not None:
             return cached
@@ -846,7 +832,7 @@ class Bottleneck(LiveSettings):
 
         compiled = backend.compile_step(loss, fns.adam) if compile_step else None
         if compiled is None:
-            compiled = self._eager_step(backend, model_loss, cfg, bool(parts), per_input)
+            compiled = self._eager_step(backend, model_loss, cfg, bool(parts))
         if len(self._compiled_steps) > 16:
             self._compiled_steps.clear()
         self._compiled_steps[key] = compiled
@@ -892,7 +878,6 @@ class Bottleneck(LiveSettings):
         model_loss: Callable[..., Any],
         cfg: IBAConfig,
         parts: bool,
-        per_input: bool = False,
         *,
         require_tensor: bool = False,
     ) -> Callable[..., tuple[float, Any, tuple[Any, Any]]]:
@@ -903,12 +888,7 @@ class Bottleneck(LiveSettings):
         about half the operations of differentiating the whole loss.  It is also the
         check of a user's loss: a loss with no gradient path to the mask (detached, a
         Python number with ``require_tensor``) makes ``value_and_grad`` raise instead of
-        giving a map that ignores the model.
-
-        ``per_input`` (a loss of the engine, whose targets are operands): the model term
-        is the sum of each input's model term, each differentiated on its own rows (its
-        copies, its targets), so the model's activations are those of one input at a
-        time; the mask's arithmetic still runs once for all inputs."""
+        giving a map that ignores the model."""
         fns = _step_functions(backend, cfg.sigma, cfg.relu, parts)
         beta = cfg.beta
 
@@ -935,23 +915,12 @@ class Bottleneck(LiveSettings):
                 require_tensor=require_tensor,
             )
 
-        def model_term(pair: Any, *operands: Any) -> tuple[float, Any]:
-            """``value_and_grad`` of :func:`model_part`, input by input with ``per_input``."""
-            n = int(pair.shape[1])
-            if not per_input or n == 1:
-                return backend.value_and_grad(model_part, pair, *operands)
-            value, grads = 0.0, []
-            for i in range(n):
-                own = _input_operands(i, n, int(pair.ndim) - 1, operands)
-                v, g = backend.value_and_grad(model_part, pair[:, i : i + 1, ...], *own)
-                value += v
-                grads.append(g)
-            return value, backend.namespace().concat(grads, axis=1)
-
         def step(a: Any, adam: tuple[Any, ...], args: tuple[Any, ...]) -> tuple[float, Any, tuple[Any, Any]]:
             eps, batch, r, active, mean_a, std_a, smoothing, padding, *targets = args
             pair, slope = fns.relax(a, smoothing)
-            value, grad = model_term(pair, eps, batch, active, mean_a, std_a, padding, *targets)
+            value, grad = backend.value_and_grad(
+                model_part, pair, eps, batch, active, mean_a, std_a, padding, *targets
+            )
             weight = beta / math.prod(int(k) for k in a.shape[1:])
             cap, new_a, m, v = fns.descend(a, pair, slope, grad, r, active, smoothing, padding, weight, *adam)
             return float(value) + beta * float(cap), new_a, (m, v)
@@ -1360,26 +1329,6 @@ def check_output_rows(rows: int, n_inputs: int, copies: int) -> None:
             f"copies each (expected {n_inputs * copies}); the model must keep the batch axis "
             "first and return one row per sample"
         )
-
-
-def _input_operands(i: int, n: int, ndim: int, operands: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The model term's operands ``(eps, batch, active, mean_a, std_a, padding, *targets)``
-    of input ``i`` of ``n``: the rows of those that hold a block of rows per input (the
-    noise, the batch, the targets), the entry of ``active``, ``mean_a`` and ``std_a`` where
-    they have the inputs' axis (``ndim`` dimensions: with padding), and the padding terms.
-    Without padding the statistics have no inputs' axis and serve every input."""
-
-    def rows(x: Any) -> Any:
-        per = int(x.shape[0]) // n
-        return x[i * per : (i + 1) * per, ...]
-
-    def own(x: Any) -> Any:
-        return x[i : i + 1, ...] if int(x.ndim) == ndim else x
-
-    eps, batch, active, mean_a, std_a, padding, *targets = operands
-    if padding is not None:
-        padding = tuple(p[i : i + 1, ...] for p in padding)
-    return (rows(eps), rows(batch), own(active), own(mean_a), own(std_a), padding, *map(rows, targets))
 
 
 def _seeds_for(seed: Any, start: int, stop: int) -> Any:

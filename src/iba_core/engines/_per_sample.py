@@ -486,9 +486,6 @@ class PerSampleBottleneck:
             loss_fn, copies, compile_step, soft, features, batch = self._optimised_loss(
                 x, target, loss, output_loss, cfg, inputs_per_pass
             )
-            # After the cut the steps run the layers after it only, on the features of the
-            # clean pass: they may take the inputs one by one (Bottleneck.optimize).
-            cut = batch is not x
             cap = self.bottleneck.explain(
                 lambda start, stop: loss_fn,
                 batch,
@@ -502,7 +499,6 @@ class PerSampleBottleneck:
                 check_path=target is None,
                 features=features,
                 padding=padding,
-                per_input=cut,
             )
         return self._maps_of(cap, x, mode, padding)
 
@@ -547,8 +543,7 @@ class PerSampleBottleneck:
     ) -> tuple[Callable[..., Any], str, bool, np.ndarray | None, Any, Any]:
         """What the optimisation of :meth:`analyze` runs (inside :meth:`session`):
         ``(loss function, where the copies are made, whether the step is compiled, the
-        soft targets, the layer's features, the batch the steps start from)``; the batch
-        is ``x`` itself unless the steps start from the features after the model's cut."""
+        soft targets, the layer's features, the batch the steps start from)``."""
         n = int(x.shape[0])
         soft: np.ndarray | None = None
         features, batch = None, x
