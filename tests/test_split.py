@@ -17,6 +17,13 @@ from iba_torch import IBA  # noqa: E402
 from iba_torch._backend import TorchBackend  # noqa: E402
 from iba_torch._split import split_after  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _passes_of_several_inputs(monkeypatch):
+    """These tests count the model's runs in passes of several inputs (a CPU's passes
+    hold one input by default: tests/test_torch_iba.py)."""
+    monkeypatch.setattr(TorchBackend, "pass_size", lambda self, like: 32)
+
 pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore:the statistics rest on")]
 
 # float32 maps of two paths that compute the same features on the same rows.

@@ -125,6 +125,35 @@ class TestReferenceAPI:
         again = iba.analyze(images(5)[4:], target=0, model=model, seed=4, optimization_steps=2)
         np.testing.assert_allclose(maps[4], again, rtol=1e-4, atol=1e-6)
 
+    def test_a_cpu_pass_holds_one_inputs_copies(self, model, iba):
+        passes = []
+        handle = model.fc.register_forward_hook(lambda m, i, o: passes.append(o.shape[0]))
+        try:
+            maps = iba.analyze(images(3), target=[0, 1, 2], model=model, seed=0, optimization_steps=2)
+        finally:
+            handle.remove()
+        # Clean passes of one input, the check of the cut on the 3, then each input's 2
+        # steps on its 10 copies: the memory of one input's pass, whatever the number.
+        assert passes == [1, 1, 1, 3] + [10] * 2 * 3
+        again = iba.analyze(
+            images(3), target=[0, 1, 2], model=model, seed=0, optimization_steps=2, inputs_per_pass=3
+        )
+        np.testing.assert_allclose(maps, again, rtol=1e-4, atol=1e-6)
+
+    def test_a_loss_function_gets_all_inputs_copies_at_once(self, model, iba):
+        # Its targets are its own: passes of one input would hand it a tenth of its rows.
+        rows = torch.tensor([0, 1, 2, 3, 0]).repeat_interleave(10)
+        sizes = []
+
+        def loss(batch):
+            sizes.append(batch.shape[0])
+            return torch.nn.functional.cross_entropy(model(batch), rows)
+
+        maps = iba.analyze(images(5), loss, seed=0, optimization_steps=2)
+        assert sizes[1:] == [50, 50]  # after the recording pass, every step on all copies
+        targeted = iba.analyze(images(5), target=[0, 1, 2, 3, 0], model=model, seed=0, optimization_steps=2)
+        np.testing.assert_allclose(maps, targeted, rtol=1e-4, atol=1e-6)
+
     def test_capacity_mode_is_at_feature_resolution(self, model, iba):
         cap = iba.analyze(images(1), target=1, model=model, mode="capacity", seed=0)
         assert cap.shape == (6, 6)
@@ -353,15 +382,15 @@ class TestCopiesAtTheLayer:
     def test_the_layers_before_the_bottleneck_run_once_per_input(self, model, iba):
         rows = []
         model.conv1.register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
-        smaps = iba.analyze(images(2), target=[1, 3], model=model, seed=4, optimization_steps=3)
+        # One pass of both inputs (a CPU's passes hold one input by default).
+        kw = dict(target=[1, 3], model=model, seed=4, optimization_steps=3, inputs_per_pass=2)
+        smaps = iba.analyze(images(2), **kw)
         assert iba.bottleneck.copies_made_at == "layer"
         # The clean pass (logits and the layer's features) only: the steps run the model
         # after the layer (tests/test_split.py).
         assert rows == [2]
         rows.clear()
-        expected = analyze_with_copies_at_the_input(
-            iba, images(2), target=[1, 3], model=model, seed=4, optimization_steps=3
-        )
+        expected = analyze_with_copies_at_the_input(iba, images(2), **kw)
         assert rows == [2, 20, 20, 20]  # the clean pass, three steps
         # float32: the layers before run on 2 instead of 20 rows (round-off only),
         # amplified a little by three Adam steps.
@@ -378,13 +407,17 @@ class TestCopiesAtTheLayer:
             iba, images(1), target=1, model=model, seed=0, optimization_steps=3
         )
         np.testing.assert_allclose(one, expected, rtol=1e-4, atol=1e-6)
-        # Two inputs: 2 and 20 rows do not add up, so the copies are made at the input.
-        two = iba.analyze(images(2), target=[1, 2], model=model, seed=0, optimization_steps=3)
+        # Two inputs in one pass: 2 and 20 rows do not add up, so the copies are made at
+        # the input.
+        kw = dict(target=[1, 2], model=model, seed=0, optimization_steps=3, inputs_per_pass=2)
+        two = iba.analyze(images(2), **kw)
         assert iba.bottleneck.copies_made_at == "input"
-        expected = analyze_with_copies_at_the_input(
-            iba, images(2), target=[1, 2], model=model, seed=0, optimization_steps=3
-        )
+        expected = analyze_with_copies_at_the_input(iba, images(2), **kw)
         np.testing.assert_array_equal(two, expected)
+        # In passes of one input (a CPU's default) each input's features broadcast.
+        one_by_one = iba.analyze(images(2), target=[1, 2], model=model, seed=0, optimization_steps=3)
+        assert iba.bottleneck.copies_made_at == "layer"
+        np.testing.assert_allclose(one_by_one, expected, rtol=1e-4, atol=1e-6)
 
     def test_a_model_that_reshapes_by_its_batch_size_is_caught(self):
         model = BatchMean()

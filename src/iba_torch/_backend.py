@@ -17,8 +17,12 @@ from iba_core.contract import Backend, FeatureHook, Handle, assigned
 
 from ._cli import TorchCliMixin
 
-#: Samples per model pass on the CPU when many inputs are explained at once.
-CPU_PASS_SIZE = 32
+#: Samples per model pass on the CPU when many inputs are explained at once: one input's
+#: noisy copies (10 by default), so that the memory of a call on many inputs stays near
+#: one input's (benchmarks/bench_speed.py, small network: 16 images take 1.3x one image's
+#: peak against 3.2x with passes of 3 inputs, for about 10 % more time; the same on the
+#: ResNet-style network).  ``inputs_per_pass=`` chooses otherwise.
+CPU_PASS_SIZE = 10
 
 
 #: How many layer names an error message lists before it shortens the list.
@@ -242,8 +246,8 @@ class TorchBackend(TorchCliMixin, Backend):
         return collectives(init)
 
     def pass_size(self, like: Any) -> int | None:
-        # Measured on a 2-core CPU (benchmarks/bench_torch.py): per-sample cost of a
-        # small conv net grows ~2x from batches of 20 to 160 as activations leave cache.
+        # Small passes also suit a CPU's caches: on 2 cores the per-sample cost of a small
+        # conv net grows ~2x from batches of 20 to 160 (benchmarks/bench_torch.py).
         return CPU_PASS_SIZE if like.device.type == "cpu" else None
 
     def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:

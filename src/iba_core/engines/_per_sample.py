@@ -446,6 +446,12 @@ class PerSampleBottleneck:
           ``batch_size`` times in a row and returns the mean loss (the reference
           library's closure); copies made at the input.
 
+        A loss function holds its own targets, so it gets the copies of all ``N`` inputs
+        in one pass, in one process (with ``inputs_per_pass=k`` it gets ``k`` inputs'
+        copies at a time, and must then work on any rows).  ``target=`` explanations go
+        in passes of the backend's :meth:`~iba_core.Backend.pass_size` (a CPU's hold one
+        input) and are shared out in data-parallel runs.
+
         ``mode="saliency"``: bits per input pixel at the input's size (totalling the
         capacity); ``"capacity"``: the channel-summed capacity in bits at the feature map's
         resolution.  ``seed``: input ``i`` draws from the noise stream ``seed + i``;
@@ -477,6 +483,10 @@ class PerSampleBottleneck:
             self._check_spatial()
         x = self._prepare(x)
         n = int(x.shape[0])
+        if target is None and inputs_per_pass is None:
+            # A loss function of the user's holds its own targets for the copies of all the
+            # inputs: it gets them in one pass, and one process makes them all.
+            inputs_per_pass, distributed = n, False
         dist = collectives(self.backend, distributed)
         if dist is not None:
             options = locals()
