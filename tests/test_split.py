@@ -24,6 +24,7 @@ def _passes_of_several_inputs(monkeypatch):
     hold one input by default: tests/test_torch_iba.py)."""
     monkeypatch.setattr(TorchBackend, "pass_size", lambda self, like: 32)
 
+
 pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore:the statistics rest on")]
 
 # float32 maps of two paths that compute the same features on the same rows.
