@@ -244,3 +244,54 @@ def test_factory_imports_reads_a_file_or_module_without_running_it(tmp_path: Any
     assert factory_imports(f"{tmp_path / 'missing.py'}:make") == set()
     assert factory_imports("no_such_module_here:make") == set()
     assert factory_imports("model.keras") == set()
+
+
+# -- a traceable gradient: value_and_grad and the compiled step from it -------------------
+class _Analytic(_Minimal):
+    """A backend whose ``gradient`` knows the derivative of the quadratic losses below, and
+    whose ``compile`` records what it is given."""
+
+    value_and_grad = Backend.value_and_grad  # the contract's default, over _Minimal's
+
+    def __init__(self) -> None:
+        self.compiled: list[Any] = []
+
+    def gradient(self, fn: Any, param: Any, *operands: Any) -> tuple[Any, Any]:
+        (target,) = operands
+        return np.asarray(fn(param, target)), 2.0 * (param - target)
+
+    def compile(self, fn: Any) -> Any:
+        self.compiled.append(fn)
+        return fn
+
+
+def _quadratic(p: Any, target: Any) -> Any:
+    return float(np.sum((p - target) ** 2))
+
+
+def test_value_and_grad_and_the_compiled_step_come_from_gradient():
+    backend = _Analytic()
+    param, target = np.array([1.0, -2.0]), np.array([0.5, 0.0])
+    value, grad = backend.value_and_grad(_quadratic, param, target)
+    assert isinstance(value, float) and value == pytest.approx(0.25 + 4.0)
+    np.testing.assert_allclose(grad, [1.0, -4.0])
+
+    def update(p: Any, g: Any, lr: Any) -> tuple[Any, Any]:
+        return p - lr * g, lr * 0.5
+
+    step = backend.compile_step(_quadratic, update)
+    assert step is not None and backend.compiled == [step]  # compiled once, whole
+    value, new_param, state = step(param, (np.float64(0.1),), (target,))
+    assert float(value) == pytest.approx(4.25)
+    np.testing.assert_allclose(new_param, [0.9, -1.6])
+    assert state == (pytest.approx(0.05),)
+
+
+def test_without_gradient_nothing_is_compiled_and_value_and_grad_is_required():
+    class Plain(_Minimal):
+        value_and_grad = Backend.value_and_grad
+
+    backend = Plain()
+    assert backend.compile_step(_quadratic, lambda p, g: (p,)) is None
+    with pytest.raises(NotImplementedError, match="neither value_and_grad nor gradient"):
+        backend.value_and_grad(_quadratic, np.zeros(2), np.zeros(2))

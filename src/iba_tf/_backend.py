@@ -305,22 +305,15 @@ class TFBackend(TFCliMixin, Backend):
         return tf.stop_gradient(x)
 
     # -- autograd ---------------------------------------------------------------------
-    def value_and_grad(self, fn: Callable[..., Any], param: Any, *operands: Any) -> tuple[float, Any]:
+    def gradient(self, fn: Callable[..., Any], param: Any, *operands: Any) -> tuple[Any, Any]:
         """``fn(param, *operands)`` and its gradient; the tape watches ``param`` only, never
         weights."""
-        value, grad = _value_and_grad(fn, tf.convert_to_tensor(param), *operands)
-        return float(value), grad
+        return _value_and_grad(fn, tf.convert_to_tensor(param), *operands)
 
     def compile_step(self, fn: Callable[..., Any], update: Callable[..., Any]) -> Callable[..., Any] | None:
         """The whole step, gradient and Adam update included, as one ``tf.function`` (no
         AutoGraph: the step is straight-line code); traced once per operand shape."""
-
-        def step(param: Any, state: tuple[Any, ...], operands: tuple[Any, ...]) -> Any:
-            value, grad = _value_and_grad(fn, param, *operands)
-            new_param, *new_state = update(param, grad, *state)
-            return value, new_param, tuple(new_state)
-
-        return Compiled(step)
+        return Compiled(self.optimisation_step(fn, update))
 
     def cross_entropy(self, logits: Any, labels: Any) -> Any:
         # TensorFlow's fused kernel takes class probabilities as labels.

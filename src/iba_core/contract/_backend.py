@@ -163,17 +163,39 @@ class Backend(abc.ABC):
         return x
 
     # -- autograd ------------------------------------------------------------------
-    @abc.abstractmethod
     def value_and_grad(self, fn: Callable[..., Any], param: Any, *operands: Any) -> tuple[float, Any]:
         """Evaluate scalar ``fn(param, *operands)`` and its gradient with respect to ``param``.
 
         Must not compute or accumulate gradients of model weights (the suite checks it).
         Returns the value as a Python float and the gradient as a tensor shaped like
-        ``param``.  ``fn`` reads nothing but its arguments and the (frozen) model.
+        ``param``.  ``fn`` reads nothing but its arguments and the (frozen) model.  A
+        backend implements this or :meth:`gradient` (then this is its value as a float).
         """
+        if type(self).gradient is Backend.gradient:
+            raise NotImplementedError(f"backend {self.name!r} implements neither value_and_grad nor gradient")
+        value, grad = self.gradient(fn, param, *operands)
+        return float(value), grad
+
+    def gradient(self, fn: Callable[..., Any], param: Any, *operands: Any) -> tuple[Any, Any]:
+        """:meth:`value_and_grad` as arrays (the value a 0-d tensor), written so that it
+        can run inside compiled code (``jax.value_and_grad``, a ``tf.GradientTape``).  A
+        backend that has it gets :meth:`value_and_grad` and :meth:`compile_step` from it."""
+        raise NotImplementedError(f"backend {self.name!r} has no traceable gradient")
+
+    def optimisation_step(self, fn: Callable[..., Any], update: Callable[..., Any]) -> Callable[..., Any]:
+        """The step of :meth:`compile_step`, not compiled, from :meth:`gradient`."""
+
+        def step(param: Any, state: tuple[Any, ...], operands: tuple[Any, ...]) -> Any:
+            value, grad = self.gradient(fn, param, *operands)
+            new_param, *new_state = update(param, grad, *state)
+            return value, new_param, tuple(new_state)
+
+        return step
 
     def compile_step(self, fn: Callable[..., Any], update: Callable[..., Any]) -> Callable[..., Any] | None:
-        """One whole optimisation step, compiled: or ``None`` (the default: not compiled).
+        """One whole optimisation step, compiled: or ``None`` (not compiled).  The default
+        compiles :meth:`optimisation_step` with :meth:`compile` where the backend has
+        :meth:`gradient`, and returns ``None`` otherwise.
 
         Returns ``step(param, state, operands) -> (value, new_param, new_state)`` where
         ``value, grad`` are ``fn(param, *operands)`` and its gradient with respect to
@@ -185,7 +207,9 @@ class Backend(abc.ABC):
         tensor.  The engine's loss is such an ``fn``: its operands are the standard noise,
         the inputs, the normalised features and statistics, and the targets.
         """
-        return None
+        if type(self).gradient is Backend.gradient:
+            return None
+        return self.compile(self.optimisation_step(fn, update))
 
     def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Optionally compile a pure array function; default: unchanged."""

@@ -28,6 +28,8 @@ _INFERENCE_FLAGS = {"deterministic": True, "use_running_average": True}
 _HOOKS: dict[int, HookList] = {}
 _NO_HOOKS = HookList()
 _HOOKED_CLASSES: dict[type, type] = {}
+#: One object per distinct graph definition (see JaxBackend._split).
+_GRAPHS: dict[Any, Any] = {}
 #: Changes whenever a hook is attached or removed (a model's graph definition with it).
 _HOOK_CHANGES = [0]
 #: No YNNPACK fusions in compiled functions: XLA's CPU compiler fuses the sum of the mask's
@@ -80,8 +82,8 @@ def _device(x: Any) -> Any:
 class _Local(threading.local):
     def __init__(self) -> None:
         self.frozen: list[Any] = []  # the models inside frozen(), innermost last
-        # Inside frozen(): each model's (hook changes, graph definition, weights), split
-        # once per context instead of once per compiled call (the weights cannot change).
+        # Inside frozen(): each model's split (see JaxBackend._split), made once per
+        # context instead of once per compiled call (the weights cannot change).
         self.splits: dict[int, tuple[int, Any, Any]] = {}
         self.copies: dict[int, Any] = {}  # while tracing: a model's copy holding traced weights
 
@@ -127,7 +129,9 @@ class JaxBackend(Backend):
         return sample, key
 
     # -- gradients and compilation --------------------------------------------------------
-    def value_and_grad(self, fn: Callable[..., Any], param: Any, *operands: Any) -> tuple[float, Any]:
+    def gradient(self, fn: Callable[..., Any], param: Any, *operands: Any) -> tuple[Any, Any]:
+        """``jax.value_and_grad`` in ``param``; the core compiles the step from it."""
+
         def checked(p: Any) -> Any:
             out = fn(p, *operands)
             if not isinstance(out, jax.core.Tracer):  # computed without p
@@ -137,16 +141,7 @@ class JaxBackend(Backend):
                 )
             return out
 
-        value, grad = jax.value_and_grad(checked)(param)
-        return float(value), grad
-
-    def compile_step(self, fn: Callable[..., Any], update: Callable[..., Any]) -> Callable[..., Any] | None:
-        def step(param: Any, state: tuple[Any, ...], operands: tuple[Any, ...]) -> Any:
-            value, grad = jax.value_and_grad(fn)(param, *operands)
-            new_param, *new_state = update(param, grad, *state)
-            return value, new_param, tuple(new_state)
-
-        return self.compile(step)
+        return jax.value_and_grad(checked)(param)
 
     def pass_size(self, like: Any) -> int | None:
         # CPU caches favour small passes, and each pass costs some eager work: 80 samples (8
@@ -167,8 +162,10 @@ class JaxBackend(Backend):
 
         def traced(graphs: tuple[Any, ...], weights: list[Any], args: tuple[Any, ...]) -> Any:
             copies, aliases = {}, []
-            for model, graph, state in zip(dict.fromkeys(local.frozen), graphs, weights, strict=True):
-                copies[id(model)] = copy = nnx.merge(graph, state)
+            for model, (graph, tree), leaves in zip(
+                dict.fromkeys(local.frozen), graphs, weights, strict=True
+            ):
+                copies[id(model)] = copy = nnx.merge(graph, jax.tree.unflatten(tree, leaves))
                 for (_, a), (_, b) in zip(nnx.iter_modules(model), nnx.iter_modules(copy), strict=True):
                     if id(a) in _HOOKS:
                         _HOOKS[id(b)] = _HOOKS[id(a)]
@@ -181,24 +178,37 @@ class JaxBackend(Backend):
                 for key in aliases:
                     del _HOOKS[key]
 
-        jitted = jax.jit(traced, static_argnums=0, compiler_options=_compiler_options())
         nested = jax.jit(traced, static_argnums=0)  # inside a trace: its options hold
-
-        def split(model: Any) -> tuple[Any, Any]:
-            cached = local.splits.get(id(model))
-            if cached is None or cached[0] != _HOOK_CHANGES[0]:
-                cached = local.splits[id(model)] = (_HOOK_CHANGES[0], *nnx.split(model))
-            return cached[1], cached[2]
+        jitted: dict[tuple[int, ...], Callable[..., Any]] = {}  # by the graphs' ids
 
         def call(*args: Any) -> Any:
             if local.copies:  # inside traced(): part of that program
                 return fn(*args)
             models = list(dict.fromkeys(local.frozen))  # traced() sees the same list
-            graphs, weights = zip(*map(split, models), strict=True) if models else ((), ())
-            inner = any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args))
-            return (nested if inner else jitted)(tuple(graphs), list(weights), args)
+            graphs, weights = zip(*map(self._split, models), strict=True) if models else ((), ())
+            if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+                return nested(tuple(graphs), list(weights), args)
+            key = tuple(id(g) for g, _ in graphs)  # _GRAPHS holds them: the ids stay theirs
+            if key not in jitted:
+                jitted[key] = jax.jit(
+                    functools.partial(traced, tuple(graphs)), compiler_options=_compiler_options()
+                )
+            return jitted[key](list(weights), args)
 
         return call
+
+    def _split(self, model: Any) -> tuple[tuple[Any, Any], list[Any]]:
+        """``((graph definition, weights' tree), weights' leaves)`` of a frozen model, made
+        once per context and hook change.  Equal graph definitions share one object, so a
+        compiled function finds its program by the object's id: hashing the definition as a
+        static argument took about a millisecond per call, as did flattening NNX weights."""
+        cached = self._local.splits.get(id(model))
+        if cached is None or cached[0] != _HOOK_CHANGES[0]:
+            graph, state = nnx.split(model)
+            leaves, tree = jax.tree.flatten(state)
+            cached = (_HOOK_CHANGES[0], (_GRAPHS.setdefault(graph, graph), tree), leaves)
+            self._local.splits[id(model)] = cached
+        return cached[1], cached[2]
 
     # -- models ------------------------------------------------------------------------
     def attach(self, model: Any, layer: Any, hook: FeatureHook, *, on_input: bool = False) -> Handle:
