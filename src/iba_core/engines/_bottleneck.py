@@ -740,7 +740,7 @@ class Bottleneck(LiveSettings):
         for i in range(steps):
             eps = source.draw(sample_shape)
             args = (eps, batch, r, active, mean_a, std_a, operands, pad_terms, *target_rows)
-            adam = (m, v, schedule[i, 0], schedule[i, 1])
+            adam = (m, v, *schedule[i])
             try:
                 value, new_alpha, (m, v) = (first_step if i == 0 else step)(alpha, adam, args)
             except Exception:

@@ -75,13 +75,21 @@ def adam_scalars(
     )
 
 
-def adam_schedule(steps: int, lr: float, like: Any, betas: tuple[float, float] = (0.9, 0.999)) -> Any:
-    """:func:`adam_scalars` of steps ``1..steps`` as one ``(steps, 2)`` array like ``like``
-    (row ``t - 1`` holds step ``t``'s): one transfer to the device per optimisation
-    instead of two per step (a conversion costs about a millisecond in JAX's eager mode)."""
+def adam_schedule(
+    steps: int, lr: float, like: Any, betas: tuple[float, float] = (0.9, 0.999)
+) -> list[tuple[Any, Any]]:
+    """:func:`adam_scalars` of steps ``1..steps`` as 0-d arrays like ``like`` (item
+    ``t - 1`` holds step ``t``'s), taken apart from one ``(steps, 2)`` array: one transfer
+    to the device per optimisation instead of two per step (a conversion costs about a
+    millisecond in JAX's eager mode), and ``unstack`` where the namespace has it (indexing
+    one element at a time costs JAX about 60 microseconds each)."""
     xp = namespace(like)
     rows = np.array([adam_scalars(t, lr, betas) for t in range(1, steps + 1)], dtype=np.float64)
-    return xp.asarray(rows.reshape(steps, 2), dtype=like.dtype, device=device(like))
+    table = xp.asarray(rows.reshape(steps, 2), dtype=like.dtype, device=device(like))
+    unstack = getattr(xp, "unstack", None)
+    if unstack is None:
+        return [(table[t, 0], table[t, 1]) for t in range(steps)]
+    return [(row[0], row[1]) for row in map(unstack, unstack(table))]
 
 
 def adam_kernel(
