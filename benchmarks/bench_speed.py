@@ -830,7 +830,7 @@ def fmt_s(v: float | None) -> str:
 
 
 def fmt_x(a: float | None, b: float | None) -> str:
-    if a is None or b is None or b == 0:
+    if a is None or b is None or b == 0 or a == 0:  # a peak of 0: nothing measurable
         return "n/a"
     return f"{a / b:.2f}x" if a / b >= 0.1 else f"{a / b:.3f}x"
 
