@@ -9,7 +9,7 @@ backend, each alone in a fresh process (its own thread pools, as a user runs it)
 over rounds of ``backend time / PyTorch time`` of the same round, with its range.  Each
 backend keeps its defaults (PyTorch op by op, TensorFlow and JAX compiled).
 
-Run: ``python benchmarks/bench_backends.py [--backends tf,jax] [--images 1,16] [--rounds 5]``
+Run: ``python benchmarks/bench_backends.py [--quick] [--backends tf,jax] [--images 1,16] [--rounds 5]``
 (the small network of ``bench_speed.py``; JAX needs the ``iba-jax`` plugin).
 """
 
@@ -92,9 +92,12 @@ def main() -> None:
     parser.add_argument("--images", default="1,16", help="images per call, comma-separated")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=20, help="explanations per worker (1 image)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 5 calls, 1 image")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick and not args.worker:
+        args.rounds, args.calls, args.images = 2, 5, "1"
     if args.worker:
         worker(args.worker, int(args.images), args.calls)
         return
