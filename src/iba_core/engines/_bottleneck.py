@@ -23,7 +23,7 @@ from ..math._linear_ops import adjoint_operands, apply_operands, smoothing_matri
 from ..math._xp import namespace, sigmoid_pair
 from ._config import FIELDS, IBAConfig, LiveSettings
 from ._distributed import agree, collectives, sharded_estimate
-from ._padding import record_masked, warn_unseen
+from ._padding import check_sequence_mask, record_masked, warn_unseen
 
 MIN_RECOMMENDED_SAMPLES = 1000
 
@@ -1257,10 +1257,7 @@ def _descend(
     per_input = xp.mean(cap, axis=tuple(range(1, cap.ndim)))
     if padding is not None:
         per_input = per_input * padding[1]
-        scale = padding[1]
-        for _ in range(1, cap.ndim):
-            scale = xp.expand_dims(scale, axis=-1)
-        weight = weight * scale
+        weight = weight * xp.reshape(padding[1], (-1,) + (1,) * (cap.ndim - 1))
     through_mask = (grad[0, ...] + weight * d_lam) - (grad[1, ...] + weight * d_one_minus)
     if operands is not None:
         through_mask = apply_operands(through_mask, adjoint_operands(operands))
@@ -1289,19 +1286,8 @@ def padding_terms(
     """
     shape = tuple(int(s) for s in features.shape)
     pad = np.asarray(padding, dtype=np.float64)
-    if len(shape) != 3:
-        raise ValueError(
-            f"attention_mask= needs sequence features (N, C, T) or (N, T, C); the layer gives "
-            f"features of shape {shape} (channels first); explain without a mask, or put the "
-            "bottleneck on a sequence layer"
-        )
+    check_sequence_mask(pad.shape, shape, "explain", "input")
     n, _, t = shape
-    if pad.shape != (n, t):
-        raise ValueError(
-            f"attention_mask has shape {pad.shape} but the layer's sequence features are "
-            f"{shape} (channels first): the mask needs one entry per input and position of "
-            f"the layer, shape ({n}, {t})"
-        )
     keep = backend.from_numpy(pad[:, None, :], like=features)
     passthrough = backend.from_numpy(1.0 - pad[:, None, :], like=features)
     scale = backend.from_numpy(t / pad.sum(axis=1), like=features)

@@ -36,11 +36,54 @@ class UnseenPositionsWarning(UserWarning):
     real positions)."""
 
 
+def padding_mask(backend: Backend, attention_mask: Any, n: int) -> np.ndarray:
+    """An attention mask ``(N, T)`` (NumPy or the backend's type; 1/True = real token,
+    0/False = padding) checked and as a float64 NumPy array of 0 and 1."""
+    if hasattr(attention_mask, "shape") and not isinstance(attention_mask, np.ndarray):
+        attention_mask = backend.to_numpy(attention_mask)
+    a = np.asarray(attention_mask)
+    if a.dtype.kind not in "biuf":
+        raise ValueError(f"attention_mask must hold 0/1 or booleans, got dtype {a.dtype}")
+    if a.ndim != 2 or a.shape[0] != n:
+        raise ValueError(
+            f"attention_mask must have shape (N, T) = ({n}, T): one row per input, one entry "
+            f"per position (1 = real token, 0 = padding); got shape {a.shape}"
+        )
+    if not np.all((a == 0) | (a == 1)):
+        raise ValueError("attention_mask must hold only 0/1 (or False/True): 1 = real token, 0 = padding")
+    empty = np.flatnonzero(a.sum(axis=1) == 0)
+    if empty.size:
+        raise ValueError(
+            f"attention_mask marks no real token in input(s) {empty.tolist()}; every input needs at least one"
+        )
+    return a.astype(np.float64)
+
+
+def check_sequence_mask(
+    padding_shape: tuple[int, ...], features_shape: tuple[int, ...], action: str, unit: str, hint: str = ""
+) -> None:
+    """Refuse an attention mask ``(N, T)`` that does not fit the layer's channels-first
+    features ``(N, C, T)``: features that are not sequences, or another number of rows or
+    positions.  ``action`` (``"explain"``, ``"estimate"``) and ``unit`` (``"input"``,
+    ``"sequence"``) word the error; ``hint`` is added to the second one."""
+    if len(features_shape) != 3:
+        raise ValueError(
+            f"attention_mask= needs sequence features (N, C, T) or (N, T, C); the layer gives "
+            f"features of shape {features_shape} (channels first); {action} without a mask, or "
+            "put the bottleneck on a sequence layer"
+        )
+    n, _, t = features_shape
+    if tuple(padding_shape) != (n, t):
+        raise ValueError(
+            f"attention_mask has shape {tuple(padding_shape)} but the layer's sequence features "
+            f"are {features_shape} (channels first): the mask needs one entry per {unit} and "
+            f"position of the layer, shape ({n}, {t}){hint}"
+        )
+
+
 def checked_padding(backend: Backend, attention_mask: Any, n: int, where: str) -> np.ndarray:
     """``attention_mask`` for ``n`` sequences checked (shape ``(n, T)``, only 0/1, a real
     token in every row) as float64 NumPy; errors start with ``where``."""
-    from ._per_sample import padding_mask  # the check analyze() makes; imported late (cycle)
-
     try:
         return padding_mask(backend, attention_mask, n)
     except ValueError as exc:
@@ -79,20 +122,11 @@ def record_masked(
 
 def _element_mask(padding: np.ndarray, features: Any) -> np.ndarray:
     """The padding ``(B, T)`` as a mask ``(B, 1, T)`` of channels-first features ``(B, C, T)``."""
-    shape = tuple(int(s) for s in features.shape)
-    if len(shape) != 3:
-        raise ValueError(
-            f"attention_mask= needs sequence features (N, C, T) or (N, T, C); the layer gives "
-            f"features of shape {shape} (channels first); estimate without a mask, or put the "
-            "bottleneck on a sequence layer"
-        )
-    if shape[0] != padding.shape[0] or shape[2] != padding.shape[1]:
-        raise ValueError(
-            f"attention_mask has shape {padding.shape} but the layer's sequence features are "
-            f"{shape} (channels first): the mask needs one entry per sequence and position of "
-            f"the layer, shape ({shape[0]}, {shape[2]}); a layer that changes the sequence "
-            "length (pooling, strides) cannot be estimated with the inputs' mask"
-        )
+    hint = (
+        "; a layer that changes the sequence length (pooling, strides) cannot be estimated "
+        "with the inputs' mask"
+    )
+    check_sequence_mask(padding.shape, tuple(int(s) for s in features.shape), "estimate", "sequence", hint)
     return padding[:, None, :]
 
 

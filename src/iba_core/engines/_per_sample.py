@@ -28,6 +28,7 @@ from ._bottleneck import Bottleneck, is_half
 from ._config import IBAConfig
 from ._distributed import clean_chunk, collectives, rows_of, seeds_of, shard_unit, sharded_analyze
 from ._layout import check_layout, in_layout, layer_layout
+from ._padding import padding_mask
 
 #: What ``target=`` accepts besides class indices.
 TARGET_MODES = ("predicted", "all")
@@ -136,29 +137,6 @@ def prepared_inputs(backend: Backend, x: Any, model: Any = None) -> Any:
     if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
         raise ValueError("the inputs contain NaN or inf; IBA needs finite inputs")
     return x
-
-
-def padding_mask(backend: Backend, attention_mask: Any, n: int) -> np.ndarray:
-    """An attention mask ``(N, T)`` (NumPy or the backend's type; 1/True = real token,
-    0/False = padding) checked and as a float64 NumPy array of 0 and 1."""
-    if hasattr(attention_mask, "shape") and not isinstance(attention_mask, np.ndarray):
-        attention_mask = backend.to_numpy(attention_mask)
-    a = np.asarray(attention_mask)
-    if a.dtype.kind not in "biuf":
-        raise ValueError(f"attention_mask must hold 0/1 or booleans, got dtype {a.dtype}")
-    if a.ndim != 2 or a.shape[0] != n:
-        raise ValueError(
-            f"attention_mask must have shape (N, T) = ({n}, T): one row per input, one entry "
-            f"per position (1 = real token, 0 = padding); got shape {a.shape}"
-        )
-    if not np.all((a == 0) | (a == 1)):
-        raise ValueError("attention_mask must hold only 0/1 (or False/True): 1 = real token, 0 = padding")
-    empty = np.flatnonzero(a.sum(axis=1) == 0)
-    if empty.size:
-        raise ValueError(
-            f"attention_mask marks no real token in input(s) {empty.tolist()}; every input needs at least one"
-        )
-    return a.astype(np.float64)
 
 
 # -- one lock per model ---------------------------------------------------------------
