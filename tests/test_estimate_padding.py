@@ -9,6 +9,8 @@ Estimator, the engine, every front, the data-parallel loop, ``iba merge-estimate
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
@@ -503,20 +505,7 @@ from torch import nn
 V, D = {V}, {D}
 
 
-class Tagger(nn.Module):
-    def __init__(self):
-        super().__init__()
-        gen = torch.Generator().manual_seed(0)
-        self.emb = nn.Embedding(V, D)
-        self.proj = nn.Linear(D, D)
-        self.fc = nn.Linear(D, 3)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen))
-
-    def forward(self, ids):
-        return self.fc(torch.tanh(self.proj(self.emb(ids))).mean(dim=1))
-
+{inspect.getsource(Tagger)}
 
 def model():
     return Tagger()
