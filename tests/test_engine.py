@@ -1344,3 +1344,32 @@ def test_saved_estimates_record_their_layer(kind, make_front, tmp_path):
     assert estimates[0].shape == estimates[1].shape
     with pytest.raises(ValueError, match="layer"):
         estimates[0].merge(estimates[1])
+
+
+# -- 11. a loss function of the user's ----------------------------------------------------------
+@pytest.mark.torch
+@pytest.mark.parametrize("form", ["loss", "output_loss"])
+def test_a_loss_function_gets_all_inputs_copies_in_one_pass(form):
+    """On a CPU ``target=`` explanations go in passes (3 inputs of 3 copies here); a loss
+    function holds its own targets for every copy, so it sees all of them at once, through
+    the generic front too, and explains as ``target=`` does."""
+    import torch
+
+    m = _models()
+    model = m.classifier()
+    iba = iba_core.IBA(model, "conv2", **FAST)
+    iba.estimate([m.images(16, seed=100 + i) for i in range(3)])
+    x, targets = m.images(5, seed=1), [0, 1, 2, 3, 4]
+    rows = torch.tensor(targets).repeat_interleave(FAST["batch_size"])
+    seen = []
+
+    def of_outputs(logits):
+        seen.append(int(logits.shape[0]))
+        return torch.nn.functional.cross_entropy(logits, rows)
+
+    if form == "loss":
+        maps = iba.analyze(x, loss=lambda batch: of_outputs(model(batch)), seed=0)
+    else:
+        maps = iba.analyze(x, output_loss=of_outputs, seed=0)
+    assert set(seen) == {5 * FAST["batch_size"]}  # every step on all 15 copies
+    np.testing.assert_allclose(maps, iba.analyze(x, target=targets, seed=0), **ROUNDOFF)

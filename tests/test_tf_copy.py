@@ -326,3 +326,21 @@ def test_tf1_style_feature_name_and_save_load(tmp_path, analyzer_and_model):
         wrong_layer.load_npz(path)
     with pytest.raises(RuntimeError, match="nothing to save"):
         wrong_layer.save_npz(tmp_path / "empty.npz")
+
+
+def test_a_loss_function_gets_all_inputs_copies_in_one_pass():
+    # TensorFlow's CPU passes hold 3 inputs of 10 copies; the loss holds targets for all 40.
+    model = functional()
+    iba = IBACopy(model, "relu1")
+    iba.estimate(images(32))
+    x, targets = images(4, seed=5), [0, 1, 2, 0]
+    onehot = tf.one_hot(np.repeat(targets, 10), 3)
+    seen = []
+
+    def cross_entropy(outputs):
+        seen.append(int(outputs.shape[0]))
+        return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(onehot, outputs))
+
+    smap = iba.analyze(x, cross_entropy, seed=0)
+    assert set(seen) == {40}
+    np.testing.assert_allclose(smap, iba.analyze(x, target=targets, seed=0), rtol=1e-4, atol=1e-6)
